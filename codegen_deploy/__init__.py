@@ -1,0 +1,3 @@
+"""codegen-deploy: Salesforce CodeGen from a Hugging Face checkpoint to verified ONNX and TensorRT deployments."""
+
+__version__ = "0.1.0"
