@@ -45,9 +45,7 @@ class ModelConfig:
             # CodeGen's fused qkv_proj is laid out for 4 model-parallel shards.
             raise ConfigError(f"n_embd {self.n_embd} is not divisible by 4 (CodeGen's qkv shard layout)")
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
-            raise ConfigError(
-                f"rotary_dim {self.rotary_dim} must be even and between 2 and head_dim {self.head_dim}"
-            )
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and between 2 and head_dim {self.head_dim}")
         if self.activation not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"activation {self.activation!r} is not supported: use one of {', '.join(SUPPORTED_ACTIVATIONS)}"

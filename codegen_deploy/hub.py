@@ -32,8 +32,9 @@ def choose_weight_files(files: list[str]) -> list[str]:
     return []
 
 
-def resolve_model(model: str | Path | None = None, *, size: str | None = None, data: str = "mono",
-                  revision: str | None = None) -> Path:
+def resolve_model(
+    model: str | Path | None = None, *, size: str | None = None, data: str = "mono", revision: str | None = None
+) -> Path:
     """Return a local folder holding config.json, weights and tokenizer files.
 
     `model` is a local folder or a hub id ("Salesforce/codegen-350M-mono"); `size`/`data` name a

@@ -75,3 +75,36 @@ def decoder_outputs(n_layer: int, n_head: int, head_dim: int, vocab_size: int, c
         TensorSpec(LOGITS, "float32", (BATCH, SEQ, vocab_size)),
         *(TensorSpec(name, cache_dtype, kv_shape) for name in present_names(n_layer)),
     ]
+
+
+# The fused ONNX Runtime decoder (export/optimize.py): GroupQueryAttention with one cache buffer per layer
+# and kind, bound as both past and present so the graph writes the new tokens in place. Rows are right
+# aligned in the buffer: row b holds its tokens at [0, seqlens_k[b] + 1); the rest of the buffer is unread.
+FUSED_GRAPH_FILE = "decoder_fused.onnx"
+FUSED_DATA_FILE = "decoder_fused.onnx.data"
+SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this run, minus one (GQA's convention)
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
+MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
+
+
+def fused_decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:
+    """Fused graph inputs in order: ids, seqlens_k, total_sequence_length, then every layer's cache buffer."""
+    kv_shape = (BATCH, n_head, MAX_LENGTH, head_dim)
+    return [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(SEQLENS_K, "int32", (BATCH,)),
+        TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in past_names(n_layer)),
+    ]
+
+
+def fused_decoder_outputs(
+    n_layer: int, n_head: int, head_dim: int, vocab_size: int, cache_dtype: str
+) -> list[TensorSpec]:
+    """Fused graph outputs: float32 logits of each row's last real token [batch, vocab], then the caches
+    (the same buffers as the inputs when bound in place)."""
+    kv_shape = (BATCH, n_head, MAX_LENGTH, head_dim)
+    return [
+        TensorSpec(LOGITS, "float32", (BATCH, vocab_size)),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in present_names(n_layer)),
+    ]

@@ -64,9 +64,15 @@ def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
     return tok
 
 
-def make_checkpoint(output: str | Path, shape: str = "demo", dtype: torch.dtype = torch.float32,
-                    seed: int = 0, tokenizer: str | Path | None = None, layout: str = "safetensors",
-                    max_shard_bytes: int | None = None) -> Path:
+def make_checkpoint(
+    output: str | Path,
+    shape: str = "demo",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    layout: str = "safetensors",
+    max_shard_bytes: int | None = None,
+) -> Path:
     """Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer files) into `output`.
 
     shape: one of SHAPES ("tiny", "demo", "350M", "2B", "6B", "16B"). tokenizer: a folder with

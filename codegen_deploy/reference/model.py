@@ -150,16 +150,18 @@ class CodeGen(nn.Module):
         return self.wte.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None) -> CodeGen:
+    def from_pretrained(
+        cls, path_or_id: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None
+    ) -> CodeGen:
         """Load a Hugging Face CodeGen checkpoint (local folder or hub id) straight into `dtype`."""
         from .weights import load_checkpoint
 
         return load_checkpoint(path_or_id, dtype=dtype, revision=revision)
 
     @classmethod
-    def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
-               std: float = 0.02) -> CodeGen:
+    def random(
+        cls, config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.02
+    ) -> CodeGen:
         """A model with random weights: normal(0, std) matrices, zero biases, unit LayerNorms.
 
         Each tensor is made directly in `dtype`, so a large shape never exists in float32.

@@ -115,9 +115,7 @@ def weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"shard {missing[0]} listed in {index} is missing from {folder}")
             return files
-    raise CheckpointError(
-        f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded index"
-    )
+    raise CheckpointError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded index")
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -150,8 +148,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from e
 
 
-def load_checkpoint(path_or_id: str | Path, dtype: torch.dtype = torch.float32,
-                    revision: str | None = None) -> CodeGen:
+def load_checkpoint(path_or_id: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None) -> CodeGen:
     """Load a CodeGen checkpoint (folder or hub id) into our model, straight into `dtype`."""
     folder = resolve_model(path_or_id, revision=revision)
     config = ModelConfig.from_file(folder)
@@ -183,8 +180,9 @@ def load_checkpoint(path_or_id: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def save_checkpoint(model: CodeGen, folder: str | Path, layout: str = "safetensors",
-                    max_shard_bytes: int | None = None) -> None:
+def save_checkpoint(
+    model: CodeGen, folder: str | Path, layout: str = "safetensors", max_shard_bytes: int | None = None
+) -> None:
     """Write model weights and config.json in a Hugging Face layout.
 
     layout: "safetensors" or "bin"; max_shard_bytes splits the weights into shards with an index file,
@@ -198,9 +196,11 @@ def save_checkpoint(model: CodeGen, folder: str | Path, layout: str = "safetenso
         raise ValueError(f"unknown layout {layout!r}")
     single = "model.safetensors" if layout == "safetensors" else "pytorch_model.bin"
     shards = _split(state, max_shard_bytes)
-    names = [single] if len(shards) == 1 else [
-        single.replace(".", f"-{i + 1:05d}-of-{len(shards):05d}.", 1) for i in range(len(shards))
-    ]
+    names = (
+        [single]
+        if len(shards) == 1
+        else [single.replace(".", f"-{i + 1:05d}-of-{len(shards):05d}.", 1) for i in range(len(shards))]
+    )
     for shard, name in zip(shards, names, strict=True):
         if layout == "safetensors":
             from safetensors.torch import save_file

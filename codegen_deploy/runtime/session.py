@@ -52,9 +52,7 @@ class Session(ABC):
         if not attention_mask[:, -1].all():
             raise InputError("padding must be on the left: every row's last token must be real")
         if t > self.max_context:
-            raise InputError(
-                f"the prompt has {t} tokens but the context holds {self.max_context}: shorten the prompt"
-            )
+            raise InputError(f"the prompt has {t} tokens but the context holds {self.max_context}: shorten the prompt")
         if self.max_batch is not None and b > self.max_batch:
             raise InputError(f"batch {b} exceeds this session's maximum {self.max_batch}: send fewer prompts")
         position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)  # [B, T]

@@ -1,0 +1,75 @@
+"""ModelConfig from HF config.json, the size registry, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codegen_deploy.config import PUBLISHED_SHAPES, ModelConfig, hub_id
+from codegen_deploy.errors import ConfigError
+
+HF_350M_MONO = {  # the fields of Salesforce/codegen-350M-mono's config.json that matter
+    "model_type": "codegen", "n_layer": 20, "n_embd": 1024, "n_head": 16, "rotary_dim": 32,
+    "n_positions": 2048, "n_ctx": 2048, "n_inner": None, "vocab_size": 51200, "layer_norm_epsilon": 1e-05,
+    "activation_function": "gelu_new", "bos_token_id": 1, "eos_token_id": 50256,
+}  # fmt: skip
+
+
+def test_from_hf_config_reads_the_published_350m():
+    config = ModelConfig.from_hf_config(HF_350M_MONO)
+    assert config.head_dim == 64 and config.n_inner == 4096 and config.bos_token_id == 1
+    assert config == PUBLISHED_SHAPES["350M"].__class__(**{**PUBLISHED_SHAPES["350M"].to_dict(), "bos_token_id": 1})
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED_SHAPES))
+def test_parameter_count_equals_transformers(size):
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle")
+    import torch
+
+    config = PUBLISHED_SHAPES[size]
+    with torch.device("meta"):
+        model = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(**config.to_hf_config()))
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_round_trip_through_hf_dict():
+    config = PUBLISHED_SHAPES["6B"]
+    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+
+
+def test_non_codegen_is_refused():
+    with pytest.raises(ConfigError, match="model_type is 'gptj', not 'codegen'"):
+        ModelConfig.from_hf_config({**HF_350M_MONO, "model_type": "gptj"})
+
+
+def test_missing_field_is_named():
+    hf = dict(HF_350M_MONO)
+    del hf["n_head"]
+    with pytest.raises(ConfigError, match="lacks the field 'n_head'"):
+        ModelConfig.from_hf_config(hf)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ConfigError, match="not divisible by n_head"):
+        ModelConfig.from_hf_config({**HF_350M_MONO, "n_head": 7})
+    with pytest.raises(ConfigError, match="rotary_dim 96 must be even and between 2 and head_dim 64"):
+        ModelConfig.from_hf_config({**HF_350M_MONO, "rotary_dim": 96})
+
+
+def test_unreadable_config_file(tmp_path):
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="does not hold a JSON object"):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_registry():
+    assert hub_id("6B") == "Salesforce/codegen-6B-mono"
+    assert hub_id("16B", "nl") == "Salesforce/codegen-16B-nl"
+    with pytest.raises(ConfigError, match="unknown size '7B'"):
+        hub_id("7B")
+    with pytest.raises(ConfigError, match="unknown data 'python'"):
+        hub_id("350M", "python")
