@@ -1,0 +1,264 @@
+"""A fused CodeGen decoder graph for ONNX Runtime, built node by node from a loaded reference model.
+
+Why a second graph: the plain export grows its cache with a Concat on every step, a copy of the whole
+cache per token. Here each layer's attention is one com.microsoft GroupQueryAttention (GQA) node whose
+past and present are the same [batch, heads, max_length, head_dim] buffer, so a step writes one new
+position in place and reads only the filled part.
+
+What GQA does for CodeGen (see io_spec for the I/O contract):
+- packed q|k|v input (one MatMul), rotary inside the node: do_rotary=1, rotary_interleaved=1 (GPT-J's
+  rotate_every_two), cos/sin caches [positions, rotary_dim / 2] (a width below head_dim / 2 makes the
+  rotary partial), causal, scale 1/sqrt(head_dim) (CodeGen adds its mask before scaling; with no mask
+  term the order does not matter).
+- rows are right-aligned: row b's tokens sit at [0, seqlens_k[b] + 1) of its buffer and rotary positions
+  count from 0 there. A left-padded batch is therefore re-laid out right-padded by the session, which
+  makes every row exactly what it would be alone. Positions come from the row's length, so the graph has
+  no mask or position inputs.
+- the graph returns logits of each row's last real token only ([batch, vocab]): the prompt's other
+  positions never go through lm_head.
+
+Blocks are LayerNormalization (float32), MatMul (+ Add for biases), FastGelu (gelu_new) or BiasGelu
+(exact gelu) or Relu, and the parallel residual x + attn + mlp.
+
+Weights go to one external data file written tensor by tensor, so building the graph never holds a
+second copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from .. import io_spec
+from ..errors import ExportError
+from ..reference.model import CodeGen, rotary_tables
+
+OPSET = 17  # LayerNormalization
+MS_DOMAIN = "com.microsoft"
+_ALIGN = 64  # byte alignment of tensors in the data file (lets ORT use them in place)
+_INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
+
+_NP_TO_ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16,
+               np.dtype("int64"): TensorProto.INT64, np.dtype("int32"): TensorProto.INT32}  # fmt: skip
+
+
+class _Weights:
+    """Appends initializers to one external data file as they are made; returns their TensorProtos."""
+
+    def __init__(self, data_path: Path, location: str):
+        self.file = open(data_path, "wb")  # noqa: SIM115 - closed in close()
+        self.location = location
+        self.offset = 0
+        self.initializers: list[TensorProto] = []
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[array.dtype], dims=array.shape)
+        if array.nbytes < _INLINE_BYTES:
+            tensor.raw_data = array.tobytes()
+        else:
+            pad = -self.offset % _ALIGN
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+            self.file.write(memoryview(array).cast("B"))
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.location), ("offset", self.offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+            self.offset += array.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _np(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
+    """A torch tensor as numpy (float tensors in `dtype` when given)."""
+    a = t.detach().cpu()
+    if dtype is not None:
+        a = a.to({np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}[np.dtype(dtype)])
+    return a.numpy()
+
+
+class _GraphBuilder:
+    """Nodes with unique names; one helper per op kind used in the decoder."""
+
+    def __init__(self, weights: _Weights):
+        self.w = weights
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outputs = [f"{name}/out{i}" for i in range(n_out)] if n_out > 1 else [f"{name}/out"]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        return self.w.add(name, array)
+
+
+def _layer_norm(g: _GraphBuilder, x: str, ln: torch.nn.LayerNorm, name: str, half: bool) -> str:
+    """LayerNorm in float32 (fp16 variance overflows on large models), cast back for fp16 graphs."""
+    w = g.const(f"{name}.weight", _np(ln.weight, np.float32))
+    b = g.const(f"{name}.bias", _np(ln.bias, np.float32))
+    if half:
+        x = g.op("Cast", [x], f"{name}/to_fp32", to=TensorProto.FLOAT)[0]
+    y = g.op("LayerNormalization", [x, w, b], name, axis=-1, epsilon=ln.eps)[0]
+    if half:
+        y = g.op("Cast", [y], f"{name}/to_fp16", to=TensorProto.FLOAT16)[0]
+    return y
+
+
+def _linear(g: _GraphBuilder, x: str, weight: torch.Tensor, name: str, dtype, bias: torch.Tensor | None = None) -> str:
+    """x @ weight.T (+ bias): the weight is stored transposed, [in, out], as MatMul wants it."""
+    w = g.const(f"{name}.weight", _np(weight.T.contiguous(), dtype))  # [in, out]
+    y = g.op("MatMul", [x, w], f"{name}/MatMul")[0]
+    if bias is not None:
+        y = g.op("Add", [y, g.const(f"{name}.bias", _np(bias, dtype))], f"{name}/Add")[0]
+    return y
+
+
+def _mlp(g: _GraphBuilder, h: str, mlp, activation: str, name: str, dtype) -> str:
+    fc_in = g.const(f"{name}.fc_in.weight", _np(mlp.fc_in.weight.T.contiguous(), dtype))  # [E, inner]
+    fc_in_bias = g.const(f"{name}.fc_in.bias", _np(mlp.fc_in.bias, dtype))
+    a = g.op("MatMul", [h, fc_in], f"{name}/fc_in/MatMul")[0]
+    if activation == "gelu_new":  # the tanh approximation, with the bias add fused in
+        a = g.op("FastGelu", [a, fc_in_bias], f"{name}/FastGelu", domain=MS_DOMAIN)[0]
+    elif activation == "gelu":  # erf gelu, bias fused
+        a = g.op("BiasGelu", [a, fc_in_bias], f"{name}/BiasGelu", domain=MS_DOMAIN)[0]
+    else:
+        a = g.op("Add", [a, fc_in_bias], f"{name}/fc_in/Add")[0]
+        a = g.op("Relu", [a], f"{name}/Relu")[0]
+    return _linear(g, a, mlp.fc_out.weight, f"{name}.fc_out", dtype, mlp.fc_out.bias)
+
+
+def rotary_table_width(config) -> int:
+    """Width of GQA's cos/sin tables: rotary_dim / 2 rounded up to a multiple of 8 (GQA's CPU kernel requires
+    it), at most head_dim / 2. Raises ExportError for shapes that GQA cannot express."""
+    width = -(-(config.rotary_dim // 2) // 8) * 8  # rounded up to a multiple of 8
+    if config.head_dim % 8 or width > config.head_dim // 2:
+        raise ExportError(
+            f"the fused graph cannot express head_dim {config.head_dim} with rotary_dim {config.rotary_dim} "
+            "(GroupQueryAttention on CPU needs head_dim and twice the rotary table width to be multiples "
+            "of 8 and 16): use the plain decoder graph"
+        )
+    return width
+
+
+def build_fused_graph(
+    model: CodeGen, data_path: Path, data_location: str, max_context: int | None = None
+) -> onnx.ModelProto:
+    """The fused decoder as a ModelProto whose large weights are already written to `data_path`."""
+    config = model.config
+    if model.dtype not in (torch.float32, torch.float16):
+        raise ExportError(f"the fused graph supports float32 and float16 models, not {model.dtype}: "
+                          "load the model in one of them")  # fmt: skip
+    half = model.dtype == torch.float16
+    dtype = np.dtype(np.float16 if half else np.float32)
+    positions = min(max_context or config.n_positions, config.n_positions)
+    h, d, e = config.n_head, config.head_dim, config.n_embd
+
+    weights = _Weights(data_path, data_location)
+    g = _GraphBuilder(weights)
+    try:
+        sin, cos = rotary_tables(positions, config.rotary_dim)  # each [positions, rotary_dim / 2]
+        # GQA wants a table width that is a multiple of 8: pad with cos 1, sin 0 (an exact identity rotation).
+        pad = rotary_table_width(config) - config.rotary_dim // 2
+        cos = torch.nn.functional.pad(cos, (0, pad), value=1.0)  # [positions, width]
+        sin = torch.nn.functional.pad(sin, (0, pad), value=0.0)  # [positions, width]
+        cos_cache = g.const("rotary.cos_cache", _np(cos, dtype))
+        sin_cache = g.const("rotary.sin_cache", _np(sin, dtype))
+
+        x = g.op("Gather", [g.const("wte.weight", _np(model.wte.weight, dtype)), io_spec.INPUT_IDS], "wte")[0]
+        for i, block in enumerate(model.blocks):
+            name = f"blocks.{i}"
+            hidden = _layer_norm(g, x, block.ln_1, f"{name}.ln_1", half)
+            attn = block.attn
+            qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)  # [3E, E]
+            qkv = _linear(g, hidden, qkv_weight, f"{name}.attn.qkv_proj", dtype)  # [B, S, 3E], packed q|k|v
+            past_k, past_v = (io_spec.past_name(i, kind) for kind in io_spec.KV_KINDS)
+            present_k, present_v = (io_spec.present_name(i, kind) for kind in io_spec.KV_KINDS)
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", past_k, past_v, io_spec.SEQLENS_K, io_spec.TOTAL_SEQUENCE_LENGTH, cos_cache, sin_cache],
+                [f"{name}.attn/out", present_k, present_v],
+                name=f"{name}.attn/GroupQueryAttention", domain=MS_DOMAIN,
+                num_heads=h, kv_num_heads=h, scale=1.0 / math.sqrt(d),
+                do_rotary=1, rotary_interleaved=1,
+            ))  # fmt: skip
+            attn_out = _linear(g, f"{name}.attn/out", attn.out_proj.weight, f"{name}.attn.out_proj", dtype)
+            mlp_out = _mlp(g, hidden, block.mlp, config.activation, f"{name}.mlp", dtype)
+            x = g.op("Add", [x, attn_out], f"{name}/residual_attn")[0]
+            x = g.op("Add", [x, mlp_out], f"{name}/residual_mlp")[0]
+
+        # Each row's last real token: index min(seqlens_k, S - 1) (the prompt: its length - 1; a step: 0).
+        shape = g.op("Shape", [io_spec.INPUT_IDS], "last/Shape")[0]
+        batch = g.op("Gather", [shape, g.const("last.zero", np.array(0, np.int64))], "last/batch", axis=0)[0]
+        seq = g.op("Gather", [shape, g.const("last.one", np.array(1, np.int64))], "last/seq", axis=0)[0]
+        seq_m1 = g.op("Sub", [seq, "last.one"], "last/seq_m1")[0]
+        lens = g.op("Cast", [io_spec.SEQLENS_K], "last/lens", to=TensorProto.INT64)[0]
+        index = g.op("Min", [lens, seq_m1], "last/index")[0]  # [B]
+        rows = g.op("Range", ["last.zero", batch, "last.one"], "last/rows")[0]  # [B]
+        flat_index = g.op("Add", [g.op("Mul", [rows, seq], "last/row_start")[0], index], "last/flat_index")[0]
+        flat = g.op("Reshape", [x, g.const("last.flat_shape", np.array([-1, e], np.int64))], "last/flat")[0]
+        x = g.op("Gather", [flat, flat_index], "last/Gather", axis=0)[0]  # [B, E]
+
+        x = _layer_norm(g, x, model.ln_f, "ln_f", half)
+        logits = _linear(g, x, model.lm_head.weight, "lm_head", dtype, model.lm_head.bias)  # [B, vocab]
+        if half:
+            logits = g.op("Cast", [logits], "logits/to_fp32", to=TensorProto.FLOAT)[0]
+        g.nodes.append(helper.make_node("Identity", [logits], [io_spec.LOGITS], name="logits"))
+    finally:
+        weights.close()
+
+    cache_dtype = dtype.name
+    inputs = io_spec.fused_decoder_inputs(config.n_layer, h, d, cache_dtype)
+    outputs = io_spec.fused_decoder_outputs(config.n_layer, h, d, config.vocab_size, cache_dtype)
+
+    def value_info(spec: io_spec.TensorSpec):
+        return helper.make_tensor_value_info(spec.name, _NP_TO_ONNX[np.dtype(spec.dtype)], list(spec.shape))
+
+    graph = helper.make_graph(g.nodes, "codegen_decoder_fused", [value_info(s) for s in inputs],
+                              [value_info(s) for s in outputs], initializer=weights.initializers)  # fmt: skip
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="codegen-deploy",
+        doc_string="CodeGen decoder fused for ONNX Runtime (GroupQueryAttention, in-place cache buffers)",
+    )
+
+
+def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = None, check: bool = True) -> list[str]:
+    """Write the fused decoder (FUSED_GRAPH_FILE + FUSED_DATA_FILE) into `folder`; return the file names.
+
+    `max_context` bounds the rotary tables (default: the model's n_positions); a session's cache buffer
+    may not be longer. Files are written under temporary names and renamed when complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    graph_path, data_path = folder / io_spec.FUSED_GRAPH_FILE, folder / io_spec.FUSED_DATA_FILE
+    tmp_graph, tmp_data = graph_path.with_name(graph_path.name + ".tmp"), data_path.with_name(data_path.name + ".tmp")
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            proto = build_fused_graph(model, tmp_data, io_spec.FUSED_DATA_FILE, max_context)
+        with open(tmp_graph, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_graph, graph_path)
+    except OSError as e:
+        raise ExportError(f"could not write the fused graph into {folder} ({e}): check free disk space") from e
+    finally:
+        for p in (tmp_graph, tmp_data):
+            p.unlink(missing_ok=True)
+    if check:
+        onnx.checker.check_model(str(graph_path))
+    print(f"fused graph: {graph_path.name} + {data_path.name} "
+          f"({data_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    return [io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE]
