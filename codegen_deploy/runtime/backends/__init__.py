@@ -1,0 +1,65 @@
+"""Backends by name: open_session("torch" | "onnxruntime" | "tensorrt", path, **options) -> Session.
+
+Each backend module is imported only when asked for, so a missing optional dependency (onnxruntime,
+tensorrt) matters only to the backend that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ...errors import InputError
+from ..session import Session
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+# The Python module each backend needs, for available_backends().
+_REQUIRES = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime library is installed here (TensorRT still needs a CUDA GPU to run)."""
+    return [b for b in BACKENDS if importlib.util.find_spec(_REQUIRES[b]) is not None]
+
+
+def open_session(backend: str, path, **options) -> Session:
+    """Open a Session of `backend` on `path`.
+
+    torch: a checkpoint folder, hub id, loaded CodeGen, or an export folder whose manifest records its
+    checkpoint (options: dtype, threads, max_context, max_batch, device).
+    onnxruntime: an export folder (options: providers, threads, max_context, max_batch, verify);
+    opens the fused graph's session when the manifest lists one, unless graph="plain".
+    tensorrt: an engine file or a folder holding one (options: max_batch, max_context).
+    """
+    if backend == "torch":
+        from .torch import TorchSession
+
+        return TorchSession(path, **options)
+    if backend == "onnxruntime":
+        return _open_onnxruntime(Path(path), **options)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTSession
+
+        return TensorRTSession(path, **options)
+    raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
+    """The plain-graph OrtSession, or the fused one when the export has a fused graph.
+
+    graph: "auto" (fused if the manifest lists one), "plain" or "fused".
+    """
+    from ...manifest import read_manifest
+    from .onnxruntime import OrtSession, fused_graph_entry
+
+    if graph not in ("auto", "plain", "fused"):
+        raise InputError(f"unknown graph {graph!r}: choose auto, plain or fused")
+    fused = fused_graph_entry(read_manifest(folder, verify="none")) if graph != "plain" else None
+    if graph == "fused" and fused is None:
+        raise InputError(f"{folder} has no fused graph: run the optimizer on this export, or use graph='plain'")
+    if fused is not None:
+        from .onnxruntime_fused import FusedOrtSession
+
+        return FusedOrtSession(folder, **options)
+    return OrtSession(folder, **options)

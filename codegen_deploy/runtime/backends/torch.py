@@ -1,0 +1,159 @@
+"""The PyTorch backend: the reference CodeGen with a static, preallocated KV cache (gpt-fast style).
+
+The reference model's forward grows its cache with torch.cat, which copies the whole cache on every
+step. Here each layer owns one [B, H, capacity, D] key and value buffer (capacity doubles when full);
+new keys and values are written in place and attention reads a view of the filled part. The math
+is the reference's own (its projections, rotary, float32 islands and mask), so logits match
+CodeGen.forward.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import CheckpointError
+from ..session import Session
+
+
+def _checkpoint_of_export(folder: Path) -> str | None:
+    """The source checkpoint an export folder's manifest records, if it records one that still exists."""
+    from ...io_spec import MANIFEST_FILE
+    from ...manifest import read_manifest
+
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    manifest = read_manifest(folder, verify="none")
+    for key in ("source", "checkpoint", "source_checkpoint"):
+        value = manifest.get(key)
+        if isinstance(value, dict):
+            value = value.get("path") or value.get("model")
+        if isinstance(value, str) and (Path(value).is_dir() or "/" in value):
+            return value
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> str | Path:
+    """A checkpoint folder or hub id as given; for an export folder, the checkpoint its manifest records."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path  # a hub id
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        source = _checkpoint_of_export(folder)
+        if source is None:
+            raise CheckpointError(
+                f"{folder} holds no PyTorch weights: the torch backend needs the checkpoint the export was made "
+                "from (pass it with --reference CHECKPOINT)"
+            )
+        return source
+    return path
+
+
+class TorchSession(Session):
+    """A Session over the reference CodeGen in PyTorch.
+
+    `model` is a CodeGen already loaded, a checkpoint folder, a hub id, or an export folder whose
+    manifest records its checkpoint. dtype: torch dtype for loading (ignored for a loaded model).
+    threads: torch's intra-op thread count (a process-wide setting in PyTorch).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model,
+        dtype=None,
+        threads: int | None = None,
+        max_context: int | None = None,
+        max_batch: int | None = None,
+        device: str | None = None,
+    ):
+        import torch
+
+        from ...reference.model import CodeGen
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        if not isinstance(model, CodeGen):
+            model = CodeGen.from_pretrained(resolve_checkpoint(model), dtype=dtype or torch.float32)
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.device = model.wte.weight.device
+        super().__init__(model.config, max_context=max_context, max_batch=max_batch)
+        self._keys: list = []  # per layer [B, H, capacity, D]
+        self._values: list = []
+
+    def _reserve(self, batch: int, total: int) -> None:
+        """Make the cache hold `total` tokens of `batch` rows.
+
+        Capacity doubles when it runs out (capped at max_context), so a long generation reallocates
+        a handful of times instead of copying the cache on every step, and a short one never holds
+        a max_context-sized cache.
+        """
+        import torch
+
+        capacity = self._keys[0].shape[2] if self._keys else 0
+        if self._keys and self._keys[0].shape[0] == batch and total <= capacity:
+            return
+        if not self._keys or self._keys[0].shape[0] != batch:
+            capacity, old = 0, None
+        else:
+            old = (self._keys, self._values)
+        new_capacity = min(self.max_context, max(total, 2 * capacity, 256))
+        c = self.model.config
+        shape = (batch, c.n_head, new_capacity, c.head_dim)
+        kw = {"dtype": self.model.dtype, "device": self.device}
+        self._keys = [torch.zeros(shape, **kw) for _ in range(c.n_layer)]
+        self._values = [torch.zeros(shape, **kw) for _ in range(c.n_layer)]
+        if old is not None:
+            for new_buf, old_buf in zip(self._keys + self._values, old[0] + old[1], strict=True):
+                new_buf[:, :, :capacity] = old_buf
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run T new tokens after the cached ones, writing their keys and values in place."""
+        import torch
+
+        from ...reference.model import apply_rotary, attention_bias, layer_norm_fp32
+
+        m = self.model
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self.device)
+            mask = torch.from_numpy(attention_mask).to(self.device)
+            pos = torch.from_numpy(position_ids).to(self.device)
+            b, t = ids.shape
+            total = mask.shape[1]
+            start = total - t
+            self._reserve(b, total)
+            sin, cos = m.rotary_sin[pos], m.rotary_cos[pos]  # [B, T, R/2]
+            bias = attention_bias(mask, t)  # [B, 1, T, total]
+            x = m.wte(ids)  # [B, T, E]
+            for block, k_cache, v_cache in zip(m.blocks, self._keys, self._values, strict=True):
+                h = layer_norm_fp32(block.ln_1, x)
+                a = block.attn
+                q = a.q_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
+                k = a.k_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
+                v = a.v_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
+                q = apply_rotary(q, sin, cos, a.rotary_dim).transpose(1, 2)  # [B, H, T, D]
+                k_cache[:, :, start:total] = apply_rotary(k, sin, cos, a.rotary_dim).transpose(1, 2)
+                v_cache[:, :, start:total] = v.transpose(1, 2)
+                keys, values = k_cache[:, :, :total], v_cache[:, :, :total]  # views [B, H, total, D]
+                scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # [B, H, T, total]
+                scores = (scores + bias) / math.sqrt(a.head_dim)
+                probs = torch.softmax(scores, dim=-1).to(values.dtype)
+                y = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, -1)  # [B, T, E]
+                x = x + a.out_proj(y) + block.mlp(h)
+            x = layer_norm_fp32(m.ln_f, x[:, -1:])  # only the last position's logits are needed
+            logits = m.lm_head(x).float()[:, -1]  # [B, V]
+            return logits.cpu().numpy()
+
+    def _prefill(self, input_ids, attention_mask, position_ids):
+        return self._forward(input_ids, attention_mask, position_ids)
+
+    def _step(self, input_ids, attention_mask, position_ids):
+        return self._forward(input_ids, attention_mask, position_ids)
+
+    def close(self) -> None:
+        self._keys, self._values = [], []

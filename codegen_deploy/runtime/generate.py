@@ -1,0 +1,345 @@
+"""The one generation loop for every backend: encode, left-pad, prefill, step, sample, stop.
+
+Small functions in the order they run (gpt-fast style). The loop sees a Session only through
+prefill(ids, mask) and step(ids), so the same code drives PyTorch, ONNX Runtime and TensorRT.
+
+Rows of a batch are independent: left padding with real position ids (the Session counts them from
+the mask), one random generator per row seeded alike, and finished rows keep feeding the pad token
+until every row is done, so each row's tokens equal running its prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from .sampling import SamplingConfig, make_generators, sample
+from .session import Session
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """When to stop and how to pick tokens.
+
+    eos_token_ids: ids that end a row (default: the tokenizer's <|endoftext|>). stop: strings that
+    end a row; the output text is cut before the first one. pad_token_id: fed for left padding and
+    for finished rows (default: the first eos id).
+    """
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eos_token_ids: tuple[int, ...] | None = None
+    stop: tuple[str, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise InputError("a stop sequence is empty: give non-empty strings")
+
+
+@dataclass
+class Timings:
+    """Wall-clock times of one generate() call. Decode speed counts steps after the first token, per row."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "decode_steps": self.decode_steps,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "total_s": self.total_s,
+        }
+
+
+@dataclass
+class Completion:
+    """One row's result. ids: the new tokens (an ending eos included); text: their decode without the
+    eos, cut before a stop sequence. finish_reason: "eos", "stop" or "length"."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    finish_reason: str
+
+    def to_dict(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "finish_reason": self.finish_reason}
+
+
+@dataclass
+class GenerationResult:
+    """All rows of one generate() call, in prompt order, and its timings."""
+
+    completions: list[Completion]
+    timings: Timings
+
+    @property
+    def text(self) -> str:
+        """The first (for one prompt, the only) row's text."""
+        return self.completions[0].text
+
+    @property
+    def ids(self) -> list[int]:
+        """The first (for one prompt, the only) row's new token ids."""
+        return self.completions[0].ids
+
+    def to_dict(self) -> dict:
+        return {"completions": [c.to_dict() for c in self.completions], "timings": self.timings.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of the loop
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token ids of each prompt (strings are encoded; id lists pass through). Empty prompts are refused."""
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+        if not ids:
+            raise InputError(f"prompt {i} is empty: give at least one character of prompt text")
+        rows.append(ids)
+    if not rows:
+        raise InputError("no prompts given: give at least one prompt")
+    return rows
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths -> ids [B, T] and mask [B, T] (0 on the padding at the left)."""
+    t = max(len(r) for r in rows)
+    ids = np.full((len(rows), t), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r) :] = r
+        mask[i, t - len(r) :] = 1
+    return ids, mask
+
+
+def check_context(session: Session, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for max_new_tokens in the session's context."""
+    if prompt_len + max_new_tokens > session.max_context:
+        raise InputError(
+            f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: {prompt_len + max_new_tokens} "
+            f"exceeds the context of {session.max_context} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop sequence in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def generate_tokens(
+    session: Session,
+    rows: list[list[int]],
+    config: GenerationConfig,
+    finished: np.ndarray | None = None,
+    timings: Timings | None = None,
+) -> Iterator[np.ndarray]:
+    """Prefill the rows, then yield one sampled token per row [B] per step, up to max_new_tokens steps.
+
+    Stopping is the caller's business: it sets finished[i] (a [B] bool array it owns) for rows that are
+    done, so they are fed the pad token from then on, and closes the iterator when every row is done.
+    timings, when given, is filled in as the loop runs.
+    """
+    eos = config.eos_token_ids or ()
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    ids, mask = left_pad(rows, pad)
+    check_context(session, ids.shape[1], config.max_new_tokens)
+    sampling = config.sampling
+    generators = None if sampling.greedy else make_generators(sampling, len(rows))
+    t0 = time.perf_counter()
+    logits = session.prefill(ids, mask)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = np.zeros(logits.shape, dtype=bool)  # [B, V]
+        for i, r in enumerate(rows):
+            seen[i, [t for t in r if t < logits.shape[-1]]] = True
+    token = sample(logits, sampling, generators, seen)
+    if timings is not None:
+        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - t0
+    decode_start = time.perf_counter()
+    for n in range(1, config.max_new_tokens + 1):
+        yield token
+        if n == config.max_new_tokens:
+            break
+        if finished is not None:
+            token = np.where(finished, pad, token)
+        if seen is not None:
+            seen[np.arange(len(rows)), token] = True
+        logits = session.step(token)
+        token = sample(logits, sampling, generators, seen)
+        if timings is not None:
+            timings.decode_steps = n
+            timings.decode_s = time.perf_counter() - decode_start
+
+
+class _Row:
+    """Bookkeeping of one row while it generates: its ids, whether it ended, and why."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.prompt_ids = prompt_ids
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _advance(rows: list[_Row], token: np.ndarray, tokenizer, config: GenerationConfig, eos: set[int]) -> None:
+    """Append this step's token to every unfinished row and mark rows that hit eos or a stop sequence."""
+    for row, t in zip(rows, token.tolist(), strict=True):
+        if row.done:
+            continue
+        row.ids.append(t)
+        if t in eos:
+            row.finish_reason = "eos"
+        elif config.stop and find_stop(_decode(tokenizer, row.ids, eos), config.stop) >= 0:
+            row.finish_reason = "stop"
+
+
+def _decode(tokenizer, ids: list[int], eos: set[int]) -> str:
+    """Text of new ids, an ending eos left out."""
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+def _final_text(tokenizer, row: _Row, config: GenerationConfig, eos: set[int]) -> str:
+    text = _decode(tokenizer, row.ids, eos)
+    cut = find_stop(text, config.stop) if config.stop else -1
+    return text if cut < 0 else text[:cut]
+
+
+def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    """A GenerationConfig from an explicit one or keyword options, with the tokenizer's eos as default."""
+    if config is None:
+        sampling = overrides.pop("sampling", None) or SamplingConfig(
+            **{
+                k: overrides.pop(k)
+                for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+                if k in overrides
+            }
+        )
+        if "stop" in overrides and isinstance(overrides["stop"], str):
+            overrides["stop"] = (overrides["stop"],)
+        if "stop" in overrides:
+            overrides["stop"] = tuple(overrides["stop"])
+        if "eos_token_ids" in overrides and overrides["eos_token_ids"] is not None:
+            overrides["eos_token_ids"] = tuple(overrides["eos_token_ids"])
+        config = GenerationConfig(sampling=sampling, **overrides)
+    elif overrides:
+        raise InputError(f"give either a GenerationConfig or options, not both (got {', '.join(overrides)})")
+    if config.eos_token_ids is None:
+        from dataclasses import replace
+
+        config = replace(config, eos_token_ids=(tokenizer.eos_token_id,))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def generate(
+    session: Session,
+    tokenizer,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    **options,
+) -> GenerationResult:
+    """Generate from one prompt or a batch of prompts (strings or token id lists).
+
+    Options (when no `config` is given): max_new_tokens, temperature, top_k, top_p,
+    repetition_penalty, seed, stop, eos_token_ids, pad_token_id.
+    """
+    config = _resolve(tokenizer, config, dict(options))
+    prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
+    prompt_rows = encode_prompts(tokenizer, prompt_list)
+    eos = set(config.eos_token_ids)
+    rows = [_Row(r) for r in prompt_rows]
+    timings = Timings()
+    start = time.perf_counter()
+    finished = np.zeros(len(rows), dtype=bool)
+    tokens = generate_tokens(session, prompt_rows, config, finished, timings)
+    for token in tokens:
+        _advance(rows, token, tokenizer, config, eos)
+        finished[:] = [r.done for r in rows]
+        if finished.all():
+            tokens.close()
+            break
+    timings.total_s = time.perf_counter() - start
+    completions = [
+        Completion(r.prompt_ids, r.ids, _final_text(tokenizer, r, config, eos), r.finish_reason or "length")
+        for r in rows
+    ]
+    return GenerationResult(completions, timings)
+
+
+def stream(
+    session: Session, tokenizer, prompt: str | Sequence[int], config: GenerationConfig | None = None, **options
+) -> Iterator[str]:
+    """Generate from one prompt, yielding text pieces as soon as they decode cleanly.
+
+    A piece is released only when the text decodes without a trailing U+FFFD (a multi-byte character
+    split across tokens) and cannot be the start of a stop sequence, so the pieces joined equal
+    generate()'s text. Options as for generate().
+    """
+    config = _resolve(tokenizer, config, dict(options))
+    prompt_rows = encode_prompts(tokenizer, [prompt])
+    eos = set(config.eos_token_ids)
+    row = _Row(prompt_rows[0])
+    emitted = 0
+    tokens = generate_tokens(session, prompt_rows, config)
+    try:
+        for token in tokens:
+            _advance([row], token, tokenizer, config, eos)
+            if row.done:
+                break
+            text = _decode(tokenizer, row.ids, eos)
+            if text.endswith(REPLACEMENT_CHAR):
+                continue
+            safe = len(text) - _held_back(text, config.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+    finally:
+        tokens.close()
+    text = _final_text(tokenizer, row, config, eos)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop sequence."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+def _is_id_list(prompts) -> bool:
+    return len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))

@@ -1,0 +1,126 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
+
+Sampling draws from a numpy Generator seeded by the caller, so the same seed gives the same tokens
+on every backend. The repetition penalty follows CTRL / Hugging Face: a token already seen has a
+positive logit divided by the penalty and a negative one multiplied by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens. temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise InputError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+        }
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Penalise tokens already seen: logits [B, V] float, seen [B, V] bool. Returns a new array."""
+    if penalty == 1.0:
+        return logits
+    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits of each row [B, V] (ties at the k-th value are kept); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]  # [B, 1]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one per row)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")  # [B, V] most likely first
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = softmax(sorted_logits)
+    # A token is kept if the mass before it is still below p; the first token is always kept.
+    mass_before = np.cumsum(probs, axis=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64; -inf entries get probability 0."""
+    x = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def make_generators(config: SamplingConfig, batch: int) -> list[np.random.Generator]:
+    """One Generator per row, each seeded with config.seed, so a row's tokens do not depend on its batch.
+
+    With seed None the generators are seeded from the OS (different tokens on every run).
+    """
+    if config.seed is None:
+        seeds = np.random.SeedSequence().spawn(batch)
+        return [np.random.default_rng(s) for s in seeds]
+    return [np.random.default_rng(config.seed) for _ in range(batch)]
+
+
+def sample(
+    logits: np.ndarray,
+    config: SamplingConfig,
+    generators: list[np.random.Generator] | None = None,
+    seen: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pick one token per row from logits [B, V]; returns int64 [B].
+
+    seen [B, V] bool marks tokens for the repetition penalty. generators: one per row (see
+    make_generators); needed unless the config is greedy.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    if generators is None or len(generators) != logits.shape[0]:
+        raise InputError("sampling needs one random generator per row: use make_generators(config, batch)")
+    scaled = logits.astype(np.float64) / config.temperature
+    scaled = filter_top_p(filter_top_k(scaled, int(config.top_k)), config.top_p)
+    probs = softmax(scaled)
+    cdf = np.cumsum(probs, axis=-1)  # [B, V]
+    # Inverse-CDF draw: one uniform number per row from that row's own generator.
+    u = np.array([g.random() for g in generators])[:, None] * cdf[:, -1:]  # [B, 1]
+    picks = (cdf <= u).sum(axis=-1)
+    # Never pick a token with probability 0 (u landing exactly on a flat part of the CDF).
+    return np.minimum(picks, probs.shape[-1] - 1).astype(np.int64)

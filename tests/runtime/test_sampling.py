@@ -1,0 +1,91 @@
+"""Token choice: greedy, seeded sampling, the filters, the repetition penalty and value checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegen_deploy.errors import InputError
+from codegen_deploy.runtime.sampling import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    make_generators,
+    sample,
+)
+
+
+def _logits(batch=2, vocab=50, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, vocab)).astype(np.float32)
+
+
+def test_greedy_is_argmax():
+    logits = _logits()
+    np.testing.assert_array_equal(sample(logits, SamplingConfig()), logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = _logits(vocab=1000)
+    config = SamplingConfig(temperature=1.5, seed=7)
+    draw = lambda c: [sample(logits, c, g).tolist() for g in [make_generators(c, 2)] for _ in range(20)]  # noqa: E731
+    assert draw(config) == draw(config)
+    assert draw(config) != draw(SamplingConfig(temperature=1.5, seed=8))
+
+
+def test_rows_of_a_batch_draw_like_alone():
+    logits = _logits(batch=3, vocab=200)
+    config = SamplingConfig(temperature=1.0, seed=3)
+    batch_gens, alone_gens = make_generators(config, 3), make_generators(config, 1)
+    for _ in range(10):
+        batch = sample(logits, config, batch_gens)
+        alone = sample(logits[1:2], config, alone_gens)
+        assert batch[1] == alone[0]
+
+
+def test_top_k_keeps_k_largest():
+    logits = np.array([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = filter_top_k(logits, 2)
+    assert np.isfinite(kept).sum() == 2 and np.isfinite(kept[0, [1, 3]]).all()
+    config = SamplingConfig(temperature=1.0, top_k=2, seed=0)
+    gens = make_generators(config, 1)
+    assert {int(sample(logits, config, gens)[0]) for _ in range(200)} == {1, 3}
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = np.log(probs)
+    assert np.isfinite(filter_top_p(logits, 0.5)).sum() == 1
+    assert np.isfinite(filter_top_p(logits, 0.79)).sum() == 2
+    assert np.isfinite(filter_top_p(logits, 0.81)).sum() == 3
+    assert np.isfinite(filter_top_p(logits, 1.0)).sum() == 4
+    config = SamplingConfig(temperature=1.0, top_p=0.79, seed=1)
+    gens = make_generators(config, 1)
+    assert {int(sample(logits, config, gens)[0]) for _ in range(200)} == {0, 1}
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = np.array([[2.0, -2.0, 2.0, -2.0]])
+    seen = np.array([[True, True, False, False]])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -4.0, 2.0, -2.0]])
+    # Greedy with a penalty moves off a repeated token.
+    assert (
+        sample(np.array([[3.0, 2.0]]), SamplingConfig(repetition_penalty=2.0), seen=np.array([[True, False]]))[0] == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ],
+)
+def test_bad_values_are_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        SamplingConfig(**kwargs)
