@@ -67,3 +67,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from codegen_deploy.make_checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", shape="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """An fp32 ONNX export folder (decoder.onnx + manifest.json) of the tiny checkpoint, not validated."""
+    from codegen_deploy.export.pipeline import export_model
+
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False,
+                        progress=lambda line: None)  # fmt: skip
