@@ -93,7 +93,7 @@ def make_checkpoint(
         else:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer) / name).is_file():
-                    shutil.copy(Path(tokenizer) / name, tmp / name)
+                    shutil.copyfile(Path(tokenizer) / name, tmp / name)
         tok = load_tokenizer(tmp)
         config = SHAPES[shape]
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
