@@ -1,0 +1,200 @@
+"""The TensorRT backend and the Polygraphy ONNX Runtime vs TensorRT check.
+
+Without tensorrt / a CUDA GPU: the one-line errors, the feeds, and Polygraphy's ONNX Runtime runner on the
+tiny export (checked against the reference model). With them (`gpu`): engine build, parity with the torch
+backend, generation, and the Polygraphy comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from codegen_deploy import io_spec
+from codegen_deploy.errors import ExportError, InputError, MissingDependencyError
+from codegen_deploy.export.tensorrt import NO_CUDA_GPU, TENSORRT_MISSING, EngineOptions, profile_shapes
+from codegen_deploy.runtime import polygraphy_check
+from codegen_deploy.runtime.backends import open_session
+from tests.conftest import TEST_CONFIGS
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+
+
+def test_session_without_tensorrt(no_tensorrt, tmp_path):
+    from codegen_deploy.runtime.backends.tensorrt import TensorRTSession
+
+    with pytest.raises(MissingDependencyError) as e:
+        TensorRTSession(tmp_path)
+    assert str(e.value) == TENSORRT_MISSING
+    with pytest.raises(MissingDependencyError, match="tensorrt is not installed"):
+        open_session("tensorrt", tmp_path, max_batch=1, max_context=16)
+
+
+def test_session_without_gpu(monkeypatch, tmp_path):
+    import torch
+
+    from codegen_deploy.runtime.backends.tensorrt import TensorRTSession
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MissingDependencyError) as e:
+        TensorRTSession(tmp_path)
+    assert str(e.value) == NO_CUDA_GPU
+
+
+def test_polygraphy_check_without_tensorrt(no_tensorrt, capsys, tmp_path):
+    assert polygraphy_check.main([str(tmp_path)]) == MissingDependencyError.exit_code
+    assert capsys.readouterr().err == f"error: {TENSORRT_MISSING}\n"
+
+
+def test_step_feeds():
+    config = TEST_CONFIGS["odd-head"]
+    feeds = polygraphy_check.step_feeds(config, "float16", batch=2, seq=3, past=4, seed=1)
+    names = [s.name for s in io_spec.decoder_inputs(config.n_layer, config.n_head, config.head_dim, "float16")]
+    assert list(feeds) == names
+    assert feeds[io_spec.INPUT_IDS].shape == (2, 3) and feeds[io_spec.INPUT_IDS].max() < config.vocab_size
+    assert feeds[io_spec.ATTENTION_MASK].tolist() == [[1] * 7, [0] + [1] * 6], "the last row is left-padded"
+    assert feeds[io_spec.POSITION_IDS].tolist() == [[4, 5, 6], [3, 4, 5]], "positions count real tokens only"
+    kv = feeds[io_spec.past_name(2, "value")]
+    assert kv.shape == (2, 3, 4, 20) and kv.dtype == np.float16
+    again = polygraphy_check.step_feeds(config, "float16", batch=2, seq=3, past=4, seed=1)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds), "seeded"
+
+
+@pytest.mark.parametrize("profile", ["prompt", "decode"])
+def test_profile_feeds_sit_at_the_opt_point(profile):
+    config = TEST_CONFIGS["tiny"]
+    options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
+    feeds = polygraphy_check.profile_feeds(config, options, profile, "float32")
+    shapes = profile_shapes(config, options)[profile]
+    for name, array in feeds.items():
+        assert array.shape == shapes[name][1], name
+
+
+def test_tolerances_are_per_output():
+    atol, rtol = polygraphy_check.tolerances(TEST_CONFIGS["tiny"], "float16")
+    assert atol[io_spec.LOGITS] == 5e-2 and atol[""] == 1e-2 and rtol[io_spec.LOGITS] == 5e-2
+
+
+@pytest.mark.parametrize("profile", ["prompt", "decode"])
+def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model, profile):
+    """The ONNX Runtime half of the comparison runs here, and its outputs match the reference model."""
+    import torch
+    from polygraphy.comparator import Comparator
+
+    config = tiny_model.config
+    options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
+    feeds = polygraphy_check.profile_feeds(config, options, profile, "float32", seed=3)
+    runner = polygraphy_check.onnxruntime_runner(tiny_export / io_spec.GRAPH_FILE)
+    results = Comparator.run([runner], data_loader=[feeds])
+    [(_, [outputs])] = results.items()
+    b, t = feeds[io_spec.INPUT_IDS].shape
+    total = feeds[io_spec.ATTENTION_MASK].shape[1]
+    assert outputs[io_spec.LOGITS].shape == (b, t, config.vocab_size)
+    assert outputs[io_spec.present_name(1, "value")].shape == (b, config.n_head, total, config.head_dim)
+
+    past = tuple(
+        (torch.from_numpy(feeds[io_spec.past_name(i, "key")]), torch.from_numpy(feeds[io_spec.past_name(i, "value")]))
+        for i in range(config.n_layer)
+    )
+    with torch.no_grad():
+        logits, present = tiny_model(
+            torch.from_numpy(feeds[io_spec.INPUT_IDS]),
+            attention_mask=torch.from_numpy(feeds[io_spec.ATTENTION_MASK]),
+            position_ids=torch.from_numpy(feeds[io_spec.POSITION_IDS]),
+            past_key_values=past,
+        )
+    np.testing.assert_allclose(outputs[io_spec.LOGITS], logits.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outputs[io_spec.present_name(0, "key")], present[0][0].numpy(), atol=1e-5)
+
+
+# --- GPU: engine build, parity, generation (skipped with a reason where tensorrt or a CUDA GPU is absent) ---
+
+GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_export, tmp_path_factory):
+    from codegen_deploy.export.tensorrt import build_engine
+
+    folder = tmp_path_factory.mktemp("engine")
+    for f in tiny_export.iterdir():
+        shutil.copy(f, folder / f.name)
+    options = dataclasses.replace(GPU_OPTIONS, timing_cache=folder / "timing.cache")
+    build_engine(folder, options, progress=lambda line: None)
+    return folder
+
+
+def _torch_session(tiny_checkpoint):
+    return open_session("torch", tiny_checkpoint, max_context=GPU_OPTIONS.max_context)
+
+
+@pytest.mark.gpu
+def test_parity_with_torch_left_padded_batch(tiny_engine, tiny_checkpoint):
+    ids = np.array([[5, 9, 2, 7, 1, 3], [0, 0, 4, 8, 6, 2]], np.int64)
+    mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)
+    with open_session("tensorrt", tiny_engine) as trt, _torch_session(tiny_checkpoint) as ref:
+        a, b = trt.prefill(ids, mask), ref.prefill(ids, mask)
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+        for _ in range(20):
+            nxt = b.argmax(-1)
+            assert np.array_equal(a.argmax(-1), nxt)
+            a, b = trt.step(nxt), ref.step(nxt)
+            np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_prompt_longer_than_the_prompt_profile(tiny_engine, tiny_checkpoint):
+    ids = np.arange(1, 14, dtype=np.int64)[None, :]  # 13 tokens > max_prompt 8: the tail runs as decode steps
+    with open_session("tensorrt", tiny_engine) as trt, _torch_session(tiny_checkpoint) as ref:
+        np.testing.assert_allclose(trt.prefill(ids), ref.prefill(ids), atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(trt.step(np.array([4])), ref.step(np.array([4])), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_generation_matches_torch(tiny_engine, tiny_checkpoint, tiny_tokenizer):
+    from codegen_deploy.runtime.generate import generate
+
+    prompts = ["def add(a, b):", "x ="]
+    with open_session("tensorrt", tiny_engine) as trt, _torch_session(tiny_checkpoint) as ref:
+        got = generate(trt, tiny_tokenizer, prompts, max_new_tokens=16)
+        want = generate(ref, tiny_tokenizer, prompts, max_new_tokens=16)
+    assert [c.ids for c in got.completions] == [c.ids for c in want.completions]
+
+
+@pytest.mark.gpu
+def test_context_limit_and_engine_limits(tiny_engine):
+    with pytest.raises(InputError, match="rebuild it with codegen-build-engine --max-batch 3"):
+        open_session("tensorrt", tiny_engine, max_batch=3)
+    with open_session("tensorrt", tiny_engine, max_context=10) as trt:
+        trt.prefill(np.ones((1, 8), np.int64))
+        trt.step(np.array([1]))
+        trt.step(np.array([1]))
+        with pytest.raises(InputError, match="the context is full"):
+            trt.step(np.array([1]))
+
+
+@pytest.mark.gpu
+def test_engine_from_another_tensorrt_is_refused(tiny_engine, tmp_path):
+    for name in (io_spec.ENGINE_FILE, io_spec.ENGINE_MANIFEST_FILE):
+        shutil.copy(tiny_engine / name, tmp_path / name)
+    manifest = json.loads((tmp_path / io_spec.ENGINE_MANIFEST_FILE).read_text())
+    manifest["tensorrt_version"] = "9.0.0"
+    (tmp_path / io_spec.ENGINE_MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="the engine was built with TensorRT 9.0.0"):
+        open_session("tensorrt", tmp_path / io_spec.ENGINE_FILE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("profile", ["decode", "prompt"])
+def test_polygraphy_onnxruntime_vs_tensorrt(tiny_engine, profile):
+    assert polygraphy_check.compare_onnxruntime_tensorrt(tiny_engine, profile=profile)
