@@ -262,3 +262,34 @@ def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = No
     print(f"fused graph: {graph_path.name} + {data_path.name} "
           f"({data_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")  # fmt: skip
     return [io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE]
+
+
+def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_context: int | None = None) -> list[str]:
+    """Add the fused graph to an existing export folder and record it in its manifest; return the files.
+
+    model: the loaded reference (default: load the checkpoint the manifest records as its source, in
+    the export's dtype).
+    """
+    from ..manifest import read_manifest, write_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify="none")
+    if model is None:
+        source = manifest.get("source")
+        if not source:
+            raise ExportError(f"{folder}/{io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
+        model = CodeGen.from_pretrained(source, dtype=getattr(torch, manifest.get("dtype", "float32")))
+    files = write_fused_graph(model, folder, max_context=max_context)
+    config = model.config
+    cache_dtype = np.dtype(np.float16 if model.dtype == torch.float16 else np.float32).name
+    spec_args = (config.n_layer, config.n_head, config.head_dim)
+    body = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
+    body.update({
+        "fused_graph_file": io_spec.FUSED_GRAPH_FILE,
+        "fused_data_file": io_spec.FUSED_DATA_FILE,
+        "fused_inputs": [s.to_dict() for s in io_spec.fused_decoder_inputs(*spec_args, cache_dtype)],
+        "fused_outputs": [s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size,
+                                                                             cache_dtype)],
+    })  # fmt: skip
+    write_manifest(folder, body)
+    return files

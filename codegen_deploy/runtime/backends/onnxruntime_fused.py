@@ -31,12 +31,13 @@ def _import_ort():
     return onnxruntime
 
 
-def _read_config(folder: Path) -> ModelConfig:
-    """The model config of an export folder: its manifest's, else a config.json next to the graph."""
+def _read_config(folder: Path, verify: str) -> ModelConfig:
+    """The model config of an export folder: its manifest's (checked: verify "none" | "size" | "sha256"),
+    else a config.json next to the graph."""
     from ...manifest import manifest_config, read_manifest
 
     if (folder / io_spec.MANIFEST_FILE).is_file():
-        return manifest_config(read_manifest(folder, verify="size"))
+        return manifest_config(read_manifest(folder, verify=verify))
     if (folder / "config.json").is_file():
         return ModelConfig.from_file(folder)
     raise ExportError(f"{folder} has neither {io_spec.MANIFEST_FILE} nor config.json: export the model again")
@@ -46,16 +47,18 @@ class FusedOrtSession(Session):
     """A Session over FUSED_GRAPH_FILE in an export folder (or a path to the .onnx file itself).
 
     threads: intra-op threads (default: ONNX Runtime's choice); providers: execution providers
-    (default CPU); max_context: cache capacity in tokens (default n_positions); max_batch: the most rows
-    allowed (the buffers are allocated for the first prompt's batch and reallocated when it changes).
-    session_options: extra onnxruntime.SessionOptions config entries.
+    (names or cpu/cuda; default CPU); max_context: cache capacity in tokens (default n_positions);
+    max_batch: the most rows allowed (buffers are sized by the first prompt's batch, reallocated when it
+    changes).
+    session_options: extra onnxruntime.SessionOptions config entries. verify: how to check the
+    manifest's files ("none", "size", "sha256").
     """
 
     name = "onnxruntime-fused"
 
     def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, max_context: int | None = None, max_batch: int | None = None,
-                 session_options: dict[str, str] | None = None):  # fmt: skip
+                 providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
+                 session_options: dict[str, str] | None = None, verify: str = "size"):  # fmt: skip
         ort = _import_ort()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
@@ -63,7 +66,7 @@ class FusedOrtSession(Session):
             raise ExportError(
                 f"no fused graph at {graph}: export with the fused graph (export.optimize.write_fused_graph)"
             )
-        config = config or _read_config(graph.parent)
+        config = config or _read_config(graph.parent, verify)
         super().__init__(config, max_context=max_context, max_batch=max_batch)
         options = ort.SessionOptions()
         if threads:
@@ -72,7 +75,12 @@ class FusedOrtSession(Session):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in (session_options or {}).items():
             options.add_session_config_entry(key, value)
-        self.providers = providers or ["CPUExecutionProvider"]
+        if providers:
+            from .onnxruntime import choose_providers
+
+            self.providers = choose_providers(providers)
+        else:
+            self.providers = ["CPUExecutionProvider"]  # GQA's CPU kernel is the one this graph was checked on
         self._ort = ort
         self._session = ort.InferenceSession(os.fspath(graph), options, providers=self.providers)
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))

@@ -1,0 +1,56 @@
+"""codegen-bench: prefill latency, time to first token, decode tokens/s and peak RSS per backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="codegen-bench",
+        description="Measure generation speed and memory of each backend on one model. Each backend runs in a "
+        "process of its own (its peak RSS is its own); greedy decoding of random prompt tokens.",
+    )
+    p.add_argument("path", help="an export folder (onnxruntime backends) or checkpoint folder / hub id (torch)")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="comma-separated: torch, onnxruntime, tensorrt, onnxruntime-plain, onnxruntime-naive "
+                        "(plain graph, no IO binding), onnxruntime-fused (default: torch,onnxruntime)")  # fmt: skip
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="rows per batch (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per backend; medians are reported (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; 0 = the runtime's choice)")
+    p.add_argument("--reference", help="checkpoint for the torch backend when PATH is an export folder")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    return p.parse_args(argv)
+
+
+def main_body(argv: list[str] | None = None) -> int:
+    from ..runtime.bench import BenchSpec, format_table, measure_in_subprocess
+
+    args = parse_args(argv)
+    results = []
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        path = args.reference if backend == "torch" and args.reference else args.path
+        spec = BenchSpec(backend=backend, path=str(path), prompt_tokens=args.prompt_tokens,
+                         new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
+                         threads=args.threads or None)  # fmt: skip
+        print(f"measuring {backend} ...", file=sys.stderr, flush=True)
+        results.append(measure_in_subprocess(spec))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(main_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Speed and memory of a Session: prefill latency, time to first token, steady-state decode, peak RSS.
+
+One measurement = open a session, then `repeats` times: prefill a random prompt, take the greedy
+token, and step `new_tokens - 1` more greedy tokens. Decode speed leaves out the first step (warm-up
+of buffers and kernels after the prompt) and takes the median over repeats. Each backend runs in a
+child process of its own (`measure_in_subprocess`), so its peak RSS is its own and backends do not
+share caches or thread pools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import CodegenDeployError, InputError
+from .session import Session
+
+# CLI names that pick a graph of the onnxruntime backend.
+BACKEND_ALIASES = {
+    "onnxruntime-plain": ("onnxruntime", {"graph": "plain"}),
+    "onnxruntime-naive": ("onnxruntime", {"graph": "plain", "io_binding": False}),
+    "onnxruntime-fused": ("onnxruntime", {"graph": "fused"}),
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What to measure: a backend of the registry (or an alias above) on a model path, and the workload."""
+
+    backend: str
+    path: str
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    batch: int = 1
+    repeats: int = 3
+    threads: int | None = 2
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # extra open_session options
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.batch < 1 or self.repeats < 1:
+            raise InputError("prompt tokens, batch and repeats must be at least 1")
+        if self.new_tokens < 3:
+            raise InputError("new tokens must be at least 3 (the first step is left out of the decode speed)")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_prompt(vocab_size: int, batch: int, tokens: int, seed: int = 0) -> np.ndarray:
+    """Random token ids [batch, tokens] (random weights make the text irrelevant; the shape is what counts)."""
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch, tokens), dtype=np.int64)
+
+
+def time_generation(session: Session, prompt: np.ndarray, new_tokens: int) -> dict:
+    """One greedy run of `new_tokens` tokens; seconds for the prompt, the first token and every step."""
+    start = time.perf_counter()
+    logits = session.prefill(prompt)
+    prefill_s = time.perf_counter() - start
+    token = logits.argmax(-1)
+    ttft_s = time.perf_counter() - start
+    steps = []
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        token = session.step(token).argmax(-1)
+        steps.append(time.perf_counter() - t)
+    return {"prefill_s": prefill_s, "ttft_s": ttft_s, "step_s": steps}
+
+
+def summarize(runs: list[dict], batch: int) -> dict:
+    """Medians over repeats: prefill and first-token latency, steady-state decode tokens/s (first step left out)."""
+    decode = [batch * (len(r["step_s"]) - 1) / sum(r["step_s"][1:]) for r in runs]
+    return {
+        "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+        "decode_tok_s": statistics.median(decode),
+        "decode_tok_s_runs": decode,
+        "first_step_s": statistics.median(r["step_s"][0] for r in runs),
+    }
+
+
+def measure_session(session: Session, spec: BenchSpec) -> dict:
+    """Run the workload `repeats` times on an open session; return the summary (no RSS: see measure())."""
+    prompt = random_prompt(session.config.vocab_size, spec.batch, spec.prompt_tokens, spec.seed)
+    runs = [time_generation(session, prompt, spec.new_tokens) for _ in range(spec.repeats)]
+    return summarize(runs, spec.batch)
+
+
+def open_bench_session(spec: BenchSpec) -> Session:
+    """The session a spec names, with its threads and a context just long enough for the workload."""
+    from .backends import open_session
+
+    backend, options = resolve_backend(spec.backend)
+    options = {**options, "max_context": spec.prompt_tokens + spec.new_tokens, **spec.options}
+    if spec.threads:
+        options.setdefault("threads", spec.threads)
+    return open_session(backend, spec.path, **options)
+
+
+def resolve_backend(name: str) -> tuple[str, dict]:
+    """(registry backend, options) for a CLI backend name."""
+    backend, options = BACKEND_ALIASES.get(name, (name, {}))
+    return backend, dict(options)
+
+
+def measure(spec: BenchSpec) -> dict:
+    """Open the session, measure, close; in this process (RSS is this process's peak)."""
+    start = time.perf_counter()
+    session = open_bench_session(spec)
+    load_s = time.perf_counter() - start
+    with session:
+        result = measure_session(session, spec)
+    return {**asdict(spec), "load_s": load_s, **result, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_child(argv: list[str], env: dict | None = None) -> tuple[dict, int]:
+    """Run `python argv...`; return (the last JSON line it prints, its own peak RSS in bytes).
+
+    os.wait4 gives the child's own rusage, so the RSS is that process's alone. Child output that is
+    not the JSON result goes to stderr, so progress lines stay visible.
+    """
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    for line in out.splitlines():
+        if not line.startswith("{"):
+            print(line, file=sys.stderr)
+    if code != 0 or not lines:
+        raise CodegenDeployError(f"the benchmark child {' '.join(argv[:3])} failed (exit code {code}): see above")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise CodegenDeployError(result["error"])
+    return result, usage.ru_maxrss * 1024
+
+
+def measure_in_subprocess(spec: BenchSpec) -> dict:
+    """measure(spec) in a fresh Python process; peak_rss_bytes is that process's own peak."""
+    result, rss = run_child(["-m", "codegen_deploy.runtime.bench", json.dumps(asdict(spec))])
+    return {**result, "peak_rss_bytes": rss}
+
+
+def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
+    """A plain text table: one row per result."""
+    header = ["backend", "prompt", "new", "batch", "load s", "prefill ms", "TTFT ms", "decode tok/s", "peak RSS GB"]
+    if weight_bytes:
+        header.append("RSS/weights")
+    rows = [header]
+    for r in results:
+        row = [r.get("label", r["backend"]), str(r["prompt_tokens"]), str(r["new_tokens"]), str(r["batch"]),
+               f"{r.get('load_s', float('nan')):.1f}", f"{r['prefill_s'] * 1e3:.0f}", f"{r['ttft_s'] * 1e3:.0f}",
+               f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_bytes'] / 1e9:.2f}"]  # fmt: skip
+        if weight_bytes:
+            row.append(f"{r['peak_rss_bytes'] / weight_bytes:.2f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _child_main(spec_json: str) -> None:
+    """Entry of a measuring child: one JSON line on stdout (the result, or {"error": ...})."""
+    spec = BenchSpec(**json.loads(spec_json))
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # keep the backends' progress lines out of the JSON channel
+    try:
+        result = measure(spec)
+    except CodegenDeployError as e:
+        result = {"error": str(e)}
+    sys.stdout = real_stdout
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])
