@@ -297,20 +297,26 @@ def generate(
 
 
 def stream(
-    session: Session, tokenizer, prompt: str | Sequence[int], config: GenerationConfig | None = None, **options
+    session: Session,
+    tokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    timings: Timings | None = None,
+    **options,
 ) -> Iterator[str]:
     """Generate from one prompt, yielding text pieces as soon as they decode cleanly.
 
     A piece is released only when the text decodes without a trailing U+FFFD (a multi-byte character
     split across tokens) and cannot be the start of a stop sequence, so the pieces joined equal
-    generate()'s text. Options as for generate().
+    generate()'s text. Options as for generate(); `timings`, when given, is filled in as it runs.
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_rows = encode_prompts(tokenizer, [prompt])
     eos = set(config.eos_token_ids)
     row = _Row(prompt_rows[0])
     emitted = 0
-    tokens = generate_tokens(session, prompt_rows, config)
+    start = time.perf_counter()
+    tokens = generate_tokens(session, prompt_rows, config, timings=timings)
     try:
         for token in tokens:
             _advance([row], token, tokenizer, config, eos)
@@ -325,6 +331,8 @@ def stream(
                 emitted = safe
     finally:
         tokens.close()
+        if timings is not None:
+            timings.total_s = time.perf_counter() - start
     text = _final_text(tokenizer, row, config, eos)
     if len(text) > emitted:
         yield text[emitted:]

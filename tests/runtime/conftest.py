@@ -70,11 +70,3 @@ def tiny_model(tiny_checkpoint):
 
     return CodeGen.from_pretrained(tiny_checkpoint)
 
-
-@pytest.fixture(scope="session")
-def tiny_export(tiny_checkpoint, tmp_path_factory):
-    """An fp32 ONNX export folder of the tiny checkpoint (made once per test session, ~20 s)."""
-    from codegen_deploy.export.pipeline import export_model
-
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False,
-                        progress=lambda line: None)  # fmt: skip

@@ -23,6 +23,30 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if importlib.util.find_spec(_REQUIRES[b]) is not None]
 
 
+def default_backend(path) -> str:
+    """The backend an artifact is meant for: onnxruntime for an export folder (manifest.json), tensorrt
+    for an engine (a .engine file or a folder with engine.json and no ONNX export), torch otherwise."""
+    from ... import io_spec
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".engine":
+        return "tensorrt"
+    if (p / io_spec.MANIFEST_FILE).is_file():
+        return "onnxruntime"
+    if (p / io_spec.ENGINE_MANIFEST_FILE).is_file():
+        return "tensorrt"
+    return "torch"
+
+
+def backend_options(
+    backend: str, *, threads: int | None = None, providers: str | None = None, dtype=None, graph: str | None = None
+) -> dict:
+    """The subset of common command-line options that `backend` takes, unset ones left out."""
+    takes = {"torch": ("threads", "dtype"), "onnxruntime": ("threads", "providers", "graph"), "tensorrt": ()}
+    given = {"threads": threads, "providers": providers, "dtype": dtype, "graph": graph}
+    return {k: v for k, v in given.items() if v is not None and k in takes.get(backend, ())}
+
+
 def open_session(backend: str, path, **options) -> Session:
     """Open a Session of `backend` on `path`.
 

@@ -1,0 +1,113 @@
+"""codegen-generate: generate code from a prompt on an export folder or a checkpoint, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import InputError
+from .common import DTYPES, run, torch_dtype
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="codegen-generate",
+        description="Generate a completion of a prompt with an export folder (ONNX Runtime), a TensorRT "
+        "engine or a checkpoint (PyTorch), streamed to the terminal.",
+    )
+    p.add_argument("path", help="export folder, engine folder, checkpoint folder or hub id")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: --file, else standard input)")
+    p.add_argument("--file", help="read the prompt from this file")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="default: onnxruntime for an export folder, tensorrt for an engine, torch for a checkpoint",
+    )
+    p.add_argument(
+        "--reference",
+        help="checkpoint for --backend torch when PATH is an export folder "
+        "(default: the checkpoint its manifest records)",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); trimmed")
+    p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
+    p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
+    p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, help="torch weight dtype (default: float32)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
+    return p.parse_args(argv)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.file is not None:
+        raise InputError("give the prompt as an argument or with --file, not both")
+    if args.prompt is not None:
+        return args.prompt
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise InputError(f"cannot read the prompt file {args.file} ({e.strerror}): check the path") from e
+    if sys.stdin.isatty():
+        raise InputError("no prompt: give it as an argument, with --file, or on standard input")
+    return sys.stdin.read()
+
+
+def command(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    from ..runtime.backends import backend_options, default_backend, open_session
+    from ..runtime.generate import GenerationConfig, Timings, generate, stream
+    from ..runtime.sampling import SamplingConfig
+    from ..tokenizer import load_tokenizer
+
+    prompt = read_prompt(args)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed),
+        stop=tuple(args.stop),
+    )  # fmt: skip
+    backend = args.backend or default_backend(args.path)
+    target = args.reference if backend == "torch" and args.reference else args.path
+    options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
+                              dtype=torch_dtype(args.dtype) if args.dtype else None)  # fmt: skip
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer or args.path)
+    session = open_session(backend, target, **options)
+    print(f"[{session.name}] opened {target} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    with session:
+        if args.json:
+            result = generate(session, tokenizer, prompt, config)
+            c = result.completions[0]
+            body = {"backend": session.name, "path": str(target), "prompt": prompt, **c.to_dict(),
+                    "sampling": config.sampling.to_dict(), "timings": result.timings.to_dict()}  # fmt: skip
+            print(json.dumps(body, indent=2))
+            return 0
+        timings = Timings()
+        if args.echo:
+            sys.stdout.write(prompt)
+        for piece in stream(session, tokenizer, prompt, config, timings=timings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    print(f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "
+          f"decode {timings.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(command, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

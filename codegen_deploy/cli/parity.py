@@ -1,0 +1,92 @@
+"""codegen-parity: the same prompts through two backends, logits compared step by step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import InputError
+from .common import DTYPES, run, torch_dtype
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="codegen-parity",
+        description="Compare two backends on the same prompts: per-step max abs/rel logits difference, "
+        "top-1 agreement (both fed the first backend's greedy tokens) and greedy token agreement. "
+        "Exits with 3 when the difference exceeds the tolerance.",
+    )
+    p.add_argument("path", help="export folder (onnxruntime), engine folder (tensorrt) or checkpoint (torch)")
+    p.add_argument(
+        "--backends", default="torch,onnxruntime", help="two backends, the reference first (default: torch,onnxruntime)"
+    )
+    p.add_argument(
+        "--reference",
+        help="checkpoint for the torch backend (default: PATH if it is a checkpoint, "
+        "else the checkpoint the export's manifest records)",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
+    p.add_argument(
+        "--prompts",
+        help="prompts file: .jsonl[.gz] with a 'prompt' field (e.g. HumanEval.jsonl.gz) "
+        "or a text file (default: a few built-in code prompts)",
+    )
+    p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default: 4; 0 = all)")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
+    p.add_argument("--atol", type=float, help="absolute logits tolerance (default: 1e-3 fp32, 5e-2 fp16)")
+    p.add_argument("--rtol", type=float, help="relative logits tolerance (default: 1e-3 fp32, 5e-2 fp16)")
+    p.add_argument("--min-top1", type=float, help="least top-1 agreement (default: 0.95 fp32, 0.9 fp16)")
+    p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
+    p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
+    p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    p.add_argument("--reference-dtype", choices=DTYPES, default="float32", help="torch dtype (default: float32)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    return p.parse_args(argv)
+
+
+def command(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    from ..runtime.backends import BACKENDS, backend_options, open_session
+    from ..runtime.parity import Tolerance, compare_sessions, load_prompts
+    from ..tokenizer import load_tokenizer
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(backends) != 2 or any(b not in BACKENDS for b in backends):
+        raise InputError(f"--backends takes two of {', '.join(BACKENDS)} separated by a comma, got {args.backends!r}")
+    log = sys.stderr if args.json else sys.stdout
+    sessions = []
+    for backend in backends:
+        target = args.reference if backend == "torch" and args.reference else args.path
+        options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
+                                  dtype=torch_dtype(args.reference_dtype))  # fmt: skip
+        start = time.perf_counter()
+        sessions.append(open_session(backend, target, **options))
+        print(f"opened {backend} on {target} in {time.perf_counter() - start:.1f} s", file=log, flush=True)
+    tokenizer = load_tokenizer(args.tokenizer or args.path)
+    prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts)]
+    dtype = getattr(sessions[1], "manifest", {}).get("dtype", "float32")
+    default = Tolerance.for_dtype(dtype)
+    tolerance = Tolerance(
+        atol=default.atol if args.atol is None else args.atol,
+        rtol=default.rtol if args.rtol is None else args.rtol,
+        min_top1=default.min_top1 if args.min_top1 is None else args.min_top1,
+    )
+    start = time.perf_counter()
+    report = compare_sessions(sessions[0], sessions[1], prompts, args.new_tokens, tolerance, names=tuple(backends))
+    print(f"compared {len(prompts)} prompts x {args.new_tokens} tokens in {time.perf_counter() - start:.1f} s",
+          file=log)  # fmt: skip
+    for s in sessions:
+        s.close()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    report.check()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(command, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

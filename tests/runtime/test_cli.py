@@ -1,0 +1,90 @@
+"""codegen-generate and codegen-parity through main(argv) on the tiny checkpoint and its export."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from codegen_deploy.cli import generate as generate_cli
+from codegen_deploy.cli import parity as parity_cli
+from codegen_deploy.runtime.backends import open_session
+from codegen_deploy.runtime.generate import generate
+
+PROMPT = "def add(a, b):\n    return"
+
+
+def test_generate_streams_the_same_text_as_the_api(tiny_export, tiny_tokenizer, capsys):
+    assert generate_cli.main([str(tiny_export), PROMPT, "--max-new-tokens", "12", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    expected = generate(open_session("onnxruntime", tiny_export), tiny_tokenizer, PROMPT, max_new_tokens=12).text
+    assert out == expected + "\n"
+    assert "[onnxruntime]" in err and "tokens/s" in err
+
+
+def test_generate_json_on_a_checkpoint_from_stdin(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    argv = [str(tiny_checkpoint), "--json", "--max-new-tokens", "6", "--temperature", "0.7", "--seed", "3"]
+    assert generate_cli.main(argv) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["backend"] == "torch" and len(body["ids"]) == 6 and body["finish_reason"] == "length"
+    assert body["sampling"]["seed"] == 3 and body["timings"]["decode_steps"] == 5
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    assert generate_cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == body["ids"]  # same seed, same tokens
+
+
+def test_generate_from_a_file_with_a_stop(tiny_export, tmp_path, capsys):
+    prompt_file = tmp_path / "prompt.py"
+    prompt_file.write_text(PROMPT)
+    assert generate_cli.main([str(tiny_export), "--file", str(prompt_file), "--json", "--max-new-tokens", "12"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    stop = text[4:6]
+    argv = [str(tiny_export), "--file", str(prompt_file), "--json", "--max-new-tokens", "12", "--stop", stop]
+    assert generate_cli.main(argv) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["text"] == text[: text.index(stop)] and body["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--max-new-tokens", "5000"], "exceeds the context of 256"),
+        (["--backend", "onnxruntime", "--providers", "nope"], "not available"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tiny_export, capsys, extra, message):
+    assert generate_cli.main([str(tiny_export), PROMPT, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_generate_empty_prompt(tiny_export, capsys):
+    assert generate_cli.main([str(tiny_export), ""]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_parity_passes_with_json(tiny_export, capsys):
+    assert parity_cli.main([str(tiny_export), "--new-tokens", "6", "--num-prompts", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["backend_a"] == "torch" and report["backend_b"] == "onnxruntime"
+    assert report["identical_prompts"] == 2 and len(report["prompts"][0]["steps"]) == 6
+
+
+def test_parity_humaneval_prompts_and_exit_3_over_tolerance(tiny_export, tiny_checkpoint, shared_data, capsys):
+    argv = [str(tiny_export), "--reference", str(tiny_checkpoint), "--prompts",
+            str(shared_data / "HumanEval.jsonl.gz"), "--num-prompts", "2", "--new-tokens", "4"]  # fmt: skip
+    assert parity_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "greedy" in out
+    assert parity_cli.main([*argv, "--atol", "0", "--rtol", "0"]) == 3
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and captured.err.startswith("error: onnxruntime differs from torch")
+
+
+def test_parity_bad_backends(tiny_export, capsys):
+    assert parity_cli.main([str(tiny_export), "--backends", "torch"]) == 2
+    assert "two of torch, onnxruntime, tensorrt" in capsys.readouterr().err
