@@ -319,7 +319,7 @@ def build_engine(
     if options.timing_cache is None:
         options = replace(options, timing_cache=default_timing_cache(gpu, trt.__version__))
     shapes = profile_shapes(config, options)
-    graph = export_dir / io_spec.GRAPH_FILE
+    graph = export_dir / manifest.get("graph_file", io_spec.GRAPH_FILE)
     progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm {gpu['compute_capability']})")
     progress(
         f"  batch <= {options.max_batch}, prompt <= {options.max_prompt}, context <= {options.max_context}, "
@@ -352,7 +352,10 @@ def build_engine(
 
     cache_path = Path(options.timing_cache)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = build_config.create_timing_cache(cache_bytes)
+    try:
+        cache = build_config.create_timing_cache(cache_bytes)
+    except Exception:  # a truncated or foreign file: TensorRT's bindings raise on bad bytes
+        cache = None
     if cache is None or not build_config.set_timing_cache(cache, ignore_mismatch=False):
         progress(f"  timing cache {cache_path} is unusable here: starting an empty one")
         cache = build_config.create_timing_cache(b"")

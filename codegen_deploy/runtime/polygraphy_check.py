@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import io_spec
 from ..config import ModelConfig
+from ..errors import InputError
 from ..export.tensorrt import (
     PROFILES,
     EngineOptions,
@@ -107,6 +108,10 @@ def compare_onnxruntime_tensorrt(
     built = manifest["options"]
     options = EngineOptions(built["max_batch"], built["max_prompt"], built["max_context"])
     cache_dtype = {t["name"]: t["dtype"] for t in manifest["inputs"]}[io_spec.past_name(0, "key")]
+    if cache_dtype not in ("float32", "float16"):
+        raise InputError(
+            f"the Polygraphy check feeds numpy arrays, which have no {cache_dtype}: use a float32 or fp16 export"
+        )
     feeds = profile_feeds(config, options, profile, cache_dtype, seed=seed)
     runners = [
         onnxruntime_runner(export_dir / io_spec.GRAPH_FILE),

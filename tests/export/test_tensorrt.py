@@ -245,3 +245,174 @@ def test_build_engine_on_tiny_export(tiny_export, tmp_path):
     again: list[str] = []
     trt_export.build_engine(tiny_export, options, progress=again.append, output_dir=tmp_path / "engine")
     assert any("timing cache" in line and "(0 bytes)" not in line for line in again)
+
+
+class _FakeTensorRT(types.ModuleType):
+    """A recording stand-in for the `tensorrt` module: exactly the calls build_engine makes, with the names
+    and signatures of the TensorRT 10/11 Python bindings. Checks the builder's orchestration on CPU."""
+
+    def __init__(self, version: str, config, cache_dtype: str = "float16"):
+        super().__init__("tensorrt")
+        fake = self
+        self.__version__ = version
+        self.calls: list = []
+        self.profiles: list[dict] = []
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT64="INT64")
+        np_types = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64}
+        self.nptype = lambda dt: np_types[dt]
+        kv = "HALF" if cache_dtype == "float16" else "FLOAT"
+        tensor = types.SimpleNamespace
+        n, kv_shape = config.n_layer, (-1, config.n_head, -1, config.head_dim)
+        ins = [tensor(name=io_spec.INPUT_IDS, dtype="INT64", shape=(-1, -1)),
+               tensor(name=io_spec.ATTENTION_MASK, dtype="INT64", shape=(-1, -1)),
+               tensor(name=io_spec.POSITION_IDS, dtype="INT64", shape=(-1, -1)),
+               *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.past_names(n))]  # fmt: skip
+        outs = [tensor(name=io_spec.LOGITS, dtype="FLOAT", shape=(-1, -1, config.vocab_size)),
+                *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.present_names(n))]  # fmt: skip
+
+        class Logger:
+            WARNING = "WARNING"
+
+            def __init__(self, severity):
+                pass
+
+        class IProgressMonitor:
+            def __init__(self):
+                pass
+
+        class Network:
+            num_inputs, num_outputs, num_layers = len(ins), len(outs), 42
+
+            def get_input(self, i):
+                return ins[i]
+
+            def get_output(self, i):
+                return outs[i]
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse_from_file", path))
+                return True
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data)
+
+            def serialize(self):
+                return self.data + b"+tuned"
+
+        class BuilderConfig:
+            builder_optimization_level = 3
+            progress_monitor = None
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("set_memory_pool_limit", pool, size))
+
+            def add_optimization_profile(self, profile):
+                fake.profiles.append(profile.shapes)
+
+            def create_timing_cache(self, data):
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                fake.calls.append(("set_timing_cache", cache.data, ignore_mismatch))
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Plan(bytes):
+            @property
+            def nbytes(self):
+                return len(self)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("create_network", flags))
+                return Network()
+
+            def create_builder_config(self):
+                fake.config = BuilderConfig()
+                return fake.config
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                monitor = config.progress_monitor
+                monitor.phase_start("Building engine", None, 2)
+                monitor.phase_start("Tactic search", "Building engine", 5)
+                monitor.phase_start("Kernel 7", "Tactic search", 1)  # too deep to report
+                assert monitor.step_complete("Tactic search", 0) is True
+                for phase in ("Kernel 7", "Tactic search", "Building engine"):
+                    monitor.phase_finish(phase)
+                return Plan(b"serialized engine")
+
+        self.Logger, self.IProgressMonitor, self.Builder, self.OnnxParser = Logger, IProgressMonitor, Builder, Parser
+
+
+@pytest.mark.parametrize("version", ["10.16.1.11", "11.1.0"])
+def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_path, version):
+    import torch
+
+    from codegen_deploy.manifest import write_manifest
+
+    config = TEST_CONFIGS["odd-head"]
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / io_spec.GRAPH_FILE).write_bytes(b"onnx")
+    write_manifest(export, {"model_config": config.to_dict(), "graph_file": io_spec.GRAPH_FILE})
+    fake = _FakeTensorRT(version, config)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "NVIDIA L4")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    lines: list[str] = []
+    options = EngineOptions(max_batch=2, max_prompt=8, max_context=32, workspace_mb=512, timing_cache=cache,
+                            builder_optimization_level=4)  # fmt: skip
+    engine = trt_export.build_engine(export, options, progress=lines.append, output_dir=tmp_path / "out")
+
+    assert ("create_network", 0 if version.startswith("11") else 2) in fake.calls
+    assert ("parse_from_file", str(export / io_spec.GRAPH_FILE)) in fake.calls
+    assert ("set_memory_pool_limit", "WORKSPACE", 512 << 20) in fake.calls
+    assert ("set_timing_cache", b"old", False) in fake.calls
+    assert fake.config.builder_optimization_level == 4
+    assert fake.profiles == list(profile_shapes(config, options).values())
+    assert cache.read_bytes() == b"old+tuned", "the timing cache is saved back"
+    assert engine.read_bytes() == b"serialized engine"
+    reported = [line.strip() for line in lines if "tensorrt:" in line]
+    assert (
+        reported
+        == ["tensorrt: Building engine (2 steps)", "tensorrt: Tactic search (5 steps)"]
+        + [r for r in reported[2:] if r.endswith(" s")]
+        and len(reported) == 4
+    ), reported
+
+    _, manifest = read_engine_manifest(engine, verify="sha256")
+    assert manifest["tensorrt_version"] == version
+    assert manifest["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9"}
+    dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
+    assert dtypes[io_spec.LOGITS] == "float32" and dtypes[io_spec.past_name(2, "value")] == "float16"
+    assert dtypes[io_spec.INPUT_IDS] == "int64"
+    assert manifest["export_manifest_sha256"] == trt_export.sha256_file(export / io_spec.MANIFEST_FILE)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")], "no temporary files left"
