@@ -10,13 +10,13 @@ share caches or thread pools.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -53,7 +53,17 @@ class BenchSpec:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports KiB)."""
+    """This process's own peak resident set size (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries a parent's peak across fork + exec into the child's
+    ru_maxrss, so a child started by a large parent would report the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -123,33 +133,29 @@ def measure(spec: BenchSpec) -> dict:
     return {**asdict(spec), "load_s": load_s, **result, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def run_child(argv: list[str], env: dict | None = None) -> tuple[dict, int]:
-    """Run `python argv...`; return (the last JSON line it prints, its own peak RSS in bytes).
+def run_child(argv: list[str]) -> dict:
+    """Run `python argv...` and return the last JSON line it prints (the child reports its own peak RSS).
 
-    os.wait4 gives the child's own rusage, so the RSS is that process's alone. Child output that is
-    not the JSON result goes to stderr, so progress lines stay visible.
+    Child output that is not the JSON result goes to stderr, so progress lines stay visible.
     """
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    for line in out.splitlines():
+    proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    for line in proc.stdout.splitlines():
         if not line.startswith("{"):
             print(line, file=sys.stderr)
-    if code != 0 or not lines:
-        raise CodegenDeployError(f"the benchmark child {' '.join(argv[:3])} failed (exit code {code}): see above")
+    if proc.returncode != 0 or not lines:
+        raise CodegenDeployError(
+            f"the benchmark child {' '.join(argv[:3])} failed (exit code {proc.returncode}): see above"
+        )
     result = json.loads(lines[-1])
     if "error" in result:
         raise CodegenDeployError(result["error"])
-    return result, usage.ru_maxrss * 1024
+    return result
 
 
 def measure_in_subprocess(spec: BenchSpec) -> dict:
     """measure(spec) in a fresh Python process; peak_rss_bytes is that process's own peak."""
-    result, rss = run_child(["-m", "codegen_deploy.runtime.bench", json.dumps(asdict(spec))])
-    return {**result, "peak_rss_bytes": rss}
+    return run_child(["-m", "codegen_deploy.runtime.bench", json.dumps(asdict(spec))])
 
 
 def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
