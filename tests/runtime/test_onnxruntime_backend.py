@@ -100,3 +100,20 @@ def test_fused_graph_hook(tiny_export):
     assert fused_graph_entry({"fused_graph_file": "x.onnx"}) == "x.onnx"
     with pytest.raises(InputError, match="no fused graph"):
         open_session("onnxruntime", tiny_export, graph="fused")
+
+
+def test_open_session_picks_the_fused_graph_when_listed(tiny_export, tiny_model, tiny_tokenizer, torch_session,
+                                                        tmp_path):  # fmt: skip
+    from codegen_deploy.export.optimize import add_fused_graph
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    folder = tmp_path / "with-fused"
+    shutil.copytree(tiny_export, folder)
+    add_fused_graph(folder, model=tiny_model)
+    fused = open_session("onnxruntime", folder, threads=1)
+    assert isinstance(fused, FusedOrtSession)
+    assert isinstance(open_session("onnxruntime", folder, graph="plain"), OrtSession)
+    assert isinstance(open_session("onnxruntime", folder, io_binding=False), OrtSession)
+    a = generate(torch_session, tiny_tokenizer, PROMPTS, max_new_tokens=12)
+    b = generate(fused, tiny_tokenizer, PROMPTS, max_new_tokens=12)
+    assert [c.ids for c in a.completions] == [c.ids for c in b.completions]

@@ -79,6 +79,8 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
 
     if graph not in ("auto", "plain", "fused"):
         raise InputError(f"unknown graph {graph!r}: choose auto, plain or fused")
+    if options.get("io_binding") is False and graph == "auto":
+        graph = "plain"  # the naive loop (no IO binding) exists for the plain graph only
     fused = fused_graph_entry(read_manifest(folder, verify="none")) if graph != "plain" else None
     if graph == "fused" and fused is None:
         raise InputError(f"{folder} has no fused graph: run the optimizer on this export, or use graph='plain'")
