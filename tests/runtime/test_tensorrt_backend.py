@@ -117,6 +117,133 @@ def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model,
     np.testing.assert_allclose(outputs[io_spec.present_name(0, "key")], present[0][0].numpy(), atol=1e-5)
 
 
+class _RecordingEngine:
+    """Stands in for a deserialized ICudaEngine + IExecutionContext (the binding names TensorRT 10/11 use):
+    execute_async_v3 reads every input from the bound addresses, runs the reference model, and writes
+    logits and present into the bound output addresses. It checks what TensorRT would reject (shapes
+    outside the active profile, present aliasing past) and records (profile, seq, past) per call."""
+
+    def __init__(self, model, options: EngineOptions):
+        self.model, self.config = model, model.config
+        self.shapes = list(profile_shapes(self.config, options).values())
+        self.names = [
+            io_spec.INPUT_IDS, io_spec.ATTENTION_MASK, io_spec.POSITION_IDS, *io_spec.past_names(self.config.n_layer),
+            io_spec.LOGITS, *io_spec.present_names(self.config.n_layer),
+        ]  # fmt: skip
+        self.num_io_tensors, self.num_optimization_profiles = len(self.names), 2
+        self.calls: list[tuple[int, int, int]] = []
+        self.profile, self.input_shapes, self.addresses = 0, {}, {}
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "INPUT" if name.startswith(("input", "attention", "position", "past")) else "OUTPUT"
+
+    def create_execution_context(self):
+        return self
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.shapes[self.profile][name]
+        self.input_shapes[name] = shape
+        return all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def _view(self, name, shape, dtype):
+        import ctypes
+
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raw = np.ctypeslib.as_array((ctypes.c_char * max(nbytes, 1)).from_address(self.addresses[name]))
+        return raw[:nbytes].view(dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        import torch
+
+        cfg, n = self.config, self.config.n_layer
+        b, t = self.input_shapes[io_spec.INPUT_IDS]
+        past = self.input_shapes[io_spec.past_name(0, "key")][2]
+        self.calls.append((self.profile, t, past))
+        kv = {name: torch.from_numpy(self._view(name, (b, cfg.n_head, past, cfg.head_dim), np.float32).copy())
+              for name in io_spec.past_names(n)}  # fmt: skip
+        for past_name, present_name in zip(io_spec.past_names(n), io_spec.present_names(n), strict=True):
+            assert self.addresses[past_name] != self.addresses[present_name], "present must not alias past"
+        with torch.no_grad():
+            logits, present = self.model(
+                torch.from_numpy(self._view(io_spec.INPUT_IDS, (b, t), np.int64).copy()),
+                attention_mask=torch.from_numpy(self._view(io_spec.ATTENTION_MASK, (b, past + t), np.int64).copy()),
+                position_ids=torch.from_numpy(self._view(io_spec.POSITION_IDS, (b, t), np.int64).copy()),
+                past_key_values=tuple((kv[io_spec.past_name(i, "key")], kv[io_spec.past_name(i, "value")])
+                                      for i in range(n)),
+            )  # fmt: skip
+        self._view(io_spec.LOGITS, (b, t, cfg.vocab_size), np.float32)[...] = logits.numpy()
+        for i in range(n):
+            for j, kind in enumerate(io_spec.KV_KINDS):
+                shape = (b, cfg.n_head, past + t, cfg.head_dim)
+                self._view(io_spec.present_name(i, kind), shape, np.float32)[...] = present[i][j].numpy()
+        return True
+
+
+def test_session_buffers_and_profiles_with_a_recording_engine(monkeypatch, tmp_path, tiny_model, tiny_checkpoint):
+    """The Session's own logic on CPU: profile choice, shapes, addresses, ping-pong cache, long prompts."""
+    import contextlib
+
+    import torch
+
+    from codegen_deploy.export.tensorrt import engine_manifest_body, write_engine_manifest
+    from codegen_deploy.runtime.backends.tensorrt import TensorRTSession
+
+    class CpuTensorRTSession(TensorRTSession):
+        def _device_and_stream(self):
+            return torch.device("cpu"), types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+
+        def _on_stream(self):
+            return contextlib.nullcontext()
+
+    config = tiny_model.config
+    options = EngineOptions(max_batch=2, max_prompt=5, max_context=24)
+    engine = _RecordingEngine(tiny_model, options)
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.16.1.11"
+    fake.Logger = lambda severity: None
+    fake.Logger.WARNING = 2
+    fake.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
+    fake.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "NVIDIA H100 80GB HBM3")
+    (tmp_path / io_spec.ENGINE_FILE).write_bytes(b"plan")
+    specs = io_spec.decoder_inputs(config.n_layer, config.n_head, config.head_dim, "float32")
+    outs = io_spec.decoder_outputs(config.n_layer, config.n_head, config.head_dim, config.vocab_size, "float32")
+    write_engine_manifest(tmp_path, engine_manifest_body(
+        config=config, options=options, trt_version="10.16.1.11",
+        gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
+        inputs=[s.to_dict() for s in specs], outputs=[s.to_dict() for s in outs], export_manifest_sha256=None,
+    ))  # fmt: skip
+
+    ids = np.array([[0, 5, 9, 2, 7, 1, 3], [0, 0, 0, 4, 8, 6, 2]], np.int64)  # 7 tokens > max_prompt 5
+    mask = (ids != 0).astype(np.int64)
+    with CpuTensorRTSession(tmp_path) as trt, open_session("torch", tiny_checkpoint, max_context=24) as ref:
+        assert (trt.max_batch, trt.max_context, trt.max_prompt) == (2, 24, 5)
+        a, b = trt.prefill(ids, mask).copy(), ref.prefill(ids, mask)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        for _ in range(8):
+            nxt = b.argmax(-1)
+            a, b = trt.step(nxt).copy(), ref.step(nxt)
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        with pytest.raises(InputError, match="the engine was built for batch <= 2"):
+            CpuTensorRTSession(tmp_path, max_batch=3)
+    assert engine.calls[:3] == [(0, 5, 0), (1, 1, 5), (1, 1, 6)], "prompt profile, then the tail token by token"
+    assert engine.calls[3:] == [(1, 1, past) for past in range(7, 15)]
+
+
 # --- GPU: engine build, parity, generation (skipped with a reason where tensorrt or a CUDA GPU is absent) ---
 
 GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64)

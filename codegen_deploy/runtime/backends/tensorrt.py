@@ -77,8 +77,7 @@ class TensorRTSession(Session):
             raise ExportError(f"TensorRT could not load {engine_path} (see its messages above): rebuild the engine")
         self._check_engine_io(trt, engine_path)
         self.context = self.engine.create_execution_context()
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device)
+        self.device, self.stream = self._device_and_stream()
 
         dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
         cache_dtype = dtypes[io_spec.past_name(0, "key")]
@@ -100,6 +99,16 @@ class TensorRTSession(Session):
         self._logits = empty(b * self.max_prompt * config.vocab_size, "float32")  # the prompt's [B, T, V]
         self._src = 0  # which ping-pong buffer holds the past
         self._active_profile: int | None = None
+
+    def _device_and_stream(self):
+        """The current CUDA device and a stream of its own (TensorRT warns against the default stream)."""
+        torch = self._torch
+        device = torch.device("cuda", torch.cuda.current_device())
+        return device, torch.cuda.Stream(device)
+
+    def _on_stream(self):
+        """Context manager that makes torch's copies run on this session's stream."""
+        return self._torch.cuda.stream(self.stream)
 
     def _check_engine_io(self, trt, engine_path: Path) -> None:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -124,7 +133,7 @@ class TensorRTSession(Session):
         b, t = ids.shape
         handle = self.stream.cuda_stream
         src, dst = self._src, 1 - self._src
-        with torch.cuda.stream(self.stream):
+        with self._on_stream():
             if self._active_profile != profile:
                 if not ctx.set_optimization_profile_async(profile, handle):
                     raise RuntimeError(f"TensorRT refused optimization profile {PROFILES[profile]}")
@@ -144,7 +153,7 @@ class TensorRTSession(Session):
             if not ctx.execute_async_v3(handle):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see its messages above)")
             last = self._logits[: b * t * cfg.vocab_size].view(b, t, cfg.vocab_size)[:, -1, :]  # [B, V]
-            host_logits = last.to("cpu")
+            host_logits = last.to("cpu", copy=True)
         self.stream.synchronize()
         self._src = dst
         return host_logits.numpy()
