@@ -1,0 +1,60 @@
+"""codegen-bench's measuring module on a tiny export: the structure of the results, not the timings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from codegen_deploy.cli.bench import main as bench_main
+from codegen_deploy.errors import InputError
+from codegen_deploy.export.optimize import add_fused_graph
+from codegen_deploy.runtime.bench import BenchSpec, format_table, measure_session, time_generation
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def fused_export(tiny_export, tiny_checkpoint, tmp_path_factory):
+    """A copy of the tiny export with the fused graph added (the shared fixture stays plain)."""
+    from codegen_deploy.reference.model import CodeGen
+
+    folder = tmp_path_factory.mktemp("bench") / "tiny-fused"
+    shutil.copytree(tiny_export, folder)
+    add_fused_graph(folder, CodeGen.from_pretrained(tiny_checkpoint))
+    return folder
+
+
+def test_time_generation_and_summary(fused_export):
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    spec = BenchSpec(backend="onnxruntime-fused", path=str(fused_export), prompt_tokens=5, new_tokens=6, repeats=2)
+    with FusedOrtSession(fused_export, threads=1) as session:
+        run = time_generation(session, np.zeros((1, 5), np.int64), new_tokens=6)
+        assert len(run["step_s"]) == 5 and run["ttft_s"] >= run["prefill_s"] > 0
+        result = measure_session(session, spec)
+    assert len(result["decode_tok_s_runs"]) == 2
+    assert all(v > 0 for v in result["decode_tok_s_runs"])
+    assert result["decode_tok_s"] > 0 and result["ttft_s"] >= result["prefill_s"] > 0
+
+
+def test_codegen_bench_json_runs_each_backend_in_its_own_process(fused_export, capsys):
+    code = bench_main([str(fused_export), "--backends", "onnxruntime-fused,onnxruntime-naive", "--prompt-tokens",
+                       "4", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--json"])  # fmt: skip
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in results] == ["onnxruntime-fused", "onnxruntime-naive"]
+    for r in results:
+        assert r["prompt_tokens"] == 4 and r["new_tokens"] == 4 and r["batch"] == 1
+        assert r["decode_tok_s"] > 0 and r["peak_rss_bytes"] > 10_000_000 and r["load_s"] > 0
+    table = format_table(results, weight_bytes=1_000_000)
+    assert "onnxruntime-naive" in table and "RSS/weights" in table
+
+
+def test_bad_workloads_are_refused(capsys):
+    with pytest.raises(InputError, match="at least 3"):
+        BenchSpec(backend="torch", path="x", new_tokens=2)
+    assert bench_main(["/nonexistent", "--backends", "nope", "--new-tokens", "4", "--repeats", "1"]) != 0
+    assert "error:" in capsys.readouterr().err
