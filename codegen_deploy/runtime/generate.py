@@ -200,21 +200,36 @@ class _Row:
         self.prompt_ids = prompt_ids
         self.ids: list[int] = []
         self.finish_reason: str | None = None
+        self._clean_ids = 0  # ids[:_clean_ids] decode to _clean_text, which ends on a whole character
+        self._clean_text = ""
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def text(self, tokenizer) -> str:
+        """The decode of all ids, decoding only those after the last clean point (constant work per step).
+
+        Byte-level BPE decodes to the bytes of its tokens joined, so text that ends on a whole character
+        (no trailing U+FFFD) is a prefix of every longer decode and can be kept as is.
+        """
+        text = self._clean_text + tokenizer.decode(self.ids[self._clean_ids :])
+        if not text.endswith(REPLACEMENT_CHAR):
+            self._clean_ids, self._clean_text = len(self.ids), text
+        return text
+
 
 def _advance(rows: list[_Row], token: np.ndarray, tokenizer, config: GenerationConfig, eos: set[int]) -> None:
     """Append this step's token to every unfinished row and mark rows that hit eos or a stop sequence."""
+    # A character takes at most 4 byte tokens, so this many last tokens hold the longest stop sequence.
+    window = 4 * max((len(s) for s in config.stop), default=0) + 4
     for row, t in zip(rows, token.tolist(), strict=True):
         if row.done:
             continue
         row.ids.append(t)
         if t in eos:
             row.finish_reason = "eos"
-        elif config.stop and find_stop(_decode(tokenizer, row.ids, eos), config.stop) >= 0:
+        elif config.stop and find_stop(tokenizer.decode(row.ids[-window:]), config.stop) >= 0:
             row.finish_reason = "stop"
 
 
@@ -322,7 +337,7 @@ def stream(
             _advance([row], token, tokenizer, config, eos)
             if row.done:
                 break
-            text = _decode(tokenizer, row.ids, eos)
+            text = row.text(tokenizer)
             if text.endswith(REPLACEMENT_CHAR):
                 continue
             safe = len(text) - _held_back(text, config.stop)
