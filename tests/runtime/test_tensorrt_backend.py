@@ -89,14 +89,12 @@ def test_tolerances_are_per_output():
 def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model, profile):
     """The ONNX Runtime half of the comparison runs here, and its outputs match the reference model."""
     import torch
-    from polygraphy.comparator import Comparator
 
     config = tiny_model.config
     options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
     feeds = polygraphy_check.profile_feeds(config, options, profile, "float32", seed=3)
     runner = polygraphy_check.onnxruntime_runner(tiny_export / io_spec.GRAPH_FILE)
-    results = Comparator.run([runner], data_loader=[feeds])
-    [(_, [outputs])] = results.items()
+    _, [outputs] = polygraphy_check.run_step(runner, feeds)
     b, t = feeds[io_spec.INPUT_IDS].shape
     total = feeds[io_spec.ATTENTION_MASK].shape[1]
     assert outputs[io_spec.LOGITS].shape == (b, t, config.vocab_size)
@@ -115,6 +113,36 @@ def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model,
         )
     np.testing.assert_allclose(outputs[io_spec.LOGITS], logits.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(outputs[io_spec.present_name(0, "key")], present[0][0].numpy(), atol=1e-5)
+
+
+def test_tensorrt_feeds_give_empty_inputs_a_buffer():
+    feeds = polygraphy_check.step_feeds(TEST_CONFIGS["tiny"], "float16", batch=2, seq=3, past=0)
+    trt_feeds = polygraphy_check.tensorrt_feeds(feeds)
+    empty = trt_feeds[io_spec.past_name(0, "key")]
+    assert empty.shape == (2, 4, 0, 16) and empty.array.nbytes == 256 and empty.array.dtype == np.float16
+    assert trt_feeds[io_spec.INPUT_IDS] is feeds[io_spec.INPUT_IDS]
+
+
+def test_polygraphy_comparison_of_two_runs(tiny_export):
+    """The comparison half: per-output tolerances over RunResults built one runner at a time."""
+    from polygraphy.comparator import Comparator, RunResults
+
+    config = TEST_CONFIGS["tiny"]
+    options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
+    graph = tiny_export / io_spec.GRAPH_FILE
+    atol, rtol = polygraphy_check.tolerances(config, "float32")
+
+    def compare(seed_a: int, seed_b: int) -> bool:
+        results = RunResults()
+        for seed in (seed_a, seed_b):
+            feeds = polygraphy_check.profile_feeds(config, options, "decode", "float32", seed=seed)
+            runner = polygraphy_check.onnxruntime_runner(graph)
+            runner.name = f"onnxruntime-{len(results)}"
+            results.append(polygraphy_check.run_step(runner, feeds))
+        return bool(Comparator.compare_accuracy(results, compare_func=polygraphy_check.compare_func(atol, rtol)))
+
+    assert compare(5, 5)
+    assert not compare(5, 6), "different inputs must fail the comparison"
 
 
 class _RecordingEngine:
