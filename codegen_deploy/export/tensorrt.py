@@ -333,8 +333,9 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so the parser finds decoder.onnx.data beside the graph.
     if not parser.parse_from_file(str(graph)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no details"
-        raise ExportError(f"TensorRT could not parse {graph}: {errors}")
+        # str(ParserError) spans lines: flatten the first few into the one-line message.
+        errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(min(parser.num_errors, 3)))
+        raise ExportError(f"TensorRT could not parse {graph}: {errors or 'no details'}")
     inputs, outputs = _network_io(trt, network)
     _check_network_io(config, inputs, outputs, graph)
     progress(f"  parsed {graph.name} in {time.perf_counter() - t0:.1f} s ({network.num_layers} layers)")
