@@ -393,6 +393,7 @@ def build_engine(
             inputs=inputs,
             outputs=outputs,
             export_manifest_sha256=sha256_file(export_dir / io_spec.MANIFEST_FILE),
+            dtype=manifest.get("dtype"),
         ),
     )
     progress(f"wrote {engine_path} and {io_spec.ENGINE_MANIFEST_FILE} in {time.perf_counter() - t0:.1f} s")
@@ -408,6 +409,7 @@ def engine_manifest_body(
     inputs: list[dict],
     outputs: list[dict],
     export_manifest_sha256: str | None,
+    dtype: str | None = None,
 ) -> dict:
     """What engine.json records besides checksums (pure: the tests build one without a GPU)."""
     options = options.resolved(config)
@@ -422,6 +424,7 @@ def engine_manifest_body(
         "outputs": outputs,
         "model_config": config.to_dict(),
         "export_manifest_sha256": export_manifest_sha256,
+        "dtype": dtype,  # the export's weight/cache dtype, for tolerances (codegen-parity reads it)
     }
 
 

@@ -379,7 +379,7 @@ def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_p
     export = tmp_path / "export"
     export.mkdir()
     (export / io_spec.GRAPH_FILE).write_bytes(b"onnx")
-    write_manifest(export, {"model_config": config.to_dict(), "graph_file": io_spec.GRAPH_FILE})
+    write_manifest(export, {"model_config": config.to_dict(), "graph_file": io_spec.GRAPH_FILE, "dtype": "float16"})
     fake = _FakeTensorRT(version, config)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -409,7 +409,7 @@ def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_p
     ), reported
 
     _, manifest = read_engine_manifest(engine, verify="sha256")
-    assert manifest["tensorrt_version"] == version
+    assert manifest["tensorrt_version"] == version and manifest["dtype"] == "float16"
     assert manifest["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9"}
     dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
     assert dtypes[io_spec.LOGITS] == "float32" and dtypes[io_spec.past_name(2, "value")] == "float16"

@@ -54,6 +54,7 @@ class TensorRTSession(Session):
         self._torch = torch
         engine_path, manifest = read_engine_manifest(path)
         check_engine_compatible(manifest, trt.__version__, gpu["name"], gpu["compute_capability"])
+        self.manifest = manifest  # engine.json: dtype, options, profiles, versions
         config = ModelConfig(**manifest["model_config"])
         built = manifest["options"]
         for what, asked, limit, option in (
