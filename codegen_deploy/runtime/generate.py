@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -249,6 +249,10 @@ def _final_text(tokenizer, row: _Row, config: GenerationConfig, eos: set[int]) -
 def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
     """A GenerationConfig from an explicit one or keyword options, with the tokenizer's eos as default."""
     if config is None:
+        known = {f.name for f in fields(GenerationConfig)} | {f.name for f in fields(SamplingConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InputError(f"unknown generation option {', '.join(unknown)}: use one of {', '.join(sorted(known))}")
         sampling = overrides.pop("sampling", None) or SamplingConfig(
             **{
                 k: overrides.pop(k)
@@ -266,8 +270,6 @@ def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> Gen
     elif overrides:
         raise InputError(f"give either a GenerationConfig or options, not both (got {', '.join(overrides)})")
     if config.eos_token_ids is None:
-        from dataclasses import replace
-
         config = replace(config, eos_token_ids=(tokenizer.eos_token_id,))
     return config
 

@@ -160,3 +160,8 @@ def test_generation_never_outgrows_the_context(tiny_model, tiny_tokenizer):
     with pytest.raises(InputError, match="exceeds the context of 40"):
         generate(session, tiny_tokenizer, [prompt], max_new_tokens=11)
     assert np.all(session.attention_mask == 1)
+
+
+def test_unknown_option_is_refused(scripted_session, real_tokenizer):
+    with pytest.raises(InputError, match="unknown generation option temprature"):
+        generate(scripted_session([[1]], 60000), real_tokenizer, "a", temprature=1.0)
