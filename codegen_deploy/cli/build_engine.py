@@ -29,6 +29,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--timing-cache", type=Path, default=None,
         help="timing cache file reused across builds (default: one per GPU in ~/.cache/codegen-deploy/tensorrt)",
     )  # fmt: skip
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="full float32 matmuls in float32 engines (default: TensorRT's TF32 tensor cores)")  # fmt: skip
     g.add_argument("--opt-level", type=int, default=None,
                    help=f"builder optimization level 0-{MAX_OPTIMIZATION_LEVEL} (default: TensorRT's, 3)")  # fmt: skip
 
@@ -42,6 +44,7 @@ def engine_options_from_args(args: argparse.Namespace) -> EngineOptions:
         workspace_mb=args.workspace_mb,
         timing_cache=args.timing_cache,
         builder_optimization_level=args.opt_level,
+        tf32=args.tf32,
     )
 
 

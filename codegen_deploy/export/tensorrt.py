@@ -102,6 +102,8 @@ class EngineOptions:
     workspace_mb: TensorRT's workspace pool limit (None: TensorRT's default, the device's memory).
     timing_cache: file reused across builds (None: a per-GPU file in the user's cache dir).
     builder_optimization_level: 0..5 (None: TensorRT's default, 3).
+    tf32: let float32 matmuls use TF32 tensor cores (TensorRT's default, on in 10 and 11; a math mode, not
+    a type, so strong typing keeps it). False gives float32 engines full float32 accuracy.
     """
 
     max_batch: int = 1
@@ -110,6 +112,7 @@ class EngineOptions:
     workspace_mb: int | None = None
     timing_cache: Path | None = None
     builder_optimization_level: int | None = None
+    tf32: bool = True
 
     def resolved(self, config: ModelConfig) -> EngineOptions:
         """These options with max_context and max_prompt filled in for `config`, checked; raise ConfigError."""
@@ -323,7 +326,7 @@ def build_engine(
     progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm {gpu['compute_capability']})")
     progress(
         f"  batch <= {options.max_batch}, prompt <= {options.max_prompt}, context <= {options.max_context}, "
-        f"workspace {options.workspace_mb or 'default'} MiB"
+        f"workspace {options.workspace_mb or 'default'} MiB, tf32 {'on' if options.tf32 else 'off'}"
     )
 
     t0 = time.perf_counter()
@@ -345,6 +348,8 @@ def build_engine(
         build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     if options.builder_optimization_level is not None:
         build_config.builder_optimization_level = options.builder_optimization_level
+    if not options.tf32:
+        build_config.clear_flag(trt.BuilderFlag.TF32)
     for name in PROFILES:
         profile = builder.create_optimization_profile()
         for input_name, (lo, opt, hi) in shapes[name].items():

@@ -178,8 +178,8 @@ def test_engine_arguments():
     parser = argparse.ArgumentParser()
     cli.add_engine_arguments(parser)
     argv = "--max-batch 4 --max-prompt 64 --max-context 256 --workspace-mb 2048 --timing-cache t.cache --opt-level 5"
-    args = parser.parse_args(argv.split())
-    assert cli.engine_options_from_args(args) == EngineOptions(4, 64, 256, 2048, Path("t.cache"), 5)
+    args = parser.parse_args([*argv.split(), "--no-tf32"])
+    assert cli.engine_options_from_args(args) == EngineOptions(4, 64, 256, 2048, Path("t.cache"), 5, tf32=False)
     assert cli.engine_options_from_args(parser.parse_args([])) == EngineOptions()
 
 
@@ -225,7 +225,7 @@ def test_build_engine_on_tiny_export(tiny_export, tmp_path):
 
     lines: list[str] = []
     options = EngineOptions(max_batch=2, max_prompt=16, max_context=64, workspace_mb=1024,
-                            timing_cache=tmp_path / "timing.cache")  # fmt: skip
+                            timing_cache=tmp_path / "timing.cache", tf32=False)  # fmt: skip
     engine = trt_export.build_engine(tiny_export, options, progress=lines.append, output_dir=tmp_path / "engine")
     assert engine == tmp_path / "engine" / io_spec.ENGINE_FILE and engine.stat().st_size > 0
     assert (tmp_path / "timing.cache").stat().st_size > 0, "the timing cache is saved for the next build"
@@ -259,6 +259,7 @@ class _FakeTensorRT(types.ModuleType):
         self.profiles: list[dict] = []
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.BuilderFlag = types.SimpleNamespace(TF32="TF32")
         self.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT64="INT64")
         np_types = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64}
         self.nptype = lambda dt: np_types[dt]
@@ -318,6 +319,9 @@ class _FakeTensorRT(types.ModuleType):
         class BuilderConfig:
             builder_optimization_level = 3
             progress_monitor = None
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag))
 
             def set_memory_pool_limit(self, pool, size):
                 fake.calls.append(("set_memory_pool_limit", pool, size))
@@ -389,13 +393,14 @@ def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_p
     cache.write_bytes(b"old")
     lines: list[str] = []
     options = EngineOptions(max_batch=2, max_prompt=8, max_context=32, workspace_mb=512, timing_cache=cache,
-                            builder_optimization_level=4)  # fmt: skip
+                            builder_optimization_level=4, tf32=False)  # fmt: skip
     engine = trt_export.build_engine(export, options, progress=lines.append, output_dir=tmp_path / "out")
 
     assert ("create_network", 0 if version.startswith("11") else 2) in fake.calls
     assert ("parse_from_file", str(export / io_spec.GRAPH_FILE)) in fake.calls
     assert ("set_memory_pool_limit", "WORKSPACE", 512 << 20) in fake.calls
     assert ("set_timing_cache", b"old", False) in fake.calls
+    assert ("clear_flag", "TF32") in fake.calls
     assert fake.config.builder_optimization_level == 4
     assert fake.profiles == list(profile_shapes(config, options).values())
     assert cache.read_bytes() == b"old+tuned", "the timing cache is saved back"

@@ -274,7 +274,7 @@ def test_session_buffers_and_profiles_with_a_recording_engine(monkeypatch, tmp_p
 
 # --- GPU: engine build, parity, generation (skipped with a reason where tensorrt or a CUDA GPU is absent) ---
 
-GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64)
+GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64, tf32=False)  # full float32 for parity
 
 
 @pytest.fixture(scope="module")
