@@ -421,3 +421,17 @@ def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_p
     assert dtypes[io_spec.INPUT_IDS] == "int64"
     assert manifest["export_manifest_sha256"] == trt_export.sha256_file(export / io_spec.MANIFEST_FILE)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")], "no temporary files left"
+
+
+@pytest.mark.gpu
+def test_build_fp16_engine_with_external_data(fp16_export, tmp_path):
+    """parse_from_file finds decoder.onnx.data; the strongly typed engine keeps the graph's fp16 cache."""
+    from codegen_deploy.runtime import polygraphy_check
+
+    assert (fp16_export / io_spec.DATA_FILE).is_file()
+    options = EngineOptions(max_batch=2, max_prompt=16, max_context=64, timing_cache=tmp_path / "timing.cache")
+    engine = trt_export.build_engine(fp16_export, options, progress=lambda line: None, output_dir=tmp_path)
+    _, manifest = read_engine_manifest(engine)
+    dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
+    assert dtypes[io_spec.past_name(0, "key")] == "float16" and dtypes[io_spec.LOGITS] == "float32"
+    assert polygraphy_check.compare_onnxruntime_tensorrt(fp16_export, tmp_path, profile="decode")
