@@ -18,7 +18,8 @@ What GQA does for CodeGen (see io_spec for the I/O contract):
   positions never go through lm_head.
 
 Blocks are LayerNormalization (float32), MatMul (+ Add for biases), FastGelu (gelu_new) or BiasGelu
-(exact gelu) or Relu, and the parallel residual x + attn + mlp.
+(exact gelu) or Relu, and the parallel residual x + attn + mlp. Optionally the projections and lm_head
+are MatMulNBits with int8 or int4 block-quantized weights (accuracy_level 4), a lossy speed option.
 
 Weights go to one external data file written tensor by tensor, so building the graph never holds a
 second copy of the model in memory.
@@ -46,7 +47,8 @@ _ALIGN = 64  # byte alignment of tensors in the data file (lets ORT use them in 
 _INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
 
 _NP_TO_ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16,
-               np.dtype("int64"): TensorProto.INT64, np.dtype("int32"): TensorProto.INT32}  # fmt: skip
+               np.dtype("int64"): TensorProto.INT64, np.dtype("int32"): TensorProto.INT32,
+               np.dtype("uint8"): TensorProto.UINT8}  # fmt: skip
 
 
 class _Weights:
@@ -90,8 +92,10 @@ def _np(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
 class _GraphBuilder:
     """Nodes with unique names; one helper per op kind used in the decoder."""
 
-    def __init__(self, weights: _Weights):
+    def __init__(self, weights: _Weights, dtype: np.dtype, weight_format: str):
         self.w = weights
+        self.dtype = dtype  # of activations, float weights and the cache
+        self.weights = weight_format  # "float" or a key of QUANTIZED_WEIGHTS
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -115,19 +119,54 @@ def _layer_norm(g: _GraphBuilder, x: str, ln: torch.nn.LayerNorm, name: str, hal
     return y
 
 
-def _linear(g: _GraphBuilder, x: str, weight: torch.Tensor, name: str, dtype, bias: torch.Tensor | None = None) -> str:
-    """x @ weight.T (+ bias): the weight is stored transposed, [in, out], as MatMul wants it."""
-    w = g.const(f"{name}.weight", _np(weight.T.contiguous(), dtype))  # [in, out]
-    y = g.op("MatMul", [x, w], f"{name}/MatMul")[0]
+# weights= option of the builder: MatMul weights kept in the model dtype, or block-quantized MatMulNBits.
+# (bits, block size); accuracy_level 4 (int8 activations) matters: level 0 is slower than fp32 MatMul.
+QUANTIZED_WEIGHTS = {"int8": (8, 64), "int4": (4, 128)}
+WEIGHT_FORMATS = ("float", *QUANTIZED_WEIGHTS)
+
+
+def quantize_blockwise(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization of weight [N, K] along K for MatMulNBits.
+
+    Returns (packed uint8 [N, k_blocks, block * bits / 8], float32 scales [N, k_blocks]); the zero point
+    is MatMulNBits' default 2^(bits - 1), so none is stored.
+    """
+    n, k = weight.shape
+    k_blocks = -(-k // block)
+    w = np.zeros((n, k_blocks * block), np.float32)
+    w[:, :k] = weight
+    w = w.reshape(n, k_blocks, block)  # [N, k_blocks, block]
+    q_max = 2 ** (bits - 1) - 1
+    scales = np.abs(w).max(axis=-1) / q_max  # [N, k_blocks]
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint(w / scales[..., None]) + 2 ** (bits - 1), 0, 2**bits - 1).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)  # [N, k_blocks, block / 2]: first value in the low nibble
+    return q, scales.astype(np.float32)
+
+
+def _matmul(g: _GraphBuilder, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> str:
+    """x @ weight.T (+ bias). Float: weight stored transposed, [in, out], as MatMul wants it. Quantized:
+    MatMulNBits with weight [out, in] (torch's own layout) in blocks along `in`, the bias fused in."""
+    if g.weights == "float":
+        w = g.const(f"{name}.weight", _np(weight.T.contiguous(), g.dtype))  # [in, out]
+        y = g.op("MatMul", [x, w], f"{name}/MatMul")[0]
+        if bias is not None:
+            y = g.op("Add", [y, g.const(f"{name}.bias", _np(bias, g.dtype))], f"{name}/Add")[0]
+        return y
+    bits, block = QUANTIZED_WEIGHTS[g.weights]
+    n, k = weight.shape
+    packed, scales = quantize_blockwise(_np(weight, np.float32), bits, block)
+    inputs = [x, g.const(f"{name}.weight_q{bits}", packed), g.const(f"{name}.scales", scales.astype(g.dtype))]
     if bias is not None:
-        y = g.op("Add", [y, g.const(f"{name}.bias", _np(bias, dtype))], f"{name}/Add")[0]
-    return y
+        inputs += ["", "", g.const(f"{name}.bias", _np(bias, g.dtype))]  # no zero points, no g_idx
+    return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                block_size=block, accuracy_level=4)[0]  # fmt: skip
 
 
-def _mlp(g: _GraphBuilder, h: str, mlp, activation: str, name: str, dtype) -> str:
-    fc_in = g.const(f"{name}.fc_in.weight", _np(mlp.fc_in.weight.T.contiguous(), dtype))  # [E, inner]
-    fc_in_bias = g.const(f"{name}.fc_in.bias", _np(mlp.fc_in.bias, dtype))
-    a = g.op("MatMul", [h, fc_in], f"{name}/fc_in/MatMul")[0]
+def _mlp(g: _GraphBuilder, h: str, mlp, activation: str, name: str) -> str:
+    fc_in_bias = g.const(f"{name}.fc_in.bias", _np(mlp.fc_in.bias, g.dtype))
+    a = _matmul(g, h, mlp.fc_in.weight, f"{name}.fc_in")  # [B, S, inner]
     if activation == "gelu_new":  # the tanh approximation, with the bias add fused in
         a = g.op("FastGelu", [a, fc_in_bias], f"{name}/FastGelu", domain=MS_DOMAIN)[0]
     elif activation == "gelu":  # erf gelu, bias fused
@@ -135,7 +174,7 @@ def _mlp(g: _GraphBuilder, h: str, mlp, activation: str, name: str, dtype) -> st
     else:
         a = g.op("Add", [a, fc_in_bias], f"{name}/fc_in/Add")[0]
         a = g.op("Relu", [a], f"{name}/Relu")[0]
-    return _linear(g, a, mlp.fc_out.weight, f"{name}.fc_out", dtype, mlp.fc_out.bias)
+    return _matmul(g, a, mlp.fc_out.weight, f"{name}.fc_out", mlp.fc_out.bias)
 
 
 def rotary_table_width(config) -> int:
@@ -152,10 +191,12 @@ def rotary_table_width(config) -> int:
 
 
 def build_fused_graph(
-    model: CodeGen, data_path: Path, data_location: str, max_context: int | None = None
+    model: CodeGen, data_path: Path, data_location: str, max_context: int | None = None, weights: str = "float"
 ) -> onnx.ModelProto:
     """The fused decoder as a ModelProto whose large weights are already written to `data_path`."""
     config = model.config
+    if weights not in WEIGHT_FORMATS:
+        raise ExportError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     if model.dtype not in (torch.float32, torch.float16):
         raise ExportError(f"the fused graph supports float32 and float16 models, not {model.dtype}: "
                           "load the model in one of them")  # fmt: skip
@@ -164,8 +205,8 @@ def build_fused_graph(
     positions = min(max_context or config.n_positions, config.n_positions)
     h, d, e = config.n_head, config.head_dim, config.n_embd
 
-    weights = _Weights(data_path, data_location)
-    g = _GraphBuilder(weights)
+    store = _Weights(data_path, data_location)
+    g = _GraphBuilder(store, dtype, weights)
     try:
         sin, cos = rotary_tables(positions, config.rotary_dim)  # each [positions, rotary_dim / 2]
         # GQA wants a table width that is a multiple of 8: pad with cos 1, sin 0 (an exact identity rotation).
@@ -181,7 +222,7 @@ def build_fused_graph(
             hidden = _layer_norm(g, x, block.ln_1, f"{name}.ln_1", half)
             attn = block.attn
             qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)  # [3E, E]
-            qkv = _linear(g, hidden, qkv_weight, f"{name}.attn.qkv_proj", dtype)  # [B, S, 3E], packed q|k|v
+            qkv = _matmul(g, hidden, qkv_weight, f"{name}.attn.qkv_proj")  # [B, S, 3E], packed q|k|v
             past_k, past_v = (io_spec.past_name(i, kind) for kind in io_spec.KV_KINDS)
             present_k, present_v = (io_spec.present_name(i, kind) for kind in io_spec.KV_KINDS)
             g.nodes.append(helper.make_node(
@@ -192,8 +233,8 @@ def build_fused_graph(
                 num_heads=h, kv_num_heads=h, scale=1.0 / math.sqrt(d),
                 do_rotary=1, rotary_interleaved=1,
             ))  # fmt: skip
-            attn_out = _linear(g, f"{name}.attn/out", attn.out_proj.weight, f"{name}.attn.out_proj", dtype)
-            mlp_out = _mlp(g, hidden, block.mlp, config.activation, f"{name}.mlp", dtype)
+            attn_out = _matmul(g, f"{name}.attn/out", attn.out_proj.weight, f"{name}.attn.out_proj")
+            mlp_out = _mlp(g, hidden, block.mlp, config.activation, f"{name}.mlp")
             x = g.op("Add", [x, attn_out], f"{name}/residual_attn")[0]
             x = g.op("Add", [x, mlp_out], f"{name}/residual_mlp")[0]
 
@@ -210,12 +251,12 @@ def build_fused_graph(
         x = g.op("Gather", [flat, flat_index], "last/Gather", axis=0)[0]  # [B, E]
 
         x = _layer_norm(g, x, model.ln_f, "ln_f", half)
-        logits = _linear(g, x, model.lm_head.weight, "lm_head", dtype, model.lm_head.bias)  # [B, vocab]
+        logits = _matmul(g, x, model.lm_head.weight, "lm_head", model.lm_head.bias)  # [B, vocab]
         if half:
             logits = g.op("Cast", [logits], "logits/to_fp32", to=TensorProto.FLOAT)[0]
         g.nodes.append(helper.make_node("Identity", [logits], [io_spec.LOGITS], name="logits"))
     finally:
-        weights.close()
+        store.close()
 
     cache_dtype = dtype.name
     inputs = io_spec.fused_decoder_inputs(config.n_layer, h, d, cache_dtype)
@@ -225,7 +266,7 @@ def build_fused_graph(
         return helper.make_tensor_value_info(spec.name, _NP_TO_ONNX[np.dtype(spec.dtype)], list(spec.shape))
 
     graph = helper.make_graph(g.nodes, "codegen_decoder_fused", [value_info(s) for s in inputs],
-                              [value_info(s) for s in outputs], initializer=weights.initializers)  # fmt: skip
+                              [value_info(s) for s in outputs], initializer=store.initializers)  # fmt: skip
     return helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -234,11 +275,14 @@ def build_fused_graph(
     )
 
 
-def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = None, check: bool = True) -> list[str]:
+def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = None, weights: str = "float",
+                      check: bool = True) -> list[str]:  # fmt: skip
     """Write the fused decoder (FUSED_GRAPH_FILE + FUSED_DATA_FILE) into `folder`; return the file names.
 
     `max_context` bounds the rotary tables (default: the model's n_positions); a session's cache buffer
-    may not be longer. Files are written under temporary names and renamed when complete.
+    may not be longer. weights: "float" (the model's dtype), or "int8" / "int4" block-quantized
+    MatMulNBits for the projections and lm_head (not exact: check with codegen-parity). Files are
+    written under temporary names and renamed when complete.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -247,7 +291,7 @@ def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = No
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            proto = build_fused_graph(model, tmp_data, io_spec.FUSED_DATA_FILE, max_context)
+            proto = build_fused_graph(model, tmp_data, io_spec.FUSED_DATA_FILE, max_context, weights)
         with open(tmp_graph, "wb") as f:
             f.write(proto.SerializeToString())
         os.replace(tmp_data, data_path)
@@ -264,7 +308,8 @@ def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = No
     return [io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE]
 
 
-def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_context: int | None = None) -> list[str]:
+def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_context: int | None = None,
+                    weights: str = "float") -> list[str]:  # fmt: skip
     """Add the fused graph to an existing export folder and record it in its manifest; return the files.
 
     model: the loaded reference (default: load the checkpoint the manifest records as its source, in
@@ -279,7 +324,7 @@ def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_contex
         if not source:
             raise ExportError(f"{folder}/{io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
         model = CodeGen.from_pretrained(source, dtype=getattr(torch, manifest.get("dtype", "float32")))
-    files = write_fused_graph(model, folder, max_context=max_context)
+    files = write_fused_graph(model, folder, max_context=max_context, weights=weights)
     config = model.config
     cache_dtype = np.dtype(np.float16 if model.dtype == torch.float16 else np.float32).name
     spec_args = (config.n_layer, config.n_head, config.head_dim)
@@ -287,6 +332,7 @@ def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_contex
     body.update({
         "fused_graph_file": io_spec.FUSED_GRAPH_FILE,
         "fused_data_file": io_spec.FUSED_DATA_FILE,
+        "fused_weights": weights,
         "fused_inputs": [s.to_dict() for s in io_spec.fused_decoder_inputs(*spec_args, cache_dtype)],
         "fused_outputs": [s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size,
                                                                              cache_dtype)],

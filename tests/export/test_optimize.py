@@ -95,3 +95,50 @@ def test_add_fused_graph_records_it_in_the_manifest(model, tmp_path):
     assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
         io_spec.INPUT_IDS, io_spec.SEQLENS_K, io_spec.TOTAL_SEQUENCE_LENGTH,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits, block", [(8, 64), (4, 32)])
+def test_quantized_weights_are_packed_as_matmulnbits_reads_them(bits, block):
+    """accuracy_level 0 (float activations) makes MatMulNBits exactly x @ dequantized(W).T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from codegen_deploy.export.optimize import quantize_blockwise
+
+    rng = np.random.default_rng(0)
+    n, k = 24, 72  # k not a multiple of the block: the last block is zero-padded
+    weight = rng.normal(0, 0.05, (n, k)).astype(np.float32)
+    x = rng.normal(0, 1, (2, k)).astype(np.float32)
+    packed, scales = quantize_blockwise(weight, bits, block)
+    values = np.stack([packed & 15, packed >> 4], -1).reshape(n, packed.shape[1], -1) if bits == 4 else packed
+    dequantized = ((values.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k]
+    assert np.abs(dequantized - weight).max() <= scales.max() / 2 + 1e-7  # rounding error only
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=block, accuracy_level=0)  # fmt: skip
+    initializers = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantized.T, atol=1e-5)
+
+
+def test_int8_graph_runs_close_to_the_reference(model, tmp_path):
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    write_fused_graph(model, tmp_path, weights="int8")
+    graph = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * CONFIG.n_layer + 1
+    assert not any(n.op_type == "MatMul" for n in graph.node)
+    ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (1, 12))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids))[0][0, -1].numpy()
+    with FusedOrtSession(tmp_path, config=CONFIG) as session:
+        got = session.prefill(ids)[0]
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()  # lossy, but the same model
+
+
+def test_unknown_weight_format_is_refused(model, tmp_path):
+    with pytest.raises(ExportError, match="weight format"):
+        write_fused_graph(model, tmp_path, weights="int3")
