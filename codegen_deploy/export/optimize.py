@@ -42,6 +42,7 @@ from ..errors import ExportError
 from ..reference.model import CodeGen, rotary_tables
 
 OPSET = 17  # LayerNormalization
+MAX_CONTEXT_KEY, WEIGHTS_KEY = "max_context", "weights"  # the graph's metadata_props
 MS_DOMAIN = "com.microsoft"
 _ALIGN = 64  # byte alignment of tensors in the data file (lets ORT use them in place)
 _INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
@@ -267,12 +268,15 @@ def build_fused_graph(
 
     graph = helper.make_graph(g.nodes, "codegen_decoder_fused", [value_info(s) for s in inputs],
                               [value_info(s) for s in outputs], initializer=store.initializers)  # fmt: skip
-    return helper.make_model(
+    proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="codegen-deploy",
         doc_string="CodeGen decoder fused for ONNX Runtime (GroupQueryAttention, in-place cache buffers)",
     )
+    # The rotary tables end here: a session must not hold a longer context (FusedOrtSession reads this).
+    helper.set_model_props(proto, {MAX_CONTEXT_KEY: str(positions), WEIGHTS_KEY: weights})
+    return proto
 
 
 def write_fused_graph(model: CodeGen, folder: Path, max_context: int | None = None, weights: str = "float",

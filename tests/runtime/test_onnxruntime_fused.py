@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_the_reference(fused):
         for _ in range(12):
             logits, _ = model(torch.tensor(ref_ids))
             ref_ids = np.concatenate([ref_ids, logits[:, -1].argmax(-1, keepdim=True).numpy()], axis=1)
-    with FusedOrtSession(folder) as session:
+    with FusedOrtSession(folder, threads=1) as session:
         tokens = [int(session.prefill(ids).argmax(-1)[0])]
         for _ in range(11):
             tokens.append(int(session.step(np.array([tokens[-1]])).argmax(-1)[0]))
@@ -80,10 +80,10 @@ def test_left_padded_batch_rows_equal_each_row_alone(fused):
     for i, r in enumerate(rows):
         ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     steps = rng.integers(0, model.config.vocab_size, (4, len(rows)))
-    with FusedOrtSession(folder) as session:
+    with FusedOrtSession(folder, threads=1) as session:
         batch = [session.prefill(ids, mask)] + [session.step(s) for s in steps]
     for i, r in enumerate(rows):
-        with FusedOrtSession(folder) as alone:
+        with FusedOrtSession(folder, threads=1) as alone:
             single = [alone.prefill(r[None])] + [alone.step(s[i : i + 1]) for s in steps]
         seq = np.concatenate([r, steps[:, i]])[None]
         with torch.no_grad():
@@ -97,7 +97,7 @@ def test_cache_is_written_in_place(fused):
     """The bound buffer stays the same memory across steps, and the graph fills it position by position."""
     model, folder = fused
     ids = np.arange(4)[None] % model.config.vocab_size
-    with FusedOrtSession(folder, max_context=16) as session:
+    with FusedOrtSession(folder, threads=1, max_context=16) as session:
         session.prefill(ids)
         key = session.cache_buffer(0, "key")
         address = key.__array_interface__["data"][0]
@@ -112,5 +112,14 @@ def test_cache_is_written_in_place(fused):
 
 def test_padding_in_the_middle_is_refused(fused):
     _, folder = fused
-    with FusedOrtSession(folder) as session, pytest.raises(InputError, match="left padding"):
+    with FusedOrtSession(folder, threads=1) as session, pytest.raises(InputError, match="left padding"):
         session.prefill(np.array([[1, 2, 3]]), np.array([[1, 0, 1]]))
+
+
+def test_context_is_bounded_by_the_graphs_rotary_tables(tmp_path):
+    config = FUSED_CONFIGS["rotary-8"]
+    write_fused_graph(CodeGen.random(config, seed=0), tmp_path, max_context=10)
+    with FusedOrtSession(tmp_path, config=config, max_context=30) as session:
+        assert session.max_context == 10
+        with pytest.raises(InputError, match="context holds 10"):
+            session.prefill(np.zeros((1, 11), np.int64))

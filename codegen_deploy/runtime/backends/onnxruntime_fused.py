@@ -83,6 +83,9 @@ class FusedOrtSession(Session):
             self.providers = ["CPUExecutionProvider"]  # GQA's CPU kernel is the one this graph was checked on
         self._ort = ort
         self._session = ort.InferenceSession(os.fspath(graph), options, providers=self.providers)
+        graph_context = self._session.get_modelmeta().custom_metadata_map.get("max_context")
+        if graph_context:  # the graph's rotary tables end there
+            self.max_context = min(self.max_context, int(graph_context))
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
         self._names = io_spec.past_names(config.n_layer)
