@@ -3,7 +3,8 @@
 onnxruntime-genai has no CodeGen model type; its generic decoder ("llama") runs our graph when every
 input/output name is declared (from io_spec) and the cache is not a shared buffer (our present is
 past + seq long, a new tensor each step). CodeGen's rotary lives inside the graph, so genai's own
-rotary settings do not matter.
+rotary settings do not matter. Its tokenizer (onnxruntime-extensions) reads tokenizer.json and needs a
+tokenizer_config.json beside it: published CodeGen repos have one; for others write_tokenizer_config makes it.
 """
 
 from __future__ import annotations
@@ -70,4 +71,25 @@ def write_genai_config(folder: Path, config: ModelConfig) -> Path:
     """Write genai_config.json into an export folder; return its path."""
     path = Path(folder) / io_spec.GENAI_CONFIG_FILE
     path.write_text(json.dumps(genai_config(config), indent=2) + "\n")
+    return path
+
+
+def write_tokenizer_config(folder: Path, config: ModelConfig, eos_token: str = "<|endoftext|>") -> Path | None:
+    """Write a minimal tokenizer_config.json (CodeGen's GPT-2 style BPE) when the folder lacks one.
+
+    Returns the path written, or None when there was one already or no tokenizer.json to describe.
+    """
+    folder = Path(folder)
+    path = folder / "tokenizer_config.json"
+    if path.exists() or not (folder / "tokenizer.json").is_file():
+        return None
+    body = {
+        "tokenizer_class": "CodeGenTokenizer",
+        "add_prefix_space": False,
+        "bos_token": eos_token,
+        "eos_token": eos_token,
+        "unk_token": eos_token,
+        "model_max_length": config.n_positions,
+    }
+    path.write_text(json.dumps(body, indent=2) + "\n")
     return path

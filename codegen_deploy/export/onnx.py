@@ -156,7 +156,7 @@ def save(ir_model, folder: Path, external_data: bool | None = None) -> tuple[Pat
     """Write decoder.onnx into `folder`, with its weights in one decoder.onnx.data beside it when external.
 
     external_data: None = only when the weights exceed what one protobuf can hold (2 GB); True forces it.
-    onnx_ir streams each tensor to the data file from its torch storage, so no second copy is made.
+    Both ways stream one tensor at a time from its torch storage, so no second copy of the weights exists.
     """
     import onnx_ir as ir
 
@@ -166,8 +166,72 @@ def save(ir_model, folder: Path, external_data: bool | None = None) -> tuple[Pat
     if external_data:
         ir.save(ir_model, graph_path, external_data=io_spec.DATA_FILE)
         return graph_path, folder / io_spec.DATA_FILE
-    ir.save(ir_model, graph_path)
+    save_inline(ir_model, graph_path)
     return graph_path, None
+
+
+def release_weights(ir_model) -> None:
+    """Drop the graph's references to the torch weights (call after saving).
+
+    onnxscript's rewriter keeps every graph it optimised alive through module-level caches, so `del`
+    alone would keep the weights in memory until the process ends.
+    """
+    for value in ir_model.graph.initializers.values():
+        value.const_value = None
+    ir_model.graph.initializers.clear()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, length: int) -> bytes:
+    """Protobuf tag and length of a length-delimited field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+def save_inline(ir_model, path: Path) -> None:
+    """Write a graph with its weights inside the .onnx file, one tensor at a time.
+
+    onnx_ir (like onnx.save) builds the whole protobuf and its serialized bytes in memory: 3x the
+    weights at peak (measured). Protobuf merges repeated occurrences of a message field, so the
+    model is written as its weightless protobuf followed by one `graph { initializer { ... } }` record
+    per tensor; every protobuf reader (onnx, ONNX Runtime, TensorRT) parses that as one graph.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    graph = ir_model.graph
+    initializers = dict(graph.initializers)
+    graph.initializers.clear()
+    try:
+        head = ir.serde.serialize_model(ir_model).SerializeToString()
+    finally:
+        graph.initializers.update(initializers)
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    initializer_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    raw_data_field = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    with open(path, "wb") as f:
+        f.write(head)
+        for name, value in initializers.items():
+            tensor = value.const_value
+            meta = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape])
+            meta_bytes = meta.SerializeToString()
+            raw = tensor.tobytes()  # one tensor's copy at a time
+            raw_head = _length_delimited(raw_data_field, len(raw))
+            tensor_len = len(meta_bytes) + len(raw_head) + len(raw)
+            tensor_head = _length_delimited(initializer_field, tensor_len)
+            f.write(_length_delimited(graph_field, len(tensor_head) + tensor_len))
+            f.write(tensor_head)
+            f.write(meta_bytes)
+            f.write(raw_head)
+            f.write(raw)
+            del raw
 
 
 def export_onnx(
@@ -177,6 +241,7 @@ def export_onnx(
     folder = Path(folder)
     ir_model = trace(model, opset=opset)
     graph_path, data_path = save(ir_model, folder, external_data=external_data)
+    release_weights(ir_model)
     dtypes = graph_dtypes(ir_model)
     info = GraphInfo(
         graph=graph_path,

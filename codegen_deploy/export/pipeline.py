@@ -125,7 +125,7 @@ def export_model(
 
     from ..reference.model import CodeGen
     from . import onnx as onnx_export
-    from .genai import write_genai_config
+    from .genai import write_genai_config, write_tokenizer_config
 
     if dtype not in DTYPE_SUFFIX:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_SUFFIX)}")
@@ -150,7 +150,7 @@ def export_model(
         stages.done("trace", f"opset {opset_used}, {sum(1 for _ in ir_model.graph)} nodes")
 
         graph_path, data_path = onnx_export.save(ir_model, tmp, external_data=external_data)
-        del ir_model  # its tensors may be copies of the weights (e.g. folded transposes)
+        onnx_export.release_weights(ir_model)  # the reference model now holds the only copy
         size_bytes = sum(p.stat().st_size for p in (graph_path, data_path) if p is not None)
         files = graph_path.name + (f" + {data_path.name}" if data_path else "")
         stages.done("save", f"{files}, {size_bytes / 1e9:.2f} GB")
@@ -174,6 +174,7 @@ def export_model(
             shutil.copy(folder / name, tmp / name)
         if not any(name in copied for name in ("tokenizer.json", "vocab.json")):
             progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
+        write_tokenizer_config(tmp, config)
         write_genai_config(tmp, config)
 
         cache_dtype = dtypes[io_spec.present_name(0, "key")]

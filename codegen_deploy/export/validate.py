@@ -191,6 +191,16 @@ def reference_steps(model: CodeGen, steps: int = DECODE_STEPS, seed: int = 0) ->
     return out
 
 
+def free_weights(model: torch.nn.Module) -> None:
+    """Free the storage of every parameter and buffer in place; the model is unusable afterwards.
+
+    In place, because the exporter's leftovers (onnxscript's rewriter caches) may still reference the
+    parameter objects: `model.to("meta")` would leave their storage alive.
+    """
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype)
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         import ml_dtypes
@@ -210,8 +220,8 @@ def validate_export(
 ) -> ValidationReport:
     """Validate the graph at `graph_path` against `model`; raise ValidationError if over tolerance.
 
-    release_model: move the model's weights to the meta device once its outputs are computed, so its
-    memory is free before ONNX Runtime loads the graph (the caller must not use the model afterwards).
+    release_model: free the model's weights once its outputs are computed, so their memory is free
+    before ONNX Runtime loads the graph (the caller must not use the model afterwards).
     """
     start = time.perf_counter()
     graph_path = Path(graph_path)
@@ -224,7 +234,7 @@ def validate_export(
     ref = reference_steps(model, steps)
     cache_np_dtype = ref[0].present[0].dtype
     if release_model:
-        model.to("meta")
+        free_weights(model)
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
