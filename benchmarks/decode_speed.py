@@ -37,6 +37,8 @@ RUNNERS = {
     "ort-plain-binding": "onnxruntime-plain",
     "ort-fused": "onnxruntime-fused",
 }
+# Not in the default run: the fused graph with int8 MatMulNBits weights (lossy; a separate export folder).
+INT8_RUNNER = "ort-fused-int8"
 TARGETS = {"decode_speedup_min": 2.2, "ttft_ratio_max": 0.75, "rss_over_weights_max": 1.3}
 
 
@@ -113,6 +115,23 @@ def prepare(work: Path, checkpoint: Path | None, tokenizer: Path) -> tuple[Path,
     return checkpoint, export
 
 
+def prepare_int8(export: Path) -> Path:
+    """A folder holding only the fused graph with int8 weights (and a manifest naming it), next to `export`."""
+    from codegen_deploy.export.optimize import add_fused_graph
+    from codegen_deploy.io_spec import FUSED_GRAPH_FILE
+    from codegen_deploy.manifest import read_manifest, write_manifest
+
+    folder = export.with_name(export.name + "-fused-int8")
+    if not (folder / FUSED_GRAPH_FILE).is_file():
+        t = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(export, verify="none")
+        write_manifest(folder, {k: manifest[k] for k in ("model_config", "source", "dtype")})
+        add_fused_graph(folder, weights="int8")
+        print(f"[prepare] int8 fused graph in {time.perf_counter() - t:.0f} s", flush=True)
+    return folder
+
+
 def other_load() -> str:
     """What else is using the CPU now (load average and the busiest other processes), for the record."""
     try:
@@ -133,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runners", default="transformers," + ",".join(RUNNERS))
+    p.add_argument(
+        "--runners",
+        default="transformers," + ",".join(RUNNERS),
+        help=f"comma-separated (default: all but {INT8_RUNNER}, which adds int8 MatMulNBits weights)",
+    )
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "decode_speed.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,15 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     load_before = other_load()
     print(f"[setup] {load_before}", flush=True)
 
+    runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    unknown = set(runners) - {"transformers", INT8_RUNNER, *RUNNERS}
+    if unknown:
+        p.error(f"unknown runners {', '.join(sorted(unknown))}")
+    int8_folder = prepare_int8(export) if INT8_RUNNER in runners else None
+
     results = []
     for prompt_tokens in [int(c) for c in args.contexts.split(",")]:
         workload = {"prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
                     "repeats": args.repeats, "threads": args.threads, "seed": 0}  # fmt: skip
-        for runner in [r.strip() for r in args.runners.split(",") if r.strip()]:
+        for runner in runners:
             t = time.perf_counter()
             if runner == "transformers":
                 worker = {**workload, "checkpoint": str(checkpoint)}
                 result = {**workload, **run_child([__file__, "--worker", json.dumps(worker)])}
+            elif runner == INT8_RUNNER:
+                spec = BenchSpec(backend="onnxruntime-fused", path=str(int8_folder), **workload)
+                result = {**asdict(spec), **measure_in_subprocess(spec)}
             else:
                 spec = BenchSpec(backend=RUNNERS[runner], path=str(export), **workload)
                 result = measure_in_subprocess(spec)
