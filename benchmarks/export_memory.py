@@ -44,11 +44,15 @@ def make_checkpoint(work: Path, shape: str) -> Path:
 
 
 def poll_rss(proc: psutil.Process, peak: list[int], stop: threading.Event) -> None:
+    """peak[0]: highest RSS seen; peak[1]: highest anonymous RSS (RSS less file-backed pages, such as
+    the safetensors checkpoint's mmap, which the kernel can drop under memory pressure)."""
     while not stop.is_set():
         try:
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            info = proc.memory_info()
         except psutil.Error:
             return
+        peak[0] = max(peak[0], info.rss)
+        peak[1] = max(peak[1], info.rss - info.shared)
         time.sleep(0.05)
 
 
@@ -60,7 +64,7 @@ def run_export(ckpt: Path, out: Path, dtype: str, validate: bool) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, stop = [0], threading.Event()
+    peak, stop = [0, 0], threading.Event()
     poller = threading.Thread(target=poll_rss, args=(psutil.Process(child.pid), peak, stop), daemon=True)
     poller.start()
     log = child.stdout.read()
@@ -89,6 +93,8 @@ def run_export(ckpt: Path, out: Path, dtype: str, validate: bool) -> dict:
         "wall_s": round(wall, 1),
         "peak_rss_bytes": maxrss,
         "peak_rss_polled_bytes": peak[0],
+        "peak_anon_rss_bytes": peak[1],
+        "peak_anon_over_weights": round(peak[1] / weight_bytes, 2),
         "peak_over_weights": round(maxrss / weight_bytes, 2),
         "output_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "external_data": manifest["data_file"] is not None,
@@ -118,11 +124,12 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
     gb = 1e9
     print(f"{'shape':<6} {'dtype':<8} {'valid.':<6} {'weights GB':>10} {'peak RSS GB':>11} {'ratio':>6} "
-          f"{'wall s':>7} {'output GB':>9}  stages (s)")  # fmt: skip
+          f"{'anon GB':>8} {'ratio':>6} {'wall s':>7} {'output GB':>9}  stages (s)")  # fmt: skip
     for r in rows:
         stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
         print(f"{args.shape:<6} {r['dtype']:<8} {'yes' if r['validate'] else 'no':<6} {r['weight_bytes'] / gb:>10.2f} "
-              f"{r['peak_rss_bytes'] / gb:>11.2f} {r['peak_over_weights']:>6.2f} {r['wall_s']:>7.1f} "
+              f"{r['peak_rss_bytes'] / gb:>11.2f} {r['peak_over_weights']:>6.2f} {r['peak_anon_rss_bytes'] / gb:>8.2f} "
+              f"{r['peak_anon_over_weights']:>6.2f} {r['wall_s']:>7.1f} "
               f"{r['output_bytes'] / gb:>9.2f}  {stages}")  # fmt: skip
     print(json.dumps({"shape": args.shape, "cpus": os.cpu_count(), "runs": [
         {k: v for k, v in r.items() if k != "log"} for r in rows]}))  # fmt: skip

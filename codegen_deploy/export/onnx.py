@@ -152,22 +152,23 @@ def initializer_bytes(ir_model) -> int:
     return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
 
 
-def save(ir_model, folder: Path, external_data: bool | None = None) -> tuple[Path, Path | None]:
-    """Write decoder.onnx into `folder`, with its weights in one decoder.onnx.data beside it when external.
+def save(ir_model, folder: Path) -> tuple[Path, Path]:
+    """Write decoder.onnx and its weights, as one decoder.onnx.data beside it, into `folder`.
 
-    external_data: None = only when the weights exceed what one protobuf can hold (2 GB); True forces it.
-    Both ways stream one tensor at a time from its torch storage, so no second copy of the weights exists.
+    onnx_ir streams each tensor from its torch storage to the data file: no second copy of the weights.
+    External data is also what validation wants (the checker and ONNX Runtime map it instead of
+    parsing it); inline_external_data moves small models' weights into the graph file afterwards.
     """
     import onnx_ir as ir
 
     graph_path = folder / io_spec.GRAPH_FILE
-    if external_data is None:
-        external_data = initializer_bytes(ir_model) > EXTERNAL_DATA_THRESHOLD
-    if external_data:
-        ir.save(ir_model, graph_path, external_data=io_spec.DATA_FILE)
-        return graph_path, folder / io_spec.DATA_FILE
-    save_inline(ir_model, graph_path)
-    return graph_path, None
+    ir.save(ir_model, graph_path, external_data=io_spec.DATA_FILE)
+    return graph_path, folder / io_spec.DATA_FILE
+
+
+def keep_external(ir_model, external_data: bool | None) -> bool:
+    """Whether an export keeps decoder.onnx.data: forced (True/False), or when the weights exceed 2 GB."""
+    return initializer_bytes(ir_model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
 
 
 def release_weights(ir_model) -> None:
@@ -195,43 +196,55 @@ def _length_delimited(field_number: int, length: int) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(length)
 
 
-def save_inline(ir_model, path: Path) -> None:
-    """Write a graph with its weights inside the .onnx file, one tensor at a time.
+def inline_external_data(graph_path: Path) -> None:
+    """Move the weights of the graph's external data file into the graph file, one tensor at a time.
 
-    onnx_ir (like onnx.save) builds the whole protobuf and its serialized bytes in memory: 3x the
-    weights at peak (measured). Protobuf merges repeated occurrences of a message field, so the
-    model is written as its weightless protobuf followed by one `graph { initializer { ... } }` record
-    per tensor; every protobuf reader (onnx, ONNX Runtime, TensorRT) parses that as one graph.
+    onnx.save (and onnx_ir) would build the whole protobuf and its serialized bytes in memory: 3x the
+    weights at peak (measured). Protobuf merges repeated occurrences of a message field, so the model
+    is written as its weightless protobuf followed by one `graph { initializer { ... } }` record per
+    tensor; every protobuf reader (onnx, ONNX Runtime, TensorRT) parses that as one graph.
+    The data file is deleted afterwards. Only for graphs under 2 GB (the protobuf limit).
     """
     import onnx
-    import onnx_ir as ir
 
-    graph = ir_model.graph
-    initializers = dict(graph.initializers)
-    graph.initializers.clear()
-    try:
-        head = ir.serde.serialize_model(ir_model).SerializeToString()
-    finally:
-        graph.initializers.update(initializers)
+    model = onnx.load(str(graph_path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inline)
     graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
     initializer_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
     raw_data_field = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-    with open(path, "wb") as f:
-        f.write(head)
-        for name, value in initializers.items():
-            tensor = value.const_value
-            meta = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape])
+    data_files = set()
+    tmp = graph_path.with_name(graph_path.name + ".inline")
+    with open(tmp, "wb") as out:
+        out.write(model.SerializeToString())
+        for tensor in external:
+            info = {e.key: e.value for e in tensor.external_data}
+            data_path = graph_path.parent / info["location"]
+            data_files.add(data_path)
+            with open(data_path, "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                raw = f.read(int(info["length"]))  # one tensor's bytes at a time
+            meta = onnx.TensorProto()
+            meta.CopyFrom(tensor)
+            meta.ClearField("external_data")
+            meta.ClearField("data_location")
             meta_bytes = meta.SerializeToString()
-            raw = tensor.tobytes()  # one tensor's copy at a time
             raw_head = _length_delimited(raw_data_field, len(raw))
             tensor_len = len(meta_bytes) + len(raw_head) + len(raw)
             tensor_head = _length_delimited(initializer_field, tensor_len)
-            f.write(_length_delimited(graph_field, len(tensor_head) + tensor_len))
-            f.write(tensor_head)
-            f.write(meta_bytes)
-            f.write(raw_head)
-            f.write(raw)
+            out.write(_length_delimited(graph_field, len(tensor_head) + tensor_len))
+            out.write(tensor_head)
+            out.write(meta_bytes)
+            out.write(raw_head)
+            out.write(raw)
             del raw
+    tmp.replace(graph_path)
+    for data_path in data_files:
+        data_path.unlink()
 
 
 def export_onnx(
@@ -240,8 +253,12 @@ def export_onnx(
     """Trace `model` and write its decoder graph into `folder` (which must exist). Return what was written."""
     folder = Path(folder)
     ir_model = trace(model, opset=opset)
-    graph_path, data_path = save(ir_model, folder, external_data=external_data)
+    keep = keep_external(ir_model, external_data)
+    graph_path, data_path = save(ir_model, folder)
     release_weights(ir_model)
+    if not keep:
+        inline_external_data(graph_path)
+        data_path = None
     dtypes = graph_dtypes(ir_model)
     info = GraphInfo(
         graph=graph_path,

@@ -43,7 +43,21 @@ class _Stages:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._start, 2)
         self._start = now
-        self.progress(f"{name:<9} {self.seconds[name]:6.1f} s  {detail}".rstrip())
+        self.progress(f"{name:<9} {self.seconds[name]:6.1f} s  {_memory()}  {detail}".rstrip())
+
+
+def _memory() -> str:
+    """This process's resident memory now and at its peak so far, e.g. "RSS 1.2 GB (peak 1.9 GB)"."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    except ImportError:  # Windows
+        peak = psutil.Process().memory_info().peak_wset
+    return f"RSS {rss / 1e9:.2f} GB (peak {max(peak, rss) / 1e9:.2f} GB)"
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -149,11 +163,11 @@ def export_model(
         opset_used = ir_model.opset_imports[""]
         stages.done("trace", f"opset {opset_used}, {sum(1 for _ in ir_model.graph)} nodes")
 
-        graph_path, data_path = onnx_export.save(ir_model, tmp, external_data=external_data)
+        keep_external = onnx_export.keep_external(ir_model, external_data)
+        graph_path, data_path = onnx_export.save(ir_model, tmp)
         onnx_export.release_weights(ir_model)  # the reference model now holds the only copy
-        size_bytes = sum(p.stat().st_size for p in (graph_path, data_path) if p is not None)
-        files = graph_path.name + (f" + {data_path.name}" if data_path else "")
-        stages.done("save", f"{files}, {size_bytes / 1e9:.2f} GB")
+        size_bytes = graph_path.stat().st_size + data_path.stat().st_size
+        stages.done("save", f"{graph_path.name} + {data_path.name}, {size_bytes / 1e9:.2f} GB")
 
         report = None
         if validate:
@@ -168,6 +182,10 @@ def export_model(
             progress(report.table())
             stages.done("validate", "passed")
         del reference
+        if not keep_external:  # validated with external data (cheaper to check and to load); now inline it
+            onnx_export.inline_external_data(graph_path)
+            data_path = None
+            stages.done("inline", f"weights moved into {graph_path.name} (under 2 GB)")
 
         copied = [name for name in ("config.json", *TOKENIZER_FILES) if (folder / name).is_file()]
         for name in copied:

@@ -72,7 +72,10 @@ def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
         io_spec.GENAI_CONFIG_FILE,
         io_spec.MANIFEST_FILE,
     } <= names
-    assert io_spec.DATA_FILE not in names  # small graphs keep their weights inline by default
+    assert io_spec.DATA_FILE not in names  # small graphs get their weights inline by default
+    from codegen_deploy.export.validate import check_graph
+
+    check_graph(fp32_export / io_spec.GRAPH_FILE)  # the streamed inline file is a valid model
     manifest = read_manifest(fp32_export, verify="sha256")
     config = ModelConfig.from_file(fp32_export)
     assert manifest["model_config"] == config.to_dict()
