@@ -7,13 +7,14 @@ position in place and reads only the filled part.
 
 What GQA does for CodeGen (see io_spec for the I/O contract):
 - packed q|k|v input (one MatMul), rotary inside the node: do_rotary=1, rotary_interleaved=1 (GPT-J's
-  rotate_every_two), cos/sin caches [positions, rotary_dim / 2] (a width below head_dim / 2 makes the
-  rotary partial), causal, scale 1/sqrt(head_dim) (CodeGen adds its mask before scaling; with no mask
-  term the order does not matter).
-- rows are right-aligned: row b's tokens sit at [0, seqlens_k[b] + 1) of its buffer and rotary positions
-  count from 0 there. A left-padded batch is therefore re-laid out right-padded by the session, which
-  makes every row exactly what it would be alone. Positions come from the row's length, so the graph has
-  no mask or position inputs.
+  rotate_every_two), cos/sin caches [positions, width] where a width below head_dim / 2 makes the rotary
+  partial. The CPU kernel wants the width a multiple of 8 (and head_dim a multiple of 8): rotary_dim / 2
+  is padded with cos 1 / sin 0 columns, an exact identity on the extra dims. Causal, scale
+  1/sqrt(head_dim) (CodeGen adds its mask before scaling; with no mask term the order does not matter).
+- rows start at index 0 (right padding): row b's tokens sit at [0, seqlens_k[b] + 1) of its buffer and
+  rotary positions count from 0 there. The session re-lays a left-padded batch out right-padded, which
+  makes every row exactly what it would be alone. Positions come from the row's length, so the graph
+  has no mask or position inputs.
 - the graph returns logits of each row's last real token only ([batch, vocab]): the prompt's other
   positions never go through lm_head.
 

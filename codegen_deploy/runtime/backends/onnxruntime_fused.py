@@ -138,7 +138,7 @@ class FusedOrtSession(Session):
             raise InputError("the fused ONNX Runtime session takes left padding only (mask 0...0 1...1 per row)")
         if b != self._rows:
             self._allocate(b)
-        # Right-align is GQA's layout: move each row's real tokens to the start of the row.
+        # GQA's layout: each row's tokens start at index 0 (right padding), so move them there.
         ids = np.zeros_like(input_ids)
         for row in range(b):
             ids[row, : lengths[row]] = input_ids[row, t - lengths[row] :]
