@@ -25,6 +25,15 @@ FUSED_CONFIGS = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny reference forwards are fastest on one thread (no thread handoff on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(FUSED_CONFIGS))
 def fused(request, tmp_path_factory):
     """(reference model, export folder with the fused graph and a config.json)."""
