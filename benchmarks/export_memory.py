@@ -122,6 +122,9 @@ def main() -> None:
         rows.append(run_export(ckpt, out, dtype, validate=not args.no_validate))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+    for r in rows:  # the export's own stage lines: time and memory after each stage
+        print(f"--- {args.shape} {r['dtype']}:")
+        print("\n".join(line for line in r["log"] if " RSS " in line))
     gb = 1e9
     print(f"{'shape':<6} {'dtype':<8} {'valid.':<6} {'weights GB':>10} {'peak RSS GB':>11} {'ratio':>6} "
           f"{'anon GB':>8} {'ratio':>6} {'wall s':>7} {'output GB':>9}  stages (s)")  # fmt: skip

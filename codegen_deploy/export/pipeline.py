@@ -143,6 +143,11 @@ def export_model(
 
     if dtype not in DTYPE_SUFFIX:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_SUFFIX)}")
+    if dtype == "bfloat16" and validate:
+        raise ExportError(
+            "ONNX Runtime's CPU provider has no bfloat16 MatMul, so a bfloat16 export cannot be validated here: "
+            "add --no-validate (TensorRT runs bfloat16 graphs) or export float16"
+        )
     output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
     _check_output(output, force)
     stages = _Stages(progress)

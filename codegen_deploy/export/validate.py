@@ -284,7 +284,8 @@ def validate_export(
         session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own types (Fail, NotImplemented, InvalidGraph)
         raise ValidationError(
-            f"ONNX Runtime cannot load {graph_path} ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            f"ONNX Runtime cannot load the exported {graph_path.name} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from e
 
     names = [io_spec.LOGITS, *io_spec.present_names(n_layer)]
@@ -299,7 +300,7 @@ def validate_export(
             logits, *present = session.run(names, feed)
         except Exception as e:
             raise ValidationError(
-                f"ONNX Runtime failed to run {graph_path} at past {past[0].shape[2]} "
+                f"ONNX Runtime failed to run the exported {graph_path.name} at past {past[0].shape[2]} "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
             ) from e
         report.steps.append(f"past {past[0].shape[2]} + {step.ids.shape[1]}")

@@ -110,3 +110,10 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
         pipeline.export_model(tiny_checkpoint, old, force=True, validate=False, progress=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path):
+    line = one_error_line(
+        capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--dtype", "bfloat16"]
+    )
+    assert "--no-validate" in line and "bfloat16" in line
