@@ -20,6 +20,7 @@ from ..config import ModelConfig, hub_id
 from ..errors import ExportError
 from ..hub import TOKENIZER_FILES, resolve_model
 
+MIN_OPSET = 18  # the oldest opset torch.onnx.export(dynamo=True) emits (LayerNormalization is opset 17)
 DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
 
 
@@ -143,6 +144,8 @@ def export_model(
 
     if dtype not in DTYPE_SUFFIX:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_SUFFIX)}")
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: torch's ONNX exporter needs {MIN_OPSET} or newer")
     if dtype == "bfloat16" and validate:
         raise ExportError(
             "ONNX Runtime's CPU provider has no bfloat16 MatMul, so a bfloat16 export cannot be validated here: "

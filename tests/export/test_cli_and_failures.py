@@ -117,3 +117,7 @@ def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path):
         capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--dtype", "bfloat16"]
     )
     assert "--no-validate" in line and "bfloat16" in line
+
+
+def test_too_old_opset(capsys, tiny_checkpoint, tmp_path):
+    assert "opset 13 is too old" in one_error_line(capsys, ["--model", str(tiny_checkpoint), "--opset", "13"])
