@@ -25,20 +25,26 @@ DECODE_STEPS = 4
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Largest accepted differences: logits max abs, present cache max abs, and least top-1 agreement."""
+    """Largest accepted differences (None: not checked) and least top-1 agreement of the logits.
 
-    logits_atol: float
-    present_atol: float
+    *_atol bound the max abs difference; *_rtol bound max rel, the max abs difference over the largest
+    |reference| value, which carries over from random test weights to real models with larger logits.
+    """
+
+    logits_atol: float | None
+    present_atol: float | None
     min_top1: float
+    logits_rtol: float | None = None
+    present_rtol: float | None = None
 
 
-# fp32: the issue's bar. fp16: ORT's fp16 kernels and PyTorch's CPU fp16 both round every MatMul to fp16,
-# in different orders; measured on the 350M shape (random weights) logits differ by ~1e-3 and the cache
-# by ~4e-3; the bounds leave about 10x room. Top-1 may flip only on near-ties.
+# fp32: the issue's bar (measured: ~4e-6 on the 350M shape). fp16: ORT's CPU provider computes MatMul,
+# Add and Gelu in float32 between casts where PyTorch rounds in fp16, so they differ by fp16 rounding:
+# measured max rel 1.7e-3 (logits) and 1.8e-3 (cache) on the 350M shape, logits max abs 5.2e-3 (350M)
+# and 8.8e-3 (2B) with random weights. The bound leaves ~6x room; top-1 may flip only on near-ties.
 TOLERANCES = {
     "float32": Tolerance(logits_atol=1e-4, present_atol=1e-4, min_top1=1.0),
-    "float16": Tolerance(logits_atol=2e-2, present_atol=5e-2, min_top1=0.9),
-    "bfloat16": Tolerance(logits_atol=2e-1, present_atol=2e-1, min_top1=0.8),
+    "float16": Tolerance(logits_atol=None, present_atol=None, min_top1=0.9, logits_rtol=1e-2, present_rtol=1e-2),
 }
 
 
@@ -85,13 +91,22 @@ class ValidationReport:
     def present_max_abs(self) -> float:
         return max((o.max_abs for o in self.outputs[1:]), default=0.0)
 
+    @property
+    def present_max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs[1:]), default=0.0)
+
     def failures(self) -> list[str]:
         """Each way the export exceeds the tolerance, as a short phrase (empty: it passed)."""
         t, out = self.tolerance, []
-        if not self.logits.max_abs <= t.logits_atol:  # `not <=` also catches NaN
-            out.append(f"logits max abs {self.logits.max_abs:.3g} > {t.logits_atol:.3g}")
-        if not self.present_max_abs <= t.present_atol:
-            out.append(f"present max abs {self.present_max_abs:.3g} > {t.present_atol:.3g}")
+        checks = (
+            ("logits max abs", self.logits.max_abs, t.logits_atol),
+            ("present max abs", self.present_max_abs, t.present_atol),
+            ("logits max rel", self.logits.max_rel, t.logits_rtol),
+            ("present max rel", self.present_max_rel, t.present_rtol),
+        )
+        for what, value, bound in checks:
+            if bound is not None and not value <= bound:  # `not <=` also catches NaN
+                out.append(f"{what} {value:.3g} > {bound:.3g}")
         if self.top1 < t.min_top1:
             out.append(f"top-1 agreement {self.top1:.1%} < {t.min_top1:.0%}")
         return out
@@ -115,11 +130,12 @@ class ValidationReport:
                 + ", ".join(self.cpu_float32_ops)
             )
         t = self.tolerance
+        bounds = [f"{name} {value:g}" for name, value in (
+            ("logits abs", t.logits_atol), ("present abs", t.present_atol),
+            ("logits rel", t.logits_rtol), ("present rel", t.present_rtol),
+        ) if value is not None]  # fmt: skip
         verdict = "PASSED" if self.passed else "FAILED: " + "; ".join(self.failures())
-        lines.append(
-            f"tolerance: logits abs {t.logits_atol:g}, present abs {t.present_atol:g}, top-1 >= {t.min_top1:.0%}"
-            f" -> {verdict}"
-        )
+        lines.append(f"tolerance: {', '.join(bounds)}, top-1 >= {t.min_top1:.0%} -> {verdict}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -266,6 +282,8 @@ def validate_export(
     ort = import_onnxruntime()
     dtype = str(model.dtype).removeprefix("torch.")
     n_layer = model.config.n_layer
+    if tolerance is None and dtype not in TOLERANCES:
+        raise ValidationError(f"ONNX Runtime's CPU provider cannot run {dtype} graphs: export with --no-validate")
     tolerance = tolerance or TOLERANCES[dtype]
     ref = reference_steps(model, steps)
     cache_np_dtype = ref[0].present[0].dtype

@@ -151,7 +151,8 @@ def test_fp16_runs_in_onnxruntime_within_its_tolerance(fp16_export):
     report = manifest["validation"]
     assert manifest["dtype"] == manifest["cache_dtype"] == "float16" and manifest["logits_dtype"] == "float32"
     assert report["passed"] and report["dtype"] == "float16"
-    assert report["outputs"]["logits"]["max_abs"] <= report["tolerance"]["logits_atol"]
+    assert 0 < report["outputs"]["logits"]["max_rel"] <= report["tolerance"]["logits_rtol"]
+    assert report["cpu_float32_ops"] and "MatMul" in report["cpu_float32_ops"]  # said, not hidden
 
 
 def test_external_data_forced_on_a_small_model(fp16_export):
