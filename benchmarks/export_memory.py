@@ -102,7 +102,7 @@ def run_export(ckpt: Path, out: Path, dtype: str, validate: bool) -> dict:
         "logits_max_abs": validation.get("outputs", {}).get("logits", {}).get("max_abs"),
         "top1": f"{validation.get('top1_agree')}/{validation.get('top1_total')}" if validation else None,
         "load_average": [round(x, 1) for x in os.getloadavg()],
-        "log": log.splitlines()[-20:],
+        "log": [line for line in log.splitlines() if " RSS " in line or "tolerance" in line],
     }
 
 
@@ -124,7 +124,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
     for r in rows:  # the export's own stage lines: time and memory after each stage
         print(f"--- {args.shape} {r['dtype']}:")
-        print("\n".join(line for line in r["log"] if " RSS " in line))
+        print("\n".join(r["log"]))
     gb = 1e9
     print(f"{'shape':<6} {'dtype':<8} {'valid.':<6} {'weights GB':>10} {'peak RSS GB':>11} {'ratio':>6} "
           f"{'anon GB':>8} {'ratio':>6} {'wall s':>7} {'output GB':>9}  stages (s)")  # fmt: skip
