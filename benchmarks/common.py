@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
+# Appended to every child: its own peak RSS. rusage's ru_maxrss is not used because Linux carries the
+# parent's peak into a child across fork + exec.
+_REPORT_PEAK = """
+import json as _json
+print(_json.dumps({"__vmhwm_kib": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])}))
+"""
+
 
 def run_child(code: str, *args: str) -> tuple[dict, float, int]:
-    """Run `python -c code args...`; return (the JSON it prints last, wall seconds, its peak RSS in bytes).
-
-    os.wait4 gives the child's own rusage, so each measurement's peak RSS is its own process only.
-    """
+    """Run `python -c code args...`; return (the JSON it prints before the end, wall seconds, its peak RSS in bytes)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK, *args], stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"child failed with exit code {proc.returncode}:\n{out}")
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return (json.loads(lines[-1]) if lines else {}), wall, usage.ru_maxrss * 1024  # ru_maxrss is in KiB
+        raise RuntimeError(f"child failed with exit code {proc.returncode}:\n{proc.stdout}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    peak = lines.pop()["__vmhwm_kib"] * 1024
+    return (lines[-1] if lines else {}), wall, peak
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
