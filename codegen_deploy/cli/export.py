@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--external-data", action="store_true",
                    help="always store the weights in decoder.onnx.data (default: only above 2 GB)")  # fmt: skip
+    p.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="skip the fused ONNX Runtime graph (GroupQueryAttention, in-place KV cache)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="block-quantized MatMulNBits weights in the fused graph (lossy; the plain graph keeps the model dtype)",
+    )
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine into the output folder")
     _engine_arguments(p)
     return p
@@ -62,7 +72,8 @@ def command(argv: list[str] | None) -> int:
         _require_engine_builder()
     out = export_model(args.model, args.output, size=args.size, data=args.data, dtype=dtype, opset=args.opset,
                        validate=not args.no_validate, force=args.force,
-                       external_data=True if args.external_data else None)  # fmt: skip
+                       external_data=True if args.external_data else None, fused=not args.no_fused,
+                       fused_weights=args.quantize or "float")  # fmt: skip
     print(f"exported to {out}")
     if args.engine:
         from ..export.tensorrt import build_engine

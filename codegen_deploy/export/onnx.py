@@ -9,6 +9,7 @@ precision trace as Cast nodes, so an fp16 trace is already the mixed-precision g
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def trace(model: CodeGen, opset: int | None = None):
     inputs = io_spec.decoder_inputs(config.n_layer, config.n_head, config.head_dim, cache_dtype)
     outputs = io_spec.decoder_outputs(config.n_layer, config.n_head, config.head_dim, config.vocab_size,
                                       cache_dtype)  # fmt: skip
+    # The exporter logs one warning per missing torchvision op; CodeGen uses none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         # The exporter warns about dims that share constraints (expected: batch appears in every input).
         warnings.simplefilter("ignore", UserWarning)

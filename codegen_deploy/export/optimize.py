@@ -39,6 +39,7 @@ import torch
 from onnx import TensorProto, helper
 
 from .. import io_spec
+from ..config import ModelConfig
 from ..errors import ExportError
 from ..reference.model import CodeGen, rotary_tables
 
@@ -330,17 +331,23 @@ def add_fused_graph(folder: str | Path, model: CodeGen | None = None, max_contex
             raise ExportError(f"{folder}/{io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
         model = CodeGen.from_pretrained(source, dtype=getattr(torch, manifest.get("dtype", "float32")))
     files = write_fused_graph(model, folder, max_context=max_context, weights=weights)
-    config = model.config
-    cache_dtype = np.dtype(np.float16 if model.dtype == torch.float16 else np.float32).name
-    spec_args = (config.n_layer, config.n_head, config.head_dim)
     body = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
-    body.update({
+    body.update(fused_manifest_entries(model.config, str(model.dtype).removeprefix("torch."), weights))
+    write_manifest(folder, body)
+    return files
+
+
+def fused_manifest_entries(config: ModelConfig, dtype: str, weights: str) -> dict:
+    """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16")."""
+    cache_dtype = "float16" if dtype == "float16" else "float32"
+    spec_args = (config.n_layer, config.n_head, config.head_dim)
+    return {
         "fused_graph_file": io_spec.FUSED_GRAPH_FILE,
         "fused_data_file": io_spec.FUSED_DATA_FILE,
         "fused_weights": weights,
+        "fused_dtype": dtype,
         "fused_inputs": [s.to_dict() for s in io_spec.fused_decoder_inputs(*spec_args, cache_dtype)],
-        "fused_outputs": [s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size,
-                                                                             cache_dtype)],
-    })  # fmt: skip
-    write_manifest(folder, body)
-    return files
+        "fused_outputs": [
+            s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size, cache_dtype)
+        ],
+    }

@@ -125,6 +125,8 @@ def export_model(
     validate: bool = True,
     force: bool = False,
     external_data: bool | None = None,
+    fused: bool = True,
+    fused_weights: str = "float",
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Export a CodeGen checkpoint to a verified ONNX export folder; return the folder.
@@ -135,6 +137,9 @@ def export_model(
     (logits are always float32). opset: ONNX opset (default: the exporter's). validate: compare ONNX
     Runtime with the reference (raises ValidationError over tolerance). force: replace an existing
     output. external_data: None = only above 2 GB, True = always (one decoder.onnx.data file).
+    fused: also write the fused ONNX Runtime graph (GroupQueryAttention, in-place KV cache), checked
+    against the reference; skipped with a note for shapes GQA cannot express. fused_weights: "float",
+    or "int8" / "int4" block-quantized MatMulNBits weights in the fused graph.
     """
     import torch
 
@@ -176,6 +181,8 @@ def export_model(
         onnx_export.release_weights(ir_model)  # the reference model now holds the only copy
         size_bytes = graph_path.stat().st_size + data_path.stat().st_size
         stages.done("save", f"{graph_path.name} + {data_path.name}, {size_bytes / 1e9:.2f} GB")
+
+        fused_entry = _write_fused(tmp, reference, fused_weights, validate, stages, progress) if fused else None
 
         report = None
         if validate:
@@ -224,6 +231,7 @@ def export_model(
             },
             "versions": versions(),
             "validation": report.to_dict() if report else None,
+            **(fused_entry or {}),
             "timings_s": stages.seconds,
         }
         from ..manifest import write_manifest
@@ -235,3 +243,38 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _write_fused(folder: Path, reference, weights: str, validate: bool, stages, progress) -> dict | None:
+    """Write the fused graph into `folder` and check it against the reference; its manifest entries.
+
+    Shapes GroupQueryAttention cannot express get a note and no fused graph: the plain graph serves.
+    """
+    from ..runtime.backends.onnxruntime_fused import FusedOrtSession
+    from ..runtime.backends.torch import TorchSession
+    from ..runtime.parity import Tolerance, compare_sessions
+    from .optimize import fused_manifest_entries, write_fused_graph
+
+    try:
+        write_fused_graph(reference, folder, weights=weights)
+    except ExportError as e:
+        progress(f"note: no fused graph ({e}); ONNX Runtime will run the plain graph")
+        return None
+    entries = fused_manifest_entries(reference.config, entries_dtype(reference), weights)
+    if validate:
+        # Two prompts, a few greedy steps: the fused graph's own attention and cache must match the reference.
+        config = reference.config
+        prompts = [[(7 * i + 3) % config.vocab_size for i in range(n)] for n in (9, 3)]
+        tolerance = Tolerance.for_dtype(entries["fused_dtype"]) if weights == "float" else Tolerance(1.0, 1.0, 0.5)
+        with FusedOrtSession(folder, config=config, max_context=64) as fused:
+            report = compare_sessions(TorchSession(reference), fused, prompts, new_tokens=4, tolerance=tolerance)
+        progress(report.table())
+        report.check()
+        entries["fused_validation"] = report.to_dict()
+    stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({weights} weights)")
+    return entries
+
+
+def entries_dtype(model) -> str:
+    """ "float32", "float16" or "bfloat16": the dtype name of a model's weights."""
+    return str(model.dtype).removeprefix("torch.")

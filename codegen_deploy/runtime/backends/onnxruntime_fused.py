@@ -19,16 +19,9 @@ import numpy as np
 
 from ... import io_spec
 from ...config import ModelConfig
-from ...errors import ExportError, InputError, MissingDependencyError
+from ...errors import ExportError, InputError
 from ..session import Session
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from e
-    return onnxruntime
+from .onnxruntime import import_onnxruntime
 
 
 def _read_config(folder: Path, verify: str) -> ModelConfig:
@@ -59,7 +52,7 @@ class FusedOrtSession(Session):
     def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
                  providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
                  session_options: dict[str, str] | None = None, verify: str = "size"):  # fmt: skip
-        ort = _import_ort()
+        ort = import_onnxruntime()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
         if not graph.is_file():
