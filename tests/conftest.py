@@ -71,8 +71,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    """An fp32 ONNX export folder (decoder.onnx + manifest.json) of the tiny checkpoint, not validated."""
+    """An fp32 ONNX export folder of the tiny checkpoint, not validated, with the plain graph only
+    (runtime tests that want the fused graph add it to a copy)."""
     from codegen_deploy.export.pipeline import export_model
 
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False,
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False, fused=False,
                         progress=lambda line: None)  # fmt: skip

@@ -168,3 +168,25 @@ def test_external_data_forced_on_a_small_model(fp16_export):
     }  # fmt: skip
     assert locations == {io_spec.DATA_FILE}  # one data file, beside the graph
     check_graph(fp16_export / io_spec.GRAPH_FILE)
+
+
+@pytest.mark.parametrize("which", ["fp32", "fp16"])
+def test_every_export_writes_and_checks_the_fused_graph(fp32_export, fp16_export, which):
+    folder = fp32_export if which == "fp32" else fp16_export
+    manifest = read_manifest(folder, verify="sha256")
+    assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE and (folder / io_spec.FUSED_GRAPH_FILE).is_file()
+    assert manifest["fused_dtype"] == ("float32" if which == "fp32" else "float16")
+    validation = manifest["fused_validation"]
+    assert validation["passed"] and validation["greedy_agreement"] == 1.0
+
+
+def test_no_fused_graph_for_shapes_gqa_cannot_express(tmp_path):
+    from codegen_deploy.export.pipeline import export_model
+    from codegen_deploy.reference.weights import save_checkpoint
+    from tests.conftest import TEST_CONFIGS
+
+    save_checkpoint(CodeGen.random(TEST_CONFIGS["odd-head"], seed=0, std=0.1), tmp_path / "ckpt")
+    lines: list[str] = []
+    out = export_model(tmp_path / "ckpt", tmp_path / "out", validate=False, progress=lines.append)
+    assert any(line.startswith("note: no fused graph") for line in lines)
+    assert "fused_graph_file" not in read_manifest(out) and not (out / io_spec.FUSED_GRAPH_FILE).exists()
