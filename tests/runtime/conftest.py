@@ -69,4 +69,3 @@ def tiny_model(tiny_checkpoint):
     from codegen_deploy.reference.model import CodeGen
 
     return CodeGen.from_pretrained(tiny_checkpoint)
-
