@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from .. import io_spec
 from ..config import ModelConfig, hub_id
 from ..errors import ExportError
 from ..hub import TOKENIZER_FILES, resolve_model
+from ..runtime.session import Session
 
 MIN_OPSET = 18  # the oldest opset torch.onnx.export(dynamo=True) emits (LayerNormalization is opset 17)
 DTYPE_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
@@ -182,7 +185,10 @@ def export_model(
         size_bytes = graph_path.stat().st_size + data_path.stat().st_size
         stages.done("save", f"{graph_path.name} + {data_path.name}, {size_bytes / 1e9:.2f} GB")
 
-        fused_entry = _write_fused(tmp, reference, fused_weights, validate, stages, progress) if fused else None
+        fused_entry = _write_fused(tmp, reference, fused_weights, progress) if fused else None
+        # The fused graph is checked against logits recorded now, so the reference can be freed before
+        # ONNX Runtime loads a second copy of the weights.
+        fused_expected = _record_reference(reference) if fused_entry and validate else None
 
         report = None
         if validate:
@@ -197,6 +203,9 @@ def export_model(
             progress(report.table())
             stages.done("validate", "passed")
         del reference
+        if fused_expected is not None:
+            fused_entry["fused_validation"] = _check_fused(tmp, config, fused_expected, fused_entry, progress)
+            stages.done("validate fused", "passed")
         if not keep_external:  # validated with external data (cheaper to check and to load); now inline it
             onnx_export.inline_external_data(graph_path)
             data_path = None
@@ -245,14 +254,9 @@ def export_model(
     return output
 
 
-def _write_fused(folder: Path, reference, weights: str, validate: bool, stages, progress) -> dict | None:
-    """Write the fused graph into `folder` and check it against the reference; its manifest entries.
-
-    Shapes GroupQueryAttention cannot express get a note and no fused graph: the plain graph serves.
-    """
-    from ..runtime.backends.onnxruntime_fused import FusedOrtSession
-    from ..runtime.backends.torch import TorchSession
-    from ..runtime.parity import Tolerance, compare_sessions
+def _write_fused(folder: Path, reference, weights: str, progress) -> dict | None:
+    """Write the fused graph into `folder`; its manifest entries, or None (with a note) for shapes
+    GroupQueryAttention cannot express: the plain graph then serves ONNX Runtime."""
     from .optimize import fused_manifest_entries, write_fused_graph
 
     try:
@@ -260,19 +264,60 @@ def _write_fused(folder: Path, reference, weights: str, validate: bool, stages, 
     except ExportError as e:
         progress(f"note: no fused graph ({e}); ONNX Runtime will run the plain graph")
         return None
-    entries = fused_manifest_entries(reference.config, entries_dtype(reference), weights)
-    if validate:
-        # Two prompts, a few greedy steps: the fused graph's own attention and cache must match the reference.
-        config = reference.config
-        prompts = [[(7 * i + 3) % config.vocab_size for i in range(n)] for n in (9, 3)]
-        tolerance = Tolerance.for_dtype(entries["fused_dtype"]) if weights == "float" else Tolerance(1.0, 1.0, 0.5)
-        with FusedOrtSession(folder, config=config, max_context=64) as fused:
-            report = compare_sessions(TorchSession(reference), fused, prompts, new_tokens=4, tolerance=tolerance)
-        progress(report.table())
-        report.check()
-        entries["fused_validation"] = report.to_dict()
-    stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({weights} weights)")
-    return entries
+    return fused_manifest_entries(reference.config, entries_dtype(reference), weights)
+
+
+# Fused-graph check: two prompts (one shorter, so positions differ) and a few greedy steps.
+_FUSED_CHECK_PROMPT_LENGTHS, _FUSED_CHECK_NEW_TOKENS = (9, 3), 4
+
+
+def _fused_check_prompts(config: ModelConfig) -> list[list[int]]:
+    return [[(7 * i + 3) % config.vocab_size for i in range(n)] for n in _FUSED_CHECK_PROMPT_LENGTHS]
+
+
+def _record_reference(reference) -> list[list]:
+    """The reference's logits for the fused check: per prompt, prefill then its own greedy steps."""
+    from ..runtime.backends.torch import TorchSession
+
+    session, recorded = TorchSession(reference), []
+    for ids in _fused_check_prompts(reference.config):
+        steps = [session.prefill(np.array([ids]))]
+        for _ in range(_FUSED_CHECK_NEW_TOKENS - 1):
+            steps.append(session.step(steps[-1].argmax(-1)))
+        recorded.append(steps)
+    return recorded
+
+
+class _Replay(Session):
+    """Replays recorded reference logits, so parity can compare them with a live session."""
+
+    name = "torch"
+
+    def __init__(self, config: ModelConfig, recorded: list[list]):
+        super().__init__(config)
+        self._runs, self._steps = iter(recorded), iter(())
+
+    def _prefill(self, input_ids, attention_mask, position_ids):
+        self._steps = iter(next(self._runs))
+        return next(self._steps)
+
+    def _step(self, input_ids, attention_mask, position_ids):
+        return next(self._steps)
+
+
+def _check_fused(folder: Path, config: ModelConfig, recorded: list[list], entry: dict, progress) -> dict:
+    """Compare the fused graph with the recorded reference; raise ValidationError over tolerance."""
+    from ..runtime.backends.onnxruntime_fused import FusedOrtSession
+    from ..runtime.parity import Tolerance, compare_sessions
+
+    lossy = entry["fused_weights"] != "float"  # int8/int4 weights: only greedy agreement is meaningful
+    tolerance = Tolerance(atol=1.0, rtol=1.0, min_top1=0.5) if lossy else Tolerance.for_dtype(entry["fused_dtype"])
+    with FusedOrtSession(folder, config=config, max_context=64) as fused:
+        report = compare_sessions(_Replay(config, recorded), fused, _fused_check_prompts(config),
+                                  new_tokens=_FUSED_CHECK_NEW_TOKENS, tolerance=tolerance)  # fmt: skip
+    progress(report.table())
+    report.check()
+    return report.to_dict()
 
 
 def entries_dtype(model) -> str:
