@@ -25,7 +25,11 @@ def hf_cache_of(output):
     return getattr(output, CACHE_ARG, None)
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=pytest.mark.slow) if name == "350M" else name for name in CONFIGS],
+    ids=list(CONFIGS),
+)
 def pair(request, tmp_path_factory):
     """(ours, transformers') loaded from the same HF-layout checkpoint written by our converter."""
     config = CONFIGS[request.param]
