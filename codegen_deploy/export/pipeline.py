@@ -312,7 +312,7 @@ def _check_fused(folder: Path, config: ModelConfig, recorded: list[list], entry:
 
     lossy = entry["fused_weights"] != "float"  # int8/int4 weights: only greedy agreement is meaningful
     tolerance = Tolerance(atol=1.0, rtol=1.0, min_top1=0.5) if lossy else Tolerance.for_dtype(entry["fused_dtype"])
-    with FusedOrtSession(folder, config=config, max_context=64) as fused:
+    with FusedOrtSession(folder, config=config, max_context=64, low_memory=True) as fused:
         report = compare_sessions(_Replay(config, recorded), fused, _fused_check_prompts(config),
                                   new_tokens=_FUSED_CHECK_NEW_TOKENS, tolerance=tolerance)  # fmt: skip
     progress(report.table())

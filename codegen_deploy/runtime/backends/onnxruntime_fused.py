@@ -44,14 +44,17 @@ class FusedOrtSession(Session):
     max_batch: the most rows allowed (buffers are sized by the first prompt's batch, reallocated when it
     changes).
     session_options: extra onnxruntime.SessionOptions config entries. verify: how to check the
-    manifest's files ("none", "size", "sha256").
+    manifest's files ("none", "size", "sha256"). low_memory: no graph optimisation, priority order, no
+    arena: on CPU, ONNX Runtime's constant folding would otherwise keep a float32 copy of every fp16 weight
+    (used by the export's check, where speed does not matter).
     """
 
     name = "onnxruntime-fused"
 
     def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
                  providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
-                 session_options: dict[str, str] | None = None, verify: str = "size"):  # fmt: skip
+                 session_options: dict[str, str] | None = None, verify: str = "size",
+                 low_memory: bool = False):  # fmt: skip
         ort = import_onnxruntime()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
@@ -66,6 +69,10 @@ class FusedOrtSession(Session):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if low_memory:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            options.enable_cpu_mem_arena = False
         for key, value in (session_options or {}).items():
             options.add_session_config_entry(key, value)
         if providers:
