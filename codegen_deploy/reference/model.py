@@ -71,24 +71,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(e, e, bias=False)
         self.out_proj = nn.Linear(e, e, bias=False)
 
-    def forward(self, x, sin, cos, bias, past: tuple[torch.Tensor, torch.Tensor] | None):
-        b, t, e = x.shape
+    def project(self, x, sin, cos):
+        """q, k, v of x [B, T, E], each [B, H, T, D], with rotary applied to q and k."""
+        b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_head, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(b, t, self.n_head, self.head_dim)  # [B, T, H, D]
         v = self.v_proj(x).view(b, t, self.n_head, self.head_dim)  # [B, T, H, D]
         q = apply_rotary(q, sin, cos, self.rotary_dim).transpose(1, 2)  # [B, H, T, D]
         k = apply_rotary(k, sin, cos, self.rotary_dim).transpose(1, 2)  # [B, H, T, D]
-        v = v.transpose(1, 2)  # [B, H, T, D]
+        return q, k, v.transpose(1, 2)
+
+    def attend(self, q, keys, values, bias):
+        """Attention of q [B, H, T, D] over keys/values [B, H, total, D]; the output projection [B, T, E]."""
+        b, _, t, _ = q.shape
+        # CodeGen's order: mask added to the raw float32 scores, then divided by sqrt(head_dim).
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # [B, H, T, total]
+        scores = (scores + bias) / math.sqrt(self.head_dim)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        y = torch.matmul(probs, values)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, -1)  # [B, T, E]
+        return self.out_proj(y)
+
+    def forward(self, x, sin, cos, bias, past: tuple[torch.Tensor, torch.Tensor] | None):
+        q, k, v = self.project(x, sin, cos)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # [B, H, total, D]
             v = torch.cat((past[1], v), dim=2)  # [B, H, total, D]
-        # CodeGen's order: mask added to the raw float32 scores, then divided by sqrt(head_dim).
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # [B, H, T, total]
-        scores = (scores + bias) / math.sqrt(self.head_dim)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        y = torch.matmul(probs, v)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(b, t, e)  # [B, T, E]
-        return self.out_proj(y), (k, v)
+        return self.attend(q, k, v, bias), (k, v)
 
 
 class MLP(nn.Module):

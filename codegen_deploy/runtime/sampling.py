@@ -7,7 +7,7 @@ positive logit divided by the penalty and a negative one multiplied by it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -39,13 +39,7 @@ class SamplingConfig:
         return self.temperature == 0
 
     def to_dict(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed,
-        }
+        return asdict(self)
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

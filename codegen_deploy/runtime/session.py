@@ -27,13 +27,19 @@ class Session(ABC):
         self.config = config
         self.max_context = min(max_context or config.n_positions, config.n_positions)
         self.max_batch = max_batch
-        self.attention_mask: np.ndarray | None = None  # [B, total] int64
+        self._mask_buffer: np.ndarray | None = None  # [B, max_context] int64; the first `length` columns are used
+        self._length = 0
         self._next_position: np.ndarray | None = None  # [B, 1] int64
 
     @property
     def length(self) -> int:
         """Tokens in the cache (past + the last input), padding included."""
-        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+        return self._length
+
+    @property
+    def attention_mask(self) -> np.ndarray | None:
+        """The mask of everything in the cache, [B, length] (a view: a step writes one column, copies nothing)."""
+        return None if self._mask_buffer is None else self._mask_buffer[:, : self._length]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Start a new sequence: run the prompt [B, T] (left-padded, mask 0 on padding); return logits [B, vocab].
@@ -56,21 +62,23 @@ class Session(ABC):
         if self.max_batch is not None and b > self.max_batch:
             raise InputError(f"batch {b} exceeds this session's maximum {self.max_batch}: send fewer prompts")
         position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)  # [B, T]
-        self.attention_mask = attention_mask
+        self._mask_buffer = np.zeros((b, self.max_context), np.int64)
+        self._mask_buffer[:, :t] = attention_mask
+        self._length = t
         self._next_position = position_ids[:, -1:] + 1  # [B, 1]
         return self._prefill(input_ids, attention_mask, position_ids)
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         """Append one token per row [B] or [B, 1] to the cache; return logits [B, vocab]."""
-        if self.attention_mask is None:
+        if self._mask_buffer is None:
             raise InputError("step() before prefill(): run the prompt first")
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(-1, 1)  # [B, 1]
-        if input_ids.shape[0] != self.attention_mask.shape[0]:
-            raise InputError(f"step() got {input_ids.shape[0]} rows, the prompt had {self.attention_mask.shape[0]}")
+        if input_ids.shape[0] != self._mask_buffer.shape[0]:
+            raise InputError(f"step() got {input_ids.shape[0]} rows, the prompt had {self._mask_buffer.shape[0]}")
         if self.length >= self.max_context:
             raise InputError(f"the context is full ({self.max_context} tokens): generate fewer new tokens")
-        b = input_ids.shape[0]
-        self.attention_mask = np.concatenate([self.attention_mask, np.ones((b, 1), np.int64)], axis=1)
+        self._mask_buffer[:, self._length] = 1
+        self._length += 1
         position_ids = self._next_position
         self._next_position = position_ids + 1
         return self._step(input_ids, self.attention_mask, position_ids)

@@ -125,7 +125,8 @@ class OrtSession(Session):
         return [self._value(empty) if self._use_binding else empty for _ in self._past]
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        small = {io_spec.INPUT_IDS: input_ids, io_spec.ATTENTION_MASK: attention_mask,
+        # The session's mask is a view of a wider buffer: contiguous for batch 1, copied (small) otherwise.
+        small = {io_spec.INPUT_IDS: input_ids, io_spec.ATTENTION_MASK: np.ascontiguousarray(attention_mask),
                  io_spec.POSITION_IDS: position_ids}  # fmt: skip
         if not self._use_binding:
             outputs = self._session.run(None, {**small, **dict(zip(self._past, self._cache, strict=True))})
@@ -134,7 +135,7 @@ class OrtSession(Session):
             self._cache = [by_name[n] for n in self._present]
             return by_name[io_spec.LOGITS][:, -1]
         b = self._binding
-        self._keep = [np.ascontiguousarray(a) for a in small.values()]  # alive until the run ends
+        self._keep = list(small.values())  # alive until the run ends
         for name, array in zip(small, self._keep, strict=True):
             b.bind_ortvalue_input(name, self._value(array))
         for name, value in zip(self._past, self._cache, strict=True):

@@ -92,6 +92,7 @@ class FusedOrtSession(Session):
         self._present = io_spec.present_names(config.n_layer)
         self._binding = self._session.io_binding()
         self._rows = 0
+        self._bound_ids = None  # the OrtValue bound as input_ids
         self._lengths: np.ndarray | None = None  # [B] real tokens in each row's cache
 
     # -- buffers -------------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class FusedOrtSession(Session):
         self._seqlens = np.zeros(rows, np.int32)
         self._total = np.zeros((), np.int32)
         self._step_ids = np.zeros((rows, 1), np.int64)
+        self._step_ids_value = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
         self._logits = np.zeros((rows, c.vocab_size), np.float32)
         b = self._binding
         b.clear_binding_inputs()
@@ -125,8 +127,11 @@ class FusedOrtSession(Session):
 
     # -- Session -------------------------------------------------------------------------------------------
 
-    def _run(self, input_ids: np.ndarray) -> np.ndarray:
-        self._binding.bind_ortvalue_input(io_spec.INPUT_IDS, self._ort.OrtValue.ortvalue_from_numpy(input_ids))
+    def _run(self, input_ids) -> np.ndarray:
+        """Bind `input_ids` (an OrtValue) unless it is bound already, run, return a copy of the logits."""
+        if input_ids is not self._bound_ids:
+            self._binding.bind_ortvalue_input(io_spec.INPUT_IDS, input_ids)
+            self._bound_ids = input_ids
         self._session.run_with_iobinding(self._binding)
         return self._logits.copy()
 
@@ -145,14 +150,14 @@ class FusedOrtSession(Session):
         self._seqlens[:] = lengths - 1
         self._total[...] = t
         self._lengths = lengths.astype(np.int64)
-        return self._run(ids)
+        return self._run(self._ort.OrtValue.ortvalue_from_numpy(ids))
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         self._step_ids[:] = input_ids
         self._seqlens[:] = self._lengths  # the new token goes at index `length` of each row
         self._lengths += 1
         self._total[...] = self._lengths.max()
-        return self._run(self._step_ids)
+        return self._run(self._step_ids_value)  # bound once after a prefill, then reused every step
 
     def close(self) -> None:
         self._binding = None

@@ -9,7 +9,6 @@ CodeGen.forward.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +115,7 @@ class TorchSession(Session):
         """Run T new tokens after the cached ones, writing their keys and values in place."""
         import torch
 
-        from ...reference.model import apply_rotary, attention_bias, layer_norm_fp32
+        from ...reference.model import attention_bias, layer_norm_fp32
 
         m = self.model
         with torch.inference_mode():
@@ -132,19 +131,11 @@ class TorchSession(Session):
             x = m.wte(ids)  # [B, T, E]
             for block, k_cache, v_cache in zip(m.blocks, self._keys, self._values, strict=True):
                 h = layer_norm_fp32(block.ln_1, x)
-                a = block.attn
-                q = a.q_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
-                k = a.k_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
-                v = a.v_proj(h).view(b, t, a.n_head, a.head_dim)  # [B, T, H, D]
-                q = apply_rotary(q, sin, cos, a.rotary_dim).transpose(1, 2)  # [B, H, T, D]
-                k_cache[:, :, start:total] = apply_rotary(k, sin, cos, a.rotary_dim).transpose(1, 2)
-                v_cache[:, :, start:total] = v.transpose(1, 2)
+                q, k, v = block.attn.project(h, sin, cos)  # each [B, H, T, D]
+                k_cache[:, :, start:total] = k
+                v_cache[:, :, start:total] = v
                 keys, values = k_cache[:, :, :total], v_cache[:, :, :total]  # views [B, H, total, D]
-                scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))  # [B, H, T, total]
-                scores = (scores + bias) / math.sqrt(a.head_dim)
-                probs = torch.softmax(scores, dim=-1).to(values.dtype)
-                y = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, -1)  # [B, T, E]
-                x = x + a.out_proj(y) + block.mlp(h)
+                x = x + block.attn.attend(q, keys, values, bias) + block.mlp(h)
             x = layer_norm_fp32(m.ln_f, x[:, -1:])  # only the last position's logits are needed
             logits = m.lm_head(x).float()[:, -1]  # [B, V]
             return logits.cpu().numpy()
