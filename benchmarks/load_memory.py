@@ -21,7 +21,7 @@ from common import run_child, table
 
 LOAD = """
 import json, sys, time, torch
-from codegen_deploy.reference import CodeGen
+from codegen_deploy.model import CodeGen
 def vmhwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 start = time.perf_counter()
@@ -46,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from codegen_deploy.make_checkpoint import make_checkpoint
+    from codegen_deploy.model.make_checkpoint import make_checkpoint
 
     folder = Path(args.workdir) / f"random-{args.shape}-{args.dtype}-{args.layout}"
     if not (folder / "config.json").is_file():

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import table  # noqa: E402
 
 from codegen_deploy.config import PUBLISHED_SHAPES  # noqa: E402
-from codegen_deploy.reference import CodeGen, save_checkpoint  # noqa: E402
+from codegen_deploy.model import CodeGen, save_checkpoint  # noqa: E402
 from tests.conftest import TEST_CONFIGS  # noqa: E402
 
 

@@ -27,7 +27,12 @@ class InputError(CodegenDeployError):
 
 
 class ExportError(CodegenDeployError):
-    """An export that cannot be written, or an export folder that is incomplete or corrupted."""
+    """An export or engine build that cannot be made from this model with these options."""
+
+
+class ArtifactError(CodegenDeployError):
+    """An output that cannot be written, or an export folder or engine that is incomplete, corrupted or
+    made for another machine."""
 
 
 class ValidationError(CodegenDeployError):

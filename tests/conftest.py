@@ -1,13 +1,16 @@
-"""Shared fixtures: tiny random checkpoints in the HF layout, and the one way to find ../shared/data."""
+"""Shared fixtures: tiny random checkpoints in the HF layout and their exports, a scripted Session, and the one
+way to find ../shared/data."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from codegen_deploy.config import ModelConfig
+from codegen_deploy.runtime.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,7 @@ def real_tokenizer_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random 'tiny' CodeGen checkpoint with a tokenizer trained here: config.json, model.safetensors."""
-    from codegen_deploy.make_checkpoint import make_checkpoint
+    from codegen_deploy.model.make_checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", shape="tiny", seed=0)
 
@@ -73,7 +76,95 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     """An fp32 ONNX export folder of the tiny checkpoint, not validated, with the plain graph only
     (runtime tests that want the fused graph add it to a copy)."""
-    from codegen_deploy.export.pipeline import export_model
+    from codegen_deploy.pipeline import export_model
 
     return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False, fused=False,
                         progress=lambda line: None)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def export_progress() -> list[str]:
+    """Progress lines printed by the fp32 export."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tiny_checkpoint, tmp_path_factory, export_progress) -> Path:
+    """The tiny checkpoint exported in float32 (validated) through the Python API."""
+    from codegen_deploy.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
+    return export_model(tiny_checkpoint, out, progress=export_progress.append)
+
+
+@pytest.fixture(scope="session")
+def fp16_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported in float16 with external data forced, through the CLI."""
+    from codegen_deploy.cli.export import main
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp16"
+    code = main(["--model", str(tiny_checkpoint), "--output", str(out), "--fp16", "--external-data"])
+    assert code == 0
+    return out
+
+
+class ScriptedSession(Session):
+    """A Session whose greedy output is fixed: row i emits scripts[i][0], scripts[i][1], ...
+
+    Logits are one-hot (10 at the scripted id), so the loop's stopping and decoding logic is tested
+    on exactly chosen tokens (multi-byte characters split across tokens, stop strings, eos).
+    Records every id fed to it in `fed`.
+    """
+
+    name = "scripted"
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, n_positions: int = 512):
+        config = ModelConfig(n_layer=1, n_embd=8, n_head=2, rotary_dim=2, n_positions=n_positions, n_inner=8,
+                             vocab_size=vocab_size)  # fmt: skip
+        super().__init__(config)
+        self.scripts = scripts
+        self.fed: list[np.ndarray] = []
+
+    def _logits(self) -> np.ndarray:
+        out = np.zeros((len(self.scripts), self.config.vocab_size), np.float32)
+        for i, s in enumerate(self.scripts):
+            out[i, s[min(self.n, len(s) - 1)]] = 10.0
+        return out
+
+    def _prefill(self, input_ids, attention_mask, position_ids):
+        assert input_ids.shape[0] == len(self.scripts)
+        self.n = 0
+        self.fed = [input_ids]
+        return self._logits()
+
+    def _step(self, input_ids, attention_mask, position_ids):
+        self.n += 1
+        self.fed.append(input_ids)
+        return self._logits()
+
+
+@pytest.fixture
+def scripted_session():
+    """ScriptedSession(scripts, vocab_size) constructor."""
+    return ScriptedSession
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_tokenizer_dir):
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(real_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_checkpoint):
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from codegen_deploy.model.reference import CodeGen
+
+    return CodeGen.from_pretrained(tiny_checkpoint)

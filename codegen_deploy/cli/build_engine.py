@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..export.tensorrt import MAX_OPTIMIZATION_LEVEL, EngineOptions
+from ..artifacts.engine import MAX_OPTIMIZATION_LEVEL, EngineOptions
 from .common import run
 
 
@@ -58,7 +58,7 @@ def _main(argv: list[str] | None) -> int:
                         help="folder for decoder.engine and engine.json (default: EXPORT_DIR)")  # fmt: skip
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    from ..export.tensorrt import build_engine
+    from ..build.tensorrt import build_engine
 
     build_engine(args.export_dir, engine_options_from_args(args), output_dir=args.output)
     return 0

@@ -63,7 +63,7 @@ def resolve_dtype(args: argparse.Namespace) -> str:
 def command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from ..config import hub_id
-    from ..export.pipeline import export_model
+    from ..pipeline import export_model
 
     dtype = resolve_dtype(args)
     if args.size is not None:
@@ -76,7 +76,7 @@ def command(argv: list[str] | None) -> int:
                        fused_weights=args.quantize or "float")  # fmt: skip
     print(f"exported to {out}")
     if args.engine:
-        from ..export.tensorrt import build_engine
+        from ..build.tensorrt import build_engine
         from .build_engine import engine_options_from_args
 
         engine = build_engine(out, engine_options_from_args(args))
@@ -87,7 +87,7 @@ def command(argv: list[str] | None) -> int:
 def _require_engine_builder() -> None:
     """Fail before a long export when --engine cannot work here (the builder's own one-line errors)."""
     try:
-        from ..export import tensorrt
+        from ..build import tensorrt
     except ImportError as e:
         raise MissingDependencyError(
             "this codegen-deploy has no TensorRT builder: drop --engine, or update codegen-deploy"

@@ -65,10 +65,10 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import backend_options, default_backend, open_session
     from ..runtime.generate import GenerationConfig, Timings, generate, stream
     from ..runtime.sampling import SamplingConfig
-    from ..tokenizer import load_tokenizer
 
     prompt = read_prompt(args)
     config = GenerationConfig(

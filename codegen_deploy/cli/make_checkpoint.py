@@ -9,7 +9,7 @@ from .common import DTYPES, run, torch_dtype
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from ..make_checkpoint import SHAPES
+    from ..model.make_checkpoint import SHAPES
 
     p = argparse.ArgumentParser(
         prog="codegen-make-checkpoint",
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from ..make_checkpoint import make_checkpoint
+    from ..model.make_checkpoint import make_checkpoint
 
     start = time.perf_counter()
     shard = None if args.shard_size_mb is None else args.shard_size_mb * 2**20

@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import BACKENDS, backend_options, open_session
-    from ..runtime.parity import Tolerance, compare_sessions, load_prompts
-    from ..tokenizer import load_tokenizer
+    from ..verify.parity import Tolerance, compare_sessions, load_prompts
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if len(backends) != 2 or any(b not in BACKENDS for b in backends):

@@ -1,7 +1,7 @@
-"""Generation on every backend: open a Session, then generate() or stream(); compare two with parity.
+"""Generation on every backend: open a Session, then generate() or stream().
 
 from codegen_deploy.runtime import open_session, generate, stream
-from codegen_deploy.tokenizer import load_tokenizer
+from codegen_deploy.model.tokenizer import load_tokenizer
 
 session = open_session("onnxruntime", "exports/codegen-350M-mono")
 tokenizer = load_tokenizer("exports/codegen-350M-mono")
@@ -10,7 +10,6 @@ print(generate(session, tokenizer, "def fib(n):", max_new_tokens=64).text)
 
 from .backends import available_backends, open_session
 from .generate import GenerationConfig, GenerationResult, generate, stream
-from .parity import Tolerance, compare_sessions
 from .sampling import SamplingConfig
 from .session import Session
 
@@ -19,9 +18,7 @@ __all__ = [
     "GenerationResult",
     "SamplingConfig",
     "Session",
-    "Tolerance",
     "available_backends",
-    "compare_sessions",
     "generate",
     "open_session",
     "stream",

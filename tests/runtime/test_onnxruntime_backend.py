@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from codegen_deploy.errors import ExportError, InputError, MissingDependencyError
+from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError
 from codegen_deploy.runtime.backends import open_session
 from codegen_deploy.runtime.backends.onnxruntime import (
     OrtSession,
@@ -18,7 +18,7 @@ from codegen_deploy.runtime.backends.onnxruntime import (
     import_onnxruntime,
 )
 from codegen_deploy.runtime.generate import generate
-from codegen_deploy.runtime.parity import Tolerance, compare_sessions
+from codegen_deploy.verify.parity import Tolerance, compare_sessions
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self, item):\n        self"]
 
@@ -84,13 +84,13 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch):
 
 
 def test_broken_export_folders_are_refused(tiny_export, tmp_path):
-    with pytest.raises(ExportError, match="manifest.json"):
+    with pytest.raises(ArtifactError, match="manifest.json"):
         OrtSession(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_export, copy)
     with open(copy / "decoder.onnx", "ab") as f:
         f.write(b"x")
-    with pytest.raises(ExportError, match="truncated or changed"):
+    with pytest.raises(ArtifactError, match="truncated or changed"):
         OrtSession(copy)
 
 
@@ -104,7 +104,7 @@ def test_fused_graph_hook(tiny_export):
 
 def test_open_session_picks_the_fused_graph_when_listed(tiny_export, tiny_model, tiny_tokenizer, torch_session,
                                                         tmp_path):  # fmt: skip
-    from codegen_deploy.export.optimize import add_fused_graph
+    from codegen_deploy.build.fused import add_fused_graph
     from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
 
     folder = tmp_path / "with-fused"

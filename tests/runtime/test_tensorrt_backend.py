@@ -16,11 +16,13 @@ import types
 import numpy as np
 import pytest
 
-from codegen_deploy import io_spec
-from codegen_deploy.errors import ExportError, InputError, MissingDependencyError
-from codegen_deploy.export.tensorrt import NO_CUDA_GPU, TENSORRT_MISSING, EngineOptions, profile_shapes
-from codegen_deploy.runtime import polygraphy_check
+from codegen_deploy.artifacts import io_spec
+from codegen_deploy.artifacts.engine import EngineOptions, profile_shapes
+from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError
+from codegen_deploy.gpu import NO_CUDA_GPU, TENSORRT_MISSING
 from codegen_deploy.runtime.backends import open_session
+from codegen_deploy.cli import polygraphy as polygraphy_cli
+from codegen_deploy.verify import polygraphy as polygraphy_check
 from tests.conftest import TEST_CONFIGS
 
 
@@ -52,7 +54,7 @@ def test_session_without_gpu(monkeypatch, tmp_path):
 
 
 def test_polygraphy_check_without_tensorrt(no_tensorrt, capsys, tmp_path):
-    assert polygraphy_check.main([str(tmp_path)]) == MissingDependencyError.exit_code
+    assert polygraphy_cli.main([str(tmp_path)]) == MissingDependencyError.exit_code
     assert capsys.readouterr().err == f"error: {TENSORRT_MISSING}\n"
 
 
@@ -224,7 +226,7 @@ def test_session_buffers_and_profiles_with_a_recording_engine(monkeypatch, tmp_p
 
     import torch
 
-    from codegen_deploy.export.tensorrt import engine_manifest_body, write_engine_manifest
+    from codegen_deploy.artifacts.engine import engine_manifest_body, write_engine_manifest
     from codegen_deploy.runtime.backends.tensorrt import TensorRTSession
 
     class CpuTensorRTSession(TensorRTSession):
@@ -279,7 +281,7 @@ GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64, tf32=Fals
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_export, tmp_path_factory):
-    from codegen_deploy.export.tensorrt import build_engine
+    from codegen_deploy.build.tensorrt import build_engine
 
     folder = tmp_path_factory.mktemp("engine")
     for f in tiny_export.iterdir():
@@ -345,7 +347,7 @@ def test_engine_from_another_tensorrt_is_refused(tiny_engine, tmp_path):
     manifest = json.loads((tmp_path / io_spec.ENGINE_MANIFEST_FILE).read_text())
     manifest["tensorrt_version"] = "9.0.0"
     (tmp_path / io_spec.ENGINE_MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match="the engine was built with TensorRT 9.0.0"):
+    with pytest.raises(ArtifactError, match="the engine was built with TensorRT 9.0.0"):
         open_session("tensorrt", tmp_path / io_spec.ENGINE_FILE)
 
 

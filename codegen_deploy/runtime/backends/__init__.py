@@ -26,7 +26,7 @@ def available_backends() -> list[str]:
 def default_backend(path) -> str:
     """The backend an artifact is meant for: onnxruntime for an export folder (manifest.json), tensorrt
     for an engine (a .engine file or a folder with engine.json and no ONNX export), torch otherwise."""
-    from ... import io_spec
+    from ...artifacts import io_spec
 
     p = Path(path)
     if p.is_file() and p.suffix == ".engine":
@@ -74,7 +74,7 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
 
     graph: "auto" (fused if the manifest lists one), "plain" or "fused".
     """
-    from ...manifest import read_manifest
+    from ...artifacts.manifest import read_manifest
     from .onnxruntime import OrtSession, fused_graph_entry
 
     if graph not in ("auto", "plain", "fused"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import io_spec
-from ...errors import ExportError, InputError, MissingDependencyError
+from ...artifacts import io_spec
+from ...errors import ArtifactError, InputError, MissingDependencyError
 from ..session import Session
 
 # Default provider preference; TensorRT's EP builds engines on first use and is chosen only on request.
@@ -81,7 +81,7 @@ class OrtSession(Session):
     def __init__(self, folder: str | Path, providers: list[str] | str | None = None, threads: int | None = None,
                  max_context: int | None = None, max_batch: int | None = None, io_binding: bool = True,
                  session_options: dict[str, str] | None = None, verify: str = "size"):  # fmt: skip
-        from ...manifest import manifest_config, read_manifest
+        from ...artifacts.manifest import manifest_config, read_manifest
 
         ort = import_onnxruntime()
         folder = Path(folder)
@@ -90,7 +90,7 @@ class OrtSession(Session):
         manifest = read_manifest(folder, verify=verify)
         graph = folder / manifest.get("graph_file", io_spec.GRAPH_FILE)
         if not graph.is_file():
-            raise ExportError(f"{graph} is missing: copy the whole export folder or export again")
+            raise ArtifactError(f"{graph} is missing: copy the whole export folder or export again")
         config = manifest_config(manifest)
         super().__init__(config, max_context=max_context, max_batch=max_batch)
         self.manifest = manifest
@@ -105,7 +105,7 @@ class OrtSession(Session):
         try:
             self._session = ort.InferenceSession(os.fspath(graph), options, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for broken graphs
-            raise ExportError(f"ONNX Runtime cannot load {graph} ({type(e).__name__}: {e}): export again") from e
+            raise ArtifactError(f"ONNX Runtime cannot load {graph} ({type(e).__name__}: {e}): export again") from e
         self.device = "cuda" if self.providers[0] in _GPU_PROVIDERS else "cpu"
         spec = {i["name"]: i for i in manifest["inputs"]}
         self.cache_dtype = np.dtype(spec[io_spec.past_name(0, "key")]["dtype"])

@@ -1,4 +1,4 @@
-"""ONNX Runtime over the fused decoder graph (export/optimize.py): the cache is written in place.
+"""ONNX Runtime over the fused decoder graph (build/fused.py): the cache is written in place.
 
 Each layer's key and value cache is one preallocated [batch, heads, max_context, head_dim] OrtValue,
 bound as both the graph's past input and its present output, so GroupQueryAttention appends the new
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import io_spec
+from ...artifacts import io_spec
 from ...config import ModelConfig
-from ...errors import ExportError, InputError
+from ...errors import ArtifactError, InputError
 from ..session import Session
 from .onnxruntime import import_onnxruntime
 
@@ -27,13 +27,13 @@ from .onnxruntime import import_onnxruntime
 def _read_config(folder: Path, verify: str) -> ModelConfig:
     """The model config of an export folder: its manifest's (checked: verify "none" | "size" | "sha256"),
     else a config.json next to the graph."""
-    from ...manifest import manifest_config, read_manifest
+    from ...artifacts.manifest import manifest_config, read_manifest
 
     if (folder / io_spec.MANIFEST_FILE).is_file():
         return manifest_config(read_manifest(folder, verify=verify))
     if (folder / "config.json").is_file():
         return ModelConfig.from_file(folder)
-    raise ExportError(f"{folder} has neither {io_spec.MANIFEST_FILE} nor config.json: export the model again")
+    raise ArtifactError(f"{folder} has neither {io_spec.MANIFEST_FILE} nor config.json: export the model again")
 
 
 class FusedOrtSession(Session):
@@ -59,7 +59,7 @@ class FusedOrtSession(Session):
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
         if not graph.is_file():
-            raise ExportError(
+            raise ArtifactError(
                 f"no fused graph at {graph}: export with the fused graph (export.optimize.write_fused_graph)"
             )
         config = config or _read_config(graph.parent, verify)

@@ -20,18 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import io_spec
-from ...config import ModelConfig
-from ...errors import ExportError, InputError
-from ...export.tensorrt import (
+from ...artifacts import io_spec
+from ...artifacts.engine import (
     DECODE_PROFILE,
     PROFILES,
     PROMPT_PROFILE,
     check_engine_compatible,
     read_engine_manifest,
-    require_cuda_gpu,
-    require_tensorrt,
 )
+from ...config import ModelConfig
+from ...errors import ArtifactError, InputError
+from ...gpu import require_cuda_gpu, require_tensorrt
 from ..session import Session
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
@@ -75,7 +74,7 @@ class TensorRTSession(Session):
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
-            raise ExportError(f"TensorRT could not load {engine_path} (see its messages above): rebuild the engine")
+            raise ArtifactError(f"TensorRT could not load {engine_path} (see its messages above): rebuild the engine")
         self._check_engine_io(trt, engine_path)
         self.context = self.engine.create_execution_context()
         self.device, self.stream = self._device_and_stream()
@@ -83,7 +82,7 @@ class TensorRTSession(Session):
         dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
         cache_dtype = dtypes[io_spec.past_name(0, "key")]
         if cache_dtype not in _TORCH_DTYPES or dtypes[io_spec.LOGITS] != "float32":
-            raise ExportError(f"{engine_path}: unsupported cache dtype {cache_dtype} or non-float32 logits")
+            raise ArtifactError(f"{engine_path}: unsupported cache dtype {cache_dtype} or non-float32 logits")
         b, h, c, d = self.max_batch, config.n_head, self.max_context, config.head_dim
 
         def empty(n: int, dtype: str):
@@ -122,9 +121,9 @@ class TensorRTSession(Session):
         }
         want_out = {io_spec.LOGITS, *io_spec.present_names(self.config.n_layer)}
         if inputs != want_in or set(names) - inputs != want_out:
-            raise ExportError(f"{engine_path} does not have this tool's decoder inputs and outputs: rebuild it")
+            raise ArtifactError(f"{engine_path} does not have this tool's decoder inputs and outputs: rebuild it")
         if self.engine.num_optimization_profiles != len(PROFILES):
-            raise ExportError(
+            raise ArtifactError(
                 f"{engine_path} has {self.engine.num_optimization_profiles} profiles, not {len(PROFILES)}: rebuild it"
             )
 

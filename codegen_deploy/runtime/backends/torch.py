@@ -19,8 +19,8 @@ from ..session import Session
 
 def _checkpoint_of_export(folder: Path) -> str | None:
     """The source checkpoint an export folder's manifest records, if it records one that still exists."""
-    from ...io_spec import MANIFEST_FILE
-    from ...manifest import read_manifest
+    from ...artifacts.io_spec import MANIFEST_FILE
+    from ...artifacts.manifest import read_manifest
 
     if not (folder / MANIFEST_FILE).is_file():
         return None
@@ -71,7 +71,7 @@ class TorchSession(Session):
     ):
         import torch
 
-        from ...reference.model import CodeGen
+        from ...model.reference import CodeGen
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -115,7 +115,7 @@ class TorchSession(Session):
         """Run T new tokens after the cached ones, writing their keys and values in place."""
         import torch
 
-        from ...reference.model import attention_bias, layer_norm_fp32
+        from ...model.reference import attention_bias, layer_norm_fp32
 
         m = self.model
         with torch.inference_mode():

@@ -1,0 +1,110 @@
+"""The one place where the decoder graph's input/output names, dtypes and symbolic dims are defined.
+
+The exporters, the manifest, every runtime backend and the C++ example read names from here, so no
+component guesses them. Naming follows optimum's CodeGen decoder (past_key_values.{i}.key, present.{i}.value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Files of an export folder.
+GRAPH_FILE = "decoder.onnx"
+DATA_FILE = "decoder.onnx.data"
+MANIFEST_FILE = "manifest.json"
+GENAI_CONFIG_FILE = "genai_config.json"
+ENGINE_FILE = "decoder.engine"
+ENGINE_MANIFEST_FILE = "engine.json"
+
+# Symbolic dims. TOTAL is past + seq; it has a name of its own because exporters reject `Dim + Dim`.
+BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+KV_KINDS = ("key", "value")
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype (a numpy dtype name) and shape (ints and symbolic dim names) of one graph input or output."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def past_names(n_layer: int) -> list[str]:
+    """past_key_values.0.key, past_key_values.0.value, past_key_values.1.key, ... (graph input order)."""
+    return [past_name(i, kind) for i in range(n_layer) for kind in KV_KINDS]
+
+
+def present_names(n_layer: int) -> list[str]:
+    """present.0.key, present.0.value, present.1.key, ... (graph output order)."""
+    return [present_name(i, kind) for i in range(n_layer) for kind in KV_KINDS]
+
+
+def decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:
+    """Graph inputs in order: ids, mask, positions, then the past cache of every layer."""
+    kv_shape = (BATCH, n_head, PAST, head_dim)
+    return [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ)),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in past_names(n_layer)),
+    ]
+
+
+def decoder_outputs(n_layer: int, n_head: int, head_dim: int, vocab_size: int, cache_dtype: str) -> list[TensorSpec]:
+    """Graph outputs in order: float32 logits, then the present cache of every layer (past + seq long)."""
+    kv_shape = (BATCH, n_head, TOTAL, head_dim)
+    return [
+        TensorSpec(LOGITS, "float32", (BATCH, SEQ, vocab_size)),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in present_names(n_layer)),
+    ]
+
+
+# The fused ONNX Runtime decoder (build/fused.py): GroupQueryAttention with one cache buffer per layer
+# and kind, bound as both past and present so the graph writes the new tokens in place. Each row starts at
+# index 0 of its buffer (right padding): row b holds its tokens at [0, seqlens_k[b] + 1); the rest is unread.
+FUSED_GRAPH_FILE = "decoder_fused.onnx"
+FUSED_DATA_FILE = "decoder_fused.onnx.data"
+SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this run, minus one (GQA's convention)
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
+MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
+
+
+def fused_decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:
+    """Fused graph inputs in order: ids, seqlens_k, total_sequence_length, then every layer's cache buffer."""
+    kv_shape = (BATCH, n_head, MAX_LENGTH, head_dim)
+    return [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(SEQLENS_K, "int32", (BATCH,)),
+        TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in past_names(n_layer)),
+    ]
+
+
+def fused_decoder_outputs(
+    n_layer: int, n_head: int, head_dim: int, vocab_size: int, cache_dtype: str
+) -> list[TensorSpec]:
+    """Fused graph outputs: float32 logits of each row's last real token [batch, vocab], then the caches
+    (the same buffers as the inputs when bound in place)."""
+    kv_shape = (BATCH, n_head, MAX_LENGTH, head_dim)
+    return [
+        TensorSpec(LOGITS, "float32", (BATCH, vocab_size)),
+        *(TensorSpec(name, cache_dtype, kv_shape) for name in present_names(n_layer)),
+    ]

@@ -1,0 +1,27 @@
+"""codegen-polygraphy EXPORT_DIR: compare ONNX Runtime and TensorRT outputs for one step with Polygraphy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import run
+
+
+def command(argv: list[str] | None) -> int:
+    from ..artifacts.engine import PROFILES
+    from ..verify.polygraphy import compare_onnxruntime_tensorrt
+
+    parser = argparse.ArgumentParser(prog="codegen-polygraphy", description=__doc__)
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--engine-dir", type=Path, default=None, help="default: EXPORT_DIR")
+    parser.add_argument("--profile", choices=PROFILES, default="decode")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    ok = compare_onnxruntime_tensorrt(args.export_dir, args.engine_dir, args.profile, args.seed)
+    print("PASSED: onnxruntime and tensorrt agree" if ok else "FAILED: outputs differ beyond tolerance")
+    return 0 if ok else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(command, argv)

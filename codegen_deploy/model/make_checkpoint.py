@@ -1,0 +1,106 @@
+"""The embedded default: a small CodeGen checkpoint in the Hugging Face layout, made offline on any machine.
+
+Random weights of a chosen shape, and a byte-level BPE tokenizer trained with `tokenizers` on Python
+source that ships with Python itself, with CodeGen's whitespace-run tokens and <|endoftext|>.
+With internet, users export real models instead; this exists so the demo and tests need no hub.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..artifacts.atomic import staging_folder
+from ..config import PUBLISHED_SHAPES, ModelConfig
+from ..dtypes import dtype_name
+from ..errors import ArtifactError, InputError
+from .hub import TOKENIZER_FILES
+from .reference import CodeGen
+from .tokenizer import EOS_TOKEN, load_tokenizer
+from .weights import save_checkpoint
+
+# Small shapes for demos and tests; the published shapes come from config.PUBLISHED_SHAPES.
+SMALL_SHAPES = {
+    "tiny": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_inner=256,
+                        vocab_size=2048),
+    "demo": ModelConfig(n_layer=4, n_embd=256, n_head=8, rotary_dim=16, n_positions=1024, n_inner=1024,
+                        vocab_size=2048),
+}  # fmt: skip
+SHAPES = {**SMALL_SHAPES, **PUBLISHED_SHAPES}
+TRAINED_VOCAB = 2000  # leaves room below the demo shapes' 2048 embedding rows
+
+# CodeGen's added tokens: runs of 31..2 spaces, then 9..2 tabs (Salesforce's tokenizer recipe).
+WHITESPACE_RUNS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+
+# Modules whose source trains the tokenizer: present in every CPython 3.10+.
+_CORPUS_MODULES = ("argparse", "ast", "dataclasses", "functools", "json.decoder", "json.encoder",
+                   "textwrap", "typing", "collections", "inspect", "string", "random")  # fmt: skip
+
+
+def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
+    """A byte-level BPE tokenizer trained on Python's own source, laid out like CodeGen's."""
+    import importlib
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    for name in _CORPUS_MODULES:
+        path = inspect.getsourcefile(importlib.import_module(name))
+        texts.append(Path(path).read_text(encoding="utf-8"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(WHITESPACE_RUNS),
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(run, normalized=True, special=False) for run in WHITESPACE_RUNS])
+    return tok
+
+
+def make_checkpoint(
+    output: str | Path,
+    shape: str = "demo",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    layout: str = "safetensors",
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer files) into `output`.
+
+    shape: one of SHAPES ("tiny", "demo", "350M", "2B", "6B", "16B"). tokenizer: a folder with
+    CodeGen tokenizer files to copy (the real one); default: train a small one here. The embedding
+    has max(shape's vocab, tokenizer size rounded up to 64) rows and eos is the tokenizer's <|endoftext|>.
+    """
+    if shape not in SHAPES:
+        raise InputError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ArtifactError(f"{output} exists and is not empty: choose another folder or delete it")
+    with staging_folder(output) as tmp:
+        if tokenizer is None:
+            train_tokenizer().save(str(tmp / "tokenizer.json"))
+        else:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copyfile(Path(tokenizer) / name, tmp / name)
+        tok = load_tokenizer(tmp)
+        config = SHAPES[shape]
+        vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
+        config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        # Weights large enough that logits vary by several units: parity checks then mean something.
+        model = CodeGen.random(config, dtype=dtype, seed=seed, std=0.1 if shape in SMALL_SHAPES else 0.02)
+        save_checkpoint(model, tmp, layout=layout, max_shard_bytes=max_shard_bytes)
+        hf_config = json.loads((tmp / "config.json").read_text())
+        hf_config["torch_dtype"] = dtype_name(dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return output

@@ -1,0 +1,87 @@
+"""CodeGen's tokenizer on the `tokenizers` library: GPT-2 byte-level BPE plus CodeGen's whitespace-run tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import TokenizerError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Encodes text to ids and back; `eos_token_id` ends generation."""
+
+    def __init__(self, backend, eos_token_id: int):
+        self._tok = backend
+        self.eos_token_id = eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json (the one file this tokenizer needs) into `folder`."""
+        self._tok.save(str(Path(folder) / "tokenizer.json"))
+
+
+def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
+    """Load from a folder (or hub id) holding tokenizer.json, or vocab.json + merges.txt [+ added_tokens.json]."""
+    from .hub import resolve_model
+
+    folder = resolve_model(path_or_id)
+    if (folder / "tokenizer.json").is_file():
+        backend = _from_tokenizer_json(folder / "tokenizer.json")
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        backend = _from_vocab_merges(folder)
+    else:
+        raise TokenizerError(
+            f"{folder} has no tokenizer.json and no vocab.json + merges.txt: copy the tokenizer files into it"
+        )
+    eos = backend.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise TokenizerError(f"the tokenizer in {folder} has no {EOS_TOKEN} token: is it a CodeGen tokenizer?")
+    return Tokenizer(backend, eos)
+
+
+def _from_tokenizer_json(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise TokenizerError(f"{path} is not a readable tokenizer.json ({e}): re-download it") from e
+
+
+def _from_vocab_merges(folder: Path):
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:
+        raise TokenizerError(f"vocab.json or merges.txt in {folder} is unreadable ({e}): re-download them") from e
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, normalized=False, special=True)])
+    added_path = folder / "added_tokens.json"
+    if added_path.is_file():
+        try:
+            added = json.loads(added_path.read_text())
+        except ValueError as e:
+            raise TokenizerError(f"{added_path} is not valid JSON ({e}): re-download it") from e
+        # Added tokens take ids after the base vocab in the order given, so add them sorted by id.
+        for content, want in sorted(added.items(), key=lambda kv: kv[1]):
+            tok.add_tokens([AddedToken(content, normalized=True, special=False)])
+            got = tok.token_to_id(content)
+            if got != want:
+                raise TokenizerError(f"{added_path}: token {content!r} should have id {want} but got {got}")
+    return tok

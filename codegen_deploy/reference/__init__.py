@@ -1,6 +1,0 @@
-"""CodeGen in plain PyTorch and its checkpoint loader."""
-
-from .model import CodeGen
-from .weights import load_checkpoint, save_checkpoint
-
-__all__ = ["CodeGen", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,144 @@
+"""The fused graph builder: structure, I/O contract, shapes GQA cannot express, fp16, adding it to an export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from codegen_deploy.artifacts import io_spec
+from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
+from codegen_deploy.build.fused import add_fused_graph, rotary_table_width, write_fused_graph
+from codegen_deploy.config import ModelConfig
+from codegen_deploy.errors import ExportError
+from codegen_deploy.model.reference import CodeGen
+
+pytest.importorskip("onnxruntime")
+
+CONFIG = ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=40, n_inner=128, vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def model() -> CodeGen:
+    return CodeGen.random(CONFIG, seed=5, std=0.1)
+
+
+def test_graph_follows_the_io_spec_and_uses_one_gqa_per_layer(model, tmp_path):
+    files = write_fused_graph(model, tmp_path)
+    assert files == [io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no temporary files left
+    onnx.checker.check_model(str(tmp_path / io_spec.FUSED_GRAPH_FILE))
+    graph = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+
+    def spec(values):
+        return [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]  # fmt: skip
+
+    args = (CONFIG.n_layer, CONFIG.n_head, CONFIG.head_dim)
+    assert spec(graph.input) == [(s.name, s.dtype, s.shape) for s in io_spec.fused_decoder_inputs(*args, "float32")]
+    assert spec(graph.output) == [
+        (s.name, s.dtype, s.shape) for s in io_spec.fused_decoder_outputs(*args, CONFIG.vocab_size, "float32")
+    ]
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == CONFIG.n_layer
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 1
+    assert attrs["num_heads"] == attrs["kv_num_heads"] == CONFIG.n_head
+    assert list(gqa[0].output[1:]) == [io_spec.present_name(0, "key"), io_spec.present_name(0, "value")]
+    assert not any(n.op_type == "Concat" for n in graph.node)  # nothing grows the cache
+    cos = next(t for t in graph.initializer if t.name == "rotary.cos_cache")
+    assert list(cos.dims) == [CONFIG.n_positions, 8]  # rotary_dim / 2 = 4, padded to GQA's multiple of 8
+
+
+def test_rotary_table_width_and_shapes_gqa_cannot_express():
+    assert rotary_table_width(CONFIG) == 8
+    assert rotary_table_width(ModelConfig(20, 1024, 16, 32, 2048, 4096, 51200)) == 16  # the 350M shape
+    with pytest.raises(ExportError, match="plain decoder graph"):
+        rotary_table_width(ModelConfig(1, 60, 3, 6, 64, 120, 100))  # head_dim 20
+    with pytest.raises(ExportError, match="plain decoder graph"):
+        rotary_table_width(ModelConfig(1, 48, 2, 24, 64, 96, 100))  # rotary table 12 wide > head_dim / 2
+
+
+def test_fp16_graph_stays_close_to_the_fp32_reference(model, tmp_path):
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    half = CodeGen.random(CONFIG, seed=5, std=0.1, dtype=torch.float16)
+    write_fused_graph(half, tmp_path)
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 24))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids))[0][0, 5:].numpy()  # [19, V]
+    with FusedOrtSession(tmp_path, config=CONFIG) as session:
+        assert session.cache_dtype == np.float16
+        got = [session.prefill(ids[:, :6])] + [session.step(ids[:, t]) for t in range(6, 24)]
+    assert np.concatenate(got).dtype == np.float32
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-2)
+
+
+def test_add_fused_graph_records_it_in_the_manifest(model, tmp_path):
+    from codegen_deploy.model.weights import save_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(model, checkpoint)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps(CONFIG.to_hf_config()))
+    write_manifest(export, {"model_config": CONFIG.to_dict(), "source": str(checkpoint), "dtype": "float32"})
+
+    add_fused_graph(export)  # loads the model from the manifest's source
+    manifest = read_manifest(export, verify="sha256")
+    assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE
+    assert {io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE} <= set(manifest["files"])
+    assert manifest["source"] == str(checkpoint)  # the rest of the manifest is kept
+    assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
+        io_spec.INPUT_IDS, io_spec.SEQLENS_K, io_spec.TOTAL_SEQUENCE_LENGTH,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits, block", [(8, 64), (4, 32)])
+def test_quantized_weights_are_packed_as_matmulnbits_reads_them(bits, block):
+    """accuracy_level 0 (float activations) makes MatMulNBits exactly x @ dequantized(W).T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from codegen_deploy.build.fused import quantize_blockwise
+
+    rng = np.random.default_rng(0)
+    n, k = 24, 72  # k not a multiple of the block: the last block is zero-padded
+    weight = rng.normal(0, 0.05, (n, k)).astype(np.float32)
+    x = rng.normal(0, 1, (2, k)).astype(np.float32)
+    packed, scales = quantize_blockwise(weight, bits, block)
+    values = np.stack([packed & 15, packed >> 4], -1).reshape(n, packed.shape[1], -1) if bits == 4 else packed
+    dequantized = ((values.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k]
+    assert np.abs(dequantized - weight).max() <= scales.max() / 2 + 1e-7  # rounding error only
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=block, accuracy_level=0)  # fmt: skip
+    initializers = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantized.T, atol=1e-5)
+
+
+def test_int8_graph_runs_close_to_the_reference(model, tmp_path):
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    write_fused_graph(model, tmp_path, weights="int8")
+    graph = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * CONFIG.n_layer + 1
+    assert not any(n.op_type == "MatMul" for n in graph.node)
+    ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (1, 12))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids))[0][0, -1].numpy()
+    with FusedOrtSession(tmp_path, config=CONFIG) as session:
+        got = session.prefill(ids)[0]
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()  # lossy, but the same model
+
+
+def test_unknown_weight_format_is_refused(model, tmp_path):
+    with pytest.raises(ExportError, match="weight format"):
+        write_fused_graph(model, tmp_path, weights="int3")

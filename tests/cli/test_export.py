@@ -1,0 +1,123 @@
+"""codegen-export's one-line errors, and exports that fail or are interrupted leave nothing complete-looking."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from codegen_deploy import pipeline
+from codegen_deploy.cli.export import main
+
+
+def one_error_line(capsys, argv) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_unknown_size(capsys, tmp_path):
+    line = one_error_line(capsys, ["--size", "7B", "--output", str(tmp_path / "out")])
+    assert "unknown size '7B'" in line and "350M" in line
+
+
+def test_unknown_data(capsys, tmp_path):
+    assert "unknown data 'python'" in one_error_line(capsys, ["--size", "2B", "--data", "python"])
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    line = one_error_line(capsys, ["--model", str(tmp_path / "no-such-folder"), "--output", str(tmp_path / "o")])
+    assert "neither a checkpoint folder nor a hub id" in line
+
+
+def test_size_and_model_together(capsys, tmp_path):
+    assert "not both" in one_error_line(capsys, ["--size", "350M", "--model", str(tmp_path)])
+
+
+def test_non_codegen_model(capsys, tmp_path):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    line = one_error_line(capsys, ["--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "out")])
+    assert "not 'codegen'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_without_force(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
+    assert "already exists" in line and "--force" in line
+
+
+def test_unwritable_output(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / "a-file").write_text("x")  # a folder cannot be made under a file, even as root
+    line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "a-file" / "out")])
+    assert "cannot write to" in line
+
+
+def test_conflicting_dtype_options(capsys, tiny_checkpoint):
+    assert "disagree" in one_error_line(capsys, ["--model", str(tiny_checkpoint), "--fp16", "--dtype", "float32"])
+
+
+def test_engine_without_tensorrt_is_one_line(capsys, tiny_checkpoint, tmp_path):
+    pytest.importorskip("codegen_deploy.build.tensorrt")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here: --engine would build an engine")
+    except ImportError:
+        pass
+    line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--engine"])
+    assert "tensorrt is not installed" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_output_names():
+    assert str(pipeline.default_output(size="350M", dtype="float16")) == "exports/codegen-350M-mono-fp16"
+    assert str(pipeline.default_output("Salesforce/codegen-2B-multi")) == "exports/codegen-2B-multi"
+
+
+def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
+    fp32_export, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """Ctrl-C after the graph was saved and validated: no output, no temp folder; a --force target is kept."""
+    import onnx_ir
+
+    from codegen_deploy.artifacts import io_spec
+    from codegen_deploy.build import genai
+    from codegen_deploy.build import trace as onnx_export
+
+    # Re-use the session's traced graph instead of tracing again (tracing is the slow part).
+    monkeypatch.setattr(onnx_export, "trace", lambda *a, **k: onnx_ir.load(fp32_export / io_spec.GRAPH_FILE))
+    saved = []
+
+    def interrupt(folder, config):
+        saved.append(sorted(p.name for p in folder.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(genai, "write_genai_config", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(tiny_checkpoint, tmp_path / "new", progress=lambda line: None)
+    assert io_spec.GRAPH_FILE in saved[0]  # the interrupt came after files were written
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    before = sorted(p.name for p in old.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(tiny_checkpoint, old, force=True, validate=False, progress=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path):
+    line = one_error_line(
+        capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--dtype", "bfloat16"]
+    )
+    assert "--no-validate" in line and "bfloat16" in line
+
+
+def test_too_old_opset(capsys, tiny_checkpoint, tmp_path):
+    assert "opset 13 is too old" in one_error_line(capsys, ["--model", str(tiny_checkpoint), "--opset", "13"])

@@ -1,0 +1,81 @@
+"""Resolving folders, hub ids and sizes; what a hub download asks for (huggingface_hub patched: no network)."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import pytest
+
+from codegen_deploy.errors import CheckpointError
+from codegen_deploy.model.hub import choose_weight_files, resolve_model
+
+SALESFORCE_FILES = [".gitattributes", "README.md", "config.json", "pytorch_model.bin", "tokenizer.json",
+                    "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                    "tokenizer_config.json"]  # fmt: skip
+
+
+def test_choose_weight_files_prefers_safetensors():
+    assert choose_weight_files(["model.safetensors", "pytorch_model.bin"]) == ["model.safetensors"]
+    sharded = ["model.safetensors.index.json", "model-00001-of-00002.safetensors",
+               "model-00002-of-00002.safetensors", "pytorch_model.bin"]  # fmt: skip
+    assert choose_weight_files(sharded) == sharded[:3]
+    assert choose_weight_files(SALESFORCE_FILES) == ["pytorch_model.bin"]
+    assert choose_weight_files(["README.md"]) == []
+
+
+def test_local_folder_is_used_as_is(tmp_path):
+    assert resolve_model(tmp_path) == tmp_path
+
+
+def test_size_downloads_only_needed_files(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_list(repo_id, revision=None):
+        calls["listed"] = repo_id
+        return SALESFORCE_FILES
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+        calls["allow"] = allow_patterns
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert resolve_model(size="2B", data="multi") == tmp_path
+    assert calls["listed"] == "Salesforce/codegen-2B-multi"
+    assert "pytorch_model.bin" in calls["allow"] and "config.json" in calls["allow"]
+    assert "README.md" not in calls["allow"] and ".gitattributes" not in calls["allow"]
+
+
+def test_network_failure_is_one_clear_line(monkeypatch):
+    def offline(repo_id, revision=None):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(CheckpointError, match=r"could not download Salesforce/codegen-350M-mono \(ConnectionError\)"):
+        resolve_model("Salesforce/codegen-350M-mono")
+
+
+def test_unknown_repo(monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def missing(repo_id, revision=None):
+        # Its constructor wants an HTTP response whose type varies between releases: skip it.
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(error, "404 Repository Not Found")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", missing)
+    with pytest.raises(CheckpointError, match="is not on the hub"):
+        resolve_model("someone/not-a-model")
+
+
+def test_repo_without_weights(monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: ["README.md"])
+    with pytest.raises(CheckpointError, match="has no model.safetensors or pytorch_model.bin"):
+        resolve_model("someone/dataset-like")
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(CheckpointError, match="not both"):
+        resolve_model(tmp_path, size="350M")
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
+        resolve_model("./missing/folder/here")

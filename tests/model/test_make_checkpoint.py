@@ -1,0 +1,58 @@
+"""The embedded default checkpoint: made offline, loadable by us and by transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen_deploy.cli.make_checkpoint import main
+from codegen_deploy.config import ModelConfig
+from codegen_deploy.model import CodeGen
+from codegen_deploy.model.tokenizer import load_tokenizer
+
+
+def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main([str(out), "--shape", "tiny", "--seed", "5"]) == 0
+    assert "wrote a random tiny CodeGen checkpoint" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    config = ModelConfig.from_file(out)
+    tok = load_tokenizer(out)
+    assert config.eos_token_id == tok.eos_token_id and config.vocab_size >= tok.vocab_size
+    model = CodeGen.from_pretrained(out)
+    ids = torch.tensor([tok.encode("def f(x):\n    return x\n")])
+    logits, _ = model(ids)
+    assert logits.std() > 0.5  # weights large enough that greedy decoding is not degenerate
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CodeGenForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, logits, atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_checkpoint(tmp_path):
+    main([str(tmp_path / "a"), "--shape", "tiny", "--seed", "1"])
+    main([str(tmp_path / "b"), "--shape", "tiny", "--seed", "1"])
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_real_tokenizer_and_bin_layout(tmp_path, real_tokenizer_dir):
+    out = tmp_path / "real-tok"
+    assert main([str(out), "--shape", "tiny", "--tokenizer", str(real_tokenizer_dir), "--layout", "bin",
+                 "--dtype", "float16"]) == 0  # fmt: skip
+    config = ModelConfig.from_file(out)
+    assert config.vocab_size == 50304 and config.eos_token_id == 50256  # 50295 ids rounded up to 64
+    assert (out / "pytorch_model.bin").is_file() and (out / "vocab.json").is_file()
+    assert CodeGen.from_pretrained(out, dtype=torch.float16).dtype == torch.float16
+
+
+def test_refuses_non_empty_output_and_unknown_shape(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    assert main([str(tmp_path / "x"), "--shape", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "exists and is not empty" in err and "\n" not in err
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "y"), "--shape", "7B"])

@@ -1,0 +1,192 @@
+"""The exported decoder: I/O contract, ONNX Runtime vs the reference, fp16 dtypes, external data, folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from codegen_deploy.artifacts import io_spec
+from codegen_deploy.artifacts.manifest import read_manifest
+from codegen_deploy.config import ModelConfig
+from codegen_deploy.errors import ValidationError
+from codegen_deploy.model.reference import CodeGen
+
+ort = pytest.importorskip("onnxruntime")
+
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+
+
+def graph_io(path) -> list[tuple[str, str, list]]:
+    """(name, dtype, dims) of every graph input then output; dims are ints or symbolic names."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    out = []
+    for v in [*graph.input, *graph.output]:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        out.append((v.name, ONNX_TYPES[t.elem_type], dims))
+    return out
+
+
+def spec_io(config: ModelConfig, cache_dtype: str) -> list[tuple[str, str, list]]:
+    args = (config.n_layer, config.n_head, config.head_dim)
+    specs = [
+        *io_spec.decoder_inputs(*args, cache_dtype),
+        *io_spec.decoder_outputs(*args, config.vocab_size, cache_dtype),
+    ]
+    return [(s.name, s.dtype, list(s.shape)) for s in specs]
+
+
+def run_both(folder, model: CodeGen, batch: int, seq: int, past: int, pad: int = 0):
+    """ORT and reference outputs for random ids after a random cache of `past`; row 0 has `pad` left pads."""
+    config = model.config
+    g = torch.Generator().manual_seed(batch * 100 + seq * 10 + past)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)  # [B, T]
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)  # [B, total]
+    mask[0, :pad] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+    cache = [torch.randn(batch, config.n_head, past, config.head_dim, generator=g).to(model.dtype)
+             for _ in range(2 * config.n_layer)]  # fmt: skip
+    with torch.no_grad():
+        logits, present = model(ids, mask, pos, tuple(zip(cache[::2], cache[1::2], strict=True)))
+    session = ort.InferenceSession(str(folder / io_spec.GRAPH_FILE), providers=["CPUExecutionProvider"])
+    feed = {io_spec.INPUT_IDS: ids.numpy(), io_spec.ATTENTION_MASK: mask.numpy(), io_spec.POSITION_IDS: pos.numpy()}
+    feed.update(zip(io_spec.past_names(config.n_layer), (t.numpy() for t in cache), strict=True))
+    ours = session.run(None, feed)
+    ref = [logits.numpy(), *(t.numpy() for kv in present for t in kv)]
+    return ours, ref, mask[:, past:].bool().numpy()
+
+
+def test_io_names_dtypes_and_dims_follow_io_spec(fp32_export):
+    config = ModelConfig.from_file(fp32_export)
+    assert graph_io(fp32_export / io_spec.GRAPH_FILE) == spec_io(config, "float32")
+
+
+def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
+    names = {p.name for p in fp32_export.iterdir()}
+    assert {
+        io_spec.GRAPH_FILE,
+        "config.json",
+        "tokenizer.json",
+        io_spec.GENAI_CONFIG_FILE,
+        io_spec.MANIFEST_FILE,
+    } <= names
+    assert io_spec.DATA_FILE not in names  # small graphs get their weights inline by default
+    from codegen_deploy.verify.validate import check_graph
+
+    check_graph(fp32_export / io_spec.GRAPH_FILE)  # the streamed inline file is a valid model
+    manifest = read_manifest(fp32_export, verify="sha256")
+    config = ModelConfig.from_file(fp32_export)
+    assert manifest["model_config"] == config.to_dict()
+    assert manifest["dtype"] == manifest["cache_dtype"] == manifest["logits_dtype"] == "float32"
+    assert [(s["name"], s["dtype"], s["shape"]) for s in manifest["inputs"] + manifest["outputs"]] == spec_io(
+        config, "float32"
+    )
+    assert manifest["validation"]["passed"] and manifest["versions"]["torch"] == torch.__version__
+    assert not [p for p in fp32_export.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    stages = [line.split()[0] for line in export_progress if line[:1].isalpha()]
+    for stage in ("resolve", "load", "trace", "save", "validate", "write"):
+        assert stage in stages
+
+
+@pytest.mark.parametrize(("batch", "seq", "past", "pad"), [(1, 1, 0, 0), (3, 2, 6, 2), (2, 5, 0, 3), (1, 1, 9, 4)])
+def test_onnxruntime_equals_reference_fp32(fp32_export, tiny_checkpoint, batch, seq, past, pad):
+    """Dims other than the trace's (batch 2, seq 3, past 5), past 0 included, with left padding."""
+    model = CodeGen.from_pretrained(tiny_checkpoint)
+    ours, ref, real = run_both(fp32_export, model, batch, seq, past, pad)
+    np.testing.assert_allclose(ours[0][real], ref[0][real], atol=1e-4, rtol=0)
+    for a, b in zip(ours[1:], ref[1:], strict=True):
+        assert a.shape == (batch, model.config.n_head, past + seq, model.config.head_dim)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_validation_report_prompt_and_decode_steps(fp32_export, tiny_checkpoint):
+    from codegen_deploy.verify.validate import validate_export
+
+    report = validate_export(fp32_export / io_spec.GRAPH_FILE, CodeGen.from_pretrained(tiny_checkpoint))
+    assert report.passed and report.top1 == 1.0 and report.logits.max_abs < 1e-4
+    assert report.steps[0].startswith("past 0 + ") and len(report.steps) >= 3
+    assert all(not s.startswith("past 0 ") for s in report.steps[1:])
+    assert len(report.outputs) == 1 + 2 * report_layers(tiny_checkpoint)
+    assert "PASSED" in report.table() and report.to_dict()["passed"] is True
+
+
+def report_layers(checkpoint) -> int:
+    return ModelConfig.from_file(checkpoint).n_layer
+
+
+def test_validation_fails_for_a_different_model(fp32_export, tiny_checkpoint):
+    """Not a vacuous check: other weights of the same shape exceed the tolerance, with exit code 3."""
+    from codegen_deploy.verify.validate import validate_export
+
+    other = CodeGen.random(ModelConfig.from_file(tiny_checkpoint), seed=1, std=0.1)
+    with pytest.raises(ValidationError) as info:
+        validate_export(fp32_export / io_spec.GRAPH_FILE, other)
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
+    assert not info.value.report.passed and "FAILED" in info.value.report.table()
+
+
+def test_fp16_graph_dtypes_and_float32_islands(fp16_export):
+    config = ModelConfig.from_file(fp16_export)
+    assert graph_io(fp16_export / io_spec.GRAPH_FILE) == spec_io(config, "float16")
+    graph = onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "Cast" in ops
+    # The float32 islands: LayerNorm and softmax take float32 inputs (Cast nodes from the model's .float()).
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    islands = [n for n in graph.node if n.op_type in ("Softmax", "LayerNormalization")]
+    assert len(islands) == 2 * config.n_layer + 1  # softmax and ln_1 per layer, ln_f
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in islands)
+    # Weight matrices are float16 (6 per layer, embedding, lm_head); only the rotary tables stay float32.
+    matrices = [t for t in graph.initializer if len(t.dims) == 2]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in matrices) >= 6 * config.n_layer + 2
+    for t in matrices:
+        if t.data_type != onnx.TensorProto.FLOAT16:
+            assert t.dims[0] == config.n_positions and t.dims[1] in (config.rotary_dim // 2, config.rotary_dim)
+
+
+def test_fp16_runs_in_onnxruntime_within_its_tolerance(fp16_export):
+    manifest = read_manifest(fp16_export)
+    report = manifest["validation"]
+    assert manifest["dtype"] == manifest["cache_dtype"] == "float16" and manifest["logits_dtype"] == "float32"
+    assert report["passed"] and report["dtype"] == "float16"
+    assert 0 < report["outputs"]["logits"]["max_rel"] <= report["tolerance"]["logits_rtol"]
+    assert report["cpu_float32_ops"] and "MatMul" in report["cpu_float32_ops"]  # said, not hidden
+
+
+def test_external_data_forced_on_a_small_model(fp16_export):
+    from codegen_deploy.verify.validate import check_graph
+
+    data = fp16_export / io_spec.DATA_FILE
+    assert data.is_file() and data.stat().st_size > (fp16_export / io_spec.GRAPH_FILE).stat().st_size
+    assert read_manifest(fp16_export, verify="sha256")["data_file"] == io_spec.DATA_FILE
+    graph = onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False).graph
+    locations = {
+        e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data
+        if e.key == "location"
+    }  # fmt: skip
+    assert locations == {io_spec.DATA_FILE}  # one data file, beside the graph
+    check_graph(fp16_export / io_spec.GRAPH_FILE)
+
+
+@pytest.mark.parametrize("which", ["fp32", "fp16"])
+def test_every_export_writes_and_checks_the_fused_graph(fp32_export, fp16_export, which):
+    folder = fp32_export if which == "fp32" else fp16_export
+    manifest = read_manifest(folder, verify="sha256")
+    assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE and (folder / io_spec.FUSED_GRAPH_FILE).is_file()
+    assert manifest["fused_dtype"] == ("float32" if which == "fp32" else "float16")
+    validation = manifest["fused_validation"]
+    assert validation["passed"] and validation["greedy_agreement"] == 1.0
+
+
+def test_no_fused_graph_for_shapes_gqa_cannot_express(tmp_path):
+    from codegen_deploy.model.weights import save_checkpoint
+    from codegen_deploy.pipeline import export_model
+    from tests.conftest import TEST_CONFIGS
+
+    save_checkpoint(CodeGen.random(TEST_CONFIGS["odd-head"], seed=0, std=0.1), tmp_path / "ckpt")
+    lines: list[str] = []
+    out = export_model(tmp_path / "ckpt", tmp_path / "out", validate=False, progress=lines.append)
+    assert any(line.startswith("note: no fused graph") for line in lines)
+    assert "fused_graph_file" not in read_manifest(out) and not (out / io_spec.FUSED_GRAPH_FILE).exists()
