@@ -18,10 +18,10 @@ import pytest
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.engine import EngineOptions, profile_shapes
+from codegen_deploy.cli import polygraphy as polygraphy_cli
 from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError
 from codegen_deploy.gpu import NO_CUDA_GPU, TENSORRT_MISSING
 from codegen_deploy.runtime.backends import open_session
-from codegen_deploy.cli import polygraphy as polygraphy_cli
 from codegen_deploy.verify import polygraphy as polygraphy_check
 from tests.conftest import TEST_CONFIGS
 
