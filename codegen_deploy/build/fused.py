@@ -267,20 +267,36 @@ def _rotate_qk(g: _GraphBuilder, qkv: str, sin_cos: tuple[str, str], config, nam
     for part, x in (("q", q), ("k", k)):
         x = g.op("Reshape", [x, heads], f"{name}/{part}_heads")[0]  # [B, S, H, D]
         if r < d:
-            x_rot, x_pass = g.op("Split", [x, g.shared_const("rotary.rot_split", np.array([r, d - r], np.int64))],
-                                 f"{name}/{part}_split_rot", n_out=2, axis=-1)  # fmt: skip
+            x_rot, x_pass = g.op(
+                "Split",
+                [x, g.shared_const("rotary.rot_split", np.array([r, d - r], np.int64))],
+                f"{name}/{part}_split_rot",
+                n_out=2,
+                axis=-1,
+            )
         else:
             x_rot, x_pass = x, None
         if half:
             x_rot = g.op("Cast", [x_rot], f"{name}/{part}_to_fp32", to=TensorProto.FLOAT)[0]
         x_rot = g.op("Reshape", [x_rot, pairs], f"{name}/{part}_pairs")[0]  # [B, S, H, R/2, 2]
-        x0, x1 = g.op("Split", [x_rot, g.shared_const("rotary.pair_split", np.array([1, 1], np.int64))],
-                      f"{name}/{part}_split_pair", n_out=2, axis=-1)  # fmt: skip
+        x0, x1 = g.op(
+            "Split",
+            [x_rot, g.shared_const("rotary.pair_split", np.array([1, 1], np.int64))],
+            f"{name}/{part}_split_pair",
+            n_out=2,
+            axis=-1,
+        )
         # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): rotate_every_two
-        y0 = g.op("Sub", [g.op("Mul", [x0, cos], f"{name}/{part}_x0cos")[0],
-                          g.op("Mul", [x1, sin], f"{name}/{part}_x1sin")[0]], f"{name}/{part}_y0")[0]  # fmt: skip
-        y1 = g.op("Add", [g.op("Mul", [x1, cos], f"{name}/{part}_x1cos")[0],
-                          g.op("Mul", [x0, sin], f"{name}/{part}_x0sin")[0]], f"{name}/{part}_y1")[0]  # fmt: skip
+        y0 = g.op(
+            "Sub",
+            [g.op("Mul", [x0, cos], f"{name}/{part}_x0cos")[0], g.op("Mul", [x1, sin], f"{name}/{part}_x1sin")[0]],
+            f"{name}/{part}_y0",
+        )[0]
+        y1 = g.op(
+            "Add",
+            [g.op("Mul", [x1, cos], f"{name}/{part}_x1cos")[0], g.op("Mul", [x0, sin], f"{name}/{part}_x0sin")[0]],
+            f"{name}/{part}_y1",
+        )[0]
         y = g.op("Concat", [y0, y1], f"{name}/{part}_pairs_out", axis=-1)[0]  # [B, S, H, R/2, 2]
         y = g.op("Reshape", [y, flat_rot], f"{name}/{part}_rot")[0]  # [B, S, H, R]
         if half:
