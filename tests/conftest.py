@@ -40,13 +40,31 @@ def _gpu_available() -> str | None:
     return None
 
 
+def _ort_cuda_available() -> str | None:
+    """None if ONNX Runtime's CUDA provider is usable here, else the reason it is not."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu on an NVIDIA GPU machine)"
+    return None
+
+
+# What a `gpu` test needs: @pytest.mark.gpu (TensorRT and a CUDA GPU) or @pytest.mark.gpu("onnxruntime").
+_GPU_REQUIREMENTS = {"tensorrt": _gpu_available, "onnxruntime": _ort_cuda_available}
+
+
 def pytest_collection_modifyitems(config, items):
-    reason = None
+    reasons: dict[str, str] = {}
     for item in items:
-        if "gpu" in item.keywords:
-            reason = reason or _gpu_available() or ""
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            need = marker.args[0] if marker.args else "tensorrt"
+            if need not in reasons:
+                reasons[need] = _GPU_REQUIREMENTS[need]() or ""
+            if reasons[need]:
+                item.add_marker(pytest.mark.skip(reason=f"GPU test: {reasons[need]}"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import run
+from .common import add_device_options, device_options, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,20 +25,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per backend; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; 0 = the runtime's choice)")
     p.add_argument("--reference", help="checkpoint for the torch backend when PATH is an export folder")
+    p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
+    add_device_options(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
 
 
 def main_body(argv: list[str] | None = None) -> int:
-    from ..runtime.bench import BenchSpec, format_table, measure_in_subprocess
+    from ..runtime.backends import backend_options
+    from ..runtime.bench import BenchSpec, format_table, measure_in_subprocess, resolve_backend
 
     args = parse_args(argv)
     results = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         path = args.reference if backend == "torch" and args.reference else args.path
+        options = backend_options(resolve_backend(backend)[0], providers=args.providers, **device_options(args))
         spec = BenchSpec(backend=backend, path=str(path), prompt_tokens=args.prompt_tokens,
                          new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
-                         threads=args.threads or None)  # fmt: skip
+                         threads=args.threads or None, options=options)  # fmt: skip
         print(f"measuring {backend} ...", file=sys.stderr, flush=True)
         results.append(measure_in_subprocess(spec))
     if args.json:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import DTYPES, run, torch_dtype
+from .common import DTYPES, add_device_options, device_options, run, torch_dtype
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    add_device_options(p)
     p.add_argument("--dtype", choices=DTYPES, help="torch weight dtype (default: float32)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
@@ -80,6 +81,7 @@ def command(argv: list[str] | None) -> int:
     backend = args.backend or default_backend(args.path)
     target = args.reference if backend == "torch" and args.reference else args.path
     options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
+                              **device_options(args),
                               dtype=torch_dtype(args.dtype) if args.dtype else None)  # fmt: skip
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)

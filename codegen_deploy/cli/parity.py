@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import InputError
-from .common import DTYPES, run, torch_dtype
+from .common import DTYPES, add_device_options, device_options, run, torch_dtype
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    add_device_options(p)
     p.add_argument("--reference-dtype", choices=DTYPES, default="float32", help="torch dtype (default: float32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return p.parse_args(argv)
@@ -60,6 +61,7 @@ def command(argv: list[str] | None) -> int:
     for backend in backends:
         target = args.reference if backend == "torch" and args.reference else args.path
         options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
+                                  **device_options(args),
                                   dtype=torch_dtype(args.reference_dtype))  # fmt: skip
         start = time.perf_counter()
         sessions.append(open_session(backend, target, **options))
@@ -67,7 +69,7 @@ def command(argv: list[str] | None) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.path)
     prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts)]
     dtype = getattr(sessions[1], "manifest", {}).get("dtype", "float32")
-    default = Tolerance.for_dtype(dtype)
+    default = Tolerance.for_dtype(dtype, tf32=args.tf32)
     tolerance = Tolerance(
         atol=default.atol if args.atol is None else args.atol,
         rtol=default.rtol if args.rtol is None else args.rtol,

@@ -66,10 +66,20 @@ class Tolerance:
     min_top1: float = 0.95
 
     @classmethod
-    def for_dtype(cls, dtype: str) -> Tolerance:
-        """Defaults for an export of this dtype compared with a float32 reference."""
-        if dtype in ("float16", "bfloat16"):
+    def for_dtype(cls, dtype: str, tf32: bool = False) -> Tolerance:
+        """Defaults for an export of this dtype compared with a float32 reference, the one table of them.
+
+        float32: 1e-3 (measured ~2e-6 on CPU and on CUDA with TF32 off). float32 with TF32 (CUDA's --tf32):
+        MatMul inputs rounded to 10 mantissa bits, measured 2.0e-3 max abs on the 350M shape on an H200, so
+        1e-2. float16: 5e-2 (measured 5.9e-3 on CUDA, 5.2e-3 on CPU). bfloat16: 8 mantissa bits against
+        float16's 11, so 8x float16's bound and top-1 >= 85% (not yet measured on a GPU).
+        """
+        if dtype == "bfloat16":
+            return cls(atol=4e-1, rtol=4e-1, min_top1=0.85)
+        if dtype == "float16":
             return cls(atol=5e-2, rtol=5e-2, min_top1=0.9)
+        if tf32:
+            return cls(atol=1e-2, rtol=1e-2, min_top1=0.95)
         return cls()
 
 

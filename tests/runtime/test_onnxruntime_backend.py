@@ -117,3 +117,28 @@ def test_open_session_picks_the_fused_graph_when_listed(tiny_export, tiny_model,
     a = generate(torch_session, tiny_tokenizer, PROMPTS, max_new_tokens=12)
     b = generate(fused, tiny_tokenizer, PROMPTS, max_new_tokens=12)
     assert [c.ids for c in a.completions] == [c.ids for c in b.completions]
+
+
+def test_cuda_provider_options_turn_tf32_off_unless_asked():
+    from codegen_deploy.runtime.backends.onnxruntime import provider_options
+
+    cuda, cpu = provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], device_id=1)
+    assert cuda == {"device_id": "1", "use_tf32": "0", "enable_cuda_graph": "0"}
+    assert cpu == {}
+    (cuda,) = provider_options(["CUDAExecutionProvider"], tf32=True, cuda_graph=True)
+    assert cuda["use_tf32"] == "1" and cuda["enable_cuda_graph"] == "1"
+    with pytest.raises(InputError, match="negative"):
+        provider_options(["CUDAExecutionProvider"], device_id=-1)
+
+
+def test_device_options_reach_the_backends_that_take_them():
+    from codegen_deploy.runtime.backends import backend_options
+
+    ort = backend_options("onnxruntime", device_id=1, tf32=True, cuda_graph=True, device="cuda")
+    assert ort == {"device_id": 1, "tf32": True, "cuda_graph": True}
+    assert backend_options("torch", device="cuda:1", tf32=True) == {"device": "cuda:1"}
+
+
+def test_cuda_graphs_need_a_fused_graph(tiny_export):
+    with pytest.raises(InputError, match="CUDA graphs need a fused graph"):
+        open_session("onnxruntime", tiny_export, cuda_graph=True)

@@ -12,7 +12,7 @@ from codegen_deploy.build.fused import write_fused_graph
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import InputError
 from codegen_deploy.model.reference import CodeGen
-from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession, cuda_unsupported_reason
 
 pytest.importorskip("onnxruntime")
 
@@ -34,13 +34,15 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=list(FUSED_CONFIGS))
+# Each config with the rotary inside GQA (the CPU graph) and by plain ops before it (the CUDA graph).
+@pytest.fixture(scope="module", params=[(c, r) for c in FUSED_CONFIGS for r in ("gqa", "graph")], ids=str)
 def fused(request, tmp_path_factory):
     """(reference model, export folder with the fused graph and a config.json)."""
-    config = FUSED_CONFIGS[request.param]
+    name, rotary = request.param
+    config = FUSED_CONFIGS[name]
     model = CodeGen.random(config, seed=3, std=0.1)
-    folder = tmp_path_factory.mktemp(f"fused-{request.param}")
-    write_fused_graph(model, folder)
+    folder = tmp_path_factory.mktemp(f"fused-{name}-{rotary}")
+    write_fused_graph(model, folder, rotary=rotary)
     (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
     return model, folder
 
@@ -132,3 +134,26 @@ def test_context_is_bounded_by_the_graphs_rotary_tables(tmp_path):
         assert session.max_context == 10
         with pytest.raises(InputError, match="context holds 10"):
             session.prefill(np.zeros((1, 11), np.int64))
+
+
+def test_cuda_graphs_need_the_cuda_provider(fused):
+    _, folder = fused
+    with pytest.raises(InputError, match="CUDA graphs need the CUDA execution provider"):
+        FusedOrtSession(folder, cuda_graph=True)
+
+
+def test_graph_records_where_its_rotary_runs(fused):
+    _, folder = fused
+    with FusedOrtSession(folder, threads=1) as session:
+        assert session.rotary in ("gqa", "graph")
+        assert session.device == "cpu"
+        assert cuda_unsupported_reason("float16", session.rotary) == (
+            None if session.rotary == "graph" else cuda_unsupported_reason("float16", "gqa")
+        )
+
+
+def test_which_fused_graphs_run_on_cuda():
+    assert cuda_unsupported_reason("float16", "graph") is None
+    assert cuda_unsupported_reason("bfloat16", "graph") is None
+    assert "float32" in cuda_unsupported_reason("float32", "graph")
+    assert "rotary" in cuda_unsupported_reason("float16", "gqa")

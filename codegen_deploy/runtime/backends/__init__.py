@@ -39,11 +39,29 @@ def default_backend(path) -> str:
 
 
 def backend_options(
-    backend: str, *, threads: int | None = None, providers: str | None = None, dtype=None, graph: str | None = None
+    backend: str,
+    *,
+    threads: int | None = None,
+    providers: str | None = None,
+    dtype=None,
+    graph: str | None = None,
+    device: str | None = None,
+    device_id: int | None = None,
+    tf32: bool | None = None,
+    cuda_graph: bool | None = None,
 ) -> dict:
-    """The subset of common command-line options that `backend` takes, unset ones left out."""
-    takes = {"torch": ("threads", "dtype"), "onnxruntime": ("threads", "providers", "graph"), "tensorrt": ()}
-    given = {"threads": threads, "providers": providers, "dtype": dtype, "graph": graph}
+    """The subset of common command-line options that `backend` takes, unset ones left out.
+
+    device: the torch device ("cuda", "cuda:1", "cpu"); device_id, tf32, cuda_graph: ONNX Runtime's CUDA
+    provider options (see onnxruntime.provider_options).
+    """
+    takes = {
+        "torch": ("threads", "dtype", "device"),
+        "onnxruntime": ("threads", "providers", "graph", "device_id", "tf32", "cuda_graph"),
+        "tensorrt": (),
+    }
+    given = {"threads": threads, "providers": providers, "dtype": dtype, "graph": graph, "device": device,
+             "device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None and k in takes.get(backend, ())}
 
 
@@ -52,8 +70,9 @@ def open_session(backend: str, path, **options) -> Session:
 
     torch: a checkpoint folder, hub id, loaded CodeGen, or an export folder whose manifest records its
     checkpoint (options: dtype, threads, max_context, max_batch, device).
-    onnxruntime: an export folder (options: providers, threads, max_context, max_batch, verify);
-    opens the fused graph's session when the manifest lists one, unless graph="plain".
+    onnxruntime: an export folder (options: providers, threads, max_context, max_batch, verify, device_id,
+    tf32, cuda_graph); opens the fused graph's session when the manifest lists one and it runs on the chosen
+    provider, unless graph="plain".
     tensorrt: an engine file or a folder holding one (options: max_batch, max_context).
     """
     if backend == "torch":
@@ -72,18 +91,31 @@ def open_session(backend: str, path, **options) -> Session:
 def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
     """The plain-graph OrtSession, or the fused one when the export has a fused graph.
 
-    graph: "auto" (fused if the manifest lists one), "plain" or "fused".
+    graph: "auto" (fused if the manifest lists one that runs on the chosen provider), "plain" or "fused".
+    Providers default to CUDA when installed, then CPU, for both graphs.
     """
     from ...artifacts.manifest import read_manifest
-    from .onnxruntime import OrtSession, fused_graph_entry
+    from .onnxruntime import OrtSession, choose_providers, fused_graph_entry
+    from .onnxruntime_fused import cuda_unsupported_reason
 
     if graph not in ("auto", "plain", "fused"):
         raise InputError(f"unknown graph {graph!r}: choose auto, plain or fused")
     if options.get("io_binding") is False and graph == "auto":
         graph = "plain"  # the naive loop (no IO binding) exists for the plain graph only
-    fused = fused_graph_entry(read_manifest(folder, verify="none")) if graph != "plain" else None
+    manifest = read_manifest(folder, verify="none")
+    fused = fused_graph_entry(manifest) if graph != "plain" else None
     if graph == "fused" and fused is None:
         raise InputError(f"{folder} has no fused graph: run the optimizer on this export, or use graph='plain'")
+    options["providers"] = choose_providers(options.get("providers"))
+    on_cuda = options["providers"][0] == "CUDAExecutionProvider"
+    fused_kind = (manifest.get("fused_dtype", "float32"), manifest.get("fused_rotary", "gqa"))
+    if fused is not None and graph == "auto" and on_cuda and cuda_unsupported_reason(*fused_kind):
+        fused = None  # this fused graph is for the CPU provider: the plain graph runs on CUDA
+    if fused is None and options.pop("cuda_graph", False):  # the plain graph's cache grows: no fixed shapes
+        raise InputError(
+            f"CUDA graphs need a fused graph that runs on the CUDA provider and {folder} has none: add one with "
+            "add_fused_graph(folder, rotary='graph') to a float16 export, or drop --cuda-graph"
+        )
     if fused is not None:
         from .onnxruntime_fused import FusedOrtSession
 

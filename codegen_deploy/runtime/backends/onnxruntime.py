@@ -58,6 +58,48 @@ def choose_providers(requested: list[str] | str | None = None) -> list[str]:
     return providers
 
 
+def provider_options(
+    providers: list[str], device_id: int = 0, tf32: bool = False, cuda_graph: bool = False
+) -> list[dict[str, str]]:
+    """One options dict per provider, for InferenceSession(providers=..., provider_options=...).
+
+    CUDA: device_id; use_tf32 "0" unless tf32 (the provider's default "1" lets float32 MatMul round its inputs
+    to TF32: logits ~2e-3 off the reference instead of ~2e-6); enable_cuda_graph when cuda_graph (the session
+    must then bind fixed buffers: see FusedOrtSession). TensorRT: device_id. Others: none.
+    """
+    if device_id < 0:
+        raise InputError(f"device id {device_id} is negative: give a GPU index (0 is the first GPU)")
+    options = []
+    for name in providers:
+        if name == "CUDAExecutionProvider":
+            cuda = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
+            options.append({**cuda, "enable_cuda_graph": "1" if cuda_graph else "0"})
+        elif name == "TensorrtExecutionProvider":
+            options.append({"device_id": str(device_id)})
+        else:
+            options.append({})
+    return options
+
+
+def create_session(ort, graph: Path, options, providers: list[str], **provider_kwargs):
+    """InferenceSession over `graph` with `providers` and their provider_options(); a load failure becomes a
+    one-line ArtifactError."""
+    per_provider = provider_options(providers, **provider_kwargs)
+    try:
+        return ort.InferenceSession(os.fspath(graph), options, providers=providers, provider_options=per_provider)
+    except Exception as e:  # onnxruntime raises its own exception types for broken graphs and bad options
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ArtifactError(
+            f"ONNX Runtime cannot open {graph} ({type(e).__name__}: {first}): export again, or check the "
+            "provider options (device id, CUDA graph)"
+        ) from e
+
+
+def device_of(providers: list[str]) -> str:
+    """The OrtValue device name ("cuda" or "cpu") of the first provider: where a session's buffers live."""
+    return "cuda" if providers and providers[0] in _GPU_PROVIDERS else "cpu"
+
+
 def fused_graph_entry(manifest: dict) -> str | None:
     """The fused graph's file name if the export's manifest lists one (the hook open_session uses)."""
     name = manifest.get("fused_graph_file")
@@ -72,6 +114,8 @@ class OrtSession(Session):
     providers: execution providers (names or cpu/cuda/tensorrt; default CUDA if installed, then CPU).
     threads: intra-op threads (default: ONNX Runtime's choice). io_binding: False runs the naive
     loop (numpy feeds and fetches, the cache copied through numpy every step), kept for benchmarks.
+    device_id: the GPU of the CUDA/TensorRT provider; tf32: allow TF32 for float32 MatMul on CUDA (off:
+    float32 stays float32).
     session_options: extra SessionOptions config entries. verify: how to check the manifest's files
     ("none", "size", "sha256").
     """
@@ -80,7 +124,8 @@ class OrtSession(Session):
 
     def __init__(self, folder: str | Path, providers: list[str] | str | None = None, threads: int | None = None,
                  max_context: int | None = None, max_batch: int | None = None, io_binding: bool = True,
-                 session_options: dict[str, str] | None = None, verify: str = "size"):  # fmt: skip
+                 session_options: dict[str, str] | None = None, verify: str = "size", device_id: int = 0,
+                 tf32: bool = False):  # fmt: skip
         from ...artifacts.manifest import manifest_config, read_manifest
 
         ort = import_onnxruntime()
@@ -102,11 +147,9 @@ class OrtSession(Session):
         for key, value in (session_options or {}).items():
             options.add_session_config_entry(key, value)
         self._ort = ort
-        try:
-            self._session = ort.InferenceSession(os.fspath(graph), options, providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types for broken graphs
-            raise ArtifactError(f"ONNX Runtime cannot load {graph} ({type(e).__name__}: {e}): export again") from e
-        self.device = "cuda" if self.providers[0] in _GPU_PROVIDERS else "cpu"
+        self._session = create_session(ort, graph, options, self.providers, device_id=device_id, tf32=tf32)
+        self.device = device_of(self.providers)
+        self.device_id = device_id
         spec = {i["name"]: i for i in manifest["inputs"]}
         self.cache_dtype = np.dtype(spec[io_spec.past_name(0, "key")]["dtype"])
         self._past = io_spec.past_names(config.n_layer)
@@ -117,7 +160,7 @@ class OrtSession(Session):
 
     def _value(self, array: np.ndarray):
         """An OrtValue on the session's device (on CPU it wraps the numpy memory; keep `array` alive)."""
-        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
 
     def _empty_cache(self, batch: int) -> list:
         c = self.config
@@ -142,7 +185,7 @@ class OrtSession(Session):
             b.bind_ortvalue_input(name, value)
         b.bind_output(io_spec.LOGITS, "cpu")  # logits come back to the host for sampling
         for name in self._present:
-            b.bind_output(name, self.device)  # allocated by ONNX Runtime, stays on the device
+            b.bind_output(name, self.device, self.device_id)  # allocated by ONNX Runtime, stays on the device
         self._session.run_with_iobinding(b)
         outputs = b.get_outputs()  # in binding order: logits, then presents
         self._cache = list(outputs[1:])

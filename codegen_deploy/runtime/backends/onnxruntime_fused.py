@@ -1,9 +1,17 @@
 """ONNX Runtime over the fused decoder graph (build/fused.py): the cache is written in place.
 
-Each layer's key and value cache is one preallocated [batch, heads, max_context, head_dim] OrtValue,
-bound as both the graph's past input and its present output, so GroupQueryAttention appends the new
-token's key/value where it belongs and a step copies nothing that grows with the context. Every input
-and output is bound once to a numpy-backed OrtValue; a step updates those arrays in place and runs.
+Each layer's key and value cache is one preallocated [batch, heads, max_context, head_dim] OrtValue on the
+provider's device, bound as both the graph's past input and its present output, so GroupQueryAttention
+appends the new token's key/value where it belongs and a step copies nothing that grows with the context.
+Every input and output is bound once to a buffer on the device; a step writes the new token ids and
+sequence lengths into those buffers (a few bytes) and runs, and only the last position's logits
+[batch, vocab] come back to the host. On the CPU provider the buffers are numpy arrays seen in place.
+
+CUDA graphs (cuda_graph=True, CUDA provider): because a step's inputs and outputs keep their shapes and
+addresses, ONNX Runtime captures the whole decode step once per batch size (run option gpu_graph_id) and
+replays it with one launch; the prompt runs uncaptured (gpu_graph_id -1). total_sequence_length stays a
+host scalar: GroupQueryAttention reads it on the CPU, and a replayed step takes each row's length from the
+device-resident seqlens_k.
 
 Left padding: GQA keeps each row's tokens at the start of its buffer (row b: [0, seqlens_k[b] + 1)),
 with rotary positions counted from there. prefill() moves each left-padded row to the left edge
@@ -12,7 +20,6 @@ with rotary positions counted from there. prefill() moves each left-padded row t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +28,49 @@ from ...artifacts import io_spec
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
 from ..session import Session
-from .onnxruntime import import_onnxruntime
+from .onnxruntime import choose_providers, create_session, device_of, import_onnxruntime
+
+# Metadata the fused graph builder writes into the graph (runtime code does not import the builder).
+_MAX_CONTEXT_KEY, _ROTARY_KEY = "max_context", "rotary"
+
+
+def cuda_unsupported_reason(cache_dtype: str, rotary: str) -> str | None:
+    """Why a fused graph cannot run on ONNX Runtime's CUDA provider, or None if it can.
+
+    GroupQueryAttention's CUDA kernel is registered for float16 and bfloat16 only (a float32 graph would
+    run it on the CPU, copying the cache every step), and with the rotary inside GQA it gave wrong logits
+    for CodeGen's partial interleaved rotary on an H200 (exact on CPU): such graphs need the rotary
+    applied by plain ops before GQA (the builder's rotary="graph").
+    """
+    if cache_dtype not in ("float16", "bfloat16"):
+        return f"GroupQueryAttention has no {cache_dtype} CUDA kernel (float16 and bfloat16 only)"
+    if rotary != "graph":
+        return "its rotary runs inside GroupQueryAttention, whose CUDA kernel gave wrong logits for CodeGen"
+    return None
+
+
+class _Buffer:
+    """One bound tensor: an OrtValue on `device`, and a host array that the session writes into (inputs) or
+    that receives copies (outputs). On the CPU the OrtValue wraps the host array itself, so nothing is copied."""
+
+    def __init__(self, ort, shape: tuple, dtype, device: str, device_id: int, host: bool = True):
+        self.on_device = device != "cpu"
+        if self.on_device:
+            self.host = np.zeros(shape, dtype) if host else None
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, device_id)
+        else:
+            # np.zeros maps untouched pages lazily: a cache grows with its filled part, not max_context.
+            self.host = np.zeros(shape, dtype)
+            self.value = ort.OrtValue.ortvalue_from_numpy(self.host)
+
+    def push(self) -> None:
+        """Copy the host array into the device buffer (same address: a captured CUDA graph still sees it)."""
+        if self.on_device:
+            self.value.update_inplace(self.host)
+
+    def pull(self) -> np.ndarray:
+        """A host copy of the buffer."""
+        return self.value.numpy() if self.on_device else self.host.copy()
 
 
 def _read_config(folder: Path, verify: str) -> ModelConfig:
@@ -40,9 +89,10 @@ class FusedOrtSession(Session):
     """A Session over FUSED_GRAPH_FILE in an export folder (or a path to the .onnx file itself).
 
     threads: intra-op threads (default: ONNX Runtime's choice); providers: execution providers
-    (names or cpu/cuda; default CPU); max_context: cache capacity in tokens (default n_positions);
-    max_batch: the most rows allowed (buffers are sized by the first prompt's batch, reallocated when it
-    changes).
+    (names or cpu/cuda; default CPU); device_id: the GPU of the CUDA provider; tf32: allow TF32 for float32
+    MatMul on CUDA; cuda_graph: capture and replay the decode step as a CUDA graph (CUDA provider only);
+    max_context: cache capacity in tokens (default n_positions); max_batch: the most rows allowed (buffers
+    are sized by the first prompt's batch, reallocated when it changes).
     session_options: extra onnxruntime.SessionOptions config entries. verify: how to check the
     manifest's files ("none", "size", "sha256"). low_memory: no graph optimisation, priority order, no
     arena: on CPU, ONNX Runtime's constant folding would otherwise keep a float32 copy of every fp16 weight
@@ -54,7 +104,8 @@ class FusedOrtSession(Session):
     def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
                  providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
                  session_options: dict[str, str] | None = None, verify: str = "size",
-                 low_memory: bool = False):  # fmt: skip
+                 low_memory: bool = False, device_id: int = 0, tf32: bool = False,
+                 cuda_graph: bool = False):  # fmt: skip
         ort = import_onnxruntime()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
@@ -75,19 +126,34 @@ class FusedOrtSession(Session):
             options.enable_cpu_mem_arena = False
         for key, value in (session_options or {}).items():
             options.add_session_config_entry(key, value)
-        if providers:
-            from .onnxruntime import choose_providers
-
-            self.providers = choose_providers(providers)
-        else:
-            self.providers = ["CPUExecutionProvider"]  # GQA's CPU kernel is the one this graph was checked on
+        # GQA's CPU kernel is the one every graph variant was checked on: CPU unless asked otherwise.
+        self.providers = choose_providers(providers) if providers else ["CPUExecutionProvider"]
+        self.device = device_of(self.providers)
+        self.device_id = device_id
+        if cuda_graph and self.providers[0] != "CUDAExecutionProvider":
+            raise InputError("CUDA graphs need the CUDA execution provider: add --providers cuda or drop --cuda-graph")
         self._ort = ort
-        self._session = ort.InferenceSession(os.fspath(graph), options, providers=self.providers)
-        graph_context = self._session.get_modelmeta().custom_metadata_map.get("max_context")
-        if graph_context:  # the graph's rotary tables end there
-            self.max_context = min(self.max_context, int(graph_context))
+        provider_kwargs = {"device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}
+        self._session = create_session(ort, graph, options, self.providers, **provider_kwargs)
+        meta = self._session.get_modelmeta().custom_metadata_map
+        if meta.get(_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
+            self.max_context = min(self.max_context, int(meta[_MAX_CONTEXT_KEY]))
+        self.rotary = meta.get(_ROTARY_KEY, "gqa")  # graphs written before the variant existed: inside GQA
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
+        if self.providers[0] == "CUDAExecutionProvider":
+            reason = cuda_unsupported_reason(np.dtype(self.cache_dtype).name, self.rotary)
+            if reason:
+                raise InputError(
+                    f"{graph} cannot run on the CUDA provider: {reason}: rebuild it with "
+                    "add_fused_graph(folder, rotary='graph') from a float16 export, or use --graph plain"
+                )
+        self.cuda_graph = cuda_graph
+        self._prefill_options = ort.RunOptions()
+        if cuda_graph:
+            self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # the prompt is never captured
+        self._step_options = self._prefill_options
+        self._graph_ids = 0  # one CUDA graph per buffer allocation (0 is reserved by ONNX Runtime)
         self._names = io_spec.past_names(config.n_layer)
         self._present = io_spec.present_names(config.n_layer)
         self._binding = self._session.io_binding()
@@ -98,42 +164,61 @@ class FusedOrtSession(Session):
     # -- buffers -------------------------------------------------------------------------------------------
 
     def _allocate(self, rows: int) -> None:
-        """(Re)allocate the cache buffers and the small step buffers for `rows` rows; bind them."""
+        """(Re)allocate the cache buffers and the small step buffers for `rows` rows on the device; bind them.
+
+        The host arrays _seqlens, _total, _step_ids and _logits are what the session writes and reads;
+        _run() copies them to and from the device buffers around each run.
+        """
         c = self.config
-        ort = self._ort
-        # np.zeros maps untouched pages lazily: memory grows with the filled part, not max_context.
+        ort, device, device_id = self._ort, self.device, self.device_id
         shape = (rows, c.n_head, self.max_context, c.head_dim)
-        self._cache = [np.zeros(shape, self.cache_dtype) for _ in self._names]
-        self._cache_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._cache]
-        self._seqlens = np.zeros(rows, np.int32)
-        self._total = np.zeros((), np.int32)
-        self._step_ids = np.zeros((rows, 1), np.int64)
-        self._step_ids_value = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
-        self._logits = np.zeros((rows, c.vocab_size), np.float32)
+        # On a GPU the cache is not zeroed: GQA reads each row's first seqlens_k + 1 positions only.
+        cache = [_Buffer(ort, shape, self.cache_dtype, device, device_id, host=False) for _ in self._names]
+        self._cache_buffers = cache
+        self._cache_values = [b.value for b in cache]
+        self._cache = [b.host for b in cache]  # numpy views on the CPU provider, None on a GPU
+        self._seqlens_buffer = _Buffer(ort, (rows,), np.int32, device, device_id)
+        self._step_ids_buffer = _Buffer(ort, (rows, 1), np.int64, device, device_id)
+        self._logits_buffer = _Buffer(ort, (rows, c.vocab_size), np.float32, device, device_id)
+        # total_sequence_length is a host scalar on every provider (GQA's CUDA kernel reads it on the CPU).
+        self._total_buffer = _Buffer(ort, (), np.int32, "cpu", 0)
+        self._seqlens, self._total = self._seqlens_buffer.host, self._total_buffer.host
+        self._step_ids, self._logits = self._step_ids_buffer.host, self._logits_buffer.host
+        self._step_ids_value = self._step_ids_buffer.value
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         for past, present, value in zip(self._names, self._present, self._cache_values, strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)  # the same buffer: GQA writes the new positions in place
-        b.bind_ortvalue_input(io_spec.SEQLENS_K, ort.OrtValue.ortvalue_from_numpy(self._seqlens))
-        b.bind_ortvalue_input(io_spec.TOTAL_SEQUENCE_LENGTH, ort.OrtValue.ortvalue_from_numpy(self._total))
-        b.bind_ortvalue_output(io_spec.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        b.bind_ortvalue_input(io_spec.SEQLENS_K, self._seqlens_buffer.value)
+        b.bind_ortvalue_input(io_spec.TOTAL_SEQUENCE_LENGTH, self._total_buffer.value)
+        b.bind_ortvalue_output(io_spec.LOGITS, self._logits_buffer.value)
+        self._bound_ids = None
         self._rows = rows
+        if self.cuda_graph:  # new buffer addresses: a graph captured over the old ones must never replay
+            self._graph_ids += 1
+            self._step_options = self._ort.RunOptions()
+            self._step_options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
 
     def cache_buffer(self, layer: int, kind: str) -> np.ndarray:
-        """The numpy array behind one layer's bound cache (for inspection and tests)."""
-        return self._cache[io_spec.KV_KINDS.index(kind) + 2 * layer]
+        """One layer's bound cache as numpy (for inspection and tests): the array itself on the CPU provider,
+        a copy from a GPU."""
+        buffer = self._cache_buffers[io_spec.KV_KINDS.index(kind) + 2 * layer]
+        return buffer.host if not buffer.on_device else buffer.pull()
 
     # -- Session -------------------------------------------------------------------------------------------
 
-    def _run(self, input_ids) -> np.ndarray:
-        """Bind `input_ids` (an OrtValue) unless it is bound already, run, return a copy of the logits."""
+    def _run(self, input_ids, options) -> np.ndarray:
+        """Bind `input_ids` (an OrtValue) unless it is bound already, copy the step inputs to the device, run
+        with `options`, return a host copy of the logits [B, vocab]."""
         if input_ids is not self._bound_ids:
             self._binding.bind_ortvalue_input(io_spec.INPUT_IDS, input_ids)
             self._bound_ids = input_ids
-        self._session.run_with_iobinding(self._binding)
-        return self._logits.copy()
+        self._seqlens_buffer.push()
+        self._step_ids_buffer.push()
+        self._session.run_with_iobinding(self._binding, options)
+        return self._logits_buffer.pull()
 
     def _prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         b, t = input_ids.shape
@@ -150,17 +235,20 @@ class FusedOrtSession(Session):
         self._seqlens[:] = lengths - 1
         self._total[...] = t
         self._lengths = lengths.astype(np.int64)
-        return self._run(self._ort.OrtValue.ortvalue_from_numpy(ids))
+        prompt = self._ort.OrtValue.ortvalue_from_numpy(ids, self.device, self.device_id)
+        return self._run(prompt, self._prefill_options)
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         self._step_ids[:] = input_ids
         self._seqlens[:] = self._lengths  # the new token goes at index `length` of each row
         self._lengths += 1
         self._total[...] = self._lengths.max()
-        return self._run(self._step_ids_value)  # bound once after a prefill, then reused every step
+        # The step ids' buffer is bound once per allocation and reused: fixed addresses for a CUDA graph.
+        return self._run(self._step_ids_value, self._step_options)
 
     def close(self) -> None:
         self._binding = None
         self._session = None
         self._cache = []
         self._cache_values = []
+        self._cache_buffers = []
