@@ -72,7 +72,8 @@ def prepare(work: Path, shape: str) -> tuple[Path, Path, int]:
 def parity(checkpoint: Path, export: Path) -> list[dict]:
     """The parity checks of the GPU path, as dicts (report summaries)."""
     from codegen_deploy.runtime.backends import open_session
-    from codegen_deploy.verify.parity import Tolerance, compare_sessions
+    from codegen_deploy.verify.parity import compare_sessions
+    from codegen_deploy.verify.tolerance import tolerance_for
 
     prompts = [list(range(100, 228)), [5, 17, 99, 3, 250, 8, 41]]
     out = []
@@ -86,10 +87,10 @@ def parity(checkpoint: Path, export: Path) -> list[dict]:
     )  # fmt: skip
     for name, (ba, pa, oa), (bb, pb, ob) in pairs:
         with open_session(ba, pa, **oa) as a, open_session(bb, pb, **ob) as b:
-            report = compare_sessions(a, b, prompts, new_tokens=32, tolerance=Tolerance.for_dtype("float16"))
+            report = compare_sessions(a, b, prompts, new_tokens=32, tolerance=tolerance_for("float16"))
         print(report.table(), flush=True)
         out.append({"check": name, "passed": report.passed, "max_abs": report.max_abs,
-                    "top1": report.top1_agreement, "greedy": report.greedy_agreement})  # fmt: skip
+                    "top1": report.top1, "greedy": report.greedy_agreement})  # fmt: skip
     return out
 
 

@@ -434,4 +434,5 @@ def test_build_fp16_engine_with_external_data(fp16_export, tmp_path):
     _, manifest = read_engine_manifest(engine)
     dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
     assert dtypes[io_spec.past_name(0, "key")] == "float16" and dtypes[io_spec.LOGITS] == "float32"
-    assert polygraphy_check.compare_onnxruntime_tensorrt(fp16_export, tmp_path, profile="decode")
+    report = polygraphy_check.compare_onnxruntime_tensorrt(fp16_export, tmp_path, profile="decode")
+    assert report.passed, report.table()

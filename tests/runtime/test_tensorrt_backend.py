@@ -19,10 +19,11 @@ import pytest
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.engine import EngineOptions, profile_shapes
 from codegen_deploy.cli import polygraphy as polygraphy_cli
-from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError
+from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError, ValidationError
 from codegen_deploy.gpu import NO_CUDA_GPU, TENSORRT_MISSING
 from codegen_deploy.runtime.backends import open_session
 from codegen_deploy.verify import polygraphy as polygraphy_check
+from codegen_deploy.verify.tolerance import tolerance_for
 from tests.conftest import TEST_CONFIGS
 
 
@@ -82,11 +83,6 @@ def test_profile_feeds_sit_at_the_opt_point(profile):
         assert array.shape == shapes[name][1], name
 
 
-def test_tolerances_are_per_output():
-    atol, rtol = polygraphy_check.tolerances(TEST_CONFIGS["tiny"], "float16")
-    assert atol[io_spec.LOGITS] == 5e-2 and atol[""] == 1e-2 and rtol[io_spec.LOGITS] == 5e-2
-
-
 @pytest.mark.parametrize("profile", ["prompt", "decode"])
 def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model, profile):
     """The ONNX Runtime half of the comparison runs here, and its outputs match the reference model."""
@@ -126,25 +122,25 @@ def test_tensorrt_feeds_give_empty_inputs_a_buffer():
 
 
 def test_polygraphy_comparison_of_two_runs(tiny_export):
-    """The comparison half: per-output tolerances over RunResults built one runner at a time."""
-    from polygraphy.comparator import Comparator, RunResults
-
+    """The comparison half: one report row per output, over two runs of Polygraphy's ONNX Runtime runner."""
     config = TEST_CONFIGS["tiny"]
     options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
     graph = tiny_export / io_spec.GRAPH_FILE
-    atol, rtol = polygraphy_check.tolerances(config, "float32")
 
-    def compare(seed_a: int, seed_b: int) -> bool:
-        results = RunResults()
+    def compare(seed_a: int, seed_b: int):
+        outputs = []
         for seed in (seed_a, seed_b):
             feeds = polygraphy_check.profile_feeds(config, options, "decode", "float32", seed=seed)
-            runner = polygraphy_check.onnxruntime_runner(graph)
-            runner.name = f"onnxruntime-{len(results)}"
-            results.append(polygraphy_check.run_step(runner, feeds))
-        return bool(Comparator.compare_accuracy(results, compare_func=polygraphy_check.compare_func(atol, rtol)))
+            outputs.append(polygraphy_check.run_step(polygraphy_check.onnxruntime_runner(graph), feeds)[1][0])
+        return polygraphy_check.compare_outputs(*outputs, config.n_layer, tolerance_for("float32"))
 
-    assert compare(5, 5)
-    assert not compare(5, 6), "different inputs must fail the comparison"
+    same = compare(5, 5)
+    assert same.passed and same.max_abs == 0 and same.top1 == 1.0
+    assert [r.name for r in same.rows] == [io_spec.LOGITS, *io_spec.present_names(config.n_layer)]
+    different = compare(5, 6)
+    assert not different.passed, "different inputs must fail the comparison"
+    with pytest.raises(ValidationError, match="^tensorrt differs from onnxruntime beyond tolerance"):
+        different.check()
 
 
 class _RecordingEngine:
@@ -354,4 +350,5 @@ def test_engine_from_another_tensorrt_is_refused(tiny_engine, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("profile", ["decode", "prompt"])
 def test_polygraphy_onnxruntime_vs_tensorrt(tiny_engine, profile):
-    assert polygraphy_check.compare_onnxruntime_tensorrt(tiny_engine, profile=profile)
+    report = polygraphy_check.compare_onnxruntime_tensorrt(tiny_engine, profile=profile)
+    assert report.passed, report.table()

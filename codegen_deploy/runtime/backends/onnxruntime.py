@@ -18,24 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from ...artifacts import io_spec
-from ...errors import ArtifactError, InputError, MissingDependencyError
+from ...errors import ArtifactError, InputError
+from ..ort import import_onnxruntime
 from ..session import Session
 
 # Default provider preference; TensorRT's EP builds engines on first use and is chosen only on request.
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
-def import_onnxruntime():
-    """The onnxruntime module, or a one-line MissingDependencyError that says how to install it."""
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise MissingDependencyError(
-            'onnxruntime is not installed: pip install "codegen-deploy[cpu]" (or "codegen-deploy[gpu]" on an '
-            "NVIDIA GPU machine)"
-        ) from e
-    return onnxruntime
 
 
 def choose_providers(requested: list[str] | str | None = None) -> list[str]:

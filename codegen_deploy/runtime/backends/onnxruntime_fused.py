@@ -27,8 +27,9 @@ import numpy as np
 from ...artifacts import io_spec
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
+from ..ort import import_onnxruntime
 from ..session import Session
-from .onnxruntime import choose_providers, create_session, device_of, import_onnxruntime
+from .onnxruntime import choose_providers, create_session, device_of
 
 # Metadata the fused graph builder writes into the graph (runtime code does not import the builder).
 _MAX_CONTEXT_KEY, _ROTARY_KEY = "max_context", "rotary"
