@@ -6,8 +6,11 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 
+from codegen_deploy.artifacts import io_spec
+from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
 from codegen_deploy.errors import ArtifactError, InputError
 from codegen_deploy.runtime.backends import open_session
 from codegen_deploy.runtime.backends.onnxruntime import OrtSession, choose_providers, fused_graph_entry
@@ -132,3 +135,17 @@ def test_device_options_reach_the_backends_that_take_them():
 def test_cuda_graphs_need_a_fused_graph(tiny_export):
     with pytest.raises(InputError, match="CUDA graphs need a fused graph"):
         open_session("onnxruntime", tiny_export, cuda_graph=True)
+
+
+def test_onnxruntime_session_refuses_a_graph_with_other_names(tiny_export, tmp_path):
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_export, folder)
+    model = onnx.load(str(folder / io_spec.GRAPH_FILE))
+    for node in model.graph.node:  # rename the logits output everywhere
+        node.output[:] = ["scores" if o == io_spec.LOGITS else o for o in node.output]
+    model.graph.output[0].name = "scores"
+    onnx.save(model, str(folder / io_spec.GRAPH_FILE))
+    manifest = read_manifest(folder, verify="none")
+    write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("format_version", "files")})
+    with pytest.raises(ArtifactError, match=r"outputs \(missing logits, unexpected scores\): export it again"):
+        OrtSession(folder)

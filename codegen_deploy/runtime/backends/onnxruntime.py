@@ -137,6 +137,8 @@ class OrtSession(Session):
             options.add_session_config_entry(key, value)
         self._ort = ort
         self._session = create_session(ort, graph, options, self.providers, device_id=device_id, tf32=tf32)
+        names_in = [i.name for i in self._session.get_inputs()]
+        io_spec.check_decoder_io(names_in, [o.name for o in self._session.get_outputs()], config.n_layer, str(graph))
         self.device = device_of(self.providers)
         self.device_id = device_id
         spec = {i["name"]: i for i in manifest["inputs"]}
