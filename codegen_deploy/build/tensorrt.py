@@ -31,6 +31,7 @@ from ..artifacts.engine import (
 )
 from ..artifacts.manifest import manifest_config, read_manifest, sha256_file
 from ..config import ModelConfig
+from ..dtypes import dtype_name
 from ..errors import ExportError
 from ..gpu import require_cuda_gpu, require_tensorrt, tensorrt_major
 
@@ -59,11 +60,12 @@ def default_timing_cache(gpu: dict, trt_version: str) -> Path:
 
 
 def _dtype_name(trt, dtype) -> str:
-    """numpy-style dtype name of a TensorRT DataType ("bfloat16" has no numpy type)."""
+    """The dtype name (dtypes.py's, numpy's for int types) of a TensorRT DataType; bfloat16 and float8 have no
+    numpy type, so TensorRT's own name gives theirs."""
     import numpy as np
 
     try:
-        return np.dtype(trt.nptype(dtype)).name
+        return dtype_name(np.dtype(trt.nptype(dtype)))
     except TypeError:
         return {"BF16": "bfloat16", "FP8": "float8"}.get(str(dtype).rsplit(".", 1)[-1], str(dtype))
 

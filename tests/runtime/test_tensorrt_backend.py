@@ -153,9 +153,13 @@ class _RecordingEngine:
         self.model, self.config = model, model.config
         self.shapes = list(profile_shapes(self.config, options).values())
         self.names = [
-            io_spec.INPUT_IDS, io_spec.ATTENTION_MASK, io_spec.POSITION_IDS, *io_spec.past_names(self.config.n_layer),
-            io_spec.LOGITS, *io_spec.present_names(self.config.n_layer),
-        ]  # fmt: skip
+            io_spec.INPUT_IDS,
+            io_spec.ATTENTION_MASK,
+            io_spec.POSITION_IDS,
+            *io_spec.past_names(self.config.n_layer),
+            io_spec.LOGITS,
+            *io_spec.present_names(self.config.n_layer),
+        ]
         self.num_io_tensors, self.num_optimization_profiles = len(self.names), 2
         self.calls: list[tuple[int, int, int]] = []
         self.profile, self.input_shapes, self.addresses = 0, {}, {}
@@ -196,8 +200,10 @@ class _RecordingEngine:
         b, t = self.input_shapes[io_spec.INPUT_IDS]
         past = self.input_shapes[io_spec.past_name(0, "key")][2]
         self.calls.append((self.profile, t, past))
-        kv = {name: torch.from_numpy(self._view(name, (b, cfg.n_head, past, cfg.head_dim), np.float32).copy())
-              for name in io_spec.past_names(n)}  # fmt: skip
+        kv = {
+            name: torch.from_numpy(self._view(name, (b, cfg.n_head, past, cfg.head_dim), np.float32).copy())
+            for name in io_spec.past_names(n)
+        }
         for past_name, present_name in zip(io_spec.past_names(n), io_spec.present_names(n), strict=True):
             assert self.addresses[past_name] != self.addresses[present_name], "present must not alias past"
         with torch.no_grad():
@@ -205,9 +211,10 @@ class _RecordingEngine:
                 torch.from_numpy(self._view(io_spec.INPUT_IDS, (b, t), np.int64).copy()),
                 attention_mask=torch.from_numpy(self._view(io_spec.ATTENTION_MASK, (b, past + t), np.int64).copy()),
                 position_ids=torch.from_numpy(self._view(io_spec.POSITION_IDS, (b, t), np.int64).copy()),
-                past_key_values=tuple((kv[io_spec.past_name(i, "key")], kv[io_spec.past_name(i, "value")])
-                                      for i in range(n)),
-            )  # fmt: skip
+                past_key_values=tuple(
+                    (kv[io_spec.past_name(i, "key")], kv[io_spec.past_name(i, "value")]) for i in range(n)
+                ),
+            )
         self._view(io_spec.LOGITS, (b, t, cfg.vocab_size), np.float32)[...] = logits.numpy()
         for i in range(n):
             for j, kind in enumerate(io_spec.KV_KINDS):
@@ -248,11 +255,18 @@ def test_session_buffers_and_profiles_with_a_recording_engine(monkeypatch, tmp_p
     (tmp_path / io_spec.ENGINE_FILE).write_bytes(b"plan")
     specs = io_spec.decoder_inputs(config.n_layer, config.n_head, config.head_dim, "float32")
     outs = io_spec.decoder_outputs(config.n_layer, config.n_head, config.head_dim, config.vocab_size, "float32")
-    write_engine_manifest(tmp_path, engine_manifest_body(
-        config=config, options=options, trt_version="10.16.1.11",
-        gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
-        inputs=[s.to_dict() for s in specs], outputs=[s.to_dict() for s in outs], export_manifest_sha256=None,
-    ))  # fmt: skip
+    write_engine_manifest(
+        tmp_path,
+        engine_manifest_body(
+            config=config,
+            options=options,
+            trt_version="10.16.1.11",
+            gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
+            inputs=[s.to_dict() for s in specs],
+            outputs=[s.to_dict() for s in outs],
+            export_manifest_sha256=None,
+        ),
+    )
 
     ids = np.array([[0, 5, 9, 2, 7, 1, 3], [0, 0, 0, 4, 8, 6, 2]], np.int64)  # 7 tokens > max_prompt 5
     mask = (ids != 0).astype(np.int64)

@@ -111,10 +111,19 @@ class OrtSession(Session):
 
     name = "onnxruntime"
 
-    def __init__(self, folder: str | Path, providers: list[str] | str | None = None, threads: int | None = None,
-                 max_context: int | None = None, max_batch: int | None = None, io_binding: bool = True,
-                 session_options: dict[str, str] | None = None, verify: str = "size", device_id: int = 0,
-                 tf32: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        providers: list[str] | str | None = None,
+        threads: int | None = None,
+        max_context: int | None = None,
+        max_batch: int | None = None,
+        io_binding: bool = True,
+        session_options: dict[str, str] | None = None,
+        verify: str = "size",
+        device_id: int = 0,
+        tf32: bool = False,
+    ):
         from ...artifacts.manifest import manifest_config, read_manifest
 
         ort = import_onnxruntime()
@@ -160,8 +169,11 @@ class OrtSession(Session):
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         # The session's mask is a view of a wider buffer: contiguous for batch 1, copied (small) otherwise.
-        small = {io_spec.INPUT_IDS: input_ids, io_spec.ATTENTION_MASK: np.ascontiguousarray(attention_mask),
-                 io_spec.POSITION_IDS: position_ids}  # fmt: skip
+        small = {
+            io_spec.INPUT_IDS: input_ids,
+            io_spec.ATTENTION_MASK: np.ascontiguousarray(attention_mask),
+            io_spec.POSITION_IDS: position_ids,
+        }
         if not self._use_binding:
             outputs = self._session.run(None, {**small, **dict(zip(self._past, self._cache, strict=True))})
             names = [o.name for o in self._session.get_outputs()]

@@ -102,11 +102,21 @@ class FusedOrtSession(Session):
 
     name = "onnxruntime-fused"
 
-    def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
-                 providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
-                 session_options: dict[str, str] | None = None, verify: str = "size",
-                 low_memory: bool = False, device_id: int = 0, tf32: bool = False,
-                 cuda_graph: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        config: ModelConfig | None = None,
+        threads: int | None = None,
+        providers: list[str] | str | None = None,
+        max_context: int | None = None,
+        max_batch: int | None = None,
+        session_options: dict[str, str] | None = None,
+        verify: str = "size",
+        low_memory: bool = False,
+        device_id: int = 0,
+        tf32: bool = False,
+        cuda_graph: bool = False,
+    ):
         ort = import_onnxruntime()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
