@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_tolerance(session, path: str, tf32: bool = False):
     """The tolerance table's entry for what `session` runs: its dtype (the fused graph's dtype and quantized
-    weights for the fused ONNX Runtime session), and TF32 when it was allowed on CUDA."""
+    weights for the fused ONNX Runtime session), and TF32 when it was allowed on CUDA (--tf32, or the engine's
+    build options)."""
     from ..artifacts.io_spec import MANIFEST_FILE
     from ..artifacts.manifest import read_manifest
     from ..verify.tolerance import tolerance_for
@@ -65,6 +66,7 @@ def default_tolerance(session, path: str, tf32: bool = False):
     dtype = (manifest.get("fused_dtype") if fused else None) or manifest.get("dtype") or "float32"
     weights = manifest.get("fused_weights", "float") if fused else "float"
     on_cuda = "cuda" in str(getattr(session, "device", "cpu"))
+    tf32 = tf32 or bool(manifest.get("options", {}).get("tf32"))  # a TensorRT engine built with TF32
     return tolerance_for(dtype, weights=weights, tf32=tf32 and on_cuda)
 
 

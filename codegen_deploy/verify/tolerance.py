@@ -43,16 +43,16 @@ class Tolerance:
 # float32: measured max abs ~2e-6 to 4e-6 (CPU, and CUDA with TF32 off) on the 350M shape.
 # tf32: MatMul inputs rounded to 10 mantissa bits: measured 2.0e-3 max abs on the 350M shape on an H200.
 # float16: ORT's CPU provider computes MatMul, Add and Gelu in float32 between casts where PyTorch rounds in
-# fp16: measured max rel 1.7e-3 (logits) and 1.8e-3 (cache) against an fp16 reference on the 350M shape,
-# max abs 5.2e-3 (CPU) and 5.9e-3 (CUDA) against a float32 one; the bound leaves ~5x room, and top-1 may
-# flip only on near-ties. bfloat16 (not measured: ORT's CPU provider cannot run it) has 3 mantissa bits
+# fp16: measured on the 350M shape max rel 1.7e-3 (logits) and 1.8e-3 (cache), logits max abs 5.2e-3 (CPU)
+# and 5.9e-3 (CUDA); atol alone is 3x the largest of those, the relative term ~6x, and top-1 may flip only
+# on near-ties. bfloat16 (not measured: ORT's CPU provider cannot run it) has 3 mantissa bits
 # fewer than float16: 8x its relative bound.
 # int8/int4 weights: lossy by design, so only a bound that catches a broken graph (errors of the order of
 # the logits themselves) and top-1 agreement are meaningful.
 TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(atol=1e-4, rtol=1e-4, min_top1=0.99),
     "tf32": Tolerance(atol=1e-2, rtol=5e-3, min_top1=0.95),
-    "float16": Tolerance(atol=1e-2, rtol=1e-2, min_top1=0.9),
+    "float16": Tolerance(atol=2e-2, rtol=1e-2, min_top1=0.9),
     "bfloat16": Tolerance(atol=5e-2, rtol=8e-2, min_top1=0.85),
     "int8": Tolerance(atol=1.0, rtol=0.5, min_top1=0.5),
     "int4": Tolerance(atol=1.0, rtol=0.5, min_top1=0.5),
