@@ -11,7 +11,7 @@ Prints a table and writes JSON (default benchmarks/results/decode_speed.json).
     python benchmarks/decode_speed.py                       # makes and exports the checkpoint under --work
     python benchmarks/decode_speed.py --contexts 128 --new-tokens 16 --repeats 1   # a quick check
 
-Targets (issue 4, fp32, batch 1, 2 threads): decode tok/s >= 2.2x transformers, TTFT <= 0.75x
+Targets (fp32, batch 1, 2 threads): decode tok/s >= 2.2x transformers, TTFT <= 0.75x
 transformers, peak RSS <= 1.3x the fp32 weight bytes.
 """
 
@@ -72,9 +72,16 @@ def transformers_worker(args: dict) -> dict:
         stamp = Stamp()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True, logits_processor=LogitsProcessorList([stamp]),
-                           pad_token_id=model.config.eos_token_id)  # fmt: skip
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                logits_processor=LogitsProcessorList([stamp]),
+                pad_token_id=model.config.eos_token_id,
+            )
         t = stamp.times
         # t[0] follows the prompt's forward pass; t[i] - t[i-1] is decode step i. Step 1 is left out (warm-up),
         # as codegen-bench does.
@@ -184,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for prompt_tokens in [int(c) for c in args.contexts.split(",")]:
-        workload = {"prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "batch": 1,
-                    "repeats": args.repeats, "threads": args.threads, "seed": 0}  # fmt: skip
+        workload = {
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "batch": 1,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "seed": 0,
+        }
         for runner in runners:
             t = time.perf_counter()
             if runner == "transformers":
@@ -201,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             result["label"] = runner
             results.append(result)
             rss_gb, took = result["peak_rss_bytes"] / 1e9, time.perf_counter() - t
-            print(f"[{runner} @ {prompt_tokens}] {result['decode_tok_s']:.1f} tok/s, TTFT {result['ttft_s']:.2f} s, "
-                  f"peak RSS {rss_gb:.2f} GB ({took:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[{runner} @ {prompt_tokens}] {result['decode_tok_s']:.1f} tok/s, TTFT {result['ttft_s']:.2f} s, "
+                f"peak RSS {rss_gb:.2f} GB ({took:.0f} s)",
+                flush=True,
+            )
 
     summary = compare(results, weight_bytes)
     print()
@@ -239,18 +255,25 @@ def compare(results: list[dict], weight_bytes: int) -> dict:
     base = {r["prompt_tokens"]: r for r in results if r["label"] == "transformers"}
     for r in results:
         b = base.get(r["prompt_tokens"])
-        row = {"label": r["label"], "prompt_tokens": r["prompt_tokens"],
-               "rss_over_weights": r["peak_rss_bytes"] / weight_bytes}  # fmt: skip
+        row = {
+            "label": r["label"],
+            "prompt_tokens": r["prompt_tokens"],
+            "rss_over_weights": r["peak_rss_bytes"] / weight_bytes,
+        }
         if b is not None and r is not b:
             row["decode_speedup"] = r["decode_tok_s"] / b["decode_tok_s"]
             row["ttft_ratio"] = r["ttft_s"] / b["ttft_s"]
-            ok = (row["decode_speedup"] >= TARGETS["decode_speedup_min"]
-                  and row["ttft_ratio"] <= TARGETS["ttft_ratio_max"]
-                  and row["rss_over_weights"] <= TARGETS["rss_over_weights_max"])  # fmt: skip
+            ok = (
+                row["decode_speedup"] >= TARGETS["decode_speedup_min"]
+                and row["ttft_ratio"] <= TARGETS["ttft_ratio_max"]
+                and row["rss_over_weights"] <= TARGETS["rss_over_weights_max"]
+            )
             row["meets_targets"] = ok
-            lines.append(f"{r['label']:>18} @ {r['prompt_tokens']:>4}: decode {row['decode_speedup']:.2f}x "
-                         f"transformers, TTFT {row['ttft_ratio']:.2f}x, peak RSS {row['rss_over_weights']:.2f}x "
-                         f"weights -> {'meets' if ok else 'misses'} the targets")  # fmt: skip
+            lines.append(
+                f"{r['label']:>18} @ {r['prompt_tokens']:>4}: decode {row['decode_speedup']:.2f}x "
+                f"transformers, TTFT {row['ttft_ratio']:.2f}x, peak RSS {row['rss_over_weights']:.2f}x "
+                f"weights -> {'meets' if ok else 'misses'} the targets"
+            )
         rows.append(row)
     return {"rows": rows, "lines": lines}
 

@@ -35,8 +35,16 @@ def make_checkpoint(work: Path, shape: str) -> Path:
     ckpt = work / f"random-{shape}-fp16"
     if (ckpt / "config.json").is_file():
         return ckpt
-    cmd = [sys.executable, "-m", "codegen_deploy.cli.make_checkpoint", str(ckpt), "--shape", shape,
-           "--dtype", "float16"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "codegen_deploy.cli.make_checkpoint",
+        str(ckpt),
+        "--shape",
+        shape,
+        "--dtype",
+        "float16",
+    ]
     if TOKENIZER.is_dir():
         cmd += ["--tokenizer", str(TOKENIZER)]
     subprocess.run(cmd, check=True)
@@ -57,8 +65,18 @@ def poll_rss(proc: psutil.Process, peak: list[int], stop: threading.Event) -> No
 
 
 def run_export(ckpt: Path, out: Path, dtype: str, validate: bool) -> dict:
-    cmd = [sys.executable, "-m", "codegen_deploy.cli.export", "--model", str(ckpt), "--output", str(out),
-           "--dtype", dtype, "--force"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "codegen_deploy.cli.export",
+        "--model",
+        str(ckpt),
+        "--output",
+        str(out),
+        "--dtype",
+        dtype,
+        "--force",
+    ]
     if not validate:
         cmd.append("--no-validate")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -126,16 +144,27 @@ def main() -> None:
         print(f"--- {args.shape} {r['dtype']}:")
         print("\n".join(r["log"]))
     gb = 1e9
-    print(f"{'shape':<6} {'dtype':<8} {'valid.':<6} {'weights GB':>10} {'peak RSS GB':>11} {'ratio':>6} "
-          f"{'anon GB':>8} {'ratio':>6} {'wall s':>7} {'output GB':>9}  stages (s)")  # fmt: skip
+    print(
+        f"{'shape':<6} {'dtype':<8} {'valid.':<6} {'weights GB':>10} {'peak RSS GB':>11} {'ratio':>6} "
+        f"{'anon GB':>8} {'ratio':>6} {'wall s':>7} {'output GB':>9}  stages (s)"
+    )
     for r in rows:
         stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
-        print(f"{args.shape:<6} {r['dtype']:<8} {'yes' if r['validate'] else 'no':<6} {r['weight_bytes'] / gb:>10.2f} "
-              f"{r['peak_rss_bytes'] / gb:>11.2f} {r['peak_over_weights']:>6.2f} {r['peak_anon_rss_bytes'] / gb:>8.2f} "
-              f"{r['peak_anon_over_weights']:>6.2f} {r['wall_s']:>7.1f} "
-              f"{r['output_bytes'] / gb:>9.2f}  {stages}")  # fmt: skip
-    print(json.dumps({"shape": args.shape, "cpus": os.cpu_count(), "runs": [
-        {k: v for k, v in r.items() if k != "log"} for r in rows]}))  # fmt: skip
+        print(
+            f"{args.shape:<6} {r['dtype']:<8} {'yes' if r['validate'] else 'no':<6} {r['weight_bytes'] / gb:>10.2f} "
+            f"{r['peak_rss_bytes'] / gb:>11.2f} {r['peak_over_weights']:>6.2f} {r['peak_anon_rss_bytes'] / gb:>8.2f} "
+            f"{r['peak_anon_over_weights']:>6.2f} {r['wall_s']:>7.1f} "
+            f"{r['output_bytes'] / gb:>9.2f}  {stages}"
+        )
+    print(
+        json.dumps(
+            {
+                "shape": args.shape,
+                "cpus": os.cpu_count(),
+                "runs": [{k: v for k, v in r.items() if k != "log"} for r in rows],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

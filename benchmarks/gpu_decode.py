@@ -72,24 +72,41 @@ def prepare(work: Path, shape: str) -> tuple[Path, Path, int]:
 def parity(checkpoint: Path, export: Path) -> list[dict]:
     """The parity checks of the GPU path, as dicts (report summaries)."""
     from codegen_deploy.runtime.backends import open_session
-    from codegen_deploy.verify.parity import Tolerance, compare_sessions
+    from codegen_deploy.verify.parity import compare_sessions
+    from codegen_deploy.verify.tolerance import tolerance_for
 
     prompts = [list(range(100, 228)), [5, 17, 99, 3, 250, 8, 41]]
     out = []
     pairs = (
-        ("torch fp16 cuda vs ort plain fp16 cuda", ("torch", checkpoint, {"device": "cuda", "dtype": torch_fp16()}),
-         ("onnxruntime", export, {"providers": "cuda", "graph": "plain"})),
-        ("ort plain vs ort fused (cuda)", ("onnxruntime", export, {"providers": "cuda", "graph": "plain"}),
-         ("onnxruntime", export, {"providers": "cuda", "graph": "fused"})),
-        ("ort fused vs fused + CUDA graphs", ("onnxruntime", export, {"providers": "cuda", "graph": "fused"}),
-         ("onnxruntime", export, {"providers": "cuda", "graph": "fused", "cuda_graph": True})),
-    )  # fmt: skip
+        (
+            "torch fp16 cuda vs ort plain fp16 cuda",
+            ("torch", checkpoint, {"device": "cuda", "dtype": torch_fp16()}),
+            ("onnxruntime", export, {"providers": "cuda", "graph": "plain"}),
+        ),
+        (
+            "ort plain vs ort fused (cuda)",
+            ("onnxruntime", export, {"providers": "cuda", "graph": "plain"}),
+            ("onnxruntime", export, {"providers": "cuda", "graph": "fused"}),
+        ),
+        (
+            "ort fused vs fused + CUDA graphs",
+            ("onnxruntime", export, {"providers": "cuda", "graph": "fused"}),
+            ("onnxruntime", export, {"providers": "cuda", "graph": "fused", "cuda_graph": True}),
+        ),
+    )
     for name, (ba, pa, oa), (bb, pb, ob) in pairs:
         with open_session(ba, pa, **oa) as a, open_session(bb, pb, **ob) as b:
-            report = compare_sessions(a, b, prompts, new_tokens=32, tolerance=Tolerance.for_dtype("float16"))
+            report = compare_sessions(a, b, prompts, new_tokens=32, tolerance=tolerance_for("float16"))
         print(report.table(), flush=True)
-        out.append({"check": name, "passed": report.passed, "max_abs": report.max_abs,
-                    "top1": report.top1_agreement, "greedy": report.greedy_agreement})  # fmt: skip
+        out.append(
+            {
+                "check": name,
+                "passed": report.passed,
+                "max_abs": report.max_abs,
+                "top1": report.top1,
+                "greedy": report.greedy_agreement,
+            }
+        )
     return out
 
 
@@ -117,17 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, export, weight_bytes = prepare(args.work, args.shape)
     bandwidth = copy_bandwidth_bytes_per_s()
     bound = bandwidth / weight_bytes  # batch-1 steps per second if a step only read the weights once
-    print(f"weights {weight_bytes / 1e9:.2f} GB, device copy {bandwidth / 1e12:.2f} TB/s: "
-          f"bound {bound:.0f} tok/s at batch 1", flush=True)  # fmt: skip
+    print(
+        f"weights {weight_bytes / 1e9:.2f} GB, device copy {bandwidth / 1e12:.2f} TB/s: "
+        f"bound {bound:.0f} tok/s at batch 1",
+        flush=True,
+    )
     checks = [] if args.skip_parity else parity(checkpoint, export)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
         for label, backend, options in VARIANTS:
             path = checkpoint if backend == "torch" else export
             options = {**options, "dtype": torch_fp16()} if backend == "torch" else options
-            spec = BenchSpec(backend=backend, path=str(path), prompt_tokens=args.prompt_tokens,
-                             new_tokens=args.new_tokens, batch=batch, repeats=args.repeats, threads=None,
-                             options={k: v for k, v in options.items() if k != "dtype"})  # fmt: skip
+            spec = BenchSpec(
+                backend=backend,
+                path=str(path),
+                prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                batch=batch,
+                repeats=args.repeats,
+                threads=None,
+                options={k: v for k, v in options.items() if k != "dtype"},
+            )
             try:
                 result = measure_in_subprocess(spec) if backend != "torch" else measure_torch(spec)
             except Exception as e:  # one failing variant must not hide the others' numbers
@@ -139,8 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table([result]), flush=True)
     print(format_table(results))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    body = {"shape": args.shape, "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
-            "bound_tok_s_batch1": bound, "parity": checks, "results": results}  # fmt: skip
+    body = {
+        "shape": args.shape,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "bound_tok_s_batch1": bound,
+        "parity": checks,
+        "results": results,
+    }
     args.output.write_text(json.dumps(body, indent=2))
     print(f"wrote {args.output}")
     return 0
@@ -156,8 +189,9 @@ def measure_torch(spec) -> dict:
     from codegen_deploy.runtime.backends.torch import TorchSession
 
     start = time.perf_counter()
-    session = TorchSession(spec.path, dtype=torch.float16, device="cuda",
-                           max_context=spec.prompt_tokens + spec.new_tokens)  # fmt: skip
+    session = TorchSession(
+        spec.path, dtype=torch.float16, device="cuda", max_context=spec.prompt_tokens + spec.new_tokens
+    )
     load_s = time.perf_counter() - start
     with session:
         result = bench.measure_session(session, spec)

@@ -21,11 +21,12 @@ from common import run_child, table
 
 LOAD = """
 import json, sys, time, torch
+from codegen_deploy.dtypes import torch_dtype
 from codegen_deploy.model import CodeGen
 def vmhwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 start = time.perf_counter()
-model = CodeGen.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model = CodeGen.from_pretrained(sys.argv[1], dtype=torch_dtype(sys.argv[2]))
 seconds = time.perf_counter() - start
 after_load = vmhwm()
 with torch.no_grad():  # touches every weight: mmapped pages of a .bin become resident here
@@ -44,23 +45,32 @@ def main() -> None:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
 
-    import torch
-
+    from codegen_deploy.dtypes import torch_dtype
     from codegen_deploy.model.make_checkpoint import make_checkpoint
 
     folder = Path(args.workdir) / f"random-{args.shape}-{args.dtype}-{args.layout}"
     if not (folder / "config.json").is_file():
         shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "codegen-350M-mono-tokenizer"
         print(f"making {folder} ...", flush=True)
-        make_checkpoint(folder, shape=args.shape, dtype=getattr(torch, args.dtype),
-                        tokenizer=shared if shared.is_dir() else None, layout=args.layout)  # fmt: skip
+        make_checkpoint(
+            folder,
+            shape=args.shape,
+            dtype=torch_dtype(args.dtype),
+            tokenizer=shared if shared.is_dir() else None,
+            layout=args.layout,
+        )
     result, wall, peak = run_child(LOAD, str(folder), args.dtype)
     row = {
-        "shape": args.shape, "dtype": args.dtype, "layout": args.layout, "load_s": result["load_s"],
-        "process_s": round(wall, 1), "weights_GB": round(result["weight_bytes"] / 1e9, 2),
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "layout": args.layout,
+        "load_s": result["load_s"],
+        "process_s": round(wall, 1),
+        "weights_GB": round(result["weight_bytes"] / 1e9, 2),
         "load_peak_GB": round(result["peak_after_load"] / 1e9, 2),
-        "peak_with_forward_GB": round(peak / 1e9, 2), "peak/weights": round(peak / result["weight_bytes"], 2),
-    }  # fmt: skip
+        "peak_with_forward_GB": round(peak / 1e9, 2),
+        "peak/weights": round(peak / result["weight_bytes"], 2),
+    }
     print(table([row], list(row)))
     print(json.dumps(row))
     if args.json:

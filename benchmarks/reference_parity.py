@@ -59,8 +59,12 @@ def measure(name, config) -> dict:
         out = theirs(token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache})
         cache = getattr(out, cache_arg)
         step_diff = max(step_diff, (got - out.logits).abs().max().item())
-    return {"config": name, "prompt_max_abs": f"{prompt_diff:.2e}", "decode_max_abs": f"{step_diff:.2e}",
-            "logits_max": f"{got.abs().max().item():.2f}"}  # fmt: skip
+    return {
+        "config": name,
+        "prompt_max_abs": f"{prompt_diff:.2e}",
+        "decode_max_abs": f"{step_diff:.2e}",
+        "logits_max": f"{got.abs().max().item():.2f}",
+    }
 
 
 def main() -> None:

@@ -131,15 +131,19 @@ class ModelConfig:
         return v * e + self.n_layer * block + 2 * e + (e * v + v)
 
 
-# The published shapes (../shared/DESIGN.md). Used for random checkpoints and estimates only:
+# The published shapes (from the released checkpoints' config.json). Used for random checkpoints and estimates only:
 # a real model's shape is always read from its config.json.
 PUBLISHED_SHAPES = {
-    "350M": ModelConfig(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32, n_positions=2048, n_inner=4096,
-                        vocab_size=51200),
-    "2B": ModelConfig(n_layer=32, n_embd=2560, n_head=32, rotary_dim=64, n_positions=2048, n_inner=10240,
-                      vocab_size=51200),
-    "6B": ModelConfig(n_layer=33, n_embd=4096, n_head=16, rotary_dim=64, n_positions=2048, n_inner=16384,
-                      vocab_size=51200),
-    "16B": ModelConfig(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64, n_positions=2048, n_inner=24576,
-                       vocab_size=51200),
-}  # fmt: skip
+    "350M": ModelConfig(
+        n_layer=20, n_embd=1024, n_head=16, rotary_dim=32, n_positions=2048, n_inner=4096, vocab_size=51200
+    ),
+    "2B": ModelConfig(
+        n_layer=32, n_embd=2560, n_head=32, rotary_dim=64, n_positions=2048, n_inner=10240, vocab_size=51200
+    ),
+    "6B": ModelConfig(
+        n_layer=33, n_embd=4096, n_head=16, rotary_dim=64, n_positions=2048, n_inner=16384, vocab_size=51200
+    ),
+    "16B": ModelConfig(
+        n_layer=34, n_embd=6144, n_head=24, rotary_dim=64, n_positions=2048, n_inner=24576, vocab_size=51200
+    ),
+}

@@ -17,11 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Shapes for parity tests: tiny, odd head dims, rotary_dim < head_dim, rotary_dim == head_dim.
 TEST_CONFIGS = {
     "tiny": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=128, n_inner=256, vocab_size=320),
-    "odd-head": ModelConfig(n_layer=3, n_embd=60, n_head=3, rotary_dim=6, n_positions=64, n_inner=120,
-                            vocab_size=257, layer_norm_epsilon=1e-6),
-    "full-rotary": ModelConfig(n_layer=1, n_embd=48, n_head=2, rotary_dim=24, n_positions=64, n_inner=96,
-                               vocab_size=100, activation="gelu"),
-}  # fmt: skip
+    "odd-head": ModelConfig(
+        n_layer=3,
+        n_embd=60,
+        n_head=3,
+        rotary_dim=6,
+        n_positions=64,
+        n_inner=120,
+        vocab_size=257,
+        layer_norm_epsilon=1e-6,
+    ),
+    "full-rotary": ModelConfig(
+        n_layer=1, n_embd=48, n_head=2, rotary_dim=24, n_positions=64, n_inner=96, vocab_size=100, activation="gelu"
+    ),
+}
 
 
 def _gpu_available() -> str | None:
@@ -96,8 +105,13 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     (runtime tests that want the fused graph add it to a copy)."""
     from codegen_deploy.pipeline import export_model
 
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "tiny", validate=False, fused=False,
-                        progress=lambda line: None)  # fmt: skip
+    return export_model(
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("export") / "tiny",
+        validate=False,
+        fused=False,
+        progress=lambda line: None,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +151,9 @@ class ScriptedSession(Session):
     name = "scripted"
 
     def __init__(self, scripts: list[list[int]], vocab_size: int, n_positions: int = 512):
-        config = ModelConfig(n_layer=1, n_embd=8, n_head=2, rotary_dim=2, n_positions=n_positions, n_inner=8,
-                             vocab_size=vocab_size)  # fmt: skip
+        config = ModelConfig(
+            n_layer=1, n_embd=8, n_head=2, rotary_dim=2, n_positions=n_positions, n_inner=8, vocab_size=vocab_size
+        )
         super().__init__(config)
         self.scripts = scripts
         self.fed: list[np.ndarray] = []

@@ -10,10 +10,20 @@ from codegen_deploy.config import PUBLISHED_SHAPES, ModelConfig, hub_id
 from codegen_deploy.errors import ConfigError
 
 HF_350M_MONO = {  # the fields of Salesforce/codegen-350M-mono's config.json that matter
-    "model_type": "codegen", "n_layer": 20, "n_embd": 1024, "n_head": 16, "rotary_dim": 32,
-    "n_positions": 2048, "n_ctx": 2048, "n_inner": None, "vocab_size": 51200, "layer_norm_epsilon": 1e-05,
-    "activation_function": "gelu_new", "bos_token_id": 1, "eos_token_id": 50256,
-}  # fmt: skip
+    "model_type": "codegen",
+    "n_layer": 20,
+    "n_embd": 1024,
+    "n_head": 16,
+    "rotary_dim": 32,
+    "n_positions": 2048,
+    "n_ctx": 2048,
+    "n_inner": None,
+    "vocab_size": 51200,
+    "layer_norm_epsilon": 1e-05,
+    "activation_function": "gelu_new",
+    "bos_token_id": 1,
+    "eos_token_id": 50256,
+}
 
 
 def test_from_hf_config_reads_the_published_350m():

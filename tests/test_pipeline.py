@@ -46,8 +46,8 @@ def run_both(folder, model: CodeGen, batch: int, seq: int, past: int, pad: int =
     mask = torch.ones(batch, past + seq, dtype=torch.int64)  # [B, total]
     mask[0, :pad] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
-    cache = [torch.randn(batch, config.n_head, past, config.head_dim, generator=g).to(model.dtype)
-             for _ in range(2 * config.n_layer)]  # fmt: skip
+    kv_shape = (batch, config.n_head, past, config.head_dim)
+    cache = [torch.randn(kv_shape, generator=g).to(model.dtype) for _ in range(2 * config.n_layer)]
     with torch.no_grad():
         logits, present = model(ids, mask, pos, tuple(zip(cache[::2], cache[1::2], strict=True)))
     session = ort.InferenceSession(str(folder / io_spec.GRAPH_FILE), providers=["CPUExecutionProvider"])
@@ -105,10 +105,12 @@ def test_validation_report_prompt_and_decode_steps(fp32_export, tiny_checkpoint)
     from codegen_deploy.verify.validate import validate_export
 
     report = validate_export(fp32_export / io_spec.GRAPH_FILE, CodeGen.from_pretrained(tiny_checkpoint))
-    assert report.passed and report.top1 == 1.0 and report.logits.max_abs < 1e-4
-    assert report.steps[0].startswith("past 0 + ") and len(report.steps) >= 3
-    assert all(not s.startswith("past 0 ") for s in report.steps[1:])
-    assert len(report.outputs) == 1 + 2 * report_layers(tiny_checkpoint)
+    assert report.passed and report.top1 == 1.0 and report.rows[0].max_abs < 1e-4
+    steps = report.info["steps"]
+    assert steps[0].startswith("past 0 + ") and len(steps) >= 3
+    assert all(not s.startswith("past 0 ") for s in steps[1:])
+    assert [r.name for r in report.rows] == ["logits", *io_spec.present_names(report_layers(tiny_checkpoint))]
+    assert report.rows[0].top1_total > 0 and all(r.top1_total == 0 for r in report.rows[1:])
     assert "PASSED" in report.table() and report.to_dict()["passed"] is True
 
 
@@ -151,7 +153,8 @@ def test_fp16_runs_in_onnxruntime_within_its_tolerance(fp16_export):
     report = manifest["validation"]
     assert manifest["dtype"] == manifest["cache_dtype"] == "float16" and manifest["logits_dtype"] == "float32"
     assert report["passed"] and report["dtype"] == "float16"
-    assert 0 < report["outputs"]["logits"]["max_rel"] <= report["tolerance"]["logits_rtol"]
+    logits = next(row for row in report["rows"] if row["name"] == "logits")
+    assert 0 < logits["max_rel"] <= report["tolerance"]["rtol"] and logits["within_tolerance"]
     assert report["cpu_float32_ops"] and "MatMul" in report["cpu_float32_ops"]  # said, not hidden
 
 
@@ -162,10 +165,8 @@ def test_external_data_forced_on_a_small_model(fp16_export):
     assert data.is_file() and data.stat().st_size > (fp16_export / io_spec.GRAPH_FILE).stat().st_size
     assert read_manifest(fp16_export, verify="sha256")["data_file"] == io_spec.DATA_FILE
     graph = onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False).graph
-    locations = {
-        e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data
-        if e.key == "location"
-    }  # fmt: skip
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
     assert locations == {io_spec.DATA_FILE}  # one data file, beside the graph
     check_graph(fp16_export / io_spec.GRAPH_FILE)
 

@@ -6,7 +6,10 @@ component guesses them. Naming follows optimum's CodeGen decoder (past_key_value
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ..errors import ArtifactError
 
 # Files of an export folder.
 GRAPH_FILE = "decoder.onnx"
@@ -55,6 +58,44 @@ def past_names(n_layer: int) -> list[str]:
 def present_names(n_layer: int) -> list[str]:
     """present.0.key, present.0.value, present.1.key, ... (graph output order)."""
     return [present_name(i, kind) for i in range(n_layer) for kind in KV_KINDS]
+
+
+def decoder_input_names(n_layer: int) -> list[str]:
+    """The plain decoder's input names in graph order."""
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer)]
+
+
+def decoder_output_names(n_layer: int) -> list[str]:
+    """The plain decoder's output names in graph order."""
+    return [LOGITS, *present_names(n_layer)]
+
+
+def check_decoder_io(
+    names_in: Iterable[str],
+    names_out: Iterable[str],
+    n_layer: int,
+    where: str,
+    fix: str = "export it again with codegen-export",
+    ordered: bool = False,
+) -> None:
+    """Raise a one-line ArtifactError unless `names_in` / `names_out` are the plain decoder's input and output
+    names for `n_layer` layers (in graph order too when `ordered`). where: the graph or engine, for the
+    message; fix: what to do about it."""
+    for kind, got, want in (
+        ("inputs", list(names_in), decoder_input_names(n_layer)),
+        ("outputs", list(names_out), decoder_output_names(n_layer)),
+    ):
+        if got == want or (not ordered and sorted(got) == sorted(want)):
+            continue
+        missing = [n for n in want if n not in got]
+        extra = [n for n in got if n not in want]
+        parts = [f"{what} {_few(names)}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+        problem = ", ".join(parts) or f"in another order: {_few(got)}"
+        raise ArtifactError(f"{where} does not have the {n_layer}-layer decoder's {kind} ({problem}): {fix}")
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:

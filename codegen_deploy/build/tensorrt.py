@@ -31,6 +31,7 @@ from ..artifacts.engine import (
 )
 from ..artifacts.manifest import manifest_config, read_manifest, sha256_file
 from ..config import ModelConfig
+from ..dtypes import dtype_name
 from ..errors import ExportError
 from ..gpu import require_cuda_gpu, require_tensorrt, tensorrt_major
 
@@ -59,11 +60,12 @@ def default_timing_cache(gpu: dict, trt_version: str) -> Path:
 
 
 def _dtype_name(trt, dtype) -> str:
-    """numpy-style dtype name of a TensorRT DataType ("bfloat16" has no numpy type)."""
+    """The dtype name (dtypes.py's, numpy's for int types) of a TensorRT DataType; bfloat16 and float8 have no
+    numpy type, so TensorRT's own name gives theirs."""
     import numpy as np
 
     try:
-        return np.dtype(trt.nptype(dtype)).name
+        return dtype_name(np.dtype(trt.nptype(dtype)))
     except TypeError:
         return {"BF16": "bfloat16", "FP8": "float8"}.get(str(dtype).rsplit(".", 1)[-1], str(dtype))
 
@@ -103,6 +105,7 @@ def _progress_monitor(trt, progress: Callable[[str], None]):
 
 
 def _network_io(trt, network) -> tuple[list[dict], list[dict]]:
+    """Name, dtype and shape of the parsed network's inputs and outputs, as engine.json records them."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
 
@@ -112,48 +115,10 @@ def _network_io(trt, network) -> tuple[list[dict], list[dict]]:
     return [spec(t) for t in inputs], [spec(t) for t in outputs]
 
 
-def _check_network_io(config: ModelConfig, inputs: list[dict], outputs: list[dict], graph: Path) -> None:
-    want_in = [io_spec.INPUT_IDS, io_spec.ATTENTION_MASK, io_spec.POSITION_IDS, *io_spec.past_names(config.n_layer)]
-    want_out = [io_spec.LOGITS, *io_spec.present_names(config.n_layer)]
-    got_in, got_out = [s["name"] for s in inputs], [s["name"] for s in outputs]
-    if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-        raise ExportError(
-            f"{graph} does not have the decoder I/O this tool exports (inputs {got_in[:4]}..., outputs "
-            f"{got_out[:3]}...): export it again with codegen-export"
-        )
-
-
-def build_engine(
-    export_dir: str | Path,
-    options: EngineOptions | None = None,
-    progress: Callable[[str], None] = print,
-    output_dir: str | Path | None = None,
-) -> Path:
-    """Build decoder.engine from an export folder; write it and engine.json into output_dir (default: the
-    export folder); return the engine path.
-
-    Raises MissingDependencyError without tensorrt or a CUDA GPU, ConfigError for bad options, ExportError
-    for an unusable export or a failed build.
-    """
-    trt = require_tensorrt()
-    gpu = require_cuda_gpu()
-    export_dir = Path(export_dir)
-    out = Path(output_dir) if output_dir is not None else export_dir
-    manifest = read_manifest(export_dir, verify="size")
-    config = manifest_config(manifest)
-    options = (options or EngineOptions()).resolved(config)
-    if options.timing_cache is None:
-        options = replace(options, timing_cache=default_timing_cache(gpu, trt.__version__))
-    shapes = profile_shapes(config, options)
-    graph = export_dir / manifest.get("graph_file", io_spec.GRAPH_FILE)
-    progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm {gpu['compute_capability']})")
-    progress(
-        f"  batch <= {options.max_batch}, prompt <= {options.max_prompt}, context <= {options.max_context}, "
-        f"workspace {options.workspace_mb or 'default'} MiB, tf32 {'on' if options.tf32 else 'off'}"
-    )
-
-    t0 = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
+def _parse_network(trt, logger, graph: Path, config: ModelConfig, progress: Callable[[str], None]):
+    """Builder, network and parser of the ONNX graph (the parser owns weights the network uses: keep it
+    alive until the build ends), and the network's checked inputs and outputs."""
+    start = time.perf_counter()
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -163,9 +128,13 @@ def build_engine(
         errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(min(parser.num_errors, 3)))
         raise ExportError(f"TensorRT could not parse {graph}: {errors or 'no details'}")
     inputs, outputs = _network_io(trt, network)
-    _check_network_io(config, inputs, outputs, graph)
-    progress(f"  parsed {graph.name} in {time.perf_counter() - t0:.1f} s ({network.num_layers} layers)")
+    io_spec.check_decoder_io([s["name"] for s in inputs], [s["name"] for s in outputs], config.n_layer, str(graph))
+    progress(f"  parsed {graph.name} in {time.perf_counter() - start:.1f} s ({network.num_layers} layers)")
+    return builder, network, parser, inputs, outputs
 
+
+def _builder_config(trt, builder, options: EngineOptions, shapes: dict):
+    """The builder config: memory, optimisation level, TF32, and the prompt and decode profiles."""
     build_config = builder.create_builder_config()
     if options.workspace_mb is not None:
         build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
@@ -178,8 +147,11 @@ def build_engine(
         for input_name, (lo, opt, hi) in shapes[name].items():
             profile.set_shape(input_name, lo, opt, hi)
         build_config.add_optimization_profile(profile)
+    return build_config
 
-    cache_path = Path(options.timing_cache)
+
+def _load_timing_cache(build_config, cache_path: Path, progress: Callable[[str], None]) -> None:
+    """Give the build the timing cache at `cache_path`, or an empty one when that file is unusable here."""
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     try:
         cache = build_config.create_timing_cache(cache_bytes)
@@ -191,38 +163,83 @@ def build_engine(
         build_config.set_timing_cache(cache, ignore_mismatch=False)
     else:
         progress(f"  timing cache {cache_path} ({len(cache_bytes)} bytes)")
+
+
+def _build(trt, builder, network, build_config, progress: Callable[[str], None]):
+    """The serialized engine, with the builder's phases reported as it goes."""
     monitor = _progress_monitor(trt, progress)  # must outlive the build: keep the reference
     build_config.progress_monitor = monitor
-
-    t1 = time.perf_counter()
+    start = time.perf_counter()
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise ExportError(
             "TensorRT could not build the engine (see its messages above): check --workspace-mb "
             "and the profile sizes, or export again"
         )
-    progress(f"  built in {time.perf_counter() - t1:.1f} s ({serialized.nbytes / 2**20:.1f} MiB)")
+    progress(f"  built in {time.perf_counter() - start:.1f} s ({serialized.nbytes / 2**20:.1f} MiB)")
+    return serialized
 
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(cache_path, build_config.get_timing_cache().serialize())
 
+def _write_engine(out: Path, serialized, manifest_body: dict) -> Path:
+    """Write decoder.engine and engine.json into `out` (each atomically); the engine's path."""
     out.mkdir(parents=True, exist_ok=True)
     engine_path = out / io_spec.ENGINE_FILE
     # A stale engine.json must never describe the new engine: remove it before replacing the engine.
     (out / io_spec.ENGINE_MANIFEST_FILE).unlink(missing_ok=True)
     write_bytes_atomic(engine_path, serialized)
-    write_engine_manifest(
-        out,
-        engine_manifest_body(
-            config=config,
-            options=options,
-            trt_version=trt.__version__,
-            gpu=gpu,
-            inputs=inputs,
-            outputs=outputs,
-            export_manifest_sha256=sha256_file(export_dir / io_spec.MANIFEST_FILE),
-            dtype=manifest.get("dtype"),
-        ),
+    write_engine_manifest(out, manifest_body)
+    return engine_path
+
+
+def build_engine(
+    export_dir: str | Path,
+    options: EngineOptions | None = None,
+    progress: Callable[[str], None] = print,
+    output_dir: str | Path | None = None,
+) -> Path:
+    """Build decoder.engine from an export folder; write it and engine.json into output_dir (default: the
+    export folder); return the engine path.
+
+    Raises MissingDependencyError without tensorrt or a CUDA GPU, ConfigError for bad options, ExportError
+    for a failed build, ArtifactError for an export without the decoder's inputs and outputs.
+    """
+    trt = require_tensorrt()
+    gpu = require_cuda_gpu()
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir, verify="size")
+    config = manifest_config(manifest)
+    options = (options or EngineOptions()).resolved(config)
+    if options.timing_cache is None:
+        options = replace(options, timing_cache=default_timing_cache(gpu, trt.__version__))
+    graph = export_dir / manifest.get("graph_file", io_spec.GRAPH_FILE)
+    progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm {gpu['compute_capability']})")
+    progress(
+        f"  batch <= {options.max_batch}, prompt <= {options.max_prompt}, context <= {options.max_context}, "
+        f"workspace {options.workspace_mb or 'default'} MiB, tf32 {'on' if options.tf32 else 'off'}"
     )
-    progress(f"wrote {engine_path} and {io_spec.ENGINE_MANIFEST_FILE} in {time.perf_counter() - t0:.1f} s")
+
+    start = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder, network, parser, inputs, outputs = _parse_network(trt, logger, graph, config, progress)
+    build_config = _builder_config(trt, builder, options, profile_shapes(config, options))
+    cache_path = Path(options.timing_cache)
+    _load_timing_cache(build_config, cache_path, progress)
+    serialized = _build(trt, builder, network, build_config, progress)
+    del parser  # the build is done: the network's weights are in the engine now
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(cache_path, build_config.get_timing_cache().serialize())
+
+    body = engine_manifest_body(
+        config=config,
+        options=options,
+        trt_version=trt.__version__,
+        gpu=gpu,
+        inputs=inputs,
+        outputs=outputs,
+        export_manifest_sha256=sha256_file(export_dir / io_spec.MANIFEST_FILE),
+        dtype=manifest.get("dtype"),
+    )
+    out = Path(output_dir) if output_dir is not None else export_dir
+    engine_path = _write_engine(out, serialized, body)
+    progress(f"wrote {engine_path} and {io_spec.ENGINE_MANIFEST_FILE} in {time.perf_counter() - start:.1f} s")
     return engine_path

@@ -16,9 +16,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "process of its own (its peak RSS is its own); greedy decoding of random prompt tokens.",
     )
     p.add_argument("path", help="an export folder (onnxruntime backends) or checkpoint folder / hub id (torch)")
-    p.add_argument("--backends", default="torch,onnxruntime",
-                   help="comma-separated: torch, onnxruntime, tensorrt, onnxruntime-plain, onnxruntime-naive "
-                        "(plain graph, no IO binding), onnxruntime-fused (default: torch,onnxruntime)")  # fmt: skip
+    p.add_argument(
+        "--backends",
+        default="torch,onnxruntime",
+        help="comma-separated: torch, onnxruntime, tensorrt, onnxruntime-plain, onnxruntime-naive "
+        "(plain graph, no IO binding), onnxruntime-fused (default: torch,onnxruntime)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
     p.add_argument("--batch", type=int, default=1, help="rows per batch (default 1)")
@@ -40,9 +43,16 @@ def main_body(argv: list[str] | None = None) -> int:
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         path = args.reference if backend == "torch" and args.reference else args.path
         options = backend_options(resolve_backend(backend)[0], providers=args.providers, **device_options(args))
-        spec = BenchSpec(backend=backend, path=str(path), prompt_tokens=args.prompt_tokens,
-                         new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
-                         threads=args.threads or None, options=options)  # fmt: skip
+        spec = BenchSpec(
+            backend=backend,
+            path=str(path),
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            batch=args.batch,
+            repeats=args.repeats,
+            threads=args.threads or None,
+            options=options,
+        )
         print(f"measuring {backend} ...", file=sys.stderr, flush=True)
         results.append(measure_in_subprocess(spec))
     if args.json:

@@ -17,22 +17,39 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TensorRT engine")
     g.add_argument("--max-batch", type=int, default=1, help="most rows per call (default 1)")
     g.add_argument(
-        "--max-prompt", type=int, default=None,
+        "--max-prompt",
+        type=int,
+        default=None,
         help="longest prompt run in one call; longer prompts run their tail token by token "
         "(default min(512, max context))",
-    )  # fmt: skip
-    g.add_argument("--max-context", type=int, default=None,
-                   help="prompt + generated tokens (default: the model's n_positions)")  # fmt: skip
-    g.add_argument("--workspace-mb", type=int, default=None,
-                   help="TensorRT workspace limit in MiB (default: TensorRT's, the device memory)")  # fmt: skip
+    )
     g.add_argument(
-        "--timing-cache", type=Path, default=None,
+        "--max-context", type=int, default=None, help="prompt + generated tokens (default: the model's n_positions)"
+    )
+    g.add_argument(
+        "--workspace-mb",
+        type=int,
+        default=None,
+        help="TensorRT workspace limit in MiB (default: TensorRT's, the device memory)",
+    )
+    g.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
         help="timing cache file reused across builds (default: one per GPU in ~/.cache/codegen-deploy/tensorrt)",
-    )  # fmt: skip
-    g.add_argument("--no-tf32", dest="tf32", action="store_false",
-                   help="full float32 matmuls in float32 engines (default: TensorRT's TF32 tensor cores)")  # fmt: skip
-    g.add_argument("--opt-level", type=int, default=None,
-                   help=f"builder optimization level 0-{MAX_OPTIMIZATION_LEVEL} (default: TensorRT's, 3)")  # fmt: skip
+    )
+    g.add_argument(
+        "--no-tf32",
+        dest="tf32",
+        action="store_false",
+        help="full float32 matmuls in float32 engines (default: TensorRT's TF32 tensor cores)",
+    )
+    g.add_argument(
+        "--opt-level",
+        type=int,
+        default=None,
+        help=f"builder optimization level 0-{MAX_OPTIMIZATION_LEVEL} (default: TensorRT's, 3)",
+    )
 
 
 def engine_options_from_args(args: argparse.Namespace) -> EngineOptions:
@@ -54,8 +71,9 @@ def _main(argv: list[str] | None) -> int:
         description="Build a TensorRT engine (one engine, prompt and decode profiles) from a codegen-export folder.",
     )
     parser.add_argument("export_dir", type=Path, help="folder written by codegen-export")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="folder for decoder.engine and engine.json (default: EXPORT_DIR)")  # fmt: skip
+    parser.add_argument(
+        "--output", type=Path, default=None, help="folder for decoder.engine and engine.json (default: EXPORT_DIR)"
+    )
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     from ..build.tensorrt import build_engine

@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors with an exit code, and the dtype option."""
+"""What every command shares: one-line errors with an exit code, and the GPU device options."""
 
 from __future__ import annotations
 
@@ -7,22 +7,15 @@ from collections.abc import Callable
 
 from ..errors import CodegenDeployError
 
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def torch_dtype(name: str):
-    """The torch dtype for a --dtype value."""
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
 
 def add_device_options(p, torch_device: bool = True) -> None:
     """The GPU options every runtime command takes: ONNX Runtime's CUDA provider options and the torch device."""
     p.add_argument("--device-id", type=int, help="GPU index for ONNX Runtime's CUDA provider (default 0)")
-    p.add_argument("--tf32", action="store_true",
-                   help="let ONNX Runtime's CUDA provider use TF32 for float32 MatMul (faster, ~1e-3 less exact; "
-                        "off by default)")  # fmt: skip
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let ONNX Runtime's CUDA provider use TF32 for float32 MatMul (faster, ~1e-3 less exact; off by default)",
+    )
     p.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -34,8 +27,12 @@ def add_device_options(p, torch_device: bool = True) -> None:
 
 def device_options(args) -> dict:
     """The backend_options() keywords of add_device_options' arguments (unset ones as None)."""
-    return {"device_id": args.device_id, "tf32": args.tf32 or None, "cuda_graph": args.cuda_graph or None,
-            "device": getattr(args, "device", None)}  # fmt: skip
+    return {
+        "device_id": args.device_id,
+        "tf32": args.tf32 or None,
+        "cuda_graph": args.cuda_graph or None,
+        "device": getattr(args, "device", None),
+    }
 
 
 def run(command: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

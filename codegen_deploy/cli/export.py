@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..config import DATASETS, SIZES
+from ..dtypes import DTYPES
 from ..errors import ConfigError, MissingDependencyError
-from .common import DTYPES, run
+from .common import run
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
@@ -31,14 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", default="mono", help=f"its training data: {', '.join(DATASETS)} (default: mono)")
     src.add_argument("--model", help="a checkpoint folder or hub id (e.g. Salesforce/codegen-350M-mono)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and cache (same as --dtype float16)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights and cache dtype (default float32; logits are always float32)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights and cache dtype (default float32; logits are always float32)",
+    )
     p.add_argument("--output", type=Path, help="folder to create (default: exports/codegen-<size>-<data>[-fp16])")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check against the reference")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--external-data", action="store_true",
-                   help="always store the weights in decoder.onnx.data (default: only above 2 GB)")  # fmt: skip
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        help="always store the weights in decoder.onnx.data (default: only above 2 GB)",
+    )
     p.add_argument(
         "--no-fused",
         action="store_true",
@@ -70,10 +78,19 @@ def command(argv: list[str] | None) -> int:
         hub_id(args.size, args.data)  # one clear line for an unknown size or data, before anything heavy
     if args.engine:
         _require_engine_builder()
-    out = export_model(args.model, args.output, size=args.size, data=args.data, dtype=dtype, opset=args.opset,
-                       validate=not args.no_validate, force=args.force,
-                       external_data=True if args.external_data else None, fused=not args.no_fused,
-                       fused_weights=args.quantize or "float")  # fmt: skip
+    out = export_model(
+        args.model,
+        args.output,
+        size=args.size,
+        data=args.data,
+        dtype=dtype,
+        opset=args.opset,
+        validate=not args.no_validate,
+        force=args.force,
+        external_data=True if args.external_data else None,
+        fused=not args.no_fused,
+        fused_weights=args.quantize or "float",
+    )
     print(f"exported to {out}")
     if args.engine:
         from ..build.tensorrt import build_engine

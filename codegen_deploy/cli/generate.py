@@ -7,8 +7,9 @@ import json
 import sys
 import time
 
+from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import DTYPES, add_device_options, device_options, run, torch_dtype
+from .common import add_device_options, device_options, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,15 +75,25 @@ def command(argv: list[str] | None) -> int:
     prompt = read_prompt(args)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                repetition_penalty=args.repetition_penalty, seed=args.seed),
+        sampling=SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        ),
         stop=tuple(args.stop),
-    )  # fmt: skip
+    )
     backend = args.backend or default_backend(args.path)
     target = args.reference if backend == "torch" and args.reference else args.path
-    options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
-                              **device_options(args),
-                              dtype=torch_dtype(args.dtype) if args.dtype else None)  # fmt: skip
+    options = backend_options(
+        backend,
+        threads=args.threads,
+        providers=args.providers,
+        graph=args.graph,
+        **device_options(args),
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
+    )
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)
     session = open_session(backend, target, **options)
@@ -91,8 +102,14 @@ def command(argv: list[str] | None) -> int:
         if args.json:
             result = generate(session, tokenizer, prompt, config)
             c = result.completions[0]
-            body = {"backend": session.name, "path": str(target), "prompt": prompt, **c.to_dict(),
-                    "sampling": config.sampling.to_dict(), "timings": result.timings.to_dict()}  # fmt: skip
+            body = {
+                "backend": session.name,
+                "path": str(target),
+                "prompt": prompt,
+                **c.to_dict(),
+                "sampling": config.sampling.to_dict(),
+                "timings": result.timings.to_dict(),
+            }
             print(json.dumps(body, indent=2))
             return 0
         timings = Timings()
@@ -102,8 +119,11 @@ def command(argv: list[str] | None) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    print(f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "
-          f"decode {timings.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)  # fmt: skip
+    print(
+        f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "
+        f"decode {timings.decode_tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import DTYPES, run, torch_dtype
+from ..dtypes import DTYPES, torch_dtype
+from .common import run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,8 +21,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="demo", choices=list(SHAPES), help="model shape (default: demo)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--tokenizer", help="copy these tokenizer files (e.g. a real CodeGen tokenizer folder) "
-                   "instead of training a small one")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        help="copy these tokenizer files (e.g. a real CodeGen tokenizer folder) instead of training a small one",
+    )
     p.add_argument("--layout", default="safetensors", choices=("safetensors", "bin"))
     p.add_argument("--shard-size-mb", type=int, help="split the weights into shards of at most this size")
     return p.parse_args(argv)
@@ -33,8 +36,15 @@ def command(argv: list[str] | None) -> int:
 
     start = time.perf_counter()
     shard = None if args.shard_size_mb is None else args.shard_size_mb * 2**20
-    out = make_checkpoint(args.output, shape=args.shape, dtype=torch_dtype(args.dtype), seed=args.seed,
-                          tokenizer=args.tokenizer, layout=args.layout, max_shard_bytes=shard)  # fmt: skip
+    out = make_checkpoint(
+        args.output,
+        shape=args.shape,
+        dtype=torch_dtype(args.dtype),
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        layout=args.layout,
+        max_shard_bytes=shard,
+    )
     print(f"wrote a random {args.shape} CodeGen checkpoint to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
+from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import DTYPES, add_device_options, device_options, run, torch_dtype
+from .common import add_device_options, device_options, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,9 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default: 4; 0 = all)")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
-    p.add_argument("--atol", type=float, help="absolute logits tolerance (default: 1e-3 fp32, 5e-2 fp16)")
-    p.add_argument("--rtol", type=float, help="relative logits tolerance (default: 1e-3 fp32, 5e-2 fp16)")
-    p.add_argument("--min-top1", type=float, help="least top-1 agreement (default: 0.95 fp32, 0.9 fp16)")
+    p.add_argument("--atol", type=float, help="pass when max|a-b| <= ATOL + RTOL * max|a| per step (default: by dtype)")
+    p.add_argument("--rtol", type=float, help="relative logits tolerance, to the step's max|a| (default: by dtype)")
+    p.add_argument("--min-top1", type=float, help="least top-1 agreement (default: by dtype)")
     p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
@@ -47,38 +50,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_tolerance(session, path: str, tf32: bool = False):
+    """The tolerance table's entry for what `session` runs: its dtype (the fused graph's dtype and quantized
+    weights for the fused ONNX Runtime session), and TF32 when it was allowed on CUDA (--tf32, or the engine's
+    build options)."""
+    from ..artifacts.io_spec import MANIFEST_FILE
+    from ..artifacts.manifest import read_manifest
+    from ..verify.tolerance import tolerance_for
+
+    manifest = getattr(session, "manifest", None)
+    if manifest is None and (Path(path) / MANIFEST_FILE).is_file():
+        manifest = read_manifest(path, verify="none")
+    manifest = manifest or {}
+    fused = session.name == "onnxruntime-fused"
+    dtype = (manifest.get("fused_dtype") if fused else None) or manifest.get("dtype") or "float32"
+    weights = manifest.get("fused_weights", "float") if fused else "float"
+    on_cuda = "cuda" in str(getattr(session, "device", "cpu"))
+    tf32 = tf32 or bool(manifest.get("options", {}).get("tf32"))  # a TensorRT engine built with TF32
+    return tolerance_for(dtype, weights=weights, tf32=tf32 and on_cuda)
+
+
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import BACKENDS, backend_options, open_session
-    from ..verify.parity import Tolerance, compare_sessions, load_prompts
+    from ..verify.parity import compare_sessions
+    from ..verify.prompts import load_prompts
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if len(backends) != 2 or any(b not in BACKENDS for b in backends):
         raise InputError(f"--backends takes two of {', '.join(BACKENDS)} separated by a comma, got {args.backends!r}")
     log = sys.stderr if args.json else sys.stdout
-    sessions = []
+    sessions, reference_dtype = [], torch_dtype(args.reference_dtype)
     for backend in backends:
         target = args.reference if backend == "torch" and args.reference else args.path
-        options = backend_options(backend, threads=args.threads, providers=args.providers, graph=args.graph,
-                                  **device_options(args),
-                                  dtype=torch_dtype(args.reference_dtype))  # fmt: skip
+        options = backend_options(
+            backend,
+            threads=args.threads,
+            providers=args.providers,
+            graph=args.graph,
+            **device_options(args),
+            dtype=reference_dtype,
+        )
         start = time.perf_counter()
         sessions.append(open_session(backend, target, **options))
         print(f"opened {backend} on {target} in {time.perf_counter() - start:.1f} s", file=log, flush=True)
     tokenizer = load_tokenizer(args.tokenizer or args.path)
     prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts)]
-    dtype = getattr(sessions[1], "manifest", {}).get("dtype", "float32")
-    default = Tolerance.for_dtype(dtype, tf32=args.tf32)
-    tolerance = Tolerance(
-        atol=default.atol if args.atol is None else args.atol,
-        rtol=default.rtol if args.rtol is None else args.rtol,
-        min_top1=default.min_top1 if args.min_top1 is None else args.min_top1,
+    given = {"atol": args.atol, "rtol": args.rtol, "min_top1": args.min_top1}
+    tolerance = replace(
+        default_tolerance(sessions[1], args.path, args.tf32), **{k: v for k, v in given.items() if v is not None}
     )
     start = time.perf_counter()
     report = compare_sessions(sessions[0], sessions[1], prompts, args.new_tokens, tolerance, names=tuple(backends))
-    print(f"compared {len(prompts)} prompts x {args.new_tokens} tokens in {time.perf_counter() - start:.1f} s",
-          file=log)  # fmt: skip
+    took = time.perf_counter() - start
+    print(f"compared {len(prompts)} prompts x {args.new_tokens} tokens in {took:.1f} s", file=log)
     for s in sessions:
         s.close()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())

@@ -18,9 +18,10 @@ def command(argv: list[str] | None) -> int:
     parser.add_argument("--profile", choices=PROFILES, default="decode")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    ok = compare_onnxruntime_tensorrt(args.export_dir, args.engine_dir, args.profile, args.seed)
-    print("PASSED: onnxruntime and tensorrt agree" if ok else "FAILED: outputs differ beyond tolerance")
-    return 0 if ok else 3
+    report = compare_onnxruntime_tensorrt(args.export_dir, args.engine_dir, args.profile, args.seed)
+    print(report.table())
+    report.check()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

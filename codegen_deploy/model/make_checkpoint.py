@@ -26,11 +26,11 @@ from .weights import save_checkpoint
 
 # Small shapes for demos and tests; the published shapes come from config.PUBLISHED_SHAPES.
 SMALL_SHAPES = {
-    "tiny": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_inner=256,
-                        vocab_size=2048),
-    "demo": ModelConfig(n_layer=4, n_embd=256, n_head=8, rotary_dim=16, n_positions=1024, n_inner=1024,
-                        vocab_size=2048),
-}  # fmt: skip
+    "tiny": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_inner=256, vocab_size=2048),
+    "demo": ModelConfig(
+        n_layer=4, n_embd=256, n_head=8, rotary_dim=16, n_positions=1024, n_inner=1024, vocab_size=2048
+    ),
+}
 SHAPES = {**SMALL_SHAPES, **PUBLISHED_SHAPES}
 TRAINED_VOCAB = 2000  # leaves room below the demo shapes' 2048 embedding rows
 
@@ -38,8 +38,20 @@ TRAINED_VOCAB = 2000  # leaves room below the demo shapes' 2048 embedding rows
 WHITESPACE_RUNS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 
 # Modules whose source trains the tokenizer: present in every CPython 3.10+.
-_CORPUS_MODULES = ("argparse", "ast", "dataclasses", "functools", "json.decoder", "json.encoder",
-                   "textwrap", "typing", "collections", "inspect", "string", "random")  # fmt: skip
+_CORPUS_MODULES = (
+    "argparse",
+    "ast",
+    "dataclasses",
+    "functools",
+    "json.decoder",
+    "json.encoder",
+    "textwrap",
+    "typing",
+    "collections",
+    "inspect",
+    "string",
+    "random",
+)
 
 
 def train_tokenizer(vocab_size: int = TRAINED_VOCAB):

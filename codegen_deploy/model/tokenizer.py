@@ -27,10 +27,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def save(self, folder: str | Path) -> None:
-        """Write tokenizer.json (the one file this tokenizer needs) into `folder`."""
-        self._tok.save(str(Path(folder) / "tokenizer.json"))
-
 
 def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
     """Load from a folder (or hub id) holding tokenizer.json, or vocab.json + merges.txt [+ added_tokens.json]."""

@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .hub import resolve_model
+from .hub import WEIGHT_FORMATS, resolve_model
 from .reference import CodeGen
 
 MP_SHARDS = 4  # CodeGen's qkv_proj is laid out for 4 model-parallel shards, each [query | value | key]
@@ -78,8 +78,11 @@ def convert_tensor(hf_key: str, tensor: torch.Tensor, dtype: torch.dtype) -> dic
     if name.endswith("qkv_proj.weight"):
         prefix = name.removesuffix("qkv_proj.weight")
         q, k, v = unshard_qkv(tensor)
-        return {prefix + "q_proj.weight": q.to(dtype), prefix + "k_proj.weight": k.to(dtype),
-                prefix + "v_proj.weight": v.to(dtype)}  # fmt: skip
+        return {
+            prefix + "q_proj.weight": q.to(dtype),
+            prefix + "k_proj.weight": k.to(dtype),
+            prefix + "v_proj.weight": v.to(dtype),
+        }
     return {name: tensor.to(dtype)}
 
 
@@ -98,11 +101,9 @@ def to_hf_state_dict(model: CodeGen) -> dict[str, torch.Tensor]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder in load order: safetensors preferred, sharded or not."""
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
+    """The weight files of a checkpoint folder in load order: the first layout of WEIGHT_FORMATS present
+    (safetensors preferred), sharded or not."""
+    for single, index, _ in WEIGHT_FORMATS:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():

@@ -165,9 +165,17 @@ def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
         header.append("RSS/weights")
     rows = [header]
     for r in results:
-        row = [r.get("label", r["backend"]), str(r["prompt_tokens"]), str(r["new_tokens"]), str(r["batch"]),
-               f"{r.get('load_s', float('nan')):.1f}", f"{r['prefill_s'] * 1e3:.0f}", f"{r['ttft_s'] * 1e3:.0f}",
-               f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_bytes'] / 1e9:.2f}"]  # fmt: skip
+        row = [
+            r.get("label", r["backend"]),
+            str(r["prompt_tokens"]),
+            str(r["new_tokens"]),
+            str(r["batch"]),
+            f"{r.get('load_s', float('nan')):.1f}",
+            f"{r['prefill_s'] * 1e3:.0f}",
+            f"{r['ttft_s'] * 1e3:.0f}",
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['peak_rss_bytes'] / 1e9:.2f}",
+        ]
         if weight_bytes:
             row.append(f"{r['peak_rss_bytes'] / weight_bytes:.2f}")
         rows.append(row)

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..runtime.session import Session
-from .parity import Tolerance, compare_sessions
+from .parity import compare_sessions
+from .tolerance import tolerance_for
 
 # Fused-graph check: two prompts (one shorter, so positions differ) and a few greedy steps.
 _FUSED_CHECK_PROMPT_LENGTHS, _FUSED_CHECK_NEW_TOKENS = (9, 3), 4
@@ -53,11 +54,12 @@ def check_fused(folder: Path, config: ModelConfig, recorded: list[list], entry: 
     """Compare the fused graph with the recorded reference; raise ValidationError over tolerance."""
     from ..runtime.backends.onnxruntime_fused import FusedOrtSession
 
-    lossy = entry["fused_weights"] != "float"  # int8/int4 weights: only greedy agreement is meaningful
-    tolerance = Tolerance(atol=1.0, rtol=1.0, min_top1=0.5) if lossy else Tolerance.for_dtype(entry["fused_dtype"])
+    tolerance = tolerance_for(entry["fused_dtype"], weights=entry["fused_weights"])
     with FusedOrtSession(folder, config=config, max_context=64, low_memory=True) as fused:
-        report = compare_sessions(RecordedSession(config, recorded), fused, _fused_check_prompts(config),
-                                  new_tokens=_FUSED_CHECK_NEW_TOKENS, tolerance=tolerance)  # fmt: skip
+        prompts = _fused_check_prompts(config)
+        report = compare_sessions(
+            RecordedSession(config, recorded), fused, prompts, new_tokens=_FUSED_CHECK_NEW_TOKENS, tolerance=tolerance
+        )
     progress(report.table())
     report.check()
     return report.to_dict()

@@ -1,8 +1,9 @@
-"""ONNX Runtime vs TensorRT on one decoder step, with Polygraphy's runners and tolerant comparator.
+"""ONNX Runtime vs TensorRT on one decoder step, with Polygraphy's runners.
 
 The same random feeds (shaped at an optimisation profile's opt point) go through the ONNX graph in ONNX
-Runtime (CPU, the reference) and through the engine in TensorRT; Polygraphy compares every output (logits
-and each layer's present cache) with per-output tolerances and prints error statistics. This checks the
+Runtime (CPU, the reference) and through the engine in TensorRT (Polygraphy's runners handle the device
+buffers); every output (logits and each layer's present cache) is a row of the report, under the
+tolerance table's bound for the cache dtype on CUDA. This checks the
 engine build itself, independent of the Session and generation code. It needs tensorrt and a CUDA GPU;
 building the feeds does not.
 """
@@ -19,14 +20,8 @@ from ..artifacts.engine import PROFILES, EngineOptions, profile_shapes, read_eng
 from ..config import ModelConfig
 from ..errors import InputError
 from ..gpu import require_cuda_gpu, require_tensorrt
-
-# (atol, rtol) per output kind and cache dtype. fp16 engines may pick different fp16 kernels than ORT's CPU
-# ones; the float32 islands (softmax, LayerNorm) keep logits within a few 1e-2 on small models.
-TOLERANCES = {
-    "float32": {io_spec.LOGITS: (1e-3, 1e-3), "present": (1e-4, 1e-3)},
-    "float16": {io_spec.LOGITS: (5e-2, 5e-2), "present": (1e-2, 1e-2)},
-    "bfloat16": {io_spec.LOGITS: (1e-1, 1e-1), "present": (5e-2, 5e-2)},
-}
+from .report import Report, Row
+from .tolerance import Tolerance, tolerance_for
 
 
 def step_feeds(
@@ -67,14 +62,6 @@ def profile_feeds(
     return step_feeds(config, cache_dtype, batch=batch, seq=seq, past=past, seed=seed)
 
 
-def tolerances(config: ModelConfig, cache_dtype: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-output (atol, rtol) dicts in Polygraphy's form ("" is the default for unlisted outputs)."""
-    table = TOLERANCES.get(cache_dtype, TOLERANCES["float32"])
-    atol = {"": table["present"][0], io_spec.LOGITS: table[io_spec.LOGITS][0]}
-    rtol = {"": table["present"][1], io_spec.LOGITS: table[io_spec.LOGITS][1]}
-    return atol, rtol
-
-
 def onnxruntime_runner(graph: Path):
     """Polygraphy's ONNX Runtime runner on the CPU provider, from the graph's path (external data found)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -97,14 +84,16 @@ def tensorrt_feeds(feeds: dict[str, np.ndarray]) -> dict:
     }
 
 
-def compare_func(atol: dict[str, float], rtol: dict[str, float]):
-    """Polygraphy's element-wise comparison with per-output tolerances (SimpleCompareFunc; CompareFunc.simple
-    on Polygraphy releases before it existed)."""
-    from polygraphy import comparator
-
-    if hasattr(comparator, "SimpleCompareFunc"):
-        return comparator.SimpleCompareFunc(atol=atol, rtol=rtol)
-    return comparator.CompareFunc.simple(atol=atol, rtol=rtol)
+def compare_outputs(
+    reference: dict[str, np.ndarray], other: dict[str, np.ndarray], n_layer: int, tolerance: Tolerance
+) -> Report:
+    """One report row per decoder output (logits with top-1 agreement, then every present cache)."""
+    report = Report(subject="tensorrt", reference="onnxruntime", tolerance=tolerance)
+    for name in [io_spec.LOGITS, *io_spec.present_names(n_layer)]:
+        row = Row(name)
+        row.add(reference[name], other[name], tolerance, top1=name == io_spec.LOGITS)
+        report.rows.append(row)
+    return report
 
 
 def run_step(runner, feeds: dict) -> tuple[str, list]:
@@ -119,18 +108,18 @@ def run_step(runner, feeds: dict) -> tuple[str, list]:
 
 def compare_onnxruntime_tensorrt(
     export_dir: str | Path, engine_dir: str | Path | None = None, profile: str = "decode", seed: int = 0
-) -> bool:
-    """Run one step through ONNX Runtime and TensorRT, compare every output; True when all are in tolerance.
+) -> Report:
+    """Run one step through ONNX Runtime and TensorRT and compare every output; the report (check() raises
+    ValidationError when an output is over tolerance).
 
-    profile: "decode" (default; past > 0) or "prompt" (past 0). Polygraphy prints its per-output report.
-    The runners run one after the other on the same values (Comparator.run would feed both the same
-    objects, and ONNX Runtime takes no FormattedArray).
+    profile: "decode" (default; past > 0) or "prompt" (past 0). The runners run one after the other on
+    the same values (Polygraphy's Comparator.run would feed both the same objects, and ONNX Runtime takes
+    no FormattedArray).
     """
     require_tensorrt()
     require_cuda_gpu()
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator, RunResults
 
     export_dir = Path(export_dir)
     engine_path, manifest = read_engine_manifest(engine_dir or export_dir)
@@ -144,9 +133,14 @@ def compare_onnxruntime_tensorrt(
     trt_runner = TrtRunner(
         EngineFromBytes(BytesFromPath(str(engine_path))), name="tensorrt", optimization_profile=PROFILES.index(profile)
     )
-    results = RunResults()
-    results.append(run_step(onnxruntime_runner(export_dir / io_spec.GRAPH_FILE), feeds))
-    results.append(run_step(trt_runner, tensorrt_feeds(feeds)))
-    atol, rtol = tolerances(config, cache_dtype)
-    accuracy = Comparator.compare_accuracy(results, compare_func=compare_func(atol, rtol))
-    return bool(accuracy)
+    _, [ours] = run_step(onnxruntime_runner(export_dir / io_spec.GRAPH_FILE), feeds)
+    _, [theirs] = run_step(trt_runner, tensorrt_feeds(feeds))
+    report = compare_outputs(ours, theirs, config.n_layer, tolerance_for(cache_dtype, tf32=built.get("tf32", True)))
+    shape = "x".join(map(str, feeds[io_spec.INPUT_IDS].shape))
+    past = feeds[io_spec.past_name(0, "key")].shape[2]
+    report.title = (
+        f"TensorRT ({engine_path.name}) vs ONNX Runtime (CPU), {cache_dtype}, {profile} profile: "
+        f"ids {shape}, past {past}"
+    )
+    report.info = {"profile": profile, "dtype": cache_dtype, "seed": seed}
+    return report

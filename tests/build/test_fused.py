@@ -34,8 +34,14 @@ def test_graph_follows_the_io_spec_and_uses_one_gqa_per_layer(model, tmp_path):
     graph = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
 
     def spec(values):
-        return [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]  # fmt: skip
+        return [
+            (
+                v.name,
+                onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim),
+            )
+            for v in values
+        ]
 
     args = (CONFIG.n_layer, CONFIG.n_head, CONFIG.head_dim)
     assert spec(graph.input) == [(s.name, s.dtype, s.shape) for s in io_spec.fused_decoder_inputs(*args, "float32")]
@@ -93,8 +99,10 @@ def test_add_fused_graph_records_it_in_the_manifest(model, tmp_path):
     assert {io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE} <= set(manifest["files"])
     assert manifest["source"] == str(checkpoint)  # the rest of the manifest is kept
     assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
-        io_spec.INPUT_IDS, io_spec.SEQLENS_K, io_spec.TOTAL_SEQUENCE_LENGTH,
-    ]  # fmt: skip
+        io_spec.INPUT_IDS,
+        io_spec.SEQLENS_K,
+        io_spec.TOTAL_SEQUENCE_LENGTH,
+    ]
 
 
 @pytest.mark.parametrize("bits, block", [(8, 64), (4, 32)])
@@ -113,11 +121,25 @@ def test_quantized_weights_are_packed_as_matmulnbits_reads_them(bits, block):
     values = np.stack([packed & 15, packed >> 4], -1).reshape(n, packed.shape[1], -1) if bits == 4 else packed
     dequantized = ((values.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k]
     assert np.abs(dequantized - weight).max() <= scales.max() / 2 + 1e-7  # rounding error only
-    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
-                            bits=bits, block_size=block, accuracy_level=0)  # fmt: skip
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "scales"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=0,
+    )
     initializers = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
+    )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     proto = helper.make_model(graph, opset_imports=opsets)
     y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

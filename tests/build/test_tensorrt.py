@@ -112,16 +112,28 @@ def test_engine_compatible():
 @pytest.mark.parametrize(
     ("runtime", "gpu", "cc", "message"),
     [
-        ("11.1.0", "NVIDIA H100 80GB HBM3", (9, 0),
-         "the engine was built with TensorRT 10.16.1.11, this machine runs TensorRT 11.1.0: rebuild it on this "
-         "machine with: codegen-build-engine EXPORT_DIR"),
-        ("10.16.1.11", "NVIDIA A100-SXM4-80GB", (8, 0),
-         "the engine was built for a NVIDIA H100 80GB HBM3 (compute capability 9.0), this GPU is a "
-         "NVIDIA A100-SXM4-80GB (compute capability 8.0): rebuild it"),
-        ("10.16.1.11", "NVIDIA H100 PCIe", "9.0",
-         "the engine was built for a NVIDIA H100 80GB HBM3, this GPU is a NVIDIA H100 PCIe: rebuild it"),
+        (
+            "11.1.0",
+            "NVIDIA H100 80GB HBM3",
+            (9, 0),
+            "the engine was built with TensorRT 10.16.1.11, this machine runs TensorRT 11.1.0: rebuild it on this "
+            "machine with: codegen-build-engine EXPORT_DIR",
+        ),
+        (
+            "10.16.1.11",
+            "NVIDIA A100-SXM4-80GB",
+            (8, 0),
+            "the engine was built for a NVIDIA H100 80GB HBM3 (compute capability 9.0), this GPU is a "
+            "NVIDIA A100-SXM4-80GB (compute capability 8.0): rebuild it",
+        ),
+        (
+            "10.16.1.11",
+            "NVIDIA H100 PCIe",
+            "9.0",
+            "the engine was built for a NVIDIA H100 80GB HBM3, this GPU is a NVIDIA H100 PCIe: rebuild it",
+        ),
     ],
-)  # fmt: skip
+)
 def test_engine_mismatch_messages(runtime, gpu, cc, message):
     with pytest.raises(ArtifactError) as e:
         check_engine_compatible(MANIFEST, runtime, gpu, cc)
@@ -136,9 +148,15 @@ def _engine_folder(tmp_path: Path, payload: bytes = b"\x00engine bytes") -> Path
         s.to_dict()
         for s in io_spec.decoder_outputs(config.n_layer, config.n_head, config.head_dim, config.vocab_size, "float16")
     ]
-    body = engine_manifest_body(config=config, options=EngineOptions(max_batch=2, max_context=64),
-                                trt_version="11.1.0", gpu={"name": "GPU", "compute_capability": (8, 9)},
-                                inputs=inputs, outputs=outputs, export_manifest_sha256="ab" * 32)  # fmt: skip
+    body = engine_manifest_body(
+        config=config,
+        options=EngineOptions(max_batch=2, max_context=64),
+        trt_version="11.1.0",
+        gpu={"name": "GPU", "compute_capability": (8, 9)},
+        inputs=inputs,
+        outputs=outputs,
+        export_manifest_sha256="ab" * 32,
+    )
     write_engine_manifest(tmp_path, body)
     return tmp_path
 
@@ -224,8 +242,14 @@ def test_build_engine_on_tiny_export(tiny_export, tmp_path):
     import tensorrt as trt
 
     lines: list[str] = []
-    options = EngineOptions(max_batch=2, max_prompt=16, max_context=64, workspace_mb=1024,
-                            timing_cache=tmp_path / "timing.cache", tf32=False)  # fmt: skip
+    options = EngineOptions(
+        max_batch=2,
+        max_prompt=16,
+        max_context=64,
+        workspace_mb=1024,
+        timing_cache=tmp_path / "timing.cache",
+        tf32=False,
+    )
     engine = trt_export.build_engine(tiny_export, options, progress=lines.append, output_dir=tmp_path / "engine")
     assert engine == tmp_path / "engine" / io_spec.ENGINE_FILE and engine.stat().st_size > 0
     assert (tmp_path / "timing.cache").stat().st_size > 0, "the timing cache is saved for the next build"
@@ -266,12 +290,16 @@ class _FakeTensorRT(types.ModuleType):
         kv = "HALF" if cache_dtype == "float16" else "FLOAT"
         tensor = types.SimpleNamespace
         n, kv_shape = config.n_layer, (-1, config.n_head, -1, config.head_dim)
-        ins = [tensor(name=io_spec.INPUT_IDS, dtype="INT64", shape=(-1, -1)),
-               tensor(name=io_spec.ATTENTION_MASK, dtype="INT64", shape=(-1, -1)),
-               tensor(name=io_spec.POSITION_IDS, dtype="INT64", shape=(-1, -1)),
-               *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.past_names(n))]  # fmt: skip
-        outs = [tensor(name=io_spec.LOGITS, dtype="FLOAT", shape=(-1, -1, config.vocab_size)),
-                *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.present_names(n))]  # fmt: skip
+        ins = [
+            tensor(name=io_spec.INPUT_IDS, dtype="INT64", shape=(-1, -1)),
+            tensor(name=io_spec.ATTENTION_MASK, dtype="INT64", shape=(-1, -1)),
+            tensor(name=io_spec.POSITION_IDS, dtype="INT64", shape=(-1, -1)),
+            *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.past_names(n)),
+        ]
+        outs = [
+            tensor(name=io_spec.LOGITS, dtype="FLOAT", shape=(-1, -1, config.vocab_size)),
+            *(tensor(name=p, dtype=kv, shape=kv_shape) for p in io_spec.present_names(n)),
+        ]
 
         class Logger:
             WARNING = "WARNING"
@@ -392,8 +420,15 @@ def test_build_engine_orchestration_with_a_recording_tensorrt(monkeypatch, tmp_p
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")
     lines: list[str] = []
-    options = EngineOptions(max_batch=2, max_prompt=8, max_context=32, workspace_mb=512, timing_cache=cache,
-                            builder_optimization_level=4, tf32=False)  # fmt: skip
+    options = EngineOptions(
+        max_batch=2,
+        max_prompt=8,
+        max_context=32,
+        workspace_mb=512,
+        timing_cache=cache,
+        builder_optimization_level=4,
+        tf32=False,
+    )
     engine = trt_export.build_engine(export, options, progress=lines.append, output_dir=tmp_path / "out")
 
     assert ("create_network", 0 if version.startswith("11") else 2) in fake.calls
@@ -434,4 +469,5 @@ def test_build_fp16_engine_with_external_data(fp16_export, tmp_path):
     _, manifest = read_engine_manifest(engine)
     dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
     assert dtypes[io_spec.past_name(0, "key")] == "float16" and dtypes[io_spec.LOGITS] == "float32"
-    assert polygraphy_check.compare_onnxruntime_tensorrt(fp16_export, tmp_path, profile="decode")
+    report = polygraphy_check.compare_onnxruntime_tensorrt(fp16_export, tmp_path, profile="decode")
+    assert report.passed, report.table()

@@ -71,18 +71,21 @@ def test_parity_passes_with_json(tiny_export, capsys):
     assert parity_cli.main([str(tiny_export), "--new-tokens", "6", "--num-prompts", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["backend_a"] == "torch" and report["backend_b"] == "onnxruntime"
-    assert report["identical_prompts"] == 2 and len(report["prompts"][0]["steps"]) == 6
+    assert report["identical"] == 2 and len(report["rows"][0]["steps"]) == 6
+    assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-4, "min_top1": 0.99}  # the float32 entry
 
 
 def test_parity_humaneval_prompts_and_exit_3_over_tolerance(tiny_export, tiny_checkpoint, shared_data, capsys):
-    argv = [str(tiny_export), "--reference", str(tiny_checkpoint), "--prompts",
-            str(shared_data / "HumanEval.jsonl.gz"), "--num-prompts", "2", "--new-tokens", "4"]  # fmt: skip
+    prompts = str(shared_data / "HumanEval.jsonl.gz")
+    argv = [str(tiny_export), "--reference", str(tiny_checkpoint), "--prompts", prompts, "--num-prompts", "2"]
+    argv += ["--new-tokens", "4"]
     assert parity_cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "greedy" in out
+    assert "PASSED" in out and "greedy" in out
     assert parity_cli.main([*argv, "--atol", "0", "--rtol", "0"]) == 3
     captured = capsys.readouterr()
-    assert "FAIL" in captured.out and captured.err.startswith("error: onnxruntime differs from torch")
+    assert "FAILED" in captured.out and captured.err.startswith("error: onnxruntime differs from torch")
+    assert len(captured.err.splitlines()) == 1
 
 
 def test_parity_bad_backends(tiny_export, capsys):

@@ -8,15 +8,28 @@ import pytest
 from codegen_deploy.errors import CheckpointError
 from codegen_deploy.model.hub import choose_weight_files, resolve_model
 
-SALESFORCE_FILES = [".gitattributes", "README.md", "config.json", "pytorch_model.bin", "tokenizer.json",
-                    "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
-                    "tokenizer_config.json"]  # fmt: skip
+SALESFORCE_FILES = [
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+]
 
 
 def test_choose_weight_files_prefers_safetensors():
     assert choose_weight_files(["model.safetensors", "pytorch_model.bin"]) == ["model.safetensors"]
-    sharded = ["model.safetensors.index.json", "model-00001-of-00002.safetensors",
-               "model-00002-of-00002.safetensors", "pytorch_model.bin"]  # fmt: skip
+    sharded = [
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "pytorch_model.bin",
+    ]
     assert choose_weight_files(sharded) == sharded[:3]
     assert choose_weight_files(SALESFORCE_FILES) == ["pytorch_model.bin"]
     assert choose_weight_files(["README.md"]) == []

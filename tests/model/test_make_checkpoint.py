@@ -39,8 +39,22 @@ def test_same_seed_same_checkpoint(tmp_path):
 
 def test_real_tokenizer_and_bin_layout(tmp_path, real_tokenizer_dir):
     out = tmp_path / "real-tok"
-    assert main([str(out), "--shape", "tiny", "--tokenizer", str(real_tokenizer_dir), "--layout", "bin",
-                 "--dtype", "float16"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                str(out),
+                "--shape",
+                "tiny",
+                "--tokenizer",
+                str(real_tokenizer_dir),
+                "--layout",
+                "bin",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     config = ModelConfig.from_file(out)
     assert config.vocab_size == 50304 and config.eos_token_id == 50256  # 50295 ids rounded up to 64
     assert (out / "pytorch_model.bin").is_file() and (out / "vocab.json").is_file()

@@ -139,3 +139,18 @@ def test_non_codegen_model_is_refused(model, tmp_path):
 def test_missing_path_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
         load_checkpoint(tmp_path / "nope" / "deeper" / "x")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_loading_and_downloading_prefer_the_same_layout(model, tmp_path, sharded):
+    """Both layouts in one folder: the loader reads the files a download would fetch (safetensors)."""
+    from codegen_deploy.model.hub import choose_weight_files
+    from codegen_deploy.model.weights import weight_files
+
+    shard = 20_000 if sharded else None
+    save_checkpoint(model, tmp_path, layout="bin", max_shard_bytes=shard)
+    save_checkpoint(model, tmp_path, layout="safetensors", max_shard_bytes=shard)
+    chosen = choose_weight_files(sorted(p.name for p in tmp_path.iterdir()))
+    loaded = [p.name for p in weight_files(tmp_path)]
+    assert all(name.endswith(".safetensors") for name in loaded)
+    assert set(loaded) == {n for n in chosen if not n.endswith(".json")}

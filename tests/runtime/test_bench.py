@@ -41,8 +41,22 @@ def test_time_generation_and_summary(fused_export):
 
 
 def test_codegen_bench_json_runs_each_backend_in_its_own_process(fused_export, capsys):
-    code = bench_main([str(fused_export), "--backends", "onnxruntime-fused,onnxruntime-naive", "--prompt-tokens",
-                       "4", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--json"])  # fmt: skip
+    code = bench_main(
+        [
+            str(fused_export),
+            "--backends",
+            "onnxruntime-fused,onnxruntime-naive",
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ]
+    )
     assert code == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["backend"] for r in results] == ["onnxruntime-fused", "onnxruntime-naive"]

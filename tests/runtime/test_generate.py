@@ -23,8 +23,9 @@ def test_stream_splits_multibyte_characters_cleanly(scripted_session, real_token
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == MULTIBYTE
     assert len(pieces) > 5  # it streamed, not one piece at the end
-    full = generate(scripted_session([script], real_tokenizer.vocab_size + 9), real_tokenizer, "a",
-                    max_new_tokens=len(script))  # fmt: skip
+    full = generate(
+        scripted_session([script], real_tokenizer.vocab_size + 9), real_tokenizer, "a", max_new_tokens=len(script)
+    )
     assert full.text == MULTIBYTE and full.ids == script and full.completions[0].finish_reason == "length"
 
 
@@ -42,8 +43,7 @@ def test_stop_sequence_trims_text_and_stream_agrees(scripted_session, real_token
 def test_stream_holds_back_a_possible_stop_start(scripted_session, real_tokenizer):
     script = real_tokenizer.encode("ab\n\ndef g(): pass\n\nprint")
     stop = ["\n\n\n"]  # never completes: the held-back "\n\n" must come out later
-    pieces = list(stream(scripted_session([script], 60000), real_tokenizer, "a", max_new_tokens=len(script),
-                         stop=stop))  # fmt: skip
+    pieces = list(stream(scripted_session([script], 60000), real_tokenizer, "a", max_new_tokens=len(script), stop=stop))
     assert "".join(pieces) == "ab\n\ndef g(): pass\n\nprint"
 
 
@@ -85,8 +85,17 @@ def test_prompt_longer_than_context_names_the_numbers(scripted_session, real_tok
         generate(session, real_tokenizer, [list(range(12))], max_new_tokens=8)
 
 
-@pytest.mark.parametrize("options", [{"temperature": -1}, {"top_p": 0}, {"top_k": -3},
-                                     {"repetition_penalty": 0}, {"max_new_tokens": 0}, {"stop": [""]}])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -3},
+        {"repetition_penalty": 0},
+        {"max_new_tokens": 0},
+        {"stop": [""]},
+    ],
+)
 def test_bad_options_are_refused(scripted_session, real_tokenizer, options):
     with pytest.raises(InputError):
         generate(scripted_session([[1]], 60000), real_tokenizer, "a", **options)
@@ -112,8 +121,14 @@ def test_batch_rows_equal_running_alone_greedy(session, tiny_tokenizer):
 
 
 def test_batch_rows_equal_running_alone_sampled(session, tiny_tokenizer):
-    options = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 11,
-               "repetition_penalty": 1.2}  # fmt: skip
+    options = {
+        "max_new_tokens": 12,
+        "temperature": 0.9,
+        "top_k": 50,
+        "top_p": 0.95,
+        "seed": 11,
+        "repetition_penalty": 1.2,
+    }
     batch = generate(session, tiny_tokenizer, PROMPTS, **options)
     for prompt, completion in zip(PROMPTS, batch.completions, strict=True):
         assert completion.ids == generate(session, tiny_tokenizer, prompt, **options).ids

@@ -18,11 +18,19 @@ pytest.importorskip("onnxruntime")
 
 # GQA on CPU needs head_dim % 8 == 0; rotary 8 exercises the padded rotary table, 16 the native one.
 FUSED_CONFIGS = {
-    "rotary-8": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=48, n_inner=256,
-                            vocab_size=320),
-    "rotary-16-gelu": ModelConfig(n_layer=2, n_embd=64, n_head=2, rotary_dim=16, n_positions=48, n_inner=128,
-                                  vocab_size=200, activation="gelu", layer_norm_epsilon=1e-6),
-}  # fmt: skip
+    "rotary-8": ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=48, n_inner=256, vocab_size=320),
+    "rotary-16-gelu": ModelConfig(
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        rotary_dim=16,
+        n_positions=48,
+        n_inner=128,
+        vocab_size=200,
+        activation="gelu",
+        layer_norm_epsilon=1e-6,
+    ),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

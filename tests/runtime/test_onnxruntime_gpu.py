@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from codegen_deploy.runtime.backends import open_session
-from codegen_deploy.verify.parity import Tolerance, compare_sessions
+from codegen_deploy.verify.parity import compare_sessions
+from codegen_deploy.verify.tolerance import tolerance_for
 
 pytestmark = pytest.mark.gpu("onnxruntime")
 
@@ -38,7 +39,7 @@ def test_float32_on_cuda_without_tf32_matches_the_reference(fp32_export, tiny_ch
         open_session("torch", tiny_checkpoint) as reference,
         open_session("onnxruntime", fp32_export, providers="cuda", graph="plain") as cuda,
     ):
-        report = compare_sessions(reference, cuda, PROMPTS, new_tokens=8, tolerance=Tolerance.for_dtype("float32"))
+        report = compare_sessions(reference, cuda, PROMPTS, new_tokens=8, tolerance=tolerance_for("float32"))
     assert report.passed, report.table()
 
 
@@ -47,7 +48,7 @@ def test_float16_on_cuda_matches_the_reference(fp16_export, tiny_checkpoint):
         open_session("torch", tiny_checkpoint) as reference,
         open_session("onnxruntime", fp16_export, providers="cuda", graph="plain") as cuda,
     ):
-        report = compare_sessions(reference, cuda, PROMPTS, new_tokens=8, tolerance=Tolerance.for_dtype("float16"))
+        report = compare_sessions(reference, cuda, PROMPTS, new_tokens=8, tolerance=tolerance_for("float16"))
     assert report.passed, report.table()
 
 
@@ -57,7 +58,7 @@ def test_fused_graph_on_cuda_matches_the_plain_graph(fp16_fused_export):
         open_session("onnxruntime", fp16_fused_export, providers="cuda", graph="fused") as fused,
     ):
         assert fused.device == "cuda"
-        report = compare_sessions(plain, fused, PROMPTS, new_tokens=8, tolerance=Tolerance.for_dtype("float16"))
+        report = compare_sessions(plain, fused, PROMPTS, new_tokens=8, tolerance=tolerance_for("float16"))
     assert report.passed, report.table()
 
 

@@ -19,10 +19,11 @@ import pytest
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.engine import EngineOptions, profile_shapes
 from codegen_deploy.cli import polygraphy as polygraphy_cli
-from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError
+from codegen_deploy.errors import ArtifactError, InputError, MissingDependencyError, ValidationError
 from codegen_deploy.gpu import NO_CUDA_GPU, TENSORRT_MISSING
 from codegen_deploy.runtime.backends import open_session
 from codegen_deploy.verify import polygraphy as polygraphy_check
+from codegen_deploy.verify.tolerance import tolerance_for
 from tests.conftest import TEST_CONFIGS
 
 
@@ -82,11 +83,6 @@ def test_profile_feeds_sit_at_the_opt_point(profile):
         assert array.shape == shapes[name][1], name
 
 
-def test_tolerances_are_per_output():
-    atol, rtol = polygraphy_check.tolerances(TEST_CONFIGS["tiny"], "float16")
-    assert atol[io_spec.LOGITS] == 5e-2 and atol[""] == 1e-2 and rtol[io_spec.LOGITS] == 5e-2
-
-
 @pytest.mark.parametrize("profile", ["prompt", "decode"])
 def test_polygraphy_onnxruntime_runner_on_profile_feeds(tiny_export, tiny_model, profile):
     """The ONNX Runtime half of the comparison runs here, and its outputs match the reference model."""
@@ -126,25 +122,25 @@ def test_tensorrt_feeds_give_empty_inputs_a_buffer():
 
 
 def test_polygraphy_comparison_of_two_runs(tiny_export):
-    """The comparison half: per-output tolerances over RunResults built one runner at a time."""
-    from polygraphy.comparator import Comparator, RunResults
-
+    """The comparison half: one report row per output, over two runs of Polygraphy's ONNX Runtime runner."""
     config = TEST_CONFIGS["tiny"]
     options = EngineOptions(max_batch=2, max_prompt=8, max_context=32)
     graph = tiny_export / io_spec.GRAPH_FILE
-    atol, rtol = polygraphy_check.tolerances(config, "float32")
 
-    def compare(seed_a: int, seed_b: int) -> bool:
-        results = RunResults()
+    def compare(seed_a: int, seed_b: int):
+        outputs = []
         for seed in (seed_a, seed_b):
             feeds = polygraphy_check.profile_feeds(config, options, "decode", "float32", seed=seed)
-            runner = polygraphy_check.onnxruntime_runner(graph)
-            runner.name = f"onnxruntime-{len(results)}"
-            results.append(polygraphy_check.run_step(runner, feeds))
-        return bool(Comparator.compare_accuracy(results, compare_func=polygraphy_check.compare_func(atol, rtol)))
+            outputs.append(polygraphy_check.run_step(polygraphy_check.onnxruntime_runner(graph), feeds)[1][0])
+        return polygraphy_check.compare_outputs(*outputs, config.n_layer, tolerance_for("float32"))
 
-    assert compare(5, 5)
-    assert not compare(5, 6), "different inputs must fail the comparison"
+    same = compare(5, 5)
+    assert same.passed and same.max_abs == 0 and same.top1 == 1.0
+    assert [r.name for r in same.rows] == [io_spec.LOGITS, *io_spec.present_names(config.n_layer)]
+    different = compare(5, 6)
+    assert not different.passed, "different inputs must fail the comparison"
+    with pytest.raises(ValidationError, match="^tensorrt differs from onnxruntime beyond tolerance"):
+        different.check()
 
 
 class _RecordingEngine:
@@ -157,9 +153,13 @@ class _RecordingEngine:
         self.model, self.config = model, model.config
         self.shapes = list(profile_shapes(self.config, options).values())
         self.names = [
-            io_spec.INPUT_IDS, io_spec.ATTENTION_MASK, io_spec.POSITION_IDS, *io_spec.past_names(self.config.n_layer),
-            io_spec.LOGITS, *io_spec.present_names(self.config.n_layer),
-        ]  # fmt: skip
+            io_spec.INPUT_IDS,
+            io_spec.ATTENTION_MASK,
+            io_spec.POSITION_IDS,
+            *io_spec.past_names(self.config.n_layer),
+            io_spec.LOGITS,
+            *io_spec.present_names(self.config.n_layer),
+        ]
         self.num_io_tensors, self.num_optimization_profiles = len(self.names), 2
         self.calls: list[tuple[int, int, int]] = []
         self.profile, self.input_shapes, self.addresses = 0, {}, {}
@@ -200,8 +200,10 @@ class _RecordingEngine:
         b, t = self.input_shapes[io_spec.INPUT_IDS]
         past = self.input_shapes[io_spec.past_name(0, "key")][2]
         self.calls.append((self.profile, t, past))
-        kv = {name: torch.from_numpy(self._view(name, (b, cfg.n_head, past, cfg.head_dim), np.float32).copy())
-              for name in io_spec.past_names(n)}  # fmt: skip
+        kv = {
+            name: torch.from_numpy(self._view(name, (b, cfg.n_head, past, cfg.head_dim), np.float32).copy())
+            for name in io_spec.past_names(n)
+        }
         for past_name, present_name in zip(io_spec.past_names(n), io_spec.present_names(n), strict=True):
             assert self.addresses[past_name] != self.addresses[present_name], "present must not alias past"
         with torch.no_grad():
@@ -209,9 +211,10 @@ class _RecordingEngine:
                 torch.from_numpy(self._view(io_spec.INPUT_IDS, (b, t), np.int64).copy()),
                 attention_mask=torch.from_numpy(self._view(io_spec.ATTENTION_MASK, (b, past + t), np.int64).copy()),
                 position_ids=torch.from_numpy(self._view(io_spec.POSITION_IDS, (b, t), np.int64).copy()),
-                past_key_values=tuple((kv[io_spec.past_name(i, "key")], kv[io_spec.past_name(i, "value")])
-                                      for i in range(n)),
-            )  # fmt: skip
+                past_key_values=tuple(
+                    (kv[io_spec.past_name(i, "key")], kv[io_spec.past_name(i, "value")]) for i in range(n)
+                ),
+            )
         self._view(io_spec.LOGITS, (b, t, cfg.vocab_size), np.float32)[...] = logits.numpy()
         for i in range(n):
             for j, kind in enumerate(io_spec.KV_KINDS):
@@ -252,11 +255,18 @@ def test_session_buffers_and_profiles_with_a_recording_engine(monkeypatch, tmp_p
     (tmp_path / io_spec.ENGINE_FILE).write_bytes(b"plan")
     specs = io_spec.decoder_inputs(config.n_layer, config.n_head, config.head_dim, "float32")
     outs = io_spec.decoder_outputs(config.n_layer, config.n_head, config.head_dim, config.vocab_size, "float32")
-    write_engine_manifest(tmp_path, engine_manifest_body(
-        config=config, options=options, trt_version="10.16.1.11",
-        gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
-        inputs=[s.to_dict() for s in specs], outputs=[s.to_dict() for s in outs], export_manifest_sha256=None,
-    ))  # fmt: skip
+    write_engine_manifest(
+        tmp_path,
+        engine_manifest_body(
+            config=config,
+            options=options,
+            trt_version="10.16.1.11",
+            gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
+            inputs=[s.to_dict() for s in specs],
+            outputs=[s.to_dict() for s in outs],
+            export_manifest_sha256=None,
+        ),
+    )
 
     ids = np.array([[0, 5, 9, 2, 7, 1, 3], [0, 0, 0, 4, 8, 6, 2]], np.int64)  # 7 tokens > max_prompt 5
     mask = (ids != 0).astype(np.int64)
@@ -354,4 +364,5 @@ def test_engine_from_another_tensorrt_is_refused(tiny_engine, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("profile", ["decode", "prompt"])
 def test_polygraphy_onnxruntime_vs_tensorrt(tiny_engine, profile):
-    assert polygraphy_check.compare_onnxruntime_tensorrt(tiny_engine, profile=profile)
+    report = polygraphy_check.compare_onnxruntime_tensorrt(tiny_engine, profile=profile)
+    assert report.passed, report.table()

@@ -60,8 +60,16 @@ def backend_options(
         "onnxruntime": ("threads", "providers", "graph", "device_id", "tf32", "cuda_graph"),
         "tensorrt": (),
     }
-    given = {"threads": threads, "providers": providers, "dtype": dtype, "graph": graph, "device": device,
-             "device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}  # fmt: skip
+    given = {
+        "threads": threads,
+        "providers": providers,
+        "dtype": dtype,
+        "graph": graph,
+        "device": device,
+        "device_id": device_id,
+        "tf32": tf32,
+        "cuda_graph": cuda_graph,
+    }
     return {k: v for k, v in given.items() if v is not None and k in takes.get(backend, ())}
 
 

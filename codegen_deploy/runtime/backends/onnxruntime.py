@@ -18,24 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from ...artifacts import io_spec
-from ...errors import ArtifactError, InputError, MissingDependencyError
+from ...errors import ArtifactError, InputError
+from ..ort import import_onnxruntime
 from ..session import Session
 
 # Default provider preference; TensorRT's EP builds engines on first use and is chosen only on request.
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
-def import_onnxruntime():
-    """The onnxruntime module, or a one-line MissingDependencyError that says how to install it."""
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise MissingDependencyError(
-            'onnxruntime is not installed: pip install "codegen-deploy[cpu]" (or "codegen-deploy[gpu]" on an '
-            "NVIDIA GPU machine)"
-        ) from e
-    return onnxruntime
 
 
 def choose_providers(requested: list[str] | str | None = None) -> list[str]:
@@ -122,10 +111,19 @@ class OrtSession(Session):
 
     name = "onnxruntime"
 
-    def __init__(self, folder: str | Path, providers: list[str] | str | None = None, threads: int | None = None,
-                 max_context: int | None = None, max_batch: int | None = None, io_binding: bool = True,
-                 session_options: dict[str, str] | None = None, verify: str = "size", device_id: int = 0,
-                 tf32: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        providers: list[str] | str | None = None,
+        threads: int | None = None,
+        max_context: int | None = None,
+        max_batch: int | None = None,
+        io_binding: bool = True,
+        session_options: dict[str, str] | None = None,
+        verify: str = "size",
+        device_id: int = 0,
+        tf32: bool = False,
+    ):
         from ...artifacts.manifest import manifest_config, read_manifest
 
         ort = import_onnxruntime()
@@ -148,6 +146,8 @@ class OrtSession(Session):
             options.add_session_config_entry(key, value)
         self._ort = ort
         self._session = create_session(ort, graph, options, self.providers, device_id=device_id, tf32=tf32)
+        names_in = [i.name for i in self._session.get_inputs()]
+        io_spec.check_decoder_io(names_in, [o.name for o in self._session.get_outputs()], config.n_layer, str(graph))
         self.device = device_of(self.providers)
         self.device_id = device_id
         spec = {i["name"]: i for i in manifest["inputs"]}
@@ -169,8 +169,11 @@ class OrtSession(Session):
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         # The session's mask is a view of a wider buffer: contiguous for batch 1, copied (small) otherwise.
-        small = {io_spec.INPUT_IDS: input_ids, io_spec.ATTENTION_MASK: np.ascontiguousarray(attention_mask),
-                 io_spec.POSITION_IDS: position_ids}  # fmt: skip
+        small = {
+            io_spec.INPUT_IDS: input_ids,
+            io_spec.ATTENTION_MASK: np.ascontiguousarray(attention_mask),
+            io_spec.POSITION_IDS: position_ids,
+        }
         if not self._use_binding:
             outputs = self._session.run(None, {**small, **dict(zip(self._past, self._cache, strict=True))})
             names = [o.name for o in self._session.get_outputs()]

@@ -27,8 +27,9 @@ import numpy as np
 from ...artifacts import io_spec
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
+from ..ort import import_onnxruntime
 from ..session import Session
-from .onnxruntime import choose_providers, create_session, device_of, import_onnxruntime
+from .onnxruntime import choose_providers, create_session, device_of
 
 # Metadata the fused graph builder writes into the graph (runtime code does not import the builder).
 _MAX_CONTEXT_KEY, _ROTARY_KEY = "max_context", "rotary"
@@ -101,11 +102,21 @@ class FusedOrtSession(Session):
 
     name = "onnxruntime-fused"
 
-    def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None,
-                 providers: list[str] | str | None = None, max_context: int | None = None, max_batch: int | None = None,
-                 session_options: dict[str, str] | None = None, verify: str = "size",
-                 low_memory: bool = False, device_id: int = 0, tf32: bool = False,
-                 cuda_graph: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        config: ModelConfig | None = None,
+        threads: int | None = None,
+        providers: list[str] | str | None = None,
+        max_context: int | None = None,
+        max_batch: int | None = None,
+        session_options: dict[str, str] | None = None,
+        verify: str = "size",
+        low_memory: bool = False,
+        device_id: int = 0,
+        tf32: bool = False,
+        cuda_graph: bool = False,
+    ):
         ort = import_onnxruntime()
         path = Path(path)
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path

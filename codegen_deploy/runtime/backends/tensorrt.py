@@ -29,11 +29,10 @@ from ...artifacts.engine import (
     read_engine_manifest,
 )
 from ...config import ModelConfig
+from ...dtypes import DTYPES, torch_dtype
 from ...errors import ArtifactError, InputError
 from ...gpu import require_cuda_gpu, require_tensorrt
 from ..session import Session
-
-_TORCH_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
 
 class TensorRTSession(Session):
@@ -81,22 +80,21 @@ class TensorRTSession(Session):
 
         dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
         cache_dtype = dtypes[io_spec.past_name(0, "key")]
-        if cache_dtype not in _TORCH_DTYPES or dtypes[io_spec.LOGITS] != "float32":
+        if cache_dtype not in DTYPES or dtypes[io_spec.LOGITS] != "float32":
             raise ArtifactError(f"{engine_path}: unsupported cache dtype {cache_dtype} or non-float32 logits")
         b, h, c, d = self.max_batch, config.n_head, self.max_context, config.head_dim
+        kv_dtype = torch_dtype(cache_dtype)
 
-        def empty(n: int, dtype: str):
-            return torch.empty(n, dtype=getattr(torch, dtype), device=self.device)
+        def empty(n: int, dtype):
+            return torch.empty(n, dtype=dtype, device=self.device)
 
         self._past_names = io_spec.past_names(config.n_layer)
         self._present_names = io_spec.present_names(config.n_layer)
-        self._kv = {
-            name: (empty(b * h * c * d, cache_dtype), empty(b * h * c * d, cache_dtype)) for name in self._past_names
-        }
-        self._ids = empty(b * self.max_prompt, "int64")
-        self._pos = empty(b * self.max_prompt, "int64")
-        self._mask = empty(b * c, "int64")
-        self._logits = empty(b * self.max_prompt * config.vocab_size, "float32")  # the prompt's [B, T, V]
+        self._kv = {name: (empty(b * h * c * d, kv_dtype), empty(b * h * c * d, kv_dtype)) for name in self._past_names}
+        self._ids = empty(b * self.max_prompt, torch.int64)
+        self._pos = empty(b * self.max_prompt, torch.int64)
+        self._mask = empty(b * c, torch.int64)
+        self._logits = empty(b * self.max_prompt * config.vocab_size, torch.float32)  # the prompt's [B, T, V]
         self._src = 0  # which ping-pong buffer holds the past
         self._active_profile: int | None = None
 
@@ -112,16 +110,10 @@ class TensorRTSession(Session):
 
     def _check_engine_io(self, trt, engine_path: Path) -> None:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
-        want_in = {
-            io_spec.INPUT_IDS,
-            io_spec.ATTENTION_MASK,
-            io_spec.POSITION_IDS,
-            *io_spec.past_names(self.config.n_layer),
-        }
-        want_out = {io_spec.LOGITS, *io_spec.present_names(self.config.n_layer)}
-        if inputs != want_in or set(names) - inputs != want_out:
-            raise ArtifactError(f"{engine_path} does not have this tool's decoder inputs and outputs: rebuild it")
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        fix = "rebuild it with codegen-build-engine"
+        io_spec.check_decoder_io(inputs, outputs, self.config.n_layer, str(engine_path), fix=fix)
         if self.engine.num_optimization_profiles != len(PROFILES):
             raise ArtifactError(
                 f"{engine_path} has {self.engine.num_optimization_profiles} profiles, not {len(PROFILES)}: rebuild it"

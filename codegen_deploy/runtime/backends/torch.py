@@ -24,13 +24,9 @@ def _checkpoint_of_export(folder: Path) -> str | None:
 
     if not (folder / MANIFEST_FILE).is_file():
         return None
-    manifest = read_manifest(folder, verify="none")
-    for key in ("source", "checkpoint", "source_checkpoint"):
-        value = manifest.get(key)
-        if isinstance(value, dict):
-            value = value.get("path") or value.get("model")
-        if isinstance(value, str) and (Path(value).is_dir() or "/" in value):
-            return value
+    source = read_manifest(folder, verify="none").get("source")  # a checkpoint folder or a hub id
+    if isinstance(source, str) and (Path(source).is_dir() or "/" in source):
+        return source
     return None
 
 

@@ -1,0 +1,69 @@
+"""The one report: rows of error statistics, one verdict under the tolerance, table, dict and check()."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from codegen_deploy.errors import ValidationError
+from codegen_deploy.verify.report import Report, Row
+from codegen_deploy.verify.tolerance import Tolerance
+
+TOL = Tolerance(atol=1e-3, rtol=1e-2, min_top1=0.5)
+
+
+def test_row_statistics_and_the_scale_relative_bound():
+    row = Row("logits")
+    a = np.array([[10.0, -2.0, 0.0], [1.0, 4.0, 0.0]])
+    assert row.add(a, a + 0.1, TOL, top1=True)  # 0.1 <= 1e-3 + 1e-2 * 10
+    assert row.max_abs == pytest.approx(0.1) and row.max_rel == pytest.approx(0.01)
+    assert (row.top1_agree, row.top1_total) == (2, 2)
+    b = a.copy()
+    b[1] = [5.0, 0.0, 0.0]  # off by 4 where max|a| is 10: beyond, and row 1's top-1 flips
+    assert not row.add(a, b, TOL, top1=True)
+    assert not row.within and row.beyond == 1 and row.compared == 2 and (row.top1_agree, row.top1_total) == (3, 4)
+    assert row.max_abs == pytest.approx(4.0) and row.max_rel == pytest.approx(0.4)
+
+
+def test_nan_is_never_within():
+    row = Row("present.0.key")
+    assert not row.add(np.ones(4), np.array([1.0, np.nan, 1.0, 1.0]), TOL)
+    assert math.isnan(row.max_abs)
+    report = Report("graph", "reference", TOL, [row])
+    assert not report.passed and math.isnan(report.max_abs)
+
+
+def test_report_verdict_table_dict_and_check():
+    good, bad = Row("logits"), Row("present.0.key")
+    good.add(np.array([[1.0, 2.0]]), np.array([[1.0, 2.0]]), TOL, top1=True)
+    bad.add(np.ones(3), np.ones(3) * 2, TOL)
+    report = Report("the float16 export", "the reference", TOL, [good, bad], notes=["a note"], info={"dtype": "x"})
+    assert not report.passed and report.top1 == 1.0
+    assert report.failures() == ["present.0.key beyond 0.001 + 0.01 * max|a| (max abs 1, max rel 1)"]
+    table = report.table()
+    assert "present.0.key" in table and "OVER" in table and "a note" in table and "FAILED:" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert (
+        data["passed"] is False and data["dtype"] == "x" and [r["name"] for r in data["rows"]] == ["logits", bad.name]
+    )
+    assert data["rows"][0]["top1_total"] == 1 and "top1_total" not in data["rows"][1]
+    with pytest.raises(ValidationError) as info:
+        report.check()
+    assert info.value.exit_code == 3 and info.value.report is report and "\n" not in str(info.value)
+    assert str(info.value).startswith("the float16 export differs from the reference beyond tolerance (")
+
+
+def test_top1_below_the_minimum_fails_and_greedy_rows():
+    row = Row("0 (3 tokens)")
+    row.add(np.array([1.0, 0.0]), np.array([0.0, 1.0]), Tolerance(atol=2.0, rtol=0.0, min_top1=0.5), top1=True)
+    row.greedy = (0, 1)
+    report = Report("b", "a", Tolerance(atol=2.0, rtol=0.0, min_top1=0.5), [row], kind="prompt")
+    assert report.failures() == ["top-1 agreement 0.0% < 50%"]
+    assert report.greedy_agreement == 0.0 and report.identical == 0 and "0/1" in report.table()
+
+
+def test_an_empty_report_does_not_pass():
+    assert not Report("b", "a", TOL).passed
