@@ -18,13 +18,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, CodegenDeployError
 
 # errno values that only writing produces: a full disk, a quota, a read-only file system, a too-large file.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # What other libraries (safetensors, onnx, protobuf) put in their messages for the same failures.
 _WRITE_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded", "File too large",
                    "StorageFull", "ReadOnlyFilesystem")  # fmt: skip
+# numpy's tofile (onnx_ir writes weights with it) reports a failed fwrite without its errno.
+_NUMPY_WRITE = "problem writing element"
 
 
 def absolute(path: str | Path) -> Path:
@@ -33,11 +35,12 @@ def absolute(path: str | Path) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
-def write_error(error: BaseException) -> str | None:
+def write_error(error: BaseException, where: Path | None = None) -> str | None:
     """The reason (e.g. "No space left on device") if `error` is a failed write, else None.
 
     Libraries report a full or read-only disk as OSError or as their own exception types (with the
-    OS message inside), sometimes chained: the chain is searched.
+    OS message inside), sometimes chained: the chain is searched. where: a folder on the disk written
+    to, to name the reason when the library did not (numpy).
     """
     seen = set()
     while error is not None and id(error) not in seen:
@@ -48,12 +51,24 @@ def write_error(error: BaseException) -> str | None:
         for message in _WRITE_MESSAGES:
             if message in text:
                 return message
+        if _NUMPY_WRITE in text:
+            return os.strerror(errno.ENOSPC) if where is not None and _nearly_full(where) else "a write failed"
         error = error.__cause__ or error.__context__
     return None
 
 
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def _disk_error(where: Path, error: BaseException) -> ArtifactError | None:
-    reason = write_error(error)
+    reason = write_error(error, where.parent)
+    if reason is None and not isinstance(error, CodegenDeployError) and _nearly_full(where.parent):
+        # Some writers (torch.save's zip writer) report a short write only as an inconsistency of their own.
+        reason = os.strerror(errno.ENOSPC)
     if reason is None:
         return None
     return ArtifactError(f"could not write {where} ({reason}): free some disk space or choose another output")

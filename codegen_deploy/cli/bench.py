@@ -7,11 +7,11 @@ import json
 import sys
 
 from ..errors import InputError
-from .common import VERIFY_CHOICES, VERIFY_HELP, add_device_options, device_options, int_at_least, run
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-bench",
         description="Measure generation speed and memory of each backend on one model. Each backend runs in a "
         "process of its own (its peak RSS is its own); greedy decoding of random prompt tokens.",

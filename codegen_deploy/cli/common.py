@@ -78,6 +78,14 @@ def run(command: Callable[[list[str] | None], int | None], argv: list[str] | Non
             signal.signal(signal.SIGTERM, previous)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line like every other error (its usage block is what --help shows)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def progress_line(line: str) -> None:
     """Print a progress line: notes and warnings to stderr (where a user looks for them, and out of any
     output that is parsed), the rest to stdout."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import DATASETS, SIZES
 from ..dtypes import DTYPES
 from ..errors import ConfigError, MissingDependencyError
-from .common import int_at_least, progress_line, run
+from .common import ArgumentParser, int_at_least, progress_line, run
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
@@ -22,7 +22,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-export",
         description="Export a Salesforce CodeGen checkpoint to one ONNX decoder graph with past-key-value "
         "I/O, validated against the reference model with ONNX Runtime.",

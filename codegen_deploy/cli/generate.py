@@ -9,11 +9,11 @@ import time
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import VERIFY_CHOICES, VERIFY_HELP, add_device_options, device_options, int_at_least, run
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-generate",
         description="Generate a completion of a prompt with an export folder (ONNX Runtime), a TensorRT "
         "engine or a checkpoint (PyTorch), streamed to the terminal.",

@@ -6,13 +6,13 @@ import argparse
 import time
 
 from ..dtypes import DTYPES, torch_dtype
-from .common import int_at_least, run
+from .common import ArgumentParser, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ..model.make_checkpoint import SHAPES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-make-checkpoint",
         description="Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer) that needs "
         "no download: the demo and the tests run on it.",

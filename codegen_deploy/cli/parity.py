@@ -11,11 +11,20 @@ from pathlib import Path
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import VERIFY_CHOICES, VERIFY_HELP, add_device_options, device_options, float_in, int_at_least, run
+from .common import (
+    VERIFY_CHOICES,
+    VERIFY_HELP,
+    ArgumentParser,
+    add_device_options,
+    device_options,
+    float_in,
+    int_at_least,
+    run,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-parity",
         description="Compare two backends on the same prompts: per-step max abs/rel logits difference, "
         "top-1 agreement (both fed the first backend's greedy tokens) and greedy token agreement. "
