@@ -95,5 +95,5 @@ def test_corrupted_fused_graph_is_one_error(fp32_export, tmp_path):
     with pytest.raises(ArtifactError, match="decoder_fused.onnx has .* bytes, the manifest says"):
         open_session("onnxruntime", out)
     edit_manifest(out, lambda m: m["files"][io_spec.FUSED_GRAPH_FILE].update(bytes=14))
-    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load .*decoder_fused.onnx"):
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot open .*decoder_fused.onnx"):
         open_session("onnxruntime", out, verify="size")
