@@ -3,6 +3,7 @@ way to find ../shared/data."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from contextlib import contextmanager
@@ -221,6 +222,8 @@ def tmpfs():
         try:
             yield path
         finally:
-            subprocess.run(["umount", str(path)], check=False)
+            gc.collect()  # files held open by frames of a caught exception keep the mount busy until collected
+            if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(path)], check=False)
 
     return mount
