@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .artifacts import io_spec
-from .artifacts.atomic import staging_folder
+from .artifacts.atomic import check_output, staging_folder, write_error
 from .artifacts.manifest import write_manifest
-from .config import ModelConfig, hub_id
+from .config import ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ArtifactError, ExportError
 from .memory import memory_line
-from .model.hub import TOKENIZER_FILES, resolve_model
+from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
 from .verify.fused import check_fused, record_reference
 
 MIN_OPSET = 18  # the oldest opset torch.onnx.export(dynamo=True) emits (LayerNormalization is opset 17)
@@ -48,13 +48,6 @@ class _Stages:
         self.seconds[name] = round(now - self._start, 2)
         self._start = now
         self.progress(f"{name:<9} {self.seconds[name]:6.1f} s  {memory_line()}  {detail}".rstrip())
-
-
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ArtifactError(f"{output} exists and is not a folder: choose another --output")
-    if output.exists() and not force:
-        raise ArtifactError(f"{output} already exists: pass --force to replace it, or choose another --output")
 
 
 def versions() -> dict[str, str | None]:
@@ -122,14 +115,14 @@ def export_model(
             "add --no-validate (TensorRT runs bfloat16 graphs) or export float16"
         )
     output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
-    _check_output(output, force)
+    check_output(output, force, protect=local_sources(model))
     stages = _Stages(progress)
     folder = resolve_model(model, size=size, data=data)
     stages.done("resolve", str(folder))
     config = ModelConfig.from_file(folder)
     hf_config = json.loads((folder / "config.json").read_text())
 
-    with staging_folder(output) as tmp:
+    with staging_folder(output, replace=force, protect=[folder]) as tmp:
         reference = CodeGen.from_pretrained(folder, dtype=torch_dtype(dtype))
         weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
         stages.done("load", f"{config.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
@@ -185,7 +178,7 @@ def export_model(
         body = {
             "model_config": config.to_dict(),
             "hf_config": hf_config,
-            "source": str(model) if model is not None else hub_id(size, data),
+            "source": source_id(model, size=size, data=data),
             "dtype": dtype,
             "cache_dtype": cache_dtype,
             "logits_dtype": dtypes[io_spec.LOGITS],
@@ -217,6 +210,8 @@ def _write_fused(folder: Path, reference, weights: str, progress) -> dict | None
     try:
         write_fused_graph(reference, folder, weights=weights)
     except ExportError as e:
+        if write_error(e):  # a full disk is not a shape GQA cannot express
+            raise ArtifactError(f"could not write the fused graph ({write_error(e)}): free some disk space") from e
         progress(f"note: no fused graph ({e}); ONNX Runtime will run the plain graph")
         return None
     return fused_manifest_entries(reference.config, dtype_name(reference.dtype), weights)

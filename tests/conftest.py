@@ -3,7 +3,10 @@ way to find ../shared/data."""
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,26 @@ def tiny_model(tiny_checkpoint):
     from codegen_deploy.model.reference import CodeGen
 
     return CodeGen.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture
+def tmpfs():
+    """tmpfs(path, size, read_only=False): a context manager mounting a small tmpfs at `path` (a full or
+    read-only disk on demand); skips the test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+
+    @contextmanager
+    def mount(path: Path, size: str, read_only: bool = False):
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        argv = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}): disk case untested")
+        try:
+            yield path
+        finally:
+            gc.collect()  # files held open by frames of a caught exception keep the mount busy until collected
+            if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+    return mount

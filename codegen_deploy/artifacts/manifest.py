@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..errors import ArtifactError
+from ..errors import ArtifactError, CodegenDeployError
+from . import io_spec
 from .io_spec import MANIFEST_FILE
 
 FORMAT_VERSION = 1
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (memory stays flat for multi-GB weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -41,36 +44,124 @@ def write_manifest(folder: Path, body: dict, name: str = MANIFEST_FILE) -> dict:
     return manifest
 
 
+VERIFY_MODES = ("none", "size", "sha256")
+
+
 def read_manifest(folder: str | Path, name: str = MANIFEST_FILE, verify: str = "size") -> dict:
-    """Read and check an export's manifest. verify: "none", "size" (fast, catches truncation) or "sha256"."""
+    """Read and check an export's manifest. verify: "none", "size" (fast, catches truncation) or "sha256"
+    (every byte). A manifest with missing or inconsistent entries, or a file that does not match it,
+    raises one ArtifactError."""
+    if verify not in VERIFY_MODES:
+        raise ArtifactError(f"unknown verify mode {verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
     path = folder / name
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {name}: it is not a finished export (run codegen-export again)")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}): export again") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{path} is not readable JSON ({e}): export again") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(
-            f"{path} has format version {manifest.get('format_version')}, this tool reads {FORMAT_VERSION}: "
-            "export again with this version"
+            f"{path} has format version {version}, this tool reads {FORMAT_VERSION}: export again with this version"
         )
-    if verify != "none":
-        for rel, entry in manifest.get("files", {}).items():
-            f = folder / rel
-            if not f.is_file():
-                raise ArtifactError(f"{f} is missing from the export: copy the whole folder or export again")
-            if f.stat().st_size != entry["bytes"]:
-                raise ArtifactError(
-                    f"{f} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}: "
-                    "the file is truncated or changed, copy it again or export again"
-                )
-            if verify == "sha256" and sha256_file(f) != entry["sha256"]:
-                raise ArtifactError(f"{f} does not match its sha256 in the manifest: the file is corrupted")
+    check_manifest(manifest, path)
+    verify_files(folder, manifest, verify)
     return manifest
 
 
-def manifest_config(manifest: dict) -> ModelConfig:
+def check_manifest(manifest: dict, path: Path | str = MANIFEST_FILE) -> None:
+    """Refuse a manifest that lacks what the runtimes read, or whose model config disagrees with its graph
+    inputs (an edited n_layer would otherwise fail later as a binding error)."""
+    for key, kind in (("model_config", dict), ("files", dict), ("inputs", list)):
+        if key == "inputs" and key not in manifest:
+            continue  # a runtime that reads inputs asks for them (require_entries)
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{path} has no valid {key!r} entry: the manifest is damaged, export again")
+    for rel, entry in manifest["files"].items():
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        ):
+            raise ArtifactError(f"{path}: the entry of {rel} lacks bytes or sha256: the manifest is damaged")
+    config = manifest_config(manifest, path)
+    for key in ("inputs", "fused_inputs"):
+        entries = manifest.get(key)
+        if entries is None:
+            continue
+        try:
+            names = {e["name"] for e in entries}
+        except (TypeError, KeyError) as e:
+            raise ArtifactError(f"{path}: {key!r} is not a list of named tensors: the manifest is damaged") from e
+        check_graph_inputs(names, config.n_layer, f"{path} ({key})")
+
+
+def require_entries(manifest: dict, keys, path: Path | str = MANIFEST_FILE) -> None:
+    """Refuse a manifest without the entries a reader needs."""
+    missing = [k for k in keys if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} has no {', '.join(missing)} entry: the manifest is damaged, export again")
+
+
+def check_graph_inputs(names, n_layer: int, where: str | Path) -> None:
+    """Refuse a graph whose cache inputs are not those of `n_layer` layers (names: the graph's input names)."""
+    layers = {n.split(".")[1] for n in names if n.startswith("past_key_values.")}
+    if set(io_spec.past_names(n_layer)) - set(names) or len(layers) != n_layer:
+        raise ArtifactError(
+            f"{where} has cache inputs for {len(layers)} layers but the model config says n_layer {n_layer}: "
+            "the manifest or the graph was changed, export again"
+        )
+
+
+def verify_files(folder: Path, manifest: dict, verify: str = "size") -> None:
+    """Check every file the manifest lists: present and of its size ("size"), and of its sha256 ("sha256")."""
+    if verify == "none":
+        return
+    folder = Path(folder)
+    for rel, entry in manifest["files"].items():
+        f = folder / rel
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing from the export: copy the whole folder or export again")
+        if f.stat().st_size != entry["bytes"]:
+            raise ArtifactError(
+                f"{f} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                "the file is truncated or changed, copy it again or export again"
+            )
+    if verify == "sha256":
+        for rel, entry in manifest["files"].items():
+            if sha256_file(folder / rel) != entry["sha256"]:
+                raise ArtifactError(
+                    f"{folder / rel} does not match its sha256 in the manifest: the file is corrupted or changed, "
+                    "copy it again or export again"
+                )
+
+
+class BackgroundVerification:
+    """verify_files(folder, manifest, "sha256") in a thread, so hashing overlaps a session's loading (hashlib
+    and ONNX Runtime both release the GIL); `result()` waits and raises its ArtifactError, if any."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(folder, manifest), daemon=True)
+        self._thread.start()
+
+    def _run(self, folder: Path, manifest: dict) -> None:
+        try:
+            verify_files(folder, manifest, "sha256")
+        except BaseException as e:  # handed to the caller's thread by result()
+            self._error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if isinstance(self._error, OSError):
+            raise ArtifactError(f"cannot read the export's files ({self._error}): check the folder") from self._error
+        if self._error is not None:
+            raise self._error
+
+
+def manifest_config(manifest: dict, path: Path | str = MANIFEST_FILE) -> ModelConfig:
     """The ModelConfig recorded in a manifest."""
-    return ModelConfig(**manifest["model_config"])
+    try:
+        return ModelConfig(**manifest["model_config"])
+    except (KeyError, TypeError, CodegenDeployError) as e:
+        raise ArtifactError(f"{path} has an invalid model_config ({e}): the manifest is damaged, export again") from e

@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
-from .common import add_device_options, device_options, run
+from ..errors import InputError
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-bench",
         description="Measure generation speed and memory of each backend on one model. Each backend runs in a "
         "process of its own (its peak RSS is its own); greedy decoding of random prompt tokens.",
@@ -22,27 +23,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated: torch, onnxruntime, tensorrt, onnxruntime-plain, onnxruntime-naive "
         "(plain graph, no IO binding), onnxruntime-fused (default: torch,onnxruntime)",
     )
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
-    p.add_argument("--batch", type=int, default=1, help="rows per batch (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per backend; medians are reported (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; 0 = the runtime's choice)")
+    p.add_argument("--prompt-tokens", type=int_at_least(1), default=128, help="prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int_at_least(3), default=128, help="greedy tokens to generate (default 128)")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="rows per batch (default 1)")
+    p.add_argument(
+        "--repeats", type=int_at_least(1), default=3, help="runs per backend; medians are reported (default 3)"
+    )
+    p.add_argument(
+        "--threads", type=int_at_least(0), default=2, help="intra-op threads (default 2; 0 = the runtime's choice)"
+    )
     p.add_argument("--reference", help="checkpoint for the torch backend when PATH is an export folder")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     add_device_options(p)
+    p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p.parse_args(argv)
 
 
 def main_body(argv: list[str] | None = None) -> int:
     from ..runtime.backends import backend_options
-    from ..runtime.bench import BenchSpec, format_table, measure_in_subprocess, resolve_backend
+    from ..runtime.bench import BenchSpec, bench_backends, format_table, measure_in_subprocess, resolve_backend
 
     args = parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in bench_backends()]
+    if unknown or not backends:
+        raise InputError(
+            f"unknown backend {', '.join(unknown) or '(none)'} in --backends: choose from {', '.join(bench_backends())}"
+        )
     results = []
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    for backend in backends:
         path = args.reference if backend == "torch" and args.reference else args.path
-        options = backend_options(resolve_backend(backend)[0], providers=args.providers, **device_options(args))
+        options = backend_options(
+            resolve_backend(backend)[0], providers=args.providers, verify=args.verify, **device_options(args)
+        )
         spec = BenchSpec(
             backend=backend,
             path=str(path),

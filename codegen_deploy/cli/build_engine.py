@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..artifacts.engine import MAX_OPTIMIZATION_LEVEL, EngineOptions
-from .common import run
+from .common import ArgumentParser, run
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def engine_options_from_args(args: argparse.Namespace) -> EngineOptions:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="codegen-build-engine",
         description="Build a TensorRT engine (one engine, prompt and decode profiles) from a codegen-export folder.",
     )

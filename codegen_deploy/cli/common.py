@@ -1,8 +1,13 @@
-"""What every command shares: one-line errors with an exit code, and the GPU device options."""
+"""What every command shares: one-line errors with an exit code, signals, number options, GPU device options."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from ..errors import CodegenDeployError
@@ -35,8 +40,22 @@ def device_options(args) -> dict:
     }
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so `finally` blocks and the atomic writes' cleanup run."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def run(command: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's body; expected failures print `error: ...` on one line and exit non-zero."""
+    """Run a command's body; expected failures print `error: ...` on one line and exit non-zero.
+
+    SIGTERM ends the command like Ctrl-C does (temporary outputs removed, exit 143); output piped into
+    a reader that stops early (`| head`) ends it quietly.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return command(argv) or 0
     except CodegenDeployError as e:
@@ -45,3 +64,68 @@ def run(command: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader went away: send what is still buffered nowhere, so the exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line like every other error (its usage block is what --help shows)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def progress_line(line: str) -> None:
+    """Print a progress line: notes and warnings to stderr (where a user looks for them, and out of any
+    output that is parsed), the rest to stdout."""
+    warning = line.startswith(("note:", "warning:"))
+    print(line, file=sys.stderr if warning else sys.stdout, flush=True)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            where = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+
+    return parse
+
+
+VERIFY_CHOICES = ("sha256", "size")
+VERIFY_HELP = (
+    "how to check an export's files against its manifest when opening it: sha256 (default; every byte, "
+    "hashed while the session loads) or size (faster for very large exports; catches truncation only)"
+)

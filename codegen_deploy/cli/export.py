@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import DATASETS, SIZES
 from ..dtypes import DTYPES
 from ..errors import ConfigError, MissingDependencyError
-from .common import run
+from .common import ArgumentParser, int_at_least, progress_line, run
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
@@ -22,7 +22,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-export",
         description="Export a Salesforce CodeGen checkpoint to one ONNX decoder graph with past-key-value "
         "I/O, validated against the reference model with ONNX Runtime.",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and cache dtype (default float32; logits are always float32)",
     )
     p.add_argument("--output", type=Path, help="folder to create (default: exports/codegen-<size>-<data>[-fp16])")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20)")
+    p.add_argument("--opset", type=int_at_least(1), help="ONNX opset (default: the exporter's, 20)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check against the reference")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument(
@@ -90,6 +90,7 @@ def command(argv: list[str] | None) -> int:
         external_data=True if args.external_data else None,
         fused=not args.no_fused,
         fused_weights=args.quantize or "float",
+        progress=progress_line,
     )
     print(f"exported to {out}")
     if args.engine:

@@ -9,11 +9,11 @@ import time
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import add_device_options, device_options, run
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-generate",
         description="Generate a completion of a prompt with an export folder (ONNX Runtime), a TensorRT "
         "engine or a checkpoint (PyTorch), streamed to the terminal.",
@@ -32,18 +32,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: the checkpoint its manifest records)",
     )
     p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128, help="default: 128")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same tokens")
+    p.add_argument("--seed", type=int_at_least(0), help="random seed: the same seed gives the same tokens")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); trimmed")
-    p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
+    p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
     add_device_options(p)
     p.add_argument("--dtype", choices=DTYPES, help="torch weight dtype (default: float32)")
+    p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
     return p.parse_args(argv)
@@ -60,16 +61,22 @@ def read_prompt(args: argparse.Namespace) -> str:
                 return f.read()
         except OSError as e:
             raise InputError(f"cannot read the prompt file {args.file} ({e.strerror}): check the path") from e
+        except UnicodeDecodeError as e:
+            raise InputError(f"the prompt file {args.file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if sys.stdin.isatty():
         raise InputError("no prompt: give it as an argument, with --file, or on standard input")
-    return sys.stdin.read()
+    try:
+        stdin = getattr(sys.stdin, "buffer", None)  # bytes, so a bad byte is an error of ours, not a traceback
+        return stdin.read().decode("utf-8") if stdin is not None else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.backends import backend_options, default_backend, open_session
-    from ..runtime.generate import GenerationConfig, Timings, generate, stream
+    from ..runtime.backends import backend_options, context_of, default_backend, open_session
+    from ..runtime.generate import GenerationConfig, Timings, check_prompt_fits, generate, stream
     from ..runtime.sampling import SamplingConfig
 
     prompt = read_prompt(args)
@@ -92,10 +99,12 @@ def command(argv: list[str] | None) -> int:
         providers=args.providers,
         graph=args.graph,
         **device_options(args),
+        verify=args.verify,
         dtype=torch_dtype(args.dtype) if args.dtype else None,
     )
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)
+    check_prompt_fits(tokenizer.encode(prompt), config.max_new_tokens, context_of(target))
     session = open_session(backend, target, **options)
     print(f"[{session.name}] opened {target} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     with session:

@@ -6,13 +6,13 @@ import argparse
 import time
 
 from ..dtypes import DTYPES, torch_dtype
-from .common import run
+from .common import ArgumentParser, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ..model.make_checkpoint import SHAPES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-make-checkpoint",
         description="Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer) that needs "
         "no download: the demo and the tests run on it.",
@@ -20,13 +20,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("output", help="folder to create")
     p.add_argument("--shape", default="demo", choices=list(SHAPES), help="model shape (default: demo)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default: float32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default: 0)")
     p.add_argument(
         "--tokenizer",
         help="copy these tokenizer files (e.g. a real CodeGen tokenizer folder) instead of training a small one",
     )
     p.add_argument("--layout", default="safetensors", choices=("safetensors", "bin"))
-    p.add_argument("--shard-size-mb", type=int, help="split the weights into shards of at most this size")
+    p.add_argument("--shard-size-mb", type=int_at_least(1), help="split the weights into shards of at most this size")
     return p.parse_args(argv)
 
 

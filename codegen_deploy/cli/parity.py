@@ -11,11 +11,20 @@ from pathlib import Path
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import add_device_options, device_options, run
+from .common import (
+    VERIFY_CHOICES,
+    VERIFY_HELP,
+    ArgumentParser,
+    add_device_options,
+    device_options,
+    float_in,
+    int_at_least,
+    run,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-parity",
         description="Compare two backends on the same prompts: per-step max abs/rel logits difference, "
         "top-1 agreement (both fed the first backend's greedy tokens) and greedy token agreement. "
@@ -36,16 +45,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="prompts file: .jsonl[.gz] with a 'prompt' field (e.g. HumanEval.jsonl.gz) "
         "or a text file (default: a few built-in code prompts)",
     )
-    p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default: 4; 0 = all)")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
-    p.add_argument("--atol", type=float, help="pass when max|a-b| <= ATOL + RTOL * max|a| per step (default: by dtype)")
-    p.add_argument("--rtol", type=float, help="relative logits tolerance, to the step's max|a| (default: by dtype)")
-    p.add_argument("--min-top1", type=float, help="least top-1 agreement (default: by dtype)")
-    p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
+    p.add_argument(
+        "--num-prompts", type=int_at_least(0), default=4, help="use the first N prompts (default: 4; 0 = all)"
+    )
+    p.add_argument("--new-tokens", type=int_at_least(1), default=16, help="greedy tokens per prompt (default: 16)")
+    p.add_argument(
+        "--atol", type=float_in(0), help="pass when max|a-b| <= ATOL + RTOL * max|a| per step (default: by dtype)"
+    )
+    p.add_argument(
+        "--rtol", type=float_in(0), help="relative logits tolerance, to the step's max|a| (default: by dtype)"
+    )
+    p.add_argument("--min-top1", type=float_in(0, 1), help="least top-1 agreement (default: by dtype)")
+    p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
     add_device_options(p)
     p.add_argument("--reference-dtype", choices=DTYPES, default="float32", help="torch dtype (default: float32)")
+    p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return p.parse_args(argv)
 
@@ -81,6 +97,12 @@ def command(argv: list[str] | None) -> int:
     if len(backends) != 2 or any(b not in BACKENDS for b in backends):
         raise InputError(f"--backends takes two of {', '.join(BACKENDS)} separated by a comma, got {args.backends!r}")
     log = sys.stderr if args.json else sys.stdout
+    # Prompts first: a bad prompt file is reported before the models load.
+    tokenizer = load_tokenizer(args.tokenizer or args.path)
+    prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts)]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise InputError(f"prompt {i} of {args.prompts} is empty: remove it from the file")
     sessions, reference_dtype = [], torch_dtype(args.reference_dtype)
     for backend in backends:
         target = args.reference if backend == "torch" and args.reference else args.path
@@ -90,13 +112,12 @@ def command(argv: list[str] | None) -> int:
             providers=args.providers,
             graph=args.graph,
             **device_options(args),
+            verify=args.verify,
             dtype=reference_dtype,
         )
         start = time.perf_counter()
         sessions.append(open_session(backend, target, **options))
         print(f"opened {backend} on {target} in {time.perf_counter() - start:.1f} s", file=log, flush=True)
-    tokenizer = load_tokenizer(args.tokenizer or args.path)
-    prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts)]
     given = {"atol": args.atol, "rtol": args.rtol, "min_top1": args.min_top1}
     tolerance = replace(
         default_tolerance(sessions[1], args.path, args.tf32), **{k: v for k, v in given.items() if v is not None}

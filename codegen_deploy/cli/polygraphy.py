@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .common import run
+from .common import ArgumentParser, run
 
 
 def command(argv: list[str] | None) -> int:
     from ..artifacts.engine import PROFILES
     from ..verify.polygraphy import compare_onnxruntime_tensorrt
 
-    parser = argparse.ArgumentParser(prog="codegen-polygraphy", description=__doc__)
+    parser = ArgumentParser(prog="codegen-polygraphy", description=__doc__)
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--engine-dir", type=Path, default=None, help="default: EXPORT_DIR")
     parser.add_argument("--profile", choices=PROFILES, default="decode")

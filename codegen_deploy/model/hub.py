@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import sys
 from pathlib import Path
 
 from ..config import hub_id
@@ -45,8 +48,12 @@ def resolve_model(
     published model instead. Hub downloads fetch only config, tokenizer and one weight format
     (safetensors preferred) and show huggingface_hub's progress bars.
     """
-    if (model is None) == (size is None):
-        raise CheckpointError("give either a model (folder or hub id) or a size (350M, 2B, 6B, 16B), not both")
+    if model is None and size is None:
+        raise CheckpointError(
+            "no model given: pass --model (a checkpoint folder or hub id) or --size (350M, 2B, 6B, 16B)"
+        )
+    if model is not None and size is not None:
+        raise CheckpointError(f"give a model ({model}) or a size ({size}), not both: drop one of them")
     if size is not None:
         model = hub_id(size, data)
     local = Path(model)
@@ -60,19 +67,88 @@ def resolve_model(
     return _download(text, revision)
 
 
+def local_sources(model: str | Path | None) -> list[Path]:
+    """[model] when it names an existing local path (what an output must not replace), else []."""
+    return [Path(model)] if model is not None and Path(model).exists() else []
+
+
+def source_id(model: str | Path | None, *, size: str | None = None, data: str = "mono") -> str:
+    """What a manifest records as its source: the absolute path of a local folder (so it means the same
+    from any working folder), else the hub id."""
+    if model is None:
+        return hub_id(size, data)
+    if Path(model).exists():
+        return os.path.abspath(model)
+    return str(model)
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it, but read now, not at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache() -> str:
+    """The Hugging Face cache folder, from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The cached snapshot folder of `repo_id` if it holds config.json and a complete set of weights
+    (every shard an index names); None otherwise. Never touches the network."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=_hub_cache(), local_files_only=True, allow_patterns=["config.json"]
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    folder = Path(path)
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    weights = choose_weight_files(files)
+    if "config.json" not in files or not weights:
+        return None
+    if weights[0].endswith(".index.json"):
+        try:
+            shards = set(json.loads((folder / weights[0]).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not all((folder / shard).is_file() for shard in shards):
+            return None
+    return folder
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
+    """A hub model's local folder: the cached snapshot when it is complete (no network, works offline),
+    else a download of config, tokenizer and one weight format."""
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    print(f"downloading {repo_id} from the Hugging Face hub ...", flush=True)
+    cached = cached_snapshot(repo_id, revision)
+    if cached is not None:
+        return cached
+    if _offline():
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set: "
+            "download it once with network access, or pass a checkpoint folder"
+        )
+    print(f"downloading {repo_id} from the Hugging Face hub ...", file=sys.stderr, flush=True)
     try:
-        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)  # network
         weights = choose_weight_files(files)
         if not weights:
             raise CheckpointError(f"{repo_id} has no model.safetensors or pytorch_model.bin: is it a model repo?")
         wanted = ["config.json", *TOKENIZER_FILES, *weights]
         path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=[f for f in wanted if f in files]
+            repo_id, revision=revision, cache_dir=_hub_cache(), allow_patterns=[f for f in wanted if f in files]
         )
     except CheckpointError:
         raise

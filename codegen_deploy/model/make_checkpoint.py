@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts.atomic import staging_folder
+from ..artifacts.atomic import check_output, staging_folder
 from ..config import PUBLISHED_SHAPES, ModelConfig
 from ..dtypes import dtype_name
-from ..errors import ArtifactError, InputError
+from ..errors import InputError, TokenizerError
 from .hub import TOKENIZER_FILES
 from .reference import CodeGen
 from .tokenizer import EOS_TOKEN, load_tokenizer
@@ -95,17 +95,20 @@ def make_checkpoint(
     """
     if shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise ArtifactError(f"{output} exists and is not empty: choose another folder or delete it")
-    with staging_folder(output) as tmp:
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise InputError(f"the shard size must be at least 1 byte, got {max_shard_bytes}: give a positive size")
+    if tokenizer is not None:
+        tokenizer_files = _tokenizer_files(Path(tokenizer))
+        tok = load_tokenizer(Path(tokenizer))  # errors name the user's folder, not the temporary one
+    hint = "choose another folder or delete it"
+    output = check_output(output, hint=hint)
+    with staging_folder(output, hint=hint, protect=[tokenizer] if tokenizer else []) as tmp:
         if tokenizer is None:
             train_tokenizer().save(str(tmp / "tokenizer.json"))
+            tok = load_tokenizer(tmp)
         else:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer) / name).is_file():
-                    shutil.copyfile(Path(tokenizer) / name, tmp / name)
-        tok = load_tokenizer(tmp)
+            for path in tokenizer_files:
+                shutil.copyfile(path, tmp / path.name)
         config = SHAPES[shape]
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
         config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
@@ -116,3 +119,18 @@ def make_checkpoint(
         hf_config["torch_dtype"] = dtype_name(dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return output
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    """The CodeGen tokenizer files in `folder`; one line naming what is missing otherwise."""
+    if not folder.is_dir():
+        raise TokenizerError(
+            f"tokenizer folder {folder} does not exist: give a folder with tokenizer.json or vocab.json + merges.txt"
+        )
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    names = {p.name for p in files}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise TokenizerError(
+            f"{folder} has no tokenizer.json and no vocab.json + merges.txt: give a CodeGen tokenizer folder"
+        )
+    return files

@@ -37,9 +37,15 @@ def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
         backend = _from_tokenizer_json(folder / "tokenizer.json")
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         backend = _from_vocab_merges(folder)
+    elif not any((folder / name).is_file() for name in ("config.json", "manifest.json", "engine.json")):
+        raise TokenizerError(
+            f"{folder} is not a model folder (no config.json, manifest.json or engine.json): give an export "
+            "folder, an engine folder, a checkpoint folder or a hub id"
+        )
     else:
         raise TokenizerError(
-            f"{folder} has no tokenizer.json and no vocab.json + merges.txt: copy the tokenizer files into it"
+            f"{folder} has no tokenizer.json and no vocab.json + merges.txt: copy the tokenizer files into it "
+            "(or pass --tokenizer FOLDER)"
         )
     eos = backend.token_to_id(EOS_TOKEN)
     if eos is None:

@@ -107,14 +107,22 @@ def measure_session(session: Session, spec: BenchSpec) -> dict:
 
 
 def open_bench_session(spec: BenchSpec) -> Session:
-    """The session a spec names, with its threads and a context just long enough for the workload."""
-    from .backends import open_session
+    """The session a spec names, with its threads (where the backend takes them) and a context just long
+    enough for the workload."""
+    from .backends import backend_options, open_session
 
     backend, options = resolve_backend(spec.backend)
     options = {**options, "max_context": spec.prompt_tokens + spec.new_tokens, **spec.options}
-    if spec.threads:
-        options.setdefault("threads", spec.threads)
+    for key, value in backend_options(backend, threads=spec.threads).items():
+        options.setdefault(key, value)
     return open_session(backend, spec.path, **options)
+
+
+def bench_backends() -> list[str]:
+    """Every name --backends takes: the registry's backends and the aliases above."""
+    from .backends import BACKENDS
+
+    return [*BACKENDS, *BACKEND_ALIASES]
 
 
 def resolve_backend(name: str) -> tuple[str, dict]:
@@ -138,6 +146,8 @@ def run_child(argv: list[str]) -> dict:
 
     Child output that is not the JSON result goes to stderr, so progress lines stay visible.
     """
+    # run() kills the child when this process is interrupted (Ctrl-C, or SIGTERM turned into an
+    # exception by the CLI); the child also ends itself if this process dies outright (SIGKILL).
     proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     for line in proc.stdout.splitlines():
@@ -187,8 +197,26 @@ def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _end_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so a
+    measuring child never outlives a killed codegen-bench; a no-op elsewhere."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        raise SystemExit(143)
+
+
 def _child_main(spec_json: str) -> None:
     """Entry of a measuring child: one JSON line on stdout (the result, or {"error": ...})."""
+    _end_with_parent()
     spec = BenchSpec(**json.loads(spec_json))
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # keep the backends' progress lines out of the JSON channel

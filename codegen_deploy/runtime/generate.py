@@ -135,10 +135,23 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.n
 
 def check_context(session: Session, prompt_len: int, max_new_tokens: int) -> None:
     """Refuse a prompt that leaves no room for max_new_tokens in the session's context."""
-    if prompt_len + max_new_tokens > session.max_context:
+    _check_fits(prompt_len, max_new_tokens, session.max_context)
+
+
+def check_prompt_fits(ids: Sequence[int], max_new_tokens: int, max_context: int | None) -> None:
+    """The checks generate() makes, before a session exists: a prompt loaded with the model only to be
+    refused costs the user the load time. max_context None: unknown yet (the session checks later)."""
+    if not ids:
+        raise InputError("prompt 0 is empty: give at least one character of prompt text")
+    if max_context is not None:
+        _check_fits(len(ids), max_new_tokens, max_context)
+
+
+def _check_fits(prompt_len: int, max_new_tokens: int, max_context: int) -> None:
+    if prompt_len + max_new_tokens > max_context:
         raise InputError(
             f"the prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: {prompt_len + max_new_tokens} "
-            f"exceeds the context of {session.max_context} tokens; shorten the prompt or lower max_new_tokens"
+            f"exceeds the context of {max_context} tokens; shorten the prompt or lower max_new_tokens"
         )
 
 

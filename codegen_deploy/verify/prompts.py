@@ -27,8 +27,11 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
         if not path.is_file():
             raise InputError(f"prompt file {path} does not exist: give a .jsonl[.gz] file with a 'prompt' field")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+            raise InputError(f"cannot read prompt file {path} ({e}): give UTF-8 text, .jsonl or .jsonl.gz") from e
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             try:
                 rows = [json.loads(line) for line in text.splitlines() if line.strip()]

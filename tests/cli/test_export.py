@@ -9,6 +9,7 @@ import pytest
 
 from codegen_deploy import pipeline
 from codegen_deploy.cli.export import main
+from codegen_deploy.errors import ArtifactError
 
 
 def one_error_line(capsys, argv) -> str:
@@ -47,6 +48,7 @@ def test_non_codegen_model(capsys, tmp_path):
 
 def test_existing_output_is_refused_without_force(capsys, tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("x")  # an empty folder may be replaced: nothing is lost
     line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
     assert "already exists" in line and "--force" in line
 
@@ -54,7 +56,7 @@ def test_existing_output_is_refused_without_force(capsys, tiny_checkpoint, tmp_p
 def test_unwritable_output(capsys, tiny_checkpoint, tmp_path):
     (tmp_path / "a-file").write_text("x")  # a folder cannot be made under a file, even as root
     line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "a-file" / "out")])
-    assert "cannot write to" in line
+    assert "a-file is a file, not a folder" in line
 
 
 def test_conflicting_dtype_options(capsys, tiny_checkpoint):
@@ -121,3 +123,48 @@ def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path):
 
 def test_too_old_opset(capsys, tiny_checkpoint, tmp_path):
     assert "opset 13 is too old" in one_error_line(capsys, ["--model", str(tiny_checkpoint), "--opset", "13"])
+
+
+def test_output_may_not_replace_the_source(capsys, tiny_checkpoint, monkeypatch):
+    before = sorted(p.name for p in tiny_checkpoint.iterdir())
+    line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tiny_checkpoint), "--force"])
+    assert "which this command reads" in line
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    line = one_error_line(capsys, ["--model", tiny_checkpoint.name, "--output", ".", "--force"])
+    assert "which this command reads" in line
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == before
+
+
+def test_second_export_into_one_output_fails_at_once(capsys, tiny_checkpoint, tmp_path):
+    from codegen_deploy.artifacts.atomic import staging_folder
+
+    with staging_folder(tmp_path / "out"):  # another run is writing out
+        line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
+    assert "is being written by another run" in line
+
+
+def fast_trace(monkeypatch, fp32_export):
+    """Re-use the session's traced graph instead of tracing again (tracing is the slow part)."""
+    import onnx_ir
+
+    from codegen_deploy.artifacts import io_spec
+    from codegen_deploy.build import trace
+
+    monkeypatch.setattr(trace, "trace", lambda *a, **k: onnx_ir.load(fp32_export / io_spec.GRAPH_FILE))
+
+
+def test_relative_model_is_recorded_absolute(fp32_export, tiny_checkpoint, tmp_path, monkeypatch):
+    from codegen_deploy.artifacts.manifest import read_manifest
+
+    fast_trace(monkeypatch, fp32_export)
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    quiet = {"validate": False, "fused": False, "progress": lambda line: None}
+    out = pipeline.export_model(tiny_checkpoint.name, tmp_path / "o", **quiet)
+    assert read_manifest(out)["source"] == str(tiny_checkpoint)
+
+
+def test_full_disk_while_writing_the_fused_graph_is_an_error(tiny_model, tmp_path, tmpfs):
+    notes = []
+    with tmpfs(tmp_path / "small", "512k") as disk, pytest.raises(ArtifactError, match="No space left on device"):
+        pipeline._write_fused(disk, tiny_model, "float", notes.append)
+    assert notes == []  # not a note and a graph-less export

@@ -91,3 +91,93 @@ def test_parity_humaneval_prompts_and_exit_3_over_tolerance(tiny_export, tiny_ch
 def test_parity_bad_backends(tiny_export, capsys):
     assert parity_cli.main([str(tiny_export), "--backends", "torch"]) == 2
     assert "two of torch, onnxruntime, tensorrt" in capsys.readouterr().err
+
+
+# -- bad input: one line, exit 2, before any model loads -------------------------------------------------
+
+
+def error_line(capsys, main, argv) -> tuple[int, str]:
+    """(exit code, the one stderr line) of a command that must fail; argparse's usage line is left out."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: usage line + "prog: error: ..."
+        code = e.code
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("usage:")]
+    assert len(err) == 1 and "error: " in err[0], err
+    return code, err[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command opens a session (these checks must come before the model loads)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a session was opened before the input was checked")
+
+    monkeypatch.setattr("codegen_deploy.runtime.backends.open_session", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1", "--temperature", "0.8"], "--seed: must be at least 0"),
+        (["--threads", "-3"], "--threads: must be at least 1"),
+        (["--threads", "0"], "--threads: must be at least 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
+    ],
+)
+def test_generate_refuses_bad_numbers(tiny_export, capsys, argv, message):
+    code, line = error_line(capsys, generate_cli.main, [str(tiny_export), PROMPT, *argv])
+    assert code == 2 and message in line
+
+
+def test_generate_refuses_non_utf8_prompts(tiny_export, tmp_path, monkeypatch, capsys, no_model_load):
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"\xff\xfe def f():")
+    code, line = error_line(capsys, generate_cli.main, [str(tiny_export), "--file", str(bad)])
+    assert code == 2 and "is not UTF-8 text" in line
+
+    class BinaryStdin(io.TextIOWrapper):
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr("sys.stdin", BinaryStdin(io.BytesIO(b"\xff bad")))
+    code, line = error_line(capsys, generate_cli.main, [str(tiny_export)])
+    assert code == 2 and "standard input is not UTF-8 text" in line
+
+
+def test_generate_refuses_empty_and_long_prompts_before_loading(tiny_checkpoint, tiny_export, capsys, no_model_load):
+    for path in (tiny_checkpoint, tiny_export):
+        code, line = error_line(capsys, generate_cli.main, [str(path), ""])
+        assert code == 2 and "prompt 0 is empty" in line
+        code, line = error_line(capsys, generate_cli.main, [str(path), "x = 1\n" * 400])
+        assert code == 2 and "exceeds the context of 256 tokens" in line
+
+
+def test_generate_on_a_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hi")
+    code, line = error_line(capsys, generate_cli.main, [str(tmp_path), PROMPT])
+    assert code == 2 and "is not a model folder" in line and "copy" not in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-prompts", "-1"], "--num-prompts: must be at least 0"),
+        (["--atol", "-1"], "--atol: must be at least 0"),
+        (["--rtol", "nan"], "--rtol: must be at least 0"),
+        (["--min-top1", "2"], "--min-top1: must be between 0 and 1"),
+        (["--threads", "-3"], "--threads: must be at least 1"),
+    ],
+)
+def test_parity_refuses_bad_numbers(tiny_export, capsys, argv, message):
+    code, line = error_line(capsys, parity_cli.main, [str(tiny_export), *argv])
+    assert code == 2 and message in line
+
+
+def test_parity_refuses_unreadable_prompt_files(tiny_export, tmp_path, capsys, no_model_load):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    for name in ("bad.jsonl.gz", "bad.txt"):
+        code, line = error_line(capsys, parity_cli.main, [str(tiny_export), "--prompts", str(tmp_path / name)])
+        assert code == 2 and f"cannot read prompt file {tmp_path / name}" in line

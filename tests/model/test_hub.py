@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 
 from codegen_deploy.errors import CheckpointError
-from codegen_deploy.model.hub import choose_weight_files, resolve_model
+from codegen_deploy.model.hub import cached_snapshot, choose_weight_files, resolve_model, source_id
 
 SALESFORCE_FILES = [
     ".gitattributes",
@@ -39,14 +39,26 @@ def test_local_folder_is_used_as_is(tmp_path):
     assert resolve_model(tmp_path) == tmp_path
 
 
+@pytest.fixture(autouse=True)
+def empty_hf_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache of its own for each test, and the network on (tests patch it out)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+
 def test_size_downloads_only_needed_files(monkeypatch, tmp_path):
     calls = {}
+    real_snapshot = huggingface_hub.snapshot_download
 
     def fake_list(repo_id, revision=None):
         calls["listed"] = repo_id
         return SALESFORCE_FILES
 
-    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:  # the cache look-up runs for real (on the empty cache)
+            return real_snapshot(repo_id, revision=revision, local_files_only=True, **kwargs)
         calls["allow"] = allow_patterns
         return str(tmp_path)
 
@@ -90,5 +102,57 @@ def test_repo_without_weights(monkeypatch):
 def test_bad_arguments(tmp_path):
     with pytest.raises(CheckpointError, match="not both"):
         resolve_model(tmp_path, size="350M")
+    with pytest.raises(CheckpointError, match="no model given: pass --model"):
+        resolve_model()
     with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
         resolve_model("./missing/folder/here")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_cache(hf_home, repo_id="Salesforce/codegen-350M-mono", files=("config.json", "model.safetensors")):
+    """huggingface_hub's cache layout: models--org--name/{refs/main, snapshots/<commit>/<files>}."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    return snapshot
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("the network was used although the cache has the model")
+
+
+def test_cached_model_is_used_without_network(monkeypatch, tmp_path):
+    snapshot = fake_cache(tmp_path / "hf-home")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_network)
+    assert resolve_model("Salesforce/codegen-350M-mono") == snapshot
+    assert resolve_model(size="350M") == snapshot
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("Salesforce/codegen-350M-mono") == snapshot
+
+
+def test_incomplete_cache_is_not_used(tmp_path):
+    fake_cache(tmp_path / "hf-home", files=("config.json", "model.safetensors.index.json"))
+    assert cached_snapshot("Salesforce/codegen-350M-mono") is None  # the index names no shard that exists
+    fake_cache(tmp_path / "hf-home", "a/b", files=("config.json",))
+    assert cached_snapshot("a/b") is None
+
+
+def test_offline_without_cache_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_network)
+    with pytest.raises(CheckpointError, match="is not in the Hugging Face cache .* HF_HUB_OFFLINE is set"):
+        resolve_model("Salesforce/codegen-2B-mono")
+
+
+def test_source_is_absolute_for_folders(tmp_path, monkeypatch):
+    (tmp_path / "ck").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert source_id("ck") == str(tmp_path / "ck")
+    assert source_id("Salesforce/codegen-350M-mono") == "Salesforce/codegen-350M-mono"
+    assert source_id(None, size="2B", data="multi") == "Salesforce/codegen-2B-multi"

@@ -7,7 +7,9 @@ import torch
 
 from codegen_deploy.cli.make_checkpoint import main
 from codegen_deploy.config import ModelConfig
+from codegen_deploy.errors import InputError
 from codegen_deploy.model import CodeGen
+from codegen_deploy.model.make_checkpoint import make_checkpoint
 from codegen_deploy.model.tokenizer import load_tokenizer
 
 
@@ -70,3 +72,33 @@ def test_refuses_non_empty_output_and_unknown_shape(tmp_path, capsys):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
         main([str(tmp_path / "y"), "--shape", "7B"])
+
+
+def test_bad_options_are_one_line(tmp_path, capsys):
+    for shard in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "s"), "--shape", "tiny", "--shard-size-mb", shard])
+        assert e.value.code == 2 and "--shard-size-mb: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="shard size must be at least 1 byte"):
+        make_checkpoint(tmp_path / "s", shape="tiny", max_shard_bytes=0)
+    assert main([str(tmp_path / "t"), "--shape", "tiny", "--tokenizer", "/nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tokenizer folder /nope does not exist") and ".partial" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no .partial named anywhere
+
+
+def test_two_runs_into_one_folder(tmp_path, tiny_checkpoint, capsys):
+    from codegen_deploy.artifacts.atomic import staging_folder
+
+    with staging_folder(tmp_path / "ck"):  # another run is writing ck
+        assert main([str(tmp_path / "ck"), "--shape", "tiny", "--tokenizer", str(tiny_checkpoint)]) == 2
+    assert "is being written by another run" in capsys.readouterr().err
+
+
+def test_full_disk_is_one_line(tmp_path, tiny_checkpoint, capsys, tmpfs):
+    with tmpfs(tmp_path / "small", "400k") as disk:
+        for layout in ("safetensors", "bin"):
+            argv = [str(disk / "ck"), "--shape", "tiny", "--tokenizer", str(tiny_checkpoint), "--layout", layout]
+            assert main(argv) == 2
+            assert "(No space left on device)" in capsys.readouterr().err
+            assert list(disk.iterdir()) == []

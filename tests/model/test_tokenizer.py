@@ -59,7 +59,14 @@ def test_trained_tokenizer_of_the_default_checkpoint(tiny_checkpoint):
 
 
 def test_missing_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TokenizerError, match="no tokenizer.json and no vocab.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(TokenizerError, match="is not a model folder"):
         load_tokenizer(tmp_path)
 
 

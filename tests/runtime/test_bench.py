@@ -72,3 +72,47 @@ def test_bad_workloads_are_refused(capsys):
         BenchSpec(backend="torch", path="x", new_tokens=2)
     assert bench_main(["/nonexistent", "--backends", "nope", "--new-tokens", "4", "--repeats", "1"]) != 0
     assert "error:" in capsys.readouterr().err
+
+
+def test_threads_go_only_to_backends_that_take_them(monkeypatch):
+    from codegen_deploy.runtime import backends
+    from codegen_deploy.runtime.bench import open_bench_session
+
+    opened = []
+    monkeypatch.setattr(backends, "open_session", lambda backend, path, **options: opened.append((backend, options)))
+    open_bench_session(BenchSpec(backend="tensorrt", path="e", threads=2, prompt_tokens=4, new_tokens=4))
+    open_bench_session(BenchSpec(backend="onnxruntime-fused", path="e", threads=2, prompt_tokens=4, new_tokens=4))
+    assert opened[0] == ("tensorrt", {"max_context": 8})
+    assert opened[1] == ("onnxruntime", {"graph": "fused", "max_context": 8, "threads": 2})
+
+
+def test_unknown_backend_lists_the_aliases_too(capsys):
+    assert bench_main(["/nonexistent", "--backends", "torch,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown backend nope" in err and "onnxruntime-naive" in err and "tensorrt" in err
+    assert "measuring" not in err  # refused before anything ran
+
+
+def test_sigterm_ends_the_measuring_child_too(fused_export):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    workload = ["--prompt-tokens", "4", "--new-tokens", "100", "--repeats", "100000", "--verify", "size"]
+    argv = [sys.executable, "-m", "codegen_deploy.cli.bench", str(fused_export), "--backends", "onnxruntime-fused"]
+    argv += workload
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    end = time.monotonic() + 60
+    while not (children.exists() and children.read_text().split()) and time.monotonic() < end:
+        time.sleep(0.05)
+    child = int(children.read_text().split()[0])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "error: terminated" in err
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]

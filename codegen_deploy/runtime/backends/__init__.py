@@ -38,6 +38,27 @@ def default_backend(path) -> str:
     return "torch"
 
 
+def context_of(path) -> int | None:
+    """The most tokens (prompt + generated) a model path allows, read from its files without loading the
+    model: an engine's built context, else the model's n_positions; None when it cannot be read cheaply."""
+    import json
+
+    from ...artifacts import io_spec
+
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    try:
+        if (folder / io_spec.ENGINE_MANIFEST_FILE).is_file() and default_backend(p) == "tensorrt":
+            return int(json.loads((folder / io_spec.ENGINE_MANIFEST_FILE).read_text())["options"]["max_context"])
+        for name, key in ((io_spec.MANIFEST_FILE, "model_config"), ("config.json", None)):
+            if (folder / name).is_file():
+                body = json.loads((folder / name).read_text())
+                return int((body[key] if key else body)["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the session reports what is wrong when it opens
+    return None
+
+
 def backend_options(
     backend: str,
     *,
@@ -49,15 +70,16 @@ def backend_options(
     device_id: int | None = None,
     tf32: bool | None = None,
     cuda_graph: bool | None = None,
+    verify: str | None = None,
 ) -> dict:
     """The subset of common command-line options that `backend` takes, unset ones left out.
 
     device: the torch device ("cuda", "cuda:1", "cpu"); device_id, tf32, cuda_graph: ONNX Runtime's CUDA
-    provider options (see onnxruntime.provider_options).
+    provider options (see onnxruntime.provider_options); verify: how an export's files are checked on open.
     """
     takes = {
         "torch": ("threads", "dtype", "device"),
-        "onnxruntime": ("threads", "providers", "graph", "device_id", "tf32", "cuda_graph"),
+        "onnxruntime": ("threads", "providers", "graph", "device_id", "tf32", "cuda_graph", "verify"),
         "tensorrt": (),
     }
     given = {
@@ -69,6 +91,7 @@ def backend_options(
         "device_id": device_id,
         "tf32": tf32,
         "cuda_graph": cuda_graph,
+        "verify": verify,
     }
     return {k: v for k, v in given.items() if v is not None and k in takes.get(backend, ())}
 
@@ -80,7 +103,8 @@ def open_session(backend: str, path, **options) -> Session:
     checkpoint (options: dtype, threads, max_context, max_batch, device).
     onnxruntime: an export folder (options: providers, threads, max_context, max_batch, verify, device_id,
     tf32, cuda_graph); opens the fused graph's session when the manifest lists one and it runs on the chosen
-    provider, unless graph="plain".
+    provider, unless graph="plain". verify: "sha256" (default: every file hashed while the session loads),
+    "size" or "none".
     tensorrt: an engine file or a folder holding one (options: max_batch, max_context).
     """
     if backend == "torch":
@@ -96,21 +120,26 @@ def open_session(backend: str, path, **options) -> Session:
     raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
+def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256", **options) -> Session:
     """The plain-graph OrtSession, or the fused one when the export has a fused graph.
 
     graph: "auto" (fused if the manifest lists one that runs on the chosen provider), "plain" or "fused".
-    Providers default to CUDA when installed, then CPU, for both graphs.
+    Providers default to CUDA when installed, then CPU, for both graphs. verify "sha256" hashes the
+    export's files in a thread while ONNX Runtime loads the graph: the check costs little more than the
+    load itself, and a session over a corrupted file is closed before anyone uses it.
     """
-    from ...artifacts.manifest import read_manifest
+    from ...artifacts.io_spec import MANIFEST_FILE
+    from ...artifacts.manifest import BackgroundVerification, read_manifest, require_entries
     from .onnxruntime import OrtSession, choose_providers, fused_graph_entry
     from .onnxruntime_fused import cuda_unsupported_reason
 
     if graph not in ("auto", "plain", "fused"):
         raise InputError(f"unknown graph {graph!r}: choose auto, plain or fused")
+    if folder.is_file():  # the .onnx file itself
+        folder = folder.parent
     if options.get("io_binding") is False and graph == "auto":
         graph = "plain"  # the naive loop (no IO binding) exists for the plain graph only
-    manifest = read_manifest(folder, verify="none")
+    manifest = read_manifest(folder, verify="none" if verify == "none" else "size")
     fused = fused_graph_entry(manifest) if graph != "plain" else None
     if graph == "fused" and fused is None:
         raise InputError(f"{folder} has no fused graph: run the optimizer on this export, or use graph='plain'")
@@ -124,8 +153,24 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", **options) -> Session:
             f"CUDA graphs need a fused graph that runs on the CUDA provider and {folder} has none: add one with "
             "add_fused_graph(folder, rotary='graph') to a float16 export, or drop --cuda-graph"
         )
-    if fused is not None:
-        from .onnxruntime_fused import FusedOrtSession
+    if fused is None:
+        require_entries(manifest, ("inputs",), folder / MANIFEST_FILE)  # the plain graph's names and dtypes
+    hashing = BackgroundVerification(folder, manifest) if verify == "sha256" else None
+    try:
+        if fused is not None:
+            from .onnxruntime_fused import FusedOrtSession
 
-        return FusedOrtSession(folder, **options)
-    return OrtSession(folder, **options)
+            session = FusedOrtSession(folder, verify="none", **options)
+        else:
+            session = OrtSession(folder, verify="none", **options)
+    except BaseException:
+        if hashing is not None:
+            hashing.result()  # a corrupted file explains a failed load better than ONNX Runtime's message
+        raise
+    if hashing is not None:
+        try:
+            hashing.result()
+        except BaseException:
+            session.close()
+            raise
+    return session

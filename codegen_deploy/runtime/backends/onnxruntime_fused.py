@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ...artifacts import io_spec
+from ...artifacts.manifest import check_graph_inputs
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
 from ..ort import import_onnxruntime
@@ -146,6 +147,7 @@ class FusedOrtSession(Session):
         self._ort = ort
         provider_kwargs = {"device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}
         self._session = create_session(ort, graph, options, self.providers, **provider_kwargs)
+        check_graph_inputs([i.name for i in self._session.get_inputs()], config.n_layer, graph)
         meta = self._session.get_modelmeta().custom_metadata_map
         if meta.get(_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
             self.max_context = min(self.max_context, int(meta[_MAX_CONTEXT_KEY]))

@@ -1,0 +1,99 @@
+"""Opening an export checks it against its manifest: sizes, sha256 (by default), required entries, n_layer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from codegen_deploy.artifacts import io_spec
+from codegen_deploy.artifacts.manifest import BackgroundVerification, check_graph_inputs, read_manifest
+from codegen_deploy.errors import ArtifactError
+from codegen_deploy.runtime.backends import open_session
+
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    return out
+
+
+def flip_a_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_manifest(folder, change):
+    path = folder / io_spec.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_flipped_bits_are_caught_by_sha256_not_by_size(export_copy):
+    flip_a_byte(export_copy / io_spec.GRAPH_FILE)  # same size: only the hash sees it
+    read_manifest(export_copy, verify="size")
+    with pytest.raises(ArtifactError, match="decoder.onnx does not match its sha256"):
+        read_manifest(export_copy, verify="sha256")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        open_session("onnxruntime", export_copy)  # sha256 is the default on open
+    open_session("onnxruntime", export_copy, verify="size").close()  # asked for: sizes only
+
+
+def test_edited_hash_is_caught(export_copy):
+    edit_manifest(export_copy, lambda m: m["files"]["config.json"].update(sha256="0" * 64))
+    with pytest.raises(ArtifactError, match="config.json does not match its sha256"):
+        open_session("onnxruntime", export_copy)
+
+
+def test_truncated_file_is_caught_by_size(export_copy):
+    graph = export_copy / io_spec.GRAPH_FILE
+    graph.write_bytes(graph.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="the file is truncated or changed"):
+        read_manifest(export_copy)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("files"), "no valid 'files' entry"),
+        (lambda m: m.pop("model_config"), "no valid 'model_config' entry"),
+        (lambda m: m["files"]["config.json"].pop("sha256"), "config.json lacks bytes or sha256"),
+        (lambda m: m["model_config"].pop("n_head"), "invalid model_config"),
+        (lambda m: m["model_config"].update(n_layer=3), "cache inputs for 2 layers but .* n_layer 3"),
+        (lambda m: m.pop("inputs"), "no inputs entry"),
+    ],
+)
+def test_damaged_manifest_is_one_error(export_copy, change, message):
+    edit_manifest(export_copy, change)
+    with pytest.raises(ArtifactError, match=message):
+        open_session("onnxruntime", export_copy, verify="size")
+
+
+def test_graph_inputs_must_match_n_layer():
+    names = ["input_ids", *io_spec.past_names(2)]
+    check_graph_inputs(names, 2, "g")
+    with pytest.raises(ArtifactError, match="cache inputs for 2 layers but the model config says n_layer 1"):
+        check_graph_inputs(names, 1, "g")
+
+
+def test_background_verification_reports_in_the_caller(export_copy):
+    manifest = read_manifest(export_copy)
+    BackgroundVerification(export_copy, manifest).result()
+    flip_a_byte(export_copy / "tokenizer.json", 10)
+    with pytest.raises(ArtifactError, match="tokenizer.json does not match"):
+        BackgroundVerification(export_copy, manifest).result()
+
+
+def test_corrupted_fused_graph_is_one_error(fp32_export, tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(fp32_export, out)
+    (out / io_spec.FUSED_GRAPH_FILE).write_bytes(b"not a protobuf")
+    with pytest.raises(ArtifactError, match="decoder_fused.onnx has .* bytes, the manifest says"):
+        open_session("onnxruntime", out)
+    edit_manifest(out, lambda m: m["files"][io_spec.FUSED_GRAPH_FILE].update(bytes=14))
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot open .*decoder_fused.onnx"):
+        open_session("onnxruntime", out, verify="size")
