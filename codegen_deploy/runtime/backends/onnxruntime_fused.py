@@ -16,6 +16,11 @@ device-resident seqlens_k.
 Left padding: GQA keeps each row's tokens at the start of its buffer (row b: [0, seqlens_k[b] + 1)),
 with rotary positions counted from there. prefill() moves each left-padded row to the left edge
 (right padding), so every row computes exactly what it would alone, and tracks each row's length.
+
+Row slots (continuous batching): one more [slots, heads, max_context, head_dim] buffer per layer and
+kind. Since the slot is the outer dimension, slots a..b-1 are one contiguous block that is bound by
+address, without a copy: a slot's prompt runs at batch 1 on its own region, and a step runs over
+slots 0..n-1, each row at its own seqlens_k.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class FusedOrtSession(Session):
     """
 
     name = "onnxruntime-fused"
+    supports_slots = True
 
     def __init__(
         self,
@@ -220,6 +226,64 @@ class FusedOrtSession(Session):
         buffer = self._cache_buffers[io_spec.KV_KINDS.index(kind) + 2 * layer]
         return buffer.host if not buffer.on_device else buffer.pull()
 
+    # -- row slots -----------------------------------------------------------------------------------------
+
+    def _open_slots(self, rows: int) -> None:
+        c = self.config
+        shape = (rows, c.n_head, self.max_context, c.head_dim)
+        self._slot_cache = [np.zeros(shape, self.cache_dtype) for _ in self._names]  # lazily mapped, as above
+        self._slot_ids = np.zeros((rows, 1), np.int64)
+        self._slot_seqlens = np.zeros(rows, np.int32)
+        self._slot_total = np.zeros((), np.int32)
+        self._slot_logits = np.zeros((rows, c.vocab_size), np.float32)
+        self._slot_step_bindings: dict[int, object] = {}  # n -> a binding over slots 0..n-1
+        self._slot_prefill_bindings: dict[int, object] = {}  # slot -> a binding over that slot alone
+
+    def _bind_slots(self, binding, start: int, stop: int, step_ids: bool) -> None:
+        """Bind the caches, seqlens_k, total length and logits of slots start..stop-1 (by address: no copy),
+        and with step_ids their one-token input ids."""
+
+        def bind(name: str, array: np.ndarray, output: bool = False) -> None:
+            part = array[start:stop] if array.ndim else array
+            args = (name, "cpu", 0, part.dtype.type, list(part.shape), part.ctypes.data)
+            (binding.bind_output if output else binding.bind_input)(*args)
+
+        for past, present, cache in zip(self._names, self._present, self._slot_cache, strict=True):
+            bind(past, cache)
+            bind(present, cache, output=True)  # the same memory: GQA writes the new positions in place
+        bind(io_spec.SEQLENS_K, self._slot_seqlens)
+        bind(io_spec.TOTAL_SEQUENCE_LENGTH, self._slot_total)
+        bind(io_spec.LOGITS, self._slot_logits, output=True)
+        if step_ids:
+            bind(io_spec.INPUT_IDS, self._slot_ids)
+
+    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
+        binding = self._slot_prefill_bindings.get(slot)
+        if binding is None:
+            binding = self._slot_prefill_bindings[slot] = self._session.io_binding()
+            self._bind_slots(binding, slot, slot + 1, step_ids=False)
+        t = input_ids.shape[1]
+        self._slot_seqlens[slot] = t - 1
+        self._slot_total[...] = t
+        ids = self._ort.OrtValue.ortvalue_from_numpy(input_ids)
+        binding.bind_ortvalue_input(io_spec.INPUT_IDS, ids)  # the prompt's length varies: bound per call
+        self._session.run_with_iobinding(binding)
+        return self._slot_logits[slot : slot + 1].copy()
+
+    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        n = len(tokens)
+        binding = self._slot_step_bindings.get(n)
+        if binding is None:
+            binding = self._slot_step_bindings[n] = self._session.io_binding()
+            self._bind_slots(binding, 0, n, step_ids=True)
+        self._slot_ids[:n, 0] = tokens
+        # A row that is not stepped writes a dummy token just past its own length (free rows at 0), where
+        # its next real token overwrites it; its cache below that stays as it was.
+        self._slot_seqlens[:n] = np.minimum(lengths, self.max_context - 1)
+        self._slot_total[...] = int(self._slot_seqlens[:n].max()) + 1
+        self._session.run_with_iobinding(binding)
+        return self._slot_logits[:n].copy()
+
     # -- Session -------------------------------------------------------------------------------------------
 
     def _run(self, input_ids, options) -> np.ndarray:
@@ -265,3 +329,4 @@ class FusedOrtSession(Session):
         self._cache = []
         self._cache_values = []
         self._cache_buffers = []
+        self._slot_cache, self._slot_step_bindings, self._slot_prefill_bindings = [], {}, {}
