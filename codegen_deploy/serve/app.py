@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -119,6 +120,7 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
         return {
             "status": "ok",
             "model": settings.served_name,
+            "pid": os.getpid(),  # tells replicas apart behind a proxy
             "backend": state.session.name,
             "active_rows": state.batcher.active_rows,
             "queue_depth": state.batcher.queue_depth,

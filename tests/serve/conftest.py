@@ -130,3 +130,9 @@ def async_client(server):
     import openai
 
     return openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def start_server():
+    """Server(argv, log, timeout): start another codegen-serve (the test stops it)."""
+    return Server
