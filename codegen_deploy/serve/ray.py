@@ -10,8 +10,11 @@ so it opens its own session and batcher; Ray's proxy spreads requests over the r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+
+import psutil
 
 from ..errors import InputError, MissingDependencyError
 from .app import ServeSettings, create_app
@@ -83,13 +86,15 @@ def serve_with_ray(
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)  # shut the local Ray down on SIGTERM too
     options = {"include_dashboard": False, "configure_logging": False}
-    if not os.environ.get("RAY_ADDRESS"):
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         options["object_store_memory"] = 256 * 1024 * 1024  # requests and answers are small
     if os.environ.get("PYTHONPATH"):
         options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     ray.init(**options)
+    # After ray.init, whose own handler would end this process at once: SIGTERM shuts Serve and Ray down.
+    signal.signal(signal.SIGTERM, stop)
     try:
         if replica_gpus is None:
             replica_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -99,5 +104,17 @@ def serve_with_ray(
     except KeyboardInterrupt:
         pass
     finally:
+        started = psutil.Process().children(recursive=True) if local else []
         serve.shutdown()
         ray.shutdown()
+        _stop_leftovers(started)
+
+
+def _stop_leftovers(processes, timeout: float = 5.0) -> None:
+    """Stop the local Ray's processes that outlive ray.shutdown() (its node agents can, when they miss their
+    parent's exit): they were started by this process, so they end with it."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
