@@ -8,7 +8,9 @@ output of the same prompt (nothing lost or truncated).
     python benchmarks/serve_load.py EXPORT [EXPORT ...] [--concurrency 1,4,8,16] [--max-tokens 32]
         [--requests 16] [--load-requests 200] [--threads 2] [--json out.json]
 
-Timings depend on the machine and its load: the script prints `uptime` with its table.
+Timings depend on the machine and its load: the script prints `uptime` with its table. A random checkpoint
+made by codegen-make-checkpoint carries a small trained tokenizer, under which most of the 51200 ids decode
+to nothing (so nothing streams until the end); the server is given the real CodeGen tokenizer instead.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("decoder_fused.onnx*"))
 
 
-def start_server(export: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
+def start_server(
+    export: Path, port: int, max_batch: int, threads: int | None, tokenizer: Path | None
+) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -73,6 +77,8 @@ def start_server(export: Path, port: int, max_batch: int, threads: int | None) -
     ]
     if threads:
         argv += ["--threads", str(threads)]
+    if tokenizer:
+        argv += ["--tokenizer", str(tokenizer)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -146,12 +152,12 @@ async def run_level(base_url: str, prompts: list[str], concurrency: int, max_tok
 
 def bench_export(export: Path, args) -> dict:
     port = free_port()
-    proc = start_server(export, port, args.max_batch, args.threads)
+    proc = start_server(export, port, args.max_batch, args.threads, args.tokenizer)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         time.sleep(2)
         idle_rss = rss_bytes(proc.pid)
-        prompts = humaneval_prompts(args.requests)
+        prompts = humaneval_prompts(args.requests, args.prompt_chars)
         levels = []
         baseline = None
         for c in args.concurrency:
@@ -234,10 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated; 1 is the one-at-a-time baseline")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default: 16)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    p.add_argument(
+        "--prompt-chars",
+        type=int,
+        default=400,
+        help="keep the last this many characters of each HumanEval prompt (default: 400)",
+    )
     p.add_argument("--load-requests", type=int, default=200, help="the load test's requests (0: skip)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default: 16)")
     p.add_argument("--threads", type=int, help="the server's --threads (default: ONNX Runtime's)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    real = REPO.parent / "shared" / "data" / "codegen-350M-mono-tokenizer"
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=real if real.is_dir() else None,
+        help="tokenizer folder for the server (default: the real CodeGen tokenizer in ../shared/data, "
+        "so a random checkpoint's tokens decode to text and stream; else the export's own)",
+    )
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     runs = [bench_export(e, args) for e in args.exports]

@@ -313,13 +313,17 @@ async def _collect(request, rows, updates, choices, meta, echo, usage_prompt, st
     logprobs: list[dict | None] = [None] * len(choices)
     offsets = [len(echo[c.prompt_index]) if echo else 0 for c in choices]
     remaining = len(choices)
+    checked = time.monotonic()
     try:
         while remaining:
+            # Updates may arrive every few ms: look at the connection on a clock, not only when idle.
+            if time.monotonic() - checked > DISCONNECT_POLL_S:
+                if await request.is_disconnected():
+                    return JSONResponse(error_body("the client disconnected"), status_code=499)
+                checked = time.monotonic()
             try:
                 index, update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse(error_body("the client disconnected"), status_code=499)
                 continue
             if update.error:
                 raise OpenAIError(500, update.error, type="server_error")

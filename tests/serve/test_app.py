@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import numpy as np
@@ -332,3 +333,19 @@ def test_api_key_and_a_full_queue(small_server):
     assert all(d.choices[0].text == done[0].choices[0].text for d in done)
     ok = openai.OpenAI(base_url=url, api_key="sekret", max_retries=0).completions.create(model="m", prompt="x")
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_rows(server):
+    cancelled = 'codegen_rows_total{finish="cancelled"}'
+    before = server.metric(cancelled)
+    body = json.dumps({"model": "tiny", "prompt": "x", "n": 16, "max_tokens": 250, "temperature": 0}).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(head.encode() + body)
+        assert wait_for(lambda: server.metric("codegen_active_rows") > 0)
+    # 16 rows of 250 tokens on 4 slots take several rounds; all of them are cancelled instead.
+    assert wait_for(lambda: server.metric("codegen_active_rows") == 0 and server.metric("codegen_queue_depth") == 0)
+    assert server.metric(cancelled) > before
