@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CheckpointError
+from ...memory import lazy_zeros
 from ..session import Session
 
 
@@ -145,8 +146,8 @@ class TorchSession(Session):
         dtype = numpy_dtypes.get(self.model.dtype) if self.device.type == "cpu" else None
 
         def buffer():
-            if dtype is not None:  # numpy's zeros map pages lazily: memory grows with the filled part
-                return torch.from_numpy(np.zeros(shape, dtype))
+            if dtype is not None:  # resident as it fills, not max_context per slot
+                return torch.from_numpy(lazy_zeros(shape, dtype))
             return torch.zeros(shape, dtype=self.model.dtype, device=self.device)
 
         self._slot_keys = [buffer() for _ in range(c.n_layer)]
