@@ -5,36 +5,41 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import InputError, MissingDependencyError
-from .common import run
+from ..errors import MissingDependencyError
+from .common import ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="codegen-serve",
         description="Serve an export folder (or engine, or checkpoint) with the OpenAI Completions API and "
         "continuous batching; with --ray, as Ray Serve replicas.",
     )
     p.add_argument("path", help="export folder, engine folder or checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--port", type=int_at_least(1), default=8000, help="default: 8000")
     p.add_argument(
         "--backend",
         choices=("onnxruntime", "torch", "tensorrt"),
         help="default: onnxruntime for an export folder, tensorrt for an engine, torch for a checkpoint",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="rows generating at once (default: 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="rows waiting at most; beyond, 429 (default: 64)")
+    p.add_argument("--max-batch", type=int_at_least(1), default=8, help="rows generating at once (default: 8)")
+    p.add_argument(
+        "--max-queue", type=int_at_least(0), default=64, help="rows waiting at most; beyond, 429 (default: 64)"
+    )
     p.add_argument("--model-name", help="the model name to serve; other names get a 404 (default: any name)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
-    p.add_argument("--threads", type=int, help="intra-op threads (torch, onnxruntime)")
+    p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
-    p.add_argument("--max-context", type=int, help="tokens per row (prompt + completion; default: the model's)")
+    p.add_argument(
+        "--max-context", type=int_at_least(1), help="tokens per row (prompt + completion; default: the model's)"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_device_options(p)
     ray = p.add_argument_group("Ray Serve (needs the ray extra)")
     ray.add_argument("--ray", action="store_true", help="run as Ray Serve replicas instead of one process")
-    ray.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
+    ray.add_argument("--replicas", type=int_at_least(1), default=1, help="replicas (default: 1)")
     ray.add_argument(
         "--max-replicas", type=int, help="autoscale between --replicas and this many replicas on ongoing requests"
     )
@@ -47,11 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    for name in ("max_batch", "replicas", "port"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_queue < 0:
-        raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -71,6 +71,7 @@ def command(argv: list[str] | None) -> int:
         providers=args.providers,
         max_context=args.max_context,
         tokenizer=args.tokenizer,
+        device_options={k: v for k, v in device_options(args).items() if v is not None},
     )
     if args.ray:
         from ..serve.ray import serve_with_ray

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -39,7 +39,8 @@ class ServeSettings:
     artifact's own). model_name: the name /v1/models lists; when given, requests naming another model get
     a 404 (when not, any model name is accepted and the folder's name is listed). api_key: when set, every
     route but /health needs `Authorization: Bearer KEY`. max_batch: rows generating at once; max_queue:
-    rows waiting at most (429 beyond). threads, providers, max_context: the session's options.
+    rows waiting at most (429 beyond). threads, providers, max_context: the session's options;
+    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph).
     """
 
     path: str
@@ -52,6 +53,7 @@ class ServeSettings:
     providers: str | None = None
     max_context: int | None = None
     tokenizer: str | None = None
+    device_options: dict = field(default_factory=dict)
 
     @property
     def served_name(self) -> str:
@@ -69,7 +71,9 @@ class ServerState:
         self.metrics = metrics
         backend = settings.backend or default_backend(settings.path)
         self.tokenizer = load_tokenizer(settings.tokenizer or settings.path)
-        options = backend_options(backend, threads=settings.threads, providers=settings.providers)
+        options = backend_options(
+            backend, threads=settings.threads, providers=settings.providers, **settings.device_options
+        )
         if settings.max_context:
             options["max_context"] = settings.max_context
         self.session = open_session(backend, settings.path, **options)

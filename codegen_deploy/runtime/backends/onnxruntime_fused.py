@@ -108,7 +108,11 @@ class FusedOrtSession(Session):
     """
 
     name = "onnxruntime-fused"
-    supports_slots = True
+
+    @property
+    def supports_slots(self) -> bool:
+        """Row slots bind host arrays by address: on the CPU provider (a GPU session serves with the batch API)."""
+        return self.device == "cpu"
 
     def __init__(
         self,
