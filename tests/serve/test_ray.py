@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import openai
 import pytest
@@ -22,7 +23,10 @@ def test_two_ray_serve_replicas_answer_like_one_server(server, start_server, fp3
     argv = [str(fp32_export), "--ray", "--replicas", "2", "--replica-cpus", "0.5", "--threads", "1"]
     ray_server = start_server(argv, tmp_path / "ray.log", timeout=240)
     try:
-        pids = {json.loads(ray_server.request("GET", "/health")[2])["pid"] for _ in range(40)}
+        pids, deadline = set(), time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:  # the second replica may still be starting
+            pids.add(json.loads(ray_server.request("GET", "/health")[2])["pid"])
+            time.sleep(0.05)
         assert len(pids) == 2, "both replicas answer /health"
 
         async def all_prompts():
