@@ -43,8 +43,7 @@ def test_rows_joining_and_leaving_match_each_prompt_alone(session):
         for p, s in slot_of.items():
             if start_at[p] == t:
                 got[p] = [session.prefill_slot(s, PROMPTS[p])]
-        running = [p for p in got if len(got[p]) <= STEPS and start_at[p] < t + 1]
-        running = [p for p in running if len(got[p]) < STEPS + 1]
+        running = [p for p in got if len(got[p]) <= STEPS]  # joined and not finished
         if running:
             ids = [int(got[p][-1].argmax()) for p in running]
             logits = session.step_slots([slot_of[p] for p in running], ids)
