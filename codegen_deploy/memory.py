@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def peak_rss_bytes() -> int:
     """This process's own peak resident set size (VmHWM).
@@ -38,3 +40,21 @@ def memory_line() -> str:
     """ "RSS 1.20 GB (peak 1.90 GB)": for progress lines."""
     rss = rss_bytes()
     return f"RSS {rss / 1e9:.2f} GB (peak {max(peak_rss_bytes(), rss) / 1e9:.2f} GB)"
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero array whose memory becomes resident 4 KB page by page as it is written.
+
+    For caches sized for the worst case and filled a little at a time. np.zeros is lazy too, but numpy
+    asks for transparent huge pages on large arrays, so one written byte makes 2 MB resident: a KV cache
+    row that holds a few tokens per head would pull in its whole max_context region.
+    """
+    import mmap
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < mmap.PAGESIZE or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.zeros(shape, dtype)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype).reshape(shape)  # the array keeps the mapping alive

@@ -10,10 +10,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-echo "== installing torch (CPU build) and codegen-deploy[cpu,genai,test]"
+echo "== installing torch (CPU build) and codegen-deploy[cpu,genai,serve,ray,test]"
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
 else
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[cpu,genai,test]"
+.venv/bin/python -m pip install -q -e ".[cpu,genai,serve,ray,test]"

@@ -206,13 +206,25 @@ def generate_tokens(
             timings.decode_s = time.perf_counter() - decode_start
 
 
-class _Row:
-    """Bookkeeping of one row while it generates: its ids, whether it ended, and why."""
+class RowText:
+    """One row's new tokens turned into text while it generates: it ends at an eos id or a stop string
+    (found across token boundaries), and releases streaming pieces that are safe to show.
 
-    def __init__(self, prompt_ids: list[int]):
+    push() each sampled token; piece() returns the new text that decodes cleanly (no multi-byte character
+    split across tokens) and cannot be the start of a stop string; once done, rest() returns the last
+    piece, so all pieces joined equal final_text(). finish_reason: "eos", "stop", or None while running.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], eos: set[int], stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
+        self.eos = eos
+        self.stop = tuple(stop)
         self.ids: list[int] = []
         self.finish_reason: str | None = None
+        self.emitted = 0  # characters of the text already released by piece()
+        # A character takes at most 4 byte tokens, so this many last tokens hold the longest stop sequence.
+        self._window = 4 * max((len(s) for s in self.stop), default=0) + 4
         self._clean_ids = 0  # ids[:_clean_ids] decode to _clean_text, which ends on a whole character
         self._clean_text = ""
 
@@ -220,43 +232,52 @@ class _Row:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def text(self, tokenizer) -> str:
+    def push(self, token: int) -> None:
+        """Append a sampled token (ignored once the row is done) and check for eos and stop strings."""
+        if self.done:
+            return
+        self.ids.append(token)
+        if token in self.eos:
+            self.finish_reason = "eos"
+        elif self.stop and find_stop(self.tokenizer.decode(self.ids[-self._window :]), self.stop) >= 0:
+            self.finish_reason = "stop"
+
+    def text(self) -> str:
         """The decode of all ids, decoding only those after the last clean point (constant work per step).
 
         Byte-level BPE decodes to the bytes of its tokens joined, so text that ends on a whole character
         (no trailing U+FFFD) is a prefix of every longer decode and can be kept as is.
         """
-        text = self._clean_text + tokenizer.decode(self.ids[self._clean_ids :])
+        text = self._clean_text + self.tokenizer.decode(self.ids[self._clean_ids :])
         if not text.endswith(REPLACEMENT_CHAR):
             self._clean_ids, self._clean_text = len(self.ids), text
         return text
 
+    def piece(self) -> str:
+        """New text that is safe to stream now ("" if none): whole characters, no possible stop start."""
+        if self.done:
+            return ""
+        text = self.text()
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        safe = len(text) - _held_back(text, self.stop)
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted : safe], safe
+        return piece
 
-def _advance(rows: list[_Row], token: np.ndarray, tokenizer, config: GenerationConfig, eos: set[int]) -> None:
-    """Append this step's token to every unfinished row and mark rows that hit eos or a stop sequence."""
-    # A character takes at most 4 byte tokens, so this many last tokens hold the longest stop sequence.
-    window = 4 * max((len(s) for s in config.stop), default=0) + 4
-    for row, t in zip(rows, token.tolist(), strict=True):
-        if row.done:
-            continue
-        row.ids.append(t)
-        if t in eos:
-            row.finish_reason = "eos"
-        elif config.stop and find_stop(tokenizer.decode(row.ids[-window:]), config.stop) >= 0:
-            row.finish_reason = "stop"
+    def final_text(self) -> str:
+        """The text of all new ids, an ending eos left out, cut before the first stop string."""
+        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.eos else self.ids
+        text = self.tokenizer.decode(ids)
+        cut = find_stop(text, self.stop) if self.stop else -1
+        return text if cut < 0 else text[:cut]
 
-
-def _decode(tokenizer, ids: list[int], eos: set[int]) -> str:
-    """Text of new ids, an ending eos left out."""
-    if ids and ids[-1] in eos:
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
-
-
-def _final_text(tokenizer, row: _Row, config: GenerationConfig, eos: set[int]) -> str:
-    text = _decode(tokenizer, row.ids, eos)
-    cut = find_stop(text, config.stop) if config.stop else -1
-    return text if cut < 0 else text[:cut]
+    def rest(self) -> str:
+        """The final text not yet released by piece() (call once the row is done or stopped)."""
+        text = self.final_text()
+        piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
+        return piece
 
 
 def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
@@ -307,22 +328,20 @@ def generate(
     prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
     prompt_rows = encode_prompts(tokenizer, prompt_list)
     eos = set(config.eos_token_ids)
-    rows = [_Row(r) for r in prompt_rows]
+    rows = [RowText(tokenizer, r, eos, config.stop) for r in prompt_rows]
     timings = Timings()
     start = time.perf_counter()
     finished = np.zeros(len(rows), dtype=bool)
     tokens = generate_tokens(session, prompt_rows, config, finished, timings)
     for token in tokens:
-        _advance(rows, token, tokenizer, config, eos)
+        for row, t in zip(rows, token.tolist(), strict=True):
+            row.push(t)
         finished[:] = [r.done for r in rows]
         if finished.all():
             tokens.close()
             break
     timings.total_s = time.perf_counter() - start
-    completions = [
-        Completion(r.prompt_ids, r.ids, _final_text(tokenizer, r, config, eos), r.finish_reason or "length")
-        for r in rows
-    ]
+    completions = [Completion(r.prompt_ids, r.ids, r.final_text(), r.finish_reason or "length") for r in rows]
     return GenerationResult(completions, timings)
 
 
@@ -343,29 +362,24 @@ def stream(
     config = _resolve(tokenizer, config, dict(options))
     prompt_rows = encode_prompts(tokenizer, [prompt])
     eos = set(config.eos_token_ids)
-    row = _Row(prompt_rows[0])
-    emitted = 0
+    row = RowText(tokenizer, prompt_rows[0], eos, config.stop)
     start = time.perf_counter()
     tokens = generate_tokens(session, prompt_rows, config, timings=timings)
     try:
         for token in tokens:
-            _advance([row], token, tokenizer, config, eos)
+            row.push(int(token[0]))
             if row.done:
                 break
-            text = row.text(tokenizer)
-            if text.endswith(REPLACEMENT_CHAR):
-                continue
-            safe = len(text) - _held_back(text, config.stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+            piece = row.piece()
+            if piece:
+                yield piece
     finally:
         tokens.close()
         if timings is not None:
             timings.total_s = time.perf_counter() - start
-    text = _final_text(tokenizer, row, config, eos)
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = row.rest()
+    if piece:
+        yield piece
 
 
 def _held_back(text: str, stop: Sequence[str]) -> int:

@@ -118,3 +118,20 @@ def sample(
     picks = (cdf <= u).sum(axis=-1)
     # Never pick a token with probability 0 (u landing exactly on a flat part of the CDF).
     return np.minimum(picks, probs.shape[-1] - 1).astype(np.int64)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities [B, V] float64 of logits [B, V] (the model's own distribution)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def apply_presence_frequency_penalty(
+    logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float
+) -> np.ndarray:
+    """OpenAI's penalties on logits [B, V] given counts [B, V] of tokens generated so far: subtract
+    `presence` from every token seen at least once and `frequency` times its count. Returns a new array."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0) - frequency * counts

@@ -7,6 +7,7 @@ benchmarks see only this interface, so they work unchanged on every backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -82,6 +83,107 @@ class Session(ABC):
         position_ids = self._next_position
         self._next_position = position_ids + 1
         return self._step(input_ids, self.attention_mask, position_ids)
+
+    # -- row slots: independent rows for continuous batching ----------------------------------------------
+    #
+    # A session with slots holds `rows` cache regions side by side; each slot has its own length (and so
+    # its own positions), starts with prefill_slot() while the others keep their cache, and advances
+    # with step_slots() together with the others, each at its own length. Slots are independent of the
+    # batch API above (prefill/step), which keeps its own cache.
+
+    supports_slots = False
+
+    def open_slots(self, rows: int) -> None:
+        """Allocate `rows` row slots, all free (each slot's cache region is reserved, filled lazily)."""
+        if not self.supports_slots:
+            raise InputError(f"the {self.name} session has no row slots: run requests with prefill()/step()")
+        if int(rows) != rows or rows < 1:
+            raise InputError(f"the number of row slots must be a whole number >= 1, got {rows}")
+        if self.max_batch is not None and rows > self.max_batch:
+            raise InputError(f"{rows} row slots exceed this session's maximum batch {self.max_batch}")
+        self._open_slots(int(rows))
+        self._slot_lengths = np.zeros(int(rows), np.int64)  # tokens in each slot's cache; 0 = free
+
+    @property
+    def slot_count(self) -> int:
+        """Row slots opened by open_slots() (0 before)."""
+        lengths = getattr(self, "_slot_lengths", None)
+        return 0 if lengths is None else len(lengths)
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens in a slot's cache (0: free)."""
+        return int(self._slot_lengths[self._check_slot(slot)])
+
+    def prefill_slot(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Start a sequence in `slot` (whatever it held is dropped): run its prompt; return logits [vocab].
+
+        The other slots keep their caches; positions count from 0, as for the prompt alone.
+        """
+        slot = self._check_slot(slot)
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1, T]
+        if ids.shape[1] == 0:
+            raise InputError("the prompt is empty: give at least one token")
+        if ids.shape[1] > self.max_context:
+            raise InputError(
+                f"the prompt has {ids.shape[1]} tokens but the context holds {self.max_context}: shorten the prompt"
+            )
+        self._slot_lengths[slot] = 0  # a failed prefill leaves the slot free
+        logits = self._prefill_slot(slot, ids)[0]
+        self._slot_lengths[slot] = ids.shape[1]
+        return logits
+
+    def step_slots(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
+        """Append one token to each listed slot, each after its own cache; return logits [len(slots), vocab].
+
+        Slots not listed keep their cache. The step runs over the slots 0..max(slots), so keeping the busy
+        slots low (take the lowest free one) keeps the step small.
+        """
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(slots) == 0 or len(slots) != len(ids) or len(np.unique(slots)) != len(slots):
+            raise InputError("step_slots() takes one token for each of one or more distinct slots")
+        for s in slots.tolist():
+            self._check_slot(s)
+        lengths = self._slot_lengths[slots]
+        if (lengths == 0).any():
+            raise InputError("step_slots() on a free slot: run prefill_slot() first")
+        if (lengths >= self.max_context).any():
+            raise InputError(f"the context is full ({self.max_context} tokens): generate fewer new tokens")
+        n = int(slots.max()) + 1
+        tokens = np.zeros(n, np.int64)
+        tokens[slots] = ids
+        active = np.zeros(n, bool)
+        active[slots] = True
+        logits = self._step_slots(tokens, self._slot_lengths[:n].copy(), active)  # [n, V]
+        self._slot_lengths[slots] += 1
+        return logits[slots]
+
+    def free_slot(self, slot: int) -> None:
+        """Mark a slot free; its cache region is reused by the next prefill_slot()."""
+        self._slot_lengths[self._check_slot(slot)] = 0
+
+    def _check_slot(self, slot: int) -> int:
+        if self.slot_count == 0:
+            raise InputError("no row slots: call open_slots(rows) first")
+        if int(slot) != slot or not 0 <= slot < self.slot_count:
+            raise InputError(f"slot {slot} does not exist: this session has slots 0..{self.slot_count - 1}")
+        return int(slot)
+
+    def _open_slots(self, rows: int) -> None:
+        """Allocate the slots' cache (backends with supports_slots = True implement the three slot methods)."""
+        raise NotImplementedError
+
+    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
+        """Run a prompt [1, T] into `slot`'s cache from position 0; return logits [1, vocab] float32."""
+        raise NotImplementedError
+
+    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab].
+
+        Only rows with active[i] count: the others (free slots, or busy slots not stepped now) may be run
+        as dummies but must keep the cache they had below their length.
+        """
+        raise NotImplementedError
 
     @abstractmethod
     def _prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:

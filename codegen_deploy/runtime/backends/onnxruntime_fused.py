@@ -16,6 +16,11 @@ device-resident seqlens_k.
 Left padding: GQA keeps each row's tokens at the start of its buffer (row b: [0, seqlens_k[b] + 1)),
 with rotary positions counted from there. prefill() moves each left-padded row to the left edge
 (right padding), so every row computes exactly what it would alone, and tracks each row's length.
+
+Row slots (continuous batching): one more [slots, heads, max_context, head_dim] buffer per layer and
+kind. Since the slot is the outer dimension, slots 0..n-1 are one contiguous block that a step binds by
+address, without a copy, each row at its own seqlens_k. A slot's prompt runs at batch 1 in a buffer of
+its own length, copied into the slot's region.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ...artifacts import io_spec
 from ...artifacts.manifest import check_graph_inputs
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
+from ...memory import lazy_zeros
 from ..ort import import_onnxruntime
 from ..session import Session
 from .onnxruntime import choose_providers, create_session, device_of
@@ -102,6 +108,11 @@ class FusedOrtSession(Session):
     """
 
     name = "onnxruntime-fused"
+
+    @property
+    def supports_slots(self) -> bool:
+        """Row slots bind host arrays by address: on the CPU provider (a GPU session serves with the batch API)."""
+        return self.device == "cpu"
 
     def __init__(
         self,
@@ -220,6 +231,70 @@ class FusedOrtSession(Session):
         buffer = self._cache_buffers[io_spec.KV_KINDS.index(kind) + 2 * layer]
         return buffer.host if not buffer.on_device else buffer.pull()
 
+    # -- row slots -----------------------------------------------------------------------------------------
+
+    def _open_slots(self, rows: int) -> None:
+        c = self.config
+        shape = (rows, c.n_head, self.max_context, c.head_dim)
+        self._slot_cache = [lazy_zeros(shape, self.cache_dtype) for _ in self._names]  # resident as filled
+        self._slot_ids = np.zeros((rows, 1), np.int64)
+        self._slot_seqlens = np.zeros(rows, np.int32)
+        self._slot_total = np.zeros((), np.int32)
+        self._slot_logits = np.zeros((rows, c.vocab_size), np.float32)
+        self._slot_step_bindings: dict[int, object] = {}  # n -> a binding over slots 0..n-1
+
+    def _bind_slots(
+        self, binding, caches: list[np.ndarray], seqlens: np.ndarray, logits: np.ndarray, ids: np.ndarray | None = None
+    ) -> None:
+        """Bind caches (each bound as past and present), seqlens_k, the total length, logits and optionally
+        the one-token input ids, by address: the arrays (views of contiguous rows) are used without a copy."""
+
+        def bind(name: str, array: np.ndarray, output: bool = False) -> None:
+            args = (name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+            (binding.bind_output if output else binding.bind_input)(*args)
+
+        for past, present, cache in zip(self._names, self._present, caches, strict=True):
+            bind(past, cache)
+            bind(present, cache, output=True)  # the same memory: GQA writes the new positions in place
+        bind(io_spec.SEQLENS_K, seqlens)
+        bind(io_spec.TOTAL_SEQUENCE_LENGTH, self._slot_total)
+        bind(io_spec.LOGITS, logits, output=True)
+        if ids is not None:
+            bind(io_spec.INPUT_IDS, ids)
+
+    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
+        # GQA's prompt path writes its row's whole present buffer (all max_context positions), which would
+        # make every slot's full region resident: run the prompt in a buffer of its own length instead and
+        # copy the filled part, so a slot's memory grows with its tokens.
+        c = self.config
+        t = input_ids.shape[1]
+        scratch = [np.zeros((1, c.n_head, t, c.head_dim), self.cache_dtype) for _ in self._names]
+        seqlens = np.full(1, t - 1, np.int32)
+        logits = np.zeros((1, c.vocab_size), np.float32)
+        self._slot_total[...] = t
+        binding = self._session.io_binding()
+        self._bind_slots(binding, scratch, seqlens, logits)
+        binding.bind_ortvalue_input(io_spec.INPUT_IDS, self._ort.OrtValue.ortvalue_from_numpy(input_ids))
+        self._session.run_with_iobinding(binding)
+        for cache, part in zip(self._slot_cache, scratch, strict=True):
+            cache[slot, :, :t] = part[0]
+        return logits
+
+    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        n = len(tokens)
+        binding = self._slot_step_bindings.get(n)
+        if binding is None:
+            binding = self._slot_step_bindings[n] = self._session.io_binding()
+            caches = [cache[:n] for cache in self._slot_cache]
+            self._bind_slots(binding, caches, self._slot_seqlens[:n], self._slot_logits[:n], self._slot_ids[:n])
+        self._slot_ids[:n, 0] = tokens
+        # A row that is not stepped writes a dummy token just past its own length (free rows at 0), where
+        # its next real token overwrites it; its cache below that stays as it was.
+        self._slot_seqlens[:n] = np.minimum(lengths, self.max_context - 1)
+        self._slot_total[...] = int(self._slot_seqlens[:n].max()) + 1
+        self._session.run_with_iobinding(binding)
+        return self._slot_logits[:n].copy()
+
     # -- Session -------------------------------------------------------------------------------------------
 
     def _run(self, input_ids, options) -> np.ndarray:
@@ -265,3 +340,4 @@ class FusedOrtSession(Session):
         self._cache = []
         self._cache_values = []
         self._cache_buffers = []
+        self._slot_cache, self._slot_step_bindings = [], {}

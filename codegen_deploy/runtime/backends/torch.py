@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CheckpointError
+from ...memory import lazy_zeros
 from ..session import Session
 
 
@@ -55,6 +56,7 @@ class TorchSession(Session):
     """
 
     name = "torch"
+    supports_slots = True
 
     def __init__(
         self,
@@ -111,9 +113,8 @@ class TorchSession(Session):
         """Run T new tokens after the cached ones, writing their keys and values in place."""
         import torch
 
-        from ...model.reference import attention_bias, layer_norm_fp32
+        from ...model.reference import attention_bias
 
-        m = self.model
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
@@ -122,25 +123,99 @@ class TorchSession(Session):
             total = mask.shape[1]
             start = total - t
             self._reserve(b, total)
-            sin, cos = m.rotary_sin[pos], m.rotary_cos[pos]  # [B, T, R/2]
-            bias = attention_bias(mask, t)  # [B, 1, T, total]
-            x = m.wte(ids)  # [B, T, E]
-            for block, k_cache, v_cache in zip(m.blocks, self._keys, self._values, strict=True):
-                h = layer_norm_fp32(block.ln_1, x)
-                q, k, v = block.attn.project(h, sin, cos)  # each [B, H, T, D]
+
+            def store(layer, k, v):
+                k_cache, v_cache = self._keys[layer], self._values[layer]
                 k_cache[:, :, start:total] = k
                 v_cache[:, :, start:total] = v
-                keys, values = k_cache[:, :, :total], v_cache[:, :, :total]  # views [B, H, total, D]
-                x = x + block.attn.attend(q, keys, values, bias) + block.mlp(h)
-            x = layer_norm_fp32(m.ln_f, x[:, -1:])  # only the last position's logits are needed
-            logits = m.lm_head(x).float()[:, -1]  # [B, V]
-            return logits.cpu().numpy()
+                return k_cache[:, :, :total], v_cache[:, :, :total]  # views [B, H, total, D]
+
+            return self._run_layers(ids, pos, attention_bias(mask, t), store)  # bias [B, 1, T, total]
 
     def _prefill(self, input_ids, attention_mask, position_ids):
         return self._forward(input_ids, attention_mask, position_ids)
+
+    # -- row slots: one [slots, H, max_context, D] buffer per layer and kind, each row at its own length ------
+
+    def _open_slots(self, rows: int) -> None:
+        import torch
+
+        c = self.model.config
+        shape = (rows, c.n_head, self.max_context, c.head_dim)
+        numpy_dtypes = {torch.float32: np.float32, torch.float16: np.float16}  # numpy has no bfloat16
+        dtype = numpy_dtypes.get(self.model.dtype) if self.device.type == "cpu" else None
+
+        def buffer():
+            if dtype is not None:  # resident as it fills, not max_context per slot
+                return torch.from_numpy(lazy_zeros(shape, dtype))
+            return torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+
+        self._slot_keys = [buffer() for _ in range(c.n_layer)]
+        self._slot_values = [buffer() for _ in range(c.n_layer)]
+
+    def _run_layers(self, ids, pos, bias, store):
+        """The blocks over new tokens ids [B, T] at positions pos [B, T]; store(layer, k, v) writes the new keys
+        and values into the cache and returns the (keys, values) to attend over. Returns logits [B, V]."""
+        from ...model.reference import layer_norm_fp32
+
+        m = self.model
+        sin, cos = m.rotary_sin[pos], m.rotary_cos[pos]  # [B, T, R/2]
+        x = m.wte(ids)  # [B, T, E]
+        for layer, block in enumerate(m.blocks):
+            h = layer_norm_fp32(block.ln_1, x)
+            q, k, v = block.attn.project(h, sin, cos)  # each [B, H, T, D]
+            keys, values = store(layer, k, v)
+            x = x + block.attn.attend(q, keys, values, bias) + block.mlp(h)
+        x = layer_norm_fp32(m.ln_f, x[:, -1:])
+        return m.lm_head(x).float()[:, -1].cpu().numpy()  # [B, V]
+
+    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ...model.reference import attention_bias
+
+        t = input_ids.shape[1]
+        keys = [k[slot : slot + 1] for k in self._slot_keys]  # views [1, H, max_context, D]
+        values = [v[slot : slot + 1] for v in self._slot_values]
+
+        def store(layer, k, v):
+            keys[layer][:, :, :t] = k
+            values[layer][:, :, :t] = v
+            return keys[layer][:, :, :t], values[layer][:, :, :t]
+
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self.device)
+            pos = torch.arange(t, device=self.device)[None, :]  # [1, T]
+            bias = attention_bias(torch.ones((1, t), dtype=torch.int64, device=self.device), t)
+            return self._run_layers(ids, pos, bias, store)
+
+    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ...model.reference import attention_bias
+
+        n = len(tokens)
+        total = int(lengths[active].max()) + 1
+        rows = torch.from_numpy(np.flatnonzero(active)).to(self.device)
+        at = torch.from_numpy(lengths[active]).to(self.device)
+        # Active rows see their cache and the new token; the others only column 0 (their output is dropped).
+        mask = np.arange(total)[None, :] <= np.where(active, lengths, 0)[:, None]  # [n, total]
+
+        def store(layer, k, v):
+            keys, values = self._slot_keys[layer], self._slot_values[layer]
+            keys[rows, :, at] = k[rows, :, 0]  # each active row's new key at its own length
+            values[rows, :, at] = v[rows, :, 0]
+            return keys[:n, :, :total], values[:n, :, :total]  # views [n, H, total, D]
+
+        with torch.inference_mode():
+            ids = torch.from_numpy(tokens[:, None]).to(self.device)  # [n, 1]
+            pos = torch.from_numpy(np.minimum(lengths, self.max_context - 1)[:, None]).to(self.device)  # [n, 1]
+            bias = attention_bias(torch.from_numpy(mask.astype(np.int64)).to(self.device), 1)  # [n, 1, 1, total]
+            return self._run_layers(ids, pos, bias, store)
 
     def _step(self, input_ids, attention_mask, position_ids):
         return self._forward(input_ids, attention_mask, position_ids)
 
     def close(self) -> None:
         self._keys, self._values = [], []
+        self._slot_keys, self._slot_values = [], []

@@ -1,0 +1,62 @@
+"""The server's Prometheus metrics (text format on GET /metrics), in a registry of its own per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Seconds: from a few ms per token on a GPU to many seconds for a long prompt on a busy CPU.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Requests by endpoint and status, generated tokens, queue depth, active rows, and latency histograms:
+    time to first token (from submission) and per-token latency (between a row's consecutive tokens)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "codegen_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.generated_tokens = Counter("codegen_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("codegen_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.rows = Counter(
+            "codegen_rows", "Rows (one per prompt and choice) that ended, by how they ended", ["finish"], registry=r
+        )
+        self.queue_depth = Gauge("codegen_queue_depth", "Rows waiting for a free row slot", registry=r)
+        self.active_rows = Gauge("codegen_active_rows", "Rows generating in the running batch", registry=r)
+        self.ttft = Histogram(
+            "codegen_time_to_first_token_seconds",
+            "From submission to a row's first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.token_latency = Histogram(
+            "codegen_time_per_output_token_seconds",
+            "Between a row's consecutive tokens",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+
+    def token(self, seconds: float, first: bool) -> None:
+        """One generated token, `seconds` after the row's previous token (or its submission when first)."""
+        self.generated_tokens.inc()
+        (self.ttft if first else self.token_latency).observe(seconds)
+
+    def row_ended(self, finish: str) -> None:
+        """A row left the batch: "stop", "length", "cancelled" (its client went away) or "error"."""
+        self.rows.labels(finish=finish).inc()
+
+    def set_load(self, queue_depth: int, active_rows: int) -> None:
+        self.queue_depth.set(queue_depth)
+        self.active_rows.set(active_rows)
+
+    def request(self, endpoint: str, status: int | str) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,136 @@
+"""The OpenAI legacy Completions API: the request body, its checks, and OpenAI's error envelope.
+
+Unknown fields are ignored (editors send their own); known fields with bad values are a 400 in
+OpenAI's shape, never FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class OpenAIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions (and the FauxPilot engine path). Defaults are OpenAI's.
+
+    top_k is an extension (vLLM's name); every other field is OpenAI's. Fields not listed are ignored.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
+    suffix: str | None = None
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None
+    echo: bool | None = False
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    def check(self) -> None:
+        """Raise a 400 OpenAIError for values the API refuses (ranges from OpenAI's reference)."""
+        if self.suffix:
+            raise bad_request(
+                "suffix is not supported: CodeGen1 models cannot fill in the middle; send the text before the "
+                "cursor as the prompt and leave suffix out",
+                "suffix",
+            )
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad_request(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise bad_request(f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad_request(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad_request(f"top_k must be >= 0 (0 = off), got {self.top_k}", "top_k")
+        if self.n is not None and not 1 <= self.n <= 128:
+            raise bad_request(f"n must be between 1 and 128, got {self.n}", "n")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise bad_request("best_of other than n is not supported: leave best_of out", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise bad_request(f"logprobs must be between 0 and 5, got {self.logprobs}", "logprobs")
+        if self.logprobs is not None and self.echo:
+            raise bad_request(
+                "echo with logprobs is not supported: the prompt's log-probabilities are not computed; "
+                "drop one of them",
+                "logprobs",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise bad_request(f"{name} must be between -2 and 2, got {value}", name)
+        if self.stop is not None:
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            if len(stops) > 4:
+                raise bad_request(f"stop takes at most 4 sequences, got {len(stops)}", "stop")
+            if any(not s for s in stops):
+                raise bad_request("a stop sequence is empty: give non-empty strings", "stop")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            if not -100 <= value <= 100:
+                raise bad_request(f"logit_bias values must be between -100 and 100, got {value}", "logit_bias")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("prompt is an empty list: give at least one prompt", "prompt")
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)

@@ -1,0 +1,82 @@
+"""Row slots (continuous batching): rows that start at different steps, each at its own length, compute
+exactly what each prompt computes alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegen_deploy.errors import InputError
+from codegen_deploy.runtime import open_session
+
+PROMPTS = [[5, 17, 3, 99, 42, 7], [11, 2], [250, 31, 8, 64]]
+STEPS = 6
+
+
+def alone(session, prompt: list[int]) -> list[np.ndarray]:
+    """Greedy logits of a prompt run alone with the batch API: prefill, then STEPS steps."""
+    logits = [session.prefill(np.array([prompt]))[0]]
+    for _ in range(STEPS):
+        logits.append(session.step(np.array([logits[-1].argmax()]))[0])
+    return logits
+
+
+@pytest.fixture(params=["torch", "onnxruntime-fused"])
+def session(request, fp32_export, tiny_checkpoint):
+    if request.param == "torch":
+        s = open_session("torch", tiny_checkpoint, threads=1)
+    else:
+        pytest.importorskip("onnxruntime")
+        s = open_session("onnxruntime", fp32_export, threads=1)
+    assert s.supports_slots
+    with s:
+        yield s
+
+
+def test_rows_joining_and_leaving_match_each_prompt_alone(session):
+    expected = [alone(session, p) for p in PROMPTS]
+    session.open_slots(4)
+    got: dict[int, list[np.ndarray]] = {}
+    slot_of = {0: 2, 1: 0, 2: 1}  # prompt -> slot; slot 3 stays free, slot 2 is the highest
+    start_at = {0: 0, 1: 2, 2: 3}  # prompt -> the step at which it joins
+    for t in range(STEPS + 4):
+        for p, s in slot_of.items():
+            if start_at[p] == t:
+                got[p] = [session.prefill_slot(s, PROMPTS[p])]
+        running = [p for p in got if len(got[p]) <= STEPS]  # joined and not finished
+        if running:
+            ids = [int(got[p][-1].argmax()) for p in running]
+            logits = session.step_slots([slot_of[p] for p in running], ids)
+            for p, row in zip(running, logits, strict=True):
+                got[p].append(row)
+        for p in running:  # a finished row frees its slot; the others go on
+            if len(got[p]) == STEPS + 1:
+                session.free_slot(slot_of[p])
+    for p in range(len(PROMPTS)):
+        assert len(got[p]) == STEPS + 1
+        np.testing.assert_allclose(np.stack(got[p]), np.stack(expected[p]), atol=1e-4, rtol=1e-4)
+    assert [session.slot_length(s) for s in range(4)] == [0, 0, 0, 0]
+
+
+def test_a_slot_reused_after_free_forgets_its_old_row(session):
+    expected = alone(session, PROMPTS[1])
+    session.open_slots(2)
+    session.prefill_slot(0, PROMPTS[0])
+    session.step_slots([0], [1])
+    first = session.prefill_slot(0, PROMPTS[1])  # starts over in the same slot
+    np.testing.assert_allclose(first, expected[0], atol=1e-4, rtol=1e-4)
+    assert session.slot_length(0) == len(PROMPTS[1])
+
+
+def test_slot_misuse_is_refused(session):
+    with pytest.raises(InputError, match="open_slots"):
+        session.prefill_slot(0, [1, 2])
+    session.open_slots(2)
+    with pytest.raises(InputError, match="does not exist"):
+        session.prefill_slot(2, [1, 2])
+    with pytest.raises(InputError, match="free slot"):
+        session.step_slots([1], [3])
+    with pytest.raises(InputError, match="empty"):
+        session.prefill_slot(0, [])
+    with pytest.raises(InputError, match="context holds"):
+        session.prefill_slot(0, [1] * (session.max_context + 1))
