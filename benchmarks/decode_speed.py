@@ -48,7 +48,7 @@ def transformers_worker(args: dict) -> dict:
     import torch
     from transformers import CodeGenForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    from codegen_deploy.runtime.bench import peak_rss_bytes
+    from codegen_deploy.memory import peak_rss_bytes
 
     torch.set_num_threads(args["threads"])
     start = time.perf_counter()

@@ -185,6 +185,7 @@ def measure_torch(spec) -> dict:
 
     import torch
 
+    from codegen_deploy.memory import peak_rss_bytes
     from codegen_deploy.runtime import bench
     from codegen_deploy.runtime.backends.torch import TorchSession
 
@@ -195,7 +196,7 @@ def measure_torch(spec) -> dict:
     load_s = time.perf_counter() - start
     with session:
         result = bench.measure_session(session, spec)
-    return {**dataclasses.asdict(spec), "load_s": load_s, **result, "peak_rss_bytes": bench.peak_rss_bytes()}
+    return {**dataclasses.asdict(spec), "load_s": load_s, **result, "peak_rss_bytes": peak_rss_bytes()}
 
 
 if __name__ == "__main__":

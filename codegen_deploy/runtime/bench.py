@@ -10,17 +10,16 @@ share caches or thread pools.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import CodegenDeployError, InputError
+from ..memory import peak_rss_bytes
 from .session import Session
 
 # CLI names that pick a graph of the onnxruntime backend.
@@ -50,21 +49,6 @@ class BenchSpec:
             raise InputError("prompt tokens, batch and repeats must be at least 1")
         if self.new_tokens < 3:
             raise InputError("new tokens must be at least 3 (the first step is left out of the decode speed)")
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set size (VmHWM).
-
-    Not getrusage's ru_maxrss: Linux carries a parent's peak across fork + exec into the child's
-    ru_maxrss, so a child started by a large parent would report the parent's size.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def random_prompt(vocab_size: int, batch: int, tokens: int, seed: int = 0) -> np.ndarray:
