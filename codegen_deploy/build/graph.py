@@ -115,13 +115,18 @@ class GraphWriter:
     def weight(self, name: str, array: np.ndarray | Callable[[], np.ndarray]) -> str:
         """Add an initializer (large ones to the data file); return its name.
 
-        array: the values, or a function that makes them (not called for a shared tensor).
+        array: the values, or a function that makes them (not called for a shared tensor: model weights
+        are passed as functions, computed tables as arrays, shared only when their shape matches).
         """
-        if name in self.shared:  # written by the same layer code for the same model: same dtype and shape
-            self.initializers.append(self.shared[name])
+        other = self.shared.get(name)
+        if other is not None and callable(array):  # a model weight, written by the same layer code: the same
+            self.initializers.append(other)
             return name
         array = np.asarray(array() if callable(array) else array, order="C")  # (ascontiguousarray: scalars 1-D)
         tensor = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=array.shape)
+        if other is not None and (other.data_type, list(other.dims)) == (tensor.data_type, list(tensor.dims)):
+            self.initializers.append(other)  # a table of the same name and shape (rotary): the same values
+            return name
         if array.nbytes < INLINE_BYTES:
             tensor.raw_data = array.tobytes()
         else:
