@@ -220,7 +220,7 @@ def test_shapes_gqa_cannot_run_export_the_plain_graph_with_a_note(tmp_path, caps
 
     save_checkpoint(CodeGen.random(ODD_SHAPES[shape], seed=0, std=0.1), tmp_path / "ckpt")
     assert main(["--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")]) == 0  # validated
-    assert "note: no fused graph (GroupQueryAttention on CPU needs a head_dim" in capsys.readouterr().out
+    assert "note: no fused graph (GroupQueryAttention on CPU needs a head_dim" in capsys.readouterr().err
     manifest = read_manifest(tmp_path / "out")
     assert "multiple of 16" in manifest["fused_skipped"] and manifest["validation"]["passed"]
     assert "fused_graph_file" not in manifest and not (tmp_path / "out" / io_spec.FUSED_GRAPH_FILE).exists()
