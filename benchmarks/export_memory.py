@@ -100,6 +100,7 @@ def run_export(ckpt: Path, out: Path, dtype: str, validate: bool, method: str, f
     weight_bytes = params * BYTES[dtype]
     peak_rss = result["vmhwm_kib"] * 1024
     validation = manifest.get("validation") or {}
+    logits = next((row for row in validation.get("rows", []) if row["name"] == "logits"), {})
     return {
         "checkpoint": ckpt.name,
         "dtype": dtype,
@@ -116,8 +117,8 @@ def run_export(ckpt: Path, out: Path, dtype: str, validate: bool, method: str, f
         "output_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "external_data": manifest["data_file"] is not None,
         "stages_s": manifest["timings_s"],
-        "logits_max_abs": validation.get("outputs", {}).get("logits", {}).get("max_abs"),
-        "top1": f"{validation.get('top1_agree')}/{validation.get('top1_total')}" if validation else None,
+        "logits_max_abs": logits.get("max_abs"),
+        "top1": f"{logits.get('top1_agree')}/{logits.get('top1_total')}" if logits else None,
         "load_average_before": [round(x, 1) for x in load_before],
         "load_average_after": [round(x, 1) for x in os.getloadavg()],
         "log": [line for line in lines if " RSS " in line or "tolerance" in line or line.startswith("note")],
