@@ -1,8 +1,10 @@
-"""export_model: checkpoint -> verified export folder (decoder.onnx [+ .data], config.json, tokenizer files,
-genai_config.json, manifest.json).
+"""export_model: checkpoint -> verified export folder (decoder.onnx [+ .data], decoder_fused.onnx + .data,
+config.json, tokenizer files, genai_config.json, manifest.json).
 
-Everything is written into a hidden temporary sibling of the output and renamed at the end, so an
-error or an interrupt never leaves a folder that looks like a finished export.
+resolve -> load -> build (the plain graph: built from the weights, or traced; the fused graph) ->
+verify (each graph against the reference) -> write. Everything is written into a hidden temporary
+sibling of the output and renamed at the end, so an error or an interrupt never leaves a folder that
+looks like a finished export.
 """
 
 from __future__ import annotations
@@ -12,19 +14,29 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import io_spec
-from .artifacts.atomic import check_output, staging_folder, write_error
+from .artifacts.atomic import check_output, staging_folder
 from .artifacts.manifest import write_manifest
+from .build.graph import (
+    EXTERNAL_DATA_THRESHOLD,
+    OPSET,
+    graph_summary,
+    inline_external_data,
+    inline_records,
+    relocate_external_data,
+)
+from .build.trace import MIN_OPSET as TRACE_MIN_OPSET
 from .config import ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
-from .errors import ArtifactError, ExportError
+from .errors import ExportError
 from .memory import memory_line
 from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
 from .verify.fused import check_fused, record_reference
 
-MIN_OPSET = 18  # the oldest opset torch.onnx.export(dynamo=True) emits (LayerNormalization is opset 17)
+METHODS = ("built", "trace")  # how the plain graph is made: from the weights (build/plain.py), or traced
 
 
 def default_output(
@@ -81,6 +93,7 @@ def export_model(
     size: str | None = None,
     data: str = "mono",
     dtype: str = "float32",
+    method: str = "built",
     opset: int | None = None,
     validate: bool = True,
     force: bool = False,
@@ -94,124 +107,213 @@ def export_model(
     model: a checkpoint folder or hub id (or give `size` ("350M", "2B", "6B", "16B") and `data`
     ("mono", "multi", "nl") for a published model). output: the folder to create (default
     exports/codegen-<size>-<data>[-fp16]). dtype: "float32", "float16" or "bfloat16" weights and cache
-    (logits are always float32). opset: ONNX opset (default: the exporter's). validate: compare ONNX
-    Runtime with the reference (raises ValidationError over tolerance). force: replace an existing
-    output. external_data: None = only above 2 GB, True = always (one decoder.onnx.data file).
-    fused: also write the fused ONNX Runtime graph (GroupQueryAttention, in-place KV cache), checked
-    against the reference; skipped with a note for shapes GQA cannot express. fused_weights: "float",
-    or "int8" / "int4" block-quantized MatMulNBits weights in the fused graph.
+    (logits are always float32). method: "built" (the plain graph written from the weights) or "trace"
+    (torch.onnx.export(dynamo=True) of the reference). opset: ONNX opset (default: 17 built, the
+    exporter's traced). validate: compare ONNX Runtime with the reference (raises ValidationError over
+    tolerance). force: replace an existing output. external_data: None = only above 2 GB, True =
+    always (one decoder.onnx.data file). fused: also write the fused ONNX Runtime graph
+    (GroupQueryAttention, in-place KV cache), checked against the reference; skipped with a note for
+    shapes GQA cannot run. fused_weights: "float", or "int8" / "int4" block-quantized MatMulNBits
+    weights in the fused graph.
     """
-
-    from .build import trace
-    from .build.genai import write_genai_config, write_tokenizer_config
-    from .model.reference import CodeGen
-
     check_dtype(dtype)
-    if opset is not None and opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: torch's ONNX exporter needs {MIN_OPSET} or newer")
-    if dtype == "bfloat16" and validate:
+    options = _Options(method, opset, validate, external_data, fused, fused_weights)
+    _check_options(options, dtype)
+    output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
+    check_output(output, force, protect=local_sources(model))
+    stages = _Stages(progress)
+    folder, config = _resolve(model, size, data, stages)
+    with staging_folder(output, replace=force, protect=[folder]) as tmp:
+        reference = _load(folder, config, dtype, stages)
+        graphs = _build(reference, tmp, options, stages, progress)
+        checks = _verify(reference, graphs, stages, progress) if validate else {}
+        del reference  # validation freed its weights; without validation this is the last reference
+        source = source_id(model, size=size, data=data)
+        entries = {"source": source, "dtype": dtype, "method": method, "validation": None, **checks}
+        _write(tmp, folder, config, graphs, entries, stages, progress)
+    return output
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How export_model builds and checks the graphs (see its docstring)."""
+
+    method: str
+    opset: int | None
+    validate: bool
+    external_data: bool | None
+    fused: bool
+    fused_weights: str
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    """What the build step wrote: the plain graph, whether it keeps its data file, the fused graph's entries."""
+
+    graph_path: Path
+    summary: dict  # graph_summary of the plain graph
+    keep_external: bool
+    fused_entry: dict  # manifest entries: the fused graph's files and I/O, or why there is none
+
+    @property
+    def has_fused(self) -> bool:
+        return "fused_graph_file" in self.fused_entry
+
+
+def _check_options(options: _Options, dtype: str) -> None:
+    from .build.quantize import WEIGHT_FORMATS
+
+    if options.fused_weights not in WEIGHT_FORMATS:
+        raise ExportError(f"unknown weight format {options.fused_weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if options.method not in METHODS:
+        raise ExportError(f"unknown export method {options.method!r}: choose one of {', '.join(METHODS)}")
+    oldest = TRACE_MIN_OPSET if options.method == "trace" else OPSET
+    if options.opset is not None and options.opset < oldest:
+        raise ExportError(f"opset {options.opset} is too old: --method {options.method} needs {oldest} or newer")
+    if dtype == "bfloat16" and options.validate:
         raise ExportError(
             "ONNX Runtime's CPU provider has no bfloat16 MatMul, so a bfloat16 export cannot be validated here: "
             "add --no-validate (TensorRT runs bfloat16 graphs) or export float16"
         )
-    output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
-    check_output(output, force, protect=local_sources(model))
-    stages = _Stages(progress)
+
+
+def _resolve(model: str | Path | None, size: str | None, data: str, stages: _Stages) -> tuple[Path, ModelConfig]:
+    """The local checkpoint folder (downloaded if it is a hub id) and its config."""
     folder = resolve_model(model, size=size, data=data)
     stages.done("resolve", str(folder))
-    config = ModelConfig.from_file(folder)
-    hf_config = json.loads((folder / "config.json").read_text())
-
-    with staging_folder(output, replace=force, protect=[folder]) as tmp:
-        reference = CodeGen.from_pretrained(folder, dtype=torch_dtype(dtype))
-        weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
-        stages.done("load", f"{config.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
-                            f"{weight_bytes / 1e9:.2f} GB of weights")  # fmt: skip
-
-        ir_model = trace.trace(reference, opset=opset)
-        dtypes = trace.graph_dtypes(ir_model)
-        opset_used = ir_model.opset_imports[""]
-        stages.done("trace", f"opset {opset_used}, {sum(1 for _ in ir_model.graph)} nodes")
-
-        keep_external = trace.keep_external(ir_model, external_data)
-        graph_path, data_path = trace.save(ir_model, tmp)
-        trace.release_weights(ir_model)  # the reference model now holds the only copy
-        size_bytes = graph_path.stat().st_size + data_path.stat().st_size
-        stages.done("save", f"{graph_path.name} + {data_path.name}, {size_bytes / 1e9:.2f} GB")
-
-        fused_entry = _write_fused(tmp, reference, fused_weights, progress) if fused else None
-        # The fused graph is checked against logits recorded now, so the reference can be freed before
-        # ONNX Runtime loads a second copy of the weights.
-        fused_expected = record_reference(reference) if fused_entry and validate else None
-
-        report = None
-        if validate:
-            from .verify.validate import validate_export
-
-            try:
-                report = validate_export(graph_path, reference, release_model=True)
-            except Exception as e:
-                if getattr(e, "report", None) is not None:
-                    progress(e.report.table())
-                raise
-            progress(report.table())
-            stages.done("validate", "passed")
-        del reference
-        if fused_expected is not None:
-            fused_entry["fused_validation"] = check_fused(tmp, config, fused_expected, fused_entry, progress)
-            stages.done("validate fused", "passed")
-        if not keep_external:  # validated with external data (cheaper to check and to load); now inline it
-            trace.inline_external_data(graph_path)
-            data_path = None
-            stages.done("inline", f"weights moved into {graph_path.name} (under 2 GB)")
-
-        copied = [name for name in ("config.json", *TOKENIZER_FILES) if (folder / name).is_file()]
-        for name in copied:
-            shutil.copy(folder / name, tmp / name)
-        if not any(name in copied for name in ("tokenizer.json", "vocab.json")):
-            progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
-        write_tokenizer_config(tmp, config)
-        write_genai_config(tmp, config)
-
-        cache_dtype = dtypes[io_spec.present_name(0, "key")]
-        spec_args = (config.n_layer, config.n_head, config.head_dim)
-        body = {
-            "model_config": config.to_dict(),
-            "hf_config": hf_config,
-            "source": source_id(model, size=size, data=data),
-            "dtype": dtype,
-            "cache_dtype": cache_dtype,
-            "logits_dtype": dtypes[io_spec.LOGITS],
-            "opset": opset_used,
-            "graph_file": io_spec.GRAPH_FILE,
-            "data_file": io_spec.DATA_FILE if data_path else None,
-            "inputs": [s.to_dict() for s in io_spec.decoder_inputs(*spec_args, cache_dtype)],
-            "outputs": [s.to_dict() for s in io_spec.decoder_outputs(*spec_args, config.vocab_size, cache_dtype)],
-            "trace_dims": {
-                "batch": trace.TRACE_BATCH,
-                "seq": trace.TRACE_SEQ,
-                "past": trace.TRACE_PAST,
-            },
-            "versions": versions(),
-            "validation": report.to_dict() if report else None,
-            **(fused_entry or {}),
-            "timings_s": stages.seconds,
-        }
-        write_manifest(tmp, body)
-        stages.done("write", f"{output} (tokenizer, config.json, {io_spec.GENAI_CONFIG_FILE}, manifest.json)")
-    return output
+    return folder, ModelConfig.from_file(folder)
 
 
-def _write_fused(folder: Path, reference, weights: str, progress) -> dict | None:
-    """Write the fused graph into `folder`; its manifest entries, or None (with a note) for shapes
-    GroupQueryAttention cannot express: the plain graph then serves ONNX Runtime."""
-    from .build.fused import fused_manifest_entries, write_fused_graph
+def _load(folder: Path, config: ModelConfig, dtype: str, stages: _Stages):
+    """The reference model with the checkpoint's weights in `dtype`."""
+    from .model.reference import CodeGen
 
-    try:
-        write_fused_graph(reference, folder, weights=weights)
-    except ExportError as e:
-        if write_error(e):  # a full disk is not a shape GQA cannot express
-            raise ArtifactError(f"could not write the fused graph ({write_error(e)}): free some disk space") from e
-        progress(f"note: no fused graph ({e}); ONNX Runtime will run the plain graph")
-        return None
+    reference = CodeGen.from_pretrained(folder, dtype=torch_dtype(dtype))
+    weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    parameters = f"{config.num_parameters() / 1e6:.1f}M parameters"
+    stages.done("load", f"{parameters}, {dtype}, {weight_bytes / 1e9:.2f} GB of weights")
+    return reference
+
+
+def _build(reference, folder: Path, options: _Options, stages: _Stages, progress) -> _Graphs:
+    """Write the plain graph (decoder.onnx + decoder.onnx.data) and, if asked, the fused graph into `folder`.
+
+    The fused graph reads the weights both graphs hold from the plain graph's data file and writes only
+    its own tensors (rotary tables, quantized weights): the weights are written once. The plain graph
+    keeps that data file over 2 GB or when asked (external_data); otherwise _write inlines it.
+    """
+    if options.method == "trace":
+        from .build.trace import write_traced_graph
+
+        graph_path, data_path = write_traced_graph(reference, folder, options.opset)
+    else:
+        from .build.plain import write_plain_graph
+
+        graph_path, data_path = write_plain_graph(reference, folder, options.opset)
+    summary = graph_summary(graph_path)
+    nodes = f"opset {summary['opset']}, IR {summary['ir_version']}, {summary['nodes']} nodes"
+    stages.done("build" if options.method == "built" else "trace", f"{graph_path.name} ({options.method}), {nodes}")
+    keep_external = options.external_data
+    if keep_external is None:
+        keep_external = data_path.stat().st_size > EXTERNAL_DATA_THRESHOLD
+    fused_entry = {}
+    if options.fused:
+        fused_entry = _build_fused(reference, folder, options.fused_weights, graph_path, progress)
+        if "fused_graph_file" in fused_entry:
+            stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({options.fused_weights} weights)")
+    return _Graphs(graph_path, summary, keep_external, fused_entry)
+
+
+def _build_fused(reference, folder: Path, weights: str, share_with: Path | None, progress) -> dict:
+    """Write the fused graph into `folder`; its manifest entries, or why there is none (with a note) for
+    shapes and dtypes the fused graph cannot serve: the plain graph then serves ONNX Runtime."""
+    from .build.fused import fused_manifest_entries, fused_support, write_fused_graph
+
+    reason = fused_support(reference.config)
+    if reason is None:
+        try:
+            write_fused_graph(reference, folder, weights=weights, share_with=share_with)
+        except ExportError as e:  # a dtype the fused graph does not take (bfloat16); a full disk is an ArtifactError
+            reason = str(e)
+    if reason is not None:
+        progress(f"note: no fused graph ({reason}); ONNX Runtime will run the plain graph")
+        return {"fused_skipped": reason}
     return fused_manifest_entries(reference.config, dtype_name(reference.dtype), weights)
+
+
+def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
+    """Check the plain graph, then the fused one, against the reference; their reports as manifest entries.
+
+    The fused graph is checked against logits recorded first, so the reference's weights can be freed
+    before ONNX Runtime loads a graph (only one copy of the weights is in memory at a time).
+    """
+    from .verify.validate import validate_export
+
+    fused_expected = record_reference(reference) if graphs.has_fused else None
+    config = reference.config
+    try:
+        report = validate_export(graphs.graph_path, reference, release_model=True)
+    except Exception as e:
+        if getattr(e, "report", None) is not None:
+            progress(e.report.table())
+        raise
+    progress(report.table())
+    stages.done("validate", "passed")
+    entries = {"validation": report.to_dict()}
+    if graphs.has_fused:
+        folder = graphs.graph_path.parent
+        entries["fused_validation"] = check_fused(folder, config, fused_expected, graphs.fused_entry, progress)
+        stages.done("validate fused", "passed")
+    return entries
+
+
+def _write(
+    tmp: Path, folder: Path, config: ModelConfig, graphs: _Graphs, entries: dict, stages: _Stages, progress
+) -> None:
+    """Finish the export folder: weights inline under 2 GB, config.json and tokenizer files, the genai and
+    tokenizer configs, then the manifest."""
+    from .build.fused import shared_data_file
+    from .build.genai import write_genai_config, write_tokenizer_config
+
+    if not graphs.keep_external:  # validated with external data (cheaper to check and to load); now inline it
+        # A built graph's data file already holds its weights as protobuf records: inlining appends the graph.
+        inline = inline_records if entries["method"] == "built" else inline_external_data
+        inline(graphs.graph_path)
+        if graphs.has_fused:  # same bytes at the same offsets, now in decoder.onnx: the fused graph follows them
+            relocate_external_data(tmp / io_spec.FUSED_GRAPH_FILE, io_spec.DATA_FILE, io_spec.GRAPH_FILE)
+    copied = [name for name in ("config.json", *TOKENIZER_FILES) if (folder / name).is_file()]
+    for name in copied:
+        shutil.copy(folder / name, tmp / name)
+    if not any(name in copied for name in ("tokenizer.json", "vocab.json")):
+        progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
+    write_tokenizer_config(tmp, config)
+    write_genai_config(tmp, config)
+
+    summary = graphs.summary
+    cache_dtype = summary["dtypes"][io_spec.present_name(0, "key")]
+    spec_args = (config.n_layer, config.n_head, config.head_dim)
+    body = {
+        "model_config": config.to_dict(),
+        "hf_config": json.loads((folder / "config.json").read_text()),
+        "cache_dtype": cache_dtype,
+        "logits_dtype": summary["dtypes"][io_spec.LOGITS],
+        "opset": summary["opset"],
+        "ir_version": summary["ir_version"],
+        "graph_file": io_spec.GRAPH_FILE,
+        "data_file": io_spec.DATA_FILE if graphs.keep_external else None,
+        "inputs": [s.to_dict() for s in io_spec.decoder_inputs(*spec_args, cache_dtype)],
+        "outputs": [s.to_dict() for s in io_spec.decoder_outputs(*spec_args, config.vocab_size, cache_dtype)],
+        **({"trace_dims": _trace_dims()} if entries["method"] == "trace" else {}),
+        "versions": versions(),
+        **entries,
+        **graphs.fused_entry,
+        **({"fused_shared_data_file": shared_data_file(tmp)} if graphs.has_fused else {}),
+    }
+    write_manifest(tmp, {**body, "timings_s": stages.seconds})
+    stages.done("write", f"tokenizer, config.json, {io_spec.GENAI_CONFIG_FILE}, manifest.json")
+
+
+def _trace_dims() -> dict:
+    from .build.trace import TRACE_BATCH, TRACE_PAST, TRACE_SEQ
+
+    return {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "past": TRACE_PAST}

@@ -9,6 +9,7 @@ import torch
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest
+from codegen_deploy.build.graph import IR_VERSION
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ValidationError
 from codegen_deploy.model.reference import CodeGen
@@ -46,8 +47,10 @@ def run_both(folder, model: CodeGen, batch: int, seq: int, past: int, pad: int =
     mask = torch.ones(batch, past + seq, dtype=torch.int64)  # [B, total]
     mask[0, :pad] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
-    kv_shape = (batch, config.n_head, past, config.head_dim)
-    cache = [torch.randn(kv_shape, generator=g).to(model.dtype) for _ in range(2 * config.n_layer)]
+    cache = [
+        torch.randn(batch, config.n_head, past, config.head_dim, generator=g).to(model.dtype)
+        for _ in range(2 * config.n_layer)
+    ]
     with torch.no_grad():
         logits, present = model(ids, mask, pos, tuple(zip(cache[::2], cache[1::2], strict=True)))
     session = ort.InferenceSession(str(folder / io_spec.GRAPH_FILE), providers=["CPUExecutionProvider"])
@@ -86,13 +89,14 @@ def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
     assert manifest["validation"]["passed"] and manifest["versions"]["torch"] == torch.__version__
     assert not [p for p in fp32_export.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
     stages = [line.split()[0] for line in export_progress if line[:1].isalpha()]
-    for stage in ("resolve", "load", "trace", "save", "validate", "write"):
+    for stage in ("resolve", "load", "build", "fused", "validate", "write"):
         assert stage in stages
+    assert manifest["method"] == "built" and manifest["ir_version"] == IR_VERSION
 
 
 @pytest.mark.parametrize(("batch", "seq", "past", "pad"), [(1, 1, 0, 0), (3, 2, 6, 2), (2, 5, 0, 3), (1, 1, 9, 4)])
 def test_onnxruntime_equals_reference_fp32(fp32_export, tiny_checkpoint, batch, seq, past, pad):
-    """Dims other than the trace's (batch 2, seq 3, past 5), past 0 included, with left padding."""
+    """Several batch, seq and past dims, past 0 included, with left padding."""
     model = CodeGen.from_pretrained(tiny_checkpoint)
     ours, ref, real = run_both(fp32_export, model, batch, seq, past, pad)
     np.testing.assert_allclose(ours[0][real], ref[0][real], atol=1e-4, rtol=0)
@@ -132,7 +136,9 @@ def test_validation_fails_for_a_different_model(fp32_export, tiny_checkpoint):
 def test_fp16_graph_dtypes_and_float32_islands(fp16_export):
     config = ModelConfig.from_file(fp16_export)
     assert graph_io(fp16_export / io_spec.GRAPH_FILE) == spec_io(config, "float16")
-    graph = onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False).graph
+    graph = onnx.shape_inference.infer_shapes(
+        onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False)
+    ).graph
     ops = {n.op_type for n in graph.node}
     assert "Cast" in ops
     # The float32 islands: LayerNorm and softmax take float32 inputs (Cast nodes from the model's .float()).
@@ -140,9 +146,10 @@ def test_fp16_graph_dtypes_and_float32_islands(fp16_export):
     islands = [n for n in graph.node if n.op_type in ("Softmax", "LayerNormalization")]
     assert len(islands) == 2 * config.n_layer + 1  # softmax and ln_1 per layer, ln_f
     assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in islands)
-    # Weight matrices are float16 (6 per layer, embedding, lm_head); only the rotary tables stay float32.
+    # Weight matrices are float16 (qkv, out_proj, fc_in, fc_out per layer, embedding, lm_head); only the
+    # rotary tables stay float32.
     matrices = [t for t in graph.initializer if len(t.dims) == 2]
-    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in matrices) >= 6 * config.n_layer + 2
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in matrices) >= 4 * config.n_layer + 2
     for t in matrices:
         if t.data_type != onnx.TensorProto.FLOAT16:
             assert t.dims[0] == config.n_positions and t.dims[1] in (config.rotary_dim // 2, config.rotary_dim)
@@ -165,8 +172,13 @@ def test_external_data_forced_on_a_small_model(fp16_export):
     assert data.is_file() and data.stat().st_size > (fp16_export / io_spec.GRAPH_FILE).stat().st_size
     assert read_manifest(fp16_export, verify="sha256")["data_file"] == io_spec.DATA_FILE
     graph = onnx.load(str(fp16_export / io_spec.GRAPH_FILE), load_external_data=False).graph
-    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+    locations = {
+        e.value
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
     assert locations == {io_spec.DATA_FILE}  # one data file, beside the graph
     check_graph(fp16_export / io_spec.GRAPH_FILE)
 
@@ -179,15 +191,62 @@ def test_every_export_writes_and_checks_the_fused_graph(fp32_export, fp16_export
     assert manifest["fused_dtype"] == ("float32" if which == "fp32" else "float16")
     validation = manifest["fused_validation"]
     assert validation["passed"] and validation["greedy_agreement"] == 1.0
+    # The fused graph reads its weights from the plain graph's file (decoder.onnx itself once inlined).
+    shared = io_spec.DATA_FILE if which == "fp16" else io_spec.GRAPH_FILE
+    assert manifest["fused_shared_data_file"] == shared
+    graph = onnx.load(str(folder / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+    assert shared in locations and len(external) >= 4 * manifest["model_config"]["n_layer"]
+    assert (folder / io_spec.FUSED_DATA_FILE).stat().st_size < (folder / shared).stat().st_size / 20  # rotary
 
 
-def test_no_fused_graph_for_shapes_gqa_cannot_express(tmp_path):
+# head_dim 24 passes a multiple-of-8 check, but GroupQueryAttention on CPU refuses it at run time;
+# head_dim 20 (odd-head) is not a multiple of 8 either.
+ODD_SHAPES = {
+    "head_dim 24": ModelConfig(
+        n_layer=1, n_embd=96, n_head=4, rotary_dim=8, n_positions=64, n_inner=96, vocab_size=100
+    ),
+    "head_dim 20": ModelConfig(
+        n_layer=1, n_embd=60, n_head=3, rotary_dim=6, n_positions=64, n_inner=96, vocab_size=100
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(ODD_SHAPES))
+def test_shapes_gqa_cannot_run_export_the_plain_graph_with_a_note(tmp_path, capsys, shape):
+    from codegen_deploy.cli.export import main
     from codegen_deploy.model.weights import save_checkpoint
-    from codegen_deploy.pipeline import export_model
-    from tests.conftest import TEST_CONFIGS
 
-    save_checkpoint(CodeGen.random(TEST_CONFIGS["odd-head"], seed=0, std=0.1), tmp_path / "ckpt")
+    save_checkpoint(CodeGen.random(ODD_SHAPES[shape], seed=0, std=0.1), tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")]) == 0  # validated
+    assert "note: no fused graph (GroupQueryAttention on CPU needs a head_dim" in capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "out")
+    assert "multiple of 16" in manifest["fused_skipped"] and manifest["validation"]["passed"]
+    assert "fused_graph_file" not in manifest and not (tmp_path / "out" / io_spec.FUSED_GRAPH_FILE).exists()
+
+
+@pytest.mark.slow
+def test_trace_method_exports_the_dynamo_trace_validated_and_recorded(tiny_checkpoint, tmp_path):
+    from codegen_deploy.pipeline import export_model
+
     lines: list[str] = []
-    out = export_model(tmp_path / "ckpt", tmp_path / "out", validate=False, progress=lines.append)
-    assert any(line.startswith("note: no fused graph") for line in lines)
-    assert "fused_graph_file" not in read_manifest(out) and not (out / io_spec.FUSED_GRAPH_FILE).exists()
+    out = export_model(tiny_checkpoint, tmp_path / "out", method="trace", fused=False, progress=lines.append)
+    manifest = read_manifest(out, verify="sha256")
+    assert manifest["method"] == "trace" and manifest["trace_dims"] == {"batch": 2, "seq": 3, "past": 5}
+    assert manifest["validation"]["passed"] and manifest["ir_version"] == IR_VERSION
+    assert onnx.load(str(out / io_spec.GRAPH_FILE), load_external_data=False).ir_version == IR_VERSION
+    assert "trace" in [line.split()[0] for line in lines if line[:1].isalpha()]
+
+
+def test_unknown_method_and_too_old_opset_are_one_line_errors(tiny_checkpoint, tmp_path):
+    from codegen_deploy.errors import ExportError
+    from codegen_deploy.pipeline import export_model
+
+    with pytest.raises(ExportError, match="unknown export method 'jit'"):
+        export_model(tiny_checkpoint, tmp_path / "a", method="jit")
+    with pytest.raises(ExportError, match="opset 16 is too old: --method built needs 17"):
+        export_model(tiny_checkpoint, tmp_path / "b", opset=16)
+    with pytest.raises(ExportError, match="opset 17 is too old: --method trace needs 18"):
+        export_model(tiny_checkpoint, tmp_path / "c", method="trace", opset=17)
+    assert not list(tmp_path.iterdir())

@@ -11,7 +11,8 @@ import torch
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
-from codegen_deploy.build.fused import add_fused_graph, rotary_table_width, write_fused_graph
+from codegen_deploy.build.fused import add_fused_graph, fused_support, rotary_table_width, write_fused_graph
+from codegen_deploy.build.graph import IR_VERSION
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ExportError
 from codegen_deploy.model.reference import CodeGen
@@ -31,7 +32,9 @@ def test_graph_follows_the_io_spec_and_uses_one_gqa_per_layer(model, tmp_path):
     assert files == [io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no temporary files left
     onnx.checker.check_model(str(tmp_path / io_spec.FUSED_GRAPH_FILE))
-    graph = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+    proto = onnx.load(str(tmp_path / io_spec.FUSED_GRAPH_FILE), load_external_data=False)
+    assert proto.ir_version == IR_VERSION  # what the oldest supported onnxruntime reads
+    graph = proto.graph
 
     def spec(values):
         return [
@@ -62,10 +65,14 @@ def test_graph_follows_the_io_spec_and_uses_one_gqa_per_layer(model, tmp_path):
 def test_rotary_table_width_and_shapes_gqa_cannot_express():
     assert rotary_table_width(CONFIG) == 8
     assert rotary_table_width(ModelConfig(20, 1024, 16, 32, 2048, 4096, 51200)) == 16  # the 350M shape
-    with pytest.raises(ExportError, match="plain decoder graph"):
-        rotary_table_width(ModelConfig(1, 60, 3, 6, 64, 120, 100))  # head_dim 20
-    with pytest.raises(ExportError, match="plain decoder graph"):
-        rotary_table_width(ModelConfig(1, 48, 2, 24, 64, 96, 100))  # rotary table 12 wide > head_dim / 2
+    assert rotary_table_width(ModelConfig(1, 64, 4, 2, 64, 96, 100)) == 8  # head_dim 16, rotary_dim 2
+    assert rotary_table_width(ModelConfig(1, 96, 2, 48, 64, 96, 100)) == 24  # head_dim 48, full rotary
+    # GroupQueryAttention's CPU kernel refuses these head_dims at run time: 8, 20 (odd-head), 24, 40.
+    for n_embd, n_head, rotary_dim in ((32, 4, 8), (60, 3, 6), (96, 4, 8), (48, 2, 24), (80, 2, 16)):
+        config = ModelConfig(1, n_embd, n_head, rotary_dim, 64, 96, 100)
+        assert "multiple of 16" in fused_support(config)
+        with pytest.raises(ExportError, match="plain decoder graph"):
+            rotary_table_width(config)
 
 
 def test_fp16_graph_stays_close_to_the_fp32_reference(model, tmp_path):
@@ -111,7 +118,7 @@ def test_quantized_weights_are_packed_as_matmulnbits_reads_them(bits, block):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from codegen_deploy.build.fused import quantize_blockwise
+    from codegen_deploy.build.quantize import quantize_blockwise
 
     rng = np.random.default_rng(0)
     n, k = 24, 72  # k not a multiple of the block: the last block is zero-padded

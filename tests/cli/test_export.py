@@ -166,5 +166,5 @@ def test_relative_model_is_recorded_absolute(fp32_export, tiny_checkpoint, tmp_p
 def test_full_disk_while_writing_the_fused_graph_is_an_error(tiny_model, tmp_path, tmpfs):
     notes = []
     with tmpfs(tmp_path / "small", "512k") as disk, pytest.raises(ArtifactError, match="No space left on device"):
-        pipeline._write_fused(disk, tiny_model, "float", notes.append)
+        pipeline._build_fused(tiny_model, disk, "float", None, notes.append)
     assert notes == []  # not a note and a graph-less export
