@@ -20,6 +20,7 @@ from pathlib import Path
 from .artifacts import io_spec
 from .artifacts.atomic import check_output, staging_folder
 from .artifacts.manifest import write_manifest
+from .build.fused import ROTARY_VARIANTS
 from .build.graph import (
     EXTERNAL_DATA_THRESHOLD,
     OPSET,
@@ -34,9 +35,12 @@ from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ExportError
 from .memory import memory_line
 from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
+from .runtime.ort import cuda_provider_available
 from .verify.fused import check_fused, record_reference
+from .verify.validate import cuda_bfloat16_missing
 
 METHODS = ("built", "trace")  # how the plain graph is made: from the weights (build/plain.py), or traced
+FUSED_ROTARY = ("auto", *ROTARY_VARIANTS)  # where the fused graph applies the rotary (see fused_rotary_for)
 
 
 def default_output(
@@ -100,6 +104,7 @@ def export_model(
     external_data: bool | None = None,
     fused: bool = True,
     fused_weights: str = "float",
+    fused_rotary: str = "auto",
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Export a CodeGen checkpoint to a verified ONNX export folder; return the folder.
@@ -114,10 +119,15 @@ def export_model(
     always (one decoder.onnx.data file). fused: also write the fused ONNX Runtime graph
     (GroupQueryAttention, in-place KV cache), checked against the reference; skipped with a note for
     shapes GQA cannot run. fused_weights: "float", or "int8" / "int4" block-quantized MatMulNBits
-    weights in the fused graph.
+    weights in the fused graph. fused_rotary: where the fused graph applies the rotary: "gqa" (inside
+    GroupQueryAttention), "graph" (plain ops before it, which ONNX Runtime's CUDA provider needs) or "auto"
+    (see fused_rotary_for); either is checked on the CPU provider. A bfloat16 export is validated on the
+    CUDA provider, so it needs a CUDA GPU with bfloat16 support (or validate=False).
     """
     check_dtype(dtype)
-    options = _Options(method, opset, validate, external_data, fused, fused_weights)
+    options = _Options(
+        method, opset, validate, external_data, fused, fused_weights, fused_rotary_for(fused_rotary, dtype)
+    )
     _check_options(options, dtype)
     output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
     check_output(output, force, protect=local_sources(model))
@@ -144,6 +154,21 @@ class _Options:
     external_data: bool | None
     fused: bool
     fused_weights: str
+    fused_rotary: str  # "gqa" or "graph", resolved from "auto"
+
+
+def fused_rotary_for(choice: str, dtype: str) -> str:
+    """The fused graph's rotary variant for `choice` ("auto", "gqa" or "graph") and the export's dtype.
+
+    "auto": "graph" when this onnxruntime offers the CUDA provider and the dtype is one GroupQueryAttention's
+    CUDA kernel takes (float16, bfloat16), since the CUDA session refuses a graph with the rotary inside GQA;
+    "gqa" otherwise.
+    """
+    if choice not in FUSED_ROTARY:
+        raise ExportError(f"unknown fused rotary {choice!r}: choose one of {', '.join(FUSED_ROTARY)}")
+    if choice != "auto":
+        return choice
+    return "graph" if dtype in ("float16", "bfloat16") and cuda_provider_available() else "gqa"
 
 
 @dataclass(frozen=True)
@@ -170,10 +195,10 @@ def _check_options(options: _Options, dtype: str) -> None:
     oldest = TRACE_MIN_OPSET if options.method == "trace" else OPSET
     if options.opset is not None and options.opset < oldest:
         raise ExportError(f"opset {options.opset} is too old: --method {options.method} needs {oldest} or newer")
-    if dtype == "bfloat16" and options.validate:
+    if dtype == "bfloat16" and options.validate and (missing := cuda_bfloat16_missing()):
         raise ExportError(
-            "ONNX Runtime's CPU provider has no bfloat16 MatMul, so a bfloat16 export cannot be validated here: "
-            "add --no-validate (TensorRT runs bfloat16 graphs) or export float16"
+            "ONNX Runtime's CPU provider has no bfloat16 MatMul, so a bfloat16 export is validated on its CUDA "
+            f"provider, and {missing}: add --no-validate (TensorRT runs bfloat16 graphs) or export float16"
         )
 
 
@@ -218,27 +243,28 @@ def _build(reference, folder: Path, options: _Options, stages: _Stages, progress
         keep_external = data_path.stat().st_size > EXTERNAL_DATA_THRESHOLD
     fused_entry = {}
     if options.fused:
-        fused_entry = _build_fused(reference, folder, options.fused_weights, graph_path, progress)
+        fused_entry = _build_fused(reference, folder, options.fused_weights, graph_path, progress, options.fused_rotary)
         if "fused_graph_file" in fused_entry:
-            stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({options.fused_weights} weights)")
+            detail = f"{options.fused_weights} weights, rotary {options.fused_rotary}"
+            stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({detail})")
     return _Graphs(graph_path, summary, keep_external, fused_entry)
 
 
-def _build_fused(reference, folder: Path, weights: str, share_with: Path | None, progress) -> dict:
+def _build_fused(reference, folder: Path, weights: str, share_with: Path | None, progress, rotary: str = "gqa") -> dict:
     """Write the fused graph into `folder`; its manifest entries, or why there is none (with a note) for
     shapes and dtypes the fused graph cannot serve: the plain graph then serves ONNX Runtime."""
     from .build.fused import fused_manifest_entries, fused_support, write_fused_graph
 
-    reason = fused_support(reference.config)
+    reason = fused_support(reference.config, rotary)
     if reason is None:
         try:
-            write_fused_graph(reference, folder, weights=weights, share_with=share_with)
+            write_fused_graph(reference, folder, weights=weights, rotary=rotary, share_with=share_with)
         except ExportError as e:  # a dtype the fused graph does not take (bfloat16); a full disk is an ArtifactError
             reason = str(e)
     if reason is not None:
         progress(f"note: no fused graph ({reason}); ONNX Runtime will run the plain graph")
         return {"fused_skipped": reason}
-    return fused_manifest_entries(reference.config, dtype_name(reference.dtype), weights)
+    return fused_manifest_entries(reference.config, dtype_name(reference.dtype), weights, rotary)
 
 
 def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:

@@ -250,3 +250,62 @@ def test_unknown_method_and_too_old_opset_are_one_line_errors(tiny_checkpoint, t
     with pytest.raises(ExportError, match="opset 17 is too old: --method trace needs 18"):
         export_model(tiny_checkpoint, tmp_path / "c", method="trace", opset=17)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def providers(monkeypatch):
+    """Set the providers this onnxruntime offers: providers(["CUDAExecutionProvider", ...])."""
+    return lambda names: monkeypatch.setattr(ort, "get_available_providers", lambda: list(names))
+
+
+def test_fused_rotary_auto_applies_it_before_gqa_for_cuda_in_half_precision(providers):
+    from codegen_deploy.errors import ExportError
+    from codegen_deploy.pipeline import fused_rotary_for
+
+    providers(["CPUExecutionProvider"])
+    assert [fused_rotary_for("auto", d) for d in ("float32", "float16", "bfloat16")] == ["gqa"] * 3
+    providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert [fused_rotary_for("auto", d) for d in ("float32", "float16", "bfloat16")] == ["gqa", "graph", "graph"]
+    assert fused_rotary_for("gqa", "float16") == "gqa" and fused_rotary_for("graph", "float32") == "graph"
+    with pytest.raises(ExportError, match="unknown fused rotary 'cuda': choose one of auto, gqa, graph"):
+        fused_rotary_for("cuda", "float16")
+
+
+def test_bfloat16_validation_says_what_is_missing(tiny_checkpoint, tmp_path, providers, monkeypatch):
+    from codegen_deploy.errors import ExportError
+    from codegen_deploy.pipeline import export_model
+
+    providers(["CPUExecutionProvider"])
+    with pytest.raises(ExportError, match="this onnxruntime has no CUDAExecutionProvider.*: add --no-validate"):
+        export_model(tiny_checkpoint, tmp_path / "a", dtype="bfloat16")
+    providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExportError, match="CUDA provider, and no CUDA GPU is visible: add --no-validate"):
+        export_model(tiny_checkpoint, tmp_path / "b", dtype="bfloat16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bfloat16_exports_without_validation(tiny_checkpoint, tmp_path):
+    from codegen_deploy.pipeline import export_model
+    from codegen_deploy.verify.validate import check_graph
+
+    out = export_model(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16", validate=False, progress=lambda line: None)
+    manifest = read_manifest(out, verify="sha256")
+    assert manifest["cache_dtype"] == "bfloat16" and manifest["validation"] is None
+    assert "bfloat16" in manifest["fused_skipped"]  # the fused graph takes float32 and float16 only
+    check_graph(out / io_spec.GRAPH_FILE)
+
+
+@pytest.mark.gpu("onnxruntime")
+def test_bfloat16_export_is_validated_on_cuda(tiny_checkpoint, tmp_path):
+    from codegen_deploy.pipeline import export_model
+    from codegen_deploy.verify.validate import cuda_bfloat16_missing
+
+    if missing := cuda_bfloat16_missing():
+        pytest.skip(f"GPU test: {missing}")
+    out = export_model(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16", progress=lambda line: None)
+    manifest = read_manifest(out, verify="sha256")
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["providers"][0] == "CUDAExecutionProvider"
+    assert "cpu_float32_ops" not in validation and manifest["cache_dtype"] == "bfloat16"
+    assert "bfloat16" in manifest["fused_skipped"]  # the fused graph takes float32 and float16 only

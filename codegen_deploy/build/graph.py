@@ -133,7 +133,7 @@ class GraphWriter:
             header = _record_header(tensor, array.nbytes, self.offset)
             self.file.write(header)
             self.offset += len(header)
-            self.file.write(memoryview(array).cast("B"))
+            self.file.write(memoryview(array.reshape(-1).view(np.uint8)))  # bytes: buffers know no bfloat16
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", self.location), ("offset", self.offset), ("length", array.nbytes)):
                 tensor.external_data.add(key=key, value=str(value))

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("int8", "int4"),
         help="block-quantized MatMulNBits weights in the fused graph (lossy; the plain graph keeps the model dtype)",
     )
+    p.add_argument(
+        "--fused-rotary",
+        choices=("auto", "gqa", "graph"),
+        default="auto",
+        help="where the fused graph applies the rotary: inside GroupQueryAttention (gqa), or with plain ops before "
+        "it (graph, which ONNX Runtime's CUDA provider needs); auto (default): graph for float16/bfloat16 when "
+        "onnxruntime offers the CUDA provider, else gqa",
+    )
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine into the output folder")
     _engine_arguments(p)
     return p
@@ -99,6 +107,7 @@ def command(argv: list[str] | None) -> int:
         external_data=True if args.external_data else None,
         fused=not args.no_fused,
         fused_weights=args.quantize or "float",
+        fused_rotary=args.fused_rotary,
         progress=progress_line,
     )
     print(f"exported to {out}")

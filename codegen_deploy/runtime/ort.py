@@ -18,3 +18,17 @@ def import_onnxruntime(alternative: str | None = None):
             f"NVIDIA GPU machine){f', or {alternative}' if alternative else ''}"
         ) from e
     return onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    """Whether the installed onnxruntime offers CUDAExecutionProvider (False without onnxruntime).
+
+    From get_available_providers(), which lists the providers the build has without loading their libraries
+    (reading the kernel registry instead loads them all, which crashes GPU machines without TensorRT's).
+    It says nothing about a GPU being there: callers that run on one check that too.
+    """
+    try:
+        ort = import_onnxruntime()
+    except MissingDependencyError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()

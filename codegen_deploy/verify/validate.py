@@ -1,4 +1,5 @@
-"""Check an exported decoder: onnx.checker, then ONNX Runtime (CPU) against the reference model.
+"""Check an exported decoder: onnx.checker, then ONNX Runtime against the reference model (on the CPU provider;
+bfloat16 graphs on the CUDA provider, as the CPU provider has no bfloat16 MatMul).
 
 The same left-padded batch of 2 runs through both: a prompt step (past 0) and several one-token decode
 steps (past > 0) that feed back the reference's greedy tokens, so both see identical inputs at every
@@ -21,7 +22,7 @@ from ..artifacts import io_spec
 from ..dtypes import dtype_name
 from ..errors import ValidationError
 from ..model.reference import CodeGen
-from ..runtime.ort import import_onnxruntime
+from ..runtime.ort import cuda_provider_available, import_onnxruntime
 from .report import Report, Row
 from .tolerance import Tolerance, tolerance_for
 
@@ -195,23 +196,53 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _cpu_session(ort, graph_path: Path):
-    """An ONNX Runtime CPU session on the graph exactly as exported, set up to need little memory."""
+def cuda_bfloat16_missing() -> str | None:
+    """What this machine lacks to validate a bfloat16 graph (ONNX Runtime's CUDA provider and a CUDA GPU with
+    bfloat16 support), or None if it has it."""
+    if not cuda_provider_available():
+        return "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu on an NVIDIA GPU machine)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if not torch.cuda.is_bf16_supported():
+        return f"the GPU ({torch.cuda.get_device_name()}) has no bfloat16 support"
+    return None
+
+
+def validation_providers(dtype: str) -> list[str]:
+    """The execution providers that validate a `dtype` graph: the CPU provider, or the CUDA provider for
+    bfloat16 (raises ValidationError where this machine cannot run it)."""
+    if dtype != "bfloat16":
+        return ["CPUExecutionProvider"]
+    missing = cuda_bfloat16_missing()
+    if missing is not None:
+        raise ValidationError(
+            f"a bfloat16 graph is validated on ONNX Runtime's CUDA provider, and {missing}: export with --no-validate"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _session(ort, graph_path: Path, providers: list[str]):
+    """An ONNX Runtime session on the graph exactly as exported; on the CPU provider, set up to need little memory."""
+    from ..runtime.backends.onnxruntime import provider_options
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The graph exactly as exported, and no constant folding: on CPU, ORT wraps fp16 MatMuls in Casts
     # (no fp16 kernel) and folding those Casts would store every weight again in float32 (2x the
     # fp16 weights: 11 GB on the 2B shape, measured).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # Those Casts have only initializers as inputs: the default order runs them all first, holding every
-    # weight in float32 at once; priority order and no arena keep one at a time (350M fp16: +0.2 GB, not +0.8).
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    options.enable_cpu_mem_arena = False
-    # Without prepacking ORT keeps no second copy of the MatMul weights, and maps external data
-    # instead of reading it: validation then needs little memory beyond the graph itself.
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    if providers[0] == "CPUExecutionProvider":
+        # Those Casts have only initializers as inputs: the default order runs them all first, holding every
+        # weight in float32 at once; priority order and no arena keep one at a time (350M fp16: +0.2 GB, not +0.8).
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        options.enable_cpu_mem_arena = False
+        # Without prepacking ORT keeps no second copy of the MatMul weights, and maps external data
+        # instead of reading it: validation then needs little memory beyond the graph itself.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    # On CUDA, TF32 off: float32 ops stay float32, as on the reference.
+    per_provider = provider_options(providers)
     try:
-        return ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(graph_path), options, providers=providers, provider_options=per_provider)
     except Exception as e:  # ORT raises its own types (Fail, NotImplemented, InvalidGraph)
         raise ValidationError(
             f"ONNX Runtime cannot load the exported {graph_path.name} "
@@ -232,16 +263,43 @@ def _new_report(dtype: str, tolerance: Tolerance, n_layer: int, providers: list[
     )
 
 
-def _compare_steps(session, graph_path: Path, ref: list[_Step], n_layer: int, report: Report) -> None:
+def _ort_value(ort, array: np.ndarray):
+    """An OrtValue over `array`'s memory (contiguous); bfloat16 (ml_dtypes) goes as its bits, since
+    onnxruntime's numpy bridge knows no bfloat16 array."""
+    from onnx import TensorProto
+
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _run_step(ort, session, step: _Step, past: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """One run of `session` on a step's inputs and `past`; its outputs (named `names`) as host arrays.
+
+    Through IO binding, with each output written into a host array shaped like the reference's: that takes
+    bfloat16 outputs, which onnxruntime cannot turn into numpy arrays, and copies CUDA outputs back.
+    """
+    binding = session.io_binding()
+    inputs = {io_spec.INPUT_IDS: step.ids, io_spec.ATTENTION_MASK: step.mask, io_spec.POSITION_IDS: step.positions}
+    inputs.update(zip(io_spec.past_names(len(past) // 2), past, strict=True))
+    for name, array in inputs.items():
+        binding.bind_ortvalue_input(name, _ort_value(ort, array))
+    outputs = [np.empty_like(a, order="C") for a in (step.logits, *step.present)]
+    for name, array in zip(names, outputs, strict=True):
+        binding.bind_ortvalue_output(name, _ort_value(ort, array))
+    session.run_with_iobinding(binding)
+    return outputs
+
+
+def _compare_steps(ort, session, graph_path: Path, ref: list[_Step], n_layer: int, report: Report) -> None:
     """Run the reference's steps through `session`, each step's presents fed back as the next one's past."""
     first = ref[0].present[0]
     past = [np.zeros((*first.shape[:2], 0, first.shape[3]), first.dtype) for _ in range(2 * n_layer)]
     names = [row.name for row in report.rows]
     for step in ref:
-        feed = {io_spec.INPUT_IDS: step.ids, io_spec.ATTENTION_MASK: step.mask, io_spec.POSITION_IDS: step.positions}
-        feed.update(zip(io_spec.past_names(n_layer), past, strict=True))
         try:
-            logits, *present = session.run(names, feed)
+            logits, *present = _run_step(ort, session, step, past, names)
         except Exception as e:
             raise ValidationError(
                 f"ONNX Runtime failed to run the exported {graph_path.name} at past {past[0].shape[2]} "
@@ -273,20 +331,21 @@ def validate_export(
     tolerance: Tolerance | None = None,
     release_model: bool = False,
     check: bool = True,
+    providers: list[str] | None = None,
 ) -> Report:
     """Validate the graph at `graph_path` against `model`; raise ValidationError if over tolerance
     (its `report` attribute holds the report).
 
     tolerance: default, the table's for the model's dtype. release_model: free the model's weights once
     its outputs are computed, so their memory is free before ONNX Runtime loads the graph (the caller
-    must not use the model afterwards). check: run onnx.checker first.
+    must not use the model afterwards). check: run onnx.checker first. providers: ONNX Runtime's execution
+    providers (default: validation_providers(dtype); CUDA runs with TF32 off).
     """
     start = time.perf_counter()
     graph_path = Path(graph_path)
     ort = import_onnxruntime("export with --no-validate")
     dtype = dtype_name(model.dtype)
-    if tolerance is None and dtype == "bfloat16":
-        raise ValidationError(f"ONNX Runtime's CPU provider cannot run {dtype} graphs: export with --no-validate")
+    providers = providers or validation_providers(dtype)
     tolerance = tolerance or tolerance_for(dtype)
     n_layer = model.config.n_layer
     ref = reference_steps(model, steps)
@@ -295,11 +354,11 @@ def validate_export(
     # After the reference is freed: the checker parses a graph with inline weights into ~2x their size.
     if check:
         check_graph(graph_path)
-    session = _cpu_session(ort, graph_path)
+    session = _session(ort, graph_path, providers)
     report = _new_report(dtype, tolerance, n_layer, session.get_providers())
-    _compare_steps(session, graph_path, ref, n_layer, report)
+    _compare_steps(ort, session, graph_path, ref, n_layer, report)
     del session
-    if dtype == "float16":
+    if dtype == "float16" and providers[0] == "CPUExecutionProvider":  # the casts are the CPU provider's
         _note_float32_ops(report, graph_path)
     report.title = (
         f"ONNX Runtime ({', '.join(report.info['providers'])}) vs the reference, {dtype}, left-padded batch of "

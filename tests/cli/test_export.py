@@ -114,7 +114,10 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
     assert sorted(p.name for p in old.iterdir()) == before
 
 
-def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path):
+def test_bfloat16_needs_no_validate(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     line = one_error_line(
         capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--dtype", "bfloat16"]
     )
@@ -168,3 +171,20 @@ def test_full_disk_while_writing_the_fused_graph_is_an_error(tiny_model, tmp_pat
     with tmpfs(tmp_path / "small", "512k") as disk, pytest.raises(ArtifactError, match="No space left on device"):
         pipeline._build_fused(tiny_model, disk, "float", None, notes.append)
     assert notes == []  # not a note and a graph-less export
+
+
+def test_fused_rotary_graph_is_checked_on_cpu_and_recorded(tiny_checkpoint, tmp_path):
+    import onnx
+
+    from codegen_deploy.artifacts import io_spec
+    from codegen_deploy.artifacts.manifest import read_manifest
+
+    out = tmp_path / "graph"
+    assert main(["--model", str(tiny_checkpoint), "--output", str(out), "--fp16", "--fused-rotary", "graph"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["fused_rotary"] == "graph" and manifest["fused_validation"]["passed"]
+    assert manifest["fused_validation"]["greedy_agreement"] == 1.0
+    props = {
+        p.key: p.value for p in onnx.load(str(out / io_spec.FUSED_GRAPH_FILE), load_external_data=False).metadata_props
+    }
+    assert props["rotary"] == "graph"

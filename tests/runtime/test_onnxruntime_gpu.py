@@ -94,18 +94,32 @@ def test_cuda_graphs_give_the_same_tokens(fp16_fused_export):
         np.testing.assert_array_equal(a, e)
 
 
-def test_a_gqa_rotary_fused_graph_is_refused_on_cuda(fp16_export):
+def test_a_gqa_rotary_fused_graph_is_refused_on_cuda(tiny_checkpoint, tmp_path):
     from codegen_deploy.errors import InputError
+    from codegen_deploy.pipeline import export_model
 
+    out = export_model(
+        tiny_checkpoint,
+        tmp_path / "gqa",
+        dtype="float16",
+        validate=False,
+        fused_rotary="gqa",
+        progress=lambda line: None,
+    )
     with pytest.raises(InputError, match="rotary"):
-        open_session("onnxruntime", fp16_export, providers="cuda", graph="fused")
-    with open_session("onnxruntime", fp16_export, providers="cuda") as auto:  # auto takes the plain graph
+        open_session("onnxruntime", out, providers="cuda", graph="fused")
+    with open_session("onnxruntime", out, providers="cuda") as auto:  # auto takes the plain graph
         assert auto.name == "onnxruntime"
 
 
 def test_fp16_export_end_to_end_on_a_gpu_machine(tiny_checkpoint, tmp_path):
+    from codegen_deploy.artifacts.manifest import read_manifest
     from codegen_deploy.pipeline import export_model
 
     out = export_model(tiny_checkpoint, tmp_path / "fp16", dtype="float16", progress=lambda line: None)
+    assert read_manifest(out)["fused_rotary"] == "graph"  # auto: the variant the CUDA provider runs
     with open_session("onnxruntime", out, providers="cuda", graph="plain") as session:
+        assert np.isfinite(session.prefill(np.array([PROMPTS[0]]))).all()
+    with open_session("onnxruntime", out, providers="cuda") as session:
+        assert session.name == "onnxruntime-fused" and session.device == "cuda"
         assert np.isfinite(session.prefill(np.array([PROMPTS[0]]))).all()

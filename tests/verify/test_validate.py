@@ -1,12 +1,13 @@
 """Export validation's parts that the pipeline tests do not reach: which ops ONNX Runtime's CPU provider runs
 in float32, learnt without ORT's kernel registry (reading it kills GPU processes), and 'unknown' when it
-cannot be learnt."""
+cannot be learnt; which provider validates which dtype (bfloat16: CUDA), and bfloat16 arrays through ORT."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -61,3 +62,54 @@ def test_weightless_model_keeps_nodes_and_drops_weights(fp16_export):
     assert [n.name for n in original.node] == [n.name for n in model.graph.node][-len(original.node) :]
     assert model.ByteSize() < (fp16_export / io_spec.DATA_FILE).stat().st_size
     assert all(t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) for t in model.graph.initializer)
+
+
+@pytest.fixture
+def providers(monkeypatch):
+    """Set the providers this onnxruntime offers: providers(["CUDAExecutionProvider", ...])."""
+    import onnxruntime
+
+    return lambda names: monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(names))
+
+
+def test_bfloat16_validates_on_cuda_only_where_it_can_run(providers, monkeypatch):
+    from codegen_deploy.errors import ValidationError
+
+    assert validate.validation_providers("float16") == ["CPUExecutionProvider"]
+    providers(["CPUExecutionProvider"])
+    assert "no CUDAExecutionProvider" in validate.cuda_bfloat16_missing()
+    with pytest.raises(ValidationError, match="CUDA provider, and this onnxruntime has no CUDAExecutionProvider"):
+        validate.validation_providers("bfloat16")
+    providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert validate.cuda_bfloat16_missing() == "no CUDA GPU is visible"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args: False)
+    assert validate.cuda_bfloat16_missing() == "the GPU (Tesla V100) has no bfloat16 support"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args: True)
+    assert validate.cuda_bfloat16_missing() is None
+    assert validate.validation_providers("bfloat16") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_bfloat16_arrays_are_fed_and_fetched_through_io_binding():
+    import ml_dtypes
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    bf16 = TensorProto.BFLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", bf16, [2, 3])],
+        [helper.make_tensor_value_info("y", bf16, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(-3, 3, dtype=np.float32).reshape(3, 2).T.astype(ml_dtypes.bfloat16) / 4  # not contiguous
+    y = np.zeros((2, 3), ml_dtypes.bfloat16)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", validate._ort_value(ort, x))
+    binding.bind_ortvalue_output("y", validate._ort_value(ort, y))
+    session.run_with_iobinding(binding)
+    np.testing.assert_array_equal(y, x)
