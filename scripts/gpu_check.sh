@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of ONNX Runtime's CUDA path, in one device call on a lent H100/H200 (after the onnxruntime-gpu
-# parts are staged as ../shared/tools/ort-gpu/README.md describes). Run from the project root:
-#   bash .gpu/unpack.sh && source .gpu/env.sh && bash scripts/gpu_check.sh        (writes into $OUT)
+# The GPU checks of ONNX Runtime's CUDA path in one run, on a machine with an NVIDIA GPU, onnxruntime-gpu and a
+# CUDA build of torch. Run from the project root (results go into $OUT):
+#   OUT=/tmp/gpu-out bash scripts/gpu_check.sh
 # 1. the GPU tests (fp32 TF32-off and fp16 parity, fused vs plain, CUDA graphs on vs off, fp16 export with the
 #    fused graph's rotary chosen for CUDA, bfloat16 export validated on the CUDA provider);
 # 2. benchmarks/gpu_decode.py on the 350M shape at batch 1 and 8 (and 2B at batch 1 when time allows).
