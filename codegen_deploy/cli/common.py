@@ -40,6 +40,22 @@ def device_options(args) -> dict:
     }
 
 
+def session_options(args, backend: str, dtype=None) -> dict:
+    """backend_options() for `backend` from the session arguments the runtime commands share (threads,
+    providers, graph, verify and the device options); arguments a command lacks count as unset."""
+    from ..runtime.backends import backend_options
+
+    return backend_options(
+        backend,
+        threads=getattr(args, "threads", None),
+        providers=getattr(args, "providers", None),
+        graph=getattr(args, "graph", None),
+        verify=getattr(args, "verify", None),
+        dtype=dtype,
+        **device_options(args),
+    )
+
+
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so `finally` blocks and the atomic writes' cleanup run."""
 

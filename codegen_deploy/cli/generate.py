@@ -9,7 +9,7 @@ import time
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
-from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, int_at_least, run, session_options
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.backends import backend_options, context_of, default_backend, open_session
+    from ..runtime.backends import context_of, default_backend, open_session
     from ..runtime.generate import GenerationConfig, Timings, check_prompt_fits, generate, stream
     from ..runtime.sampling import SamplingConfig
 
@@ -93,15 +93,7 @@ def command(argv: list[str] | None) -> int:
     )
     backend = args.backend or default_backend(args.path)
     target = args.reference if backend == "torch" and args.reference else args.path
-    options = backend_options(
-        backend,
-        threads=args.threads,
-        providers=args.providers,
-        graph=args.graph,
-        **device_options(args),
-        verify=args.verify,
-        dtype=torch_dtype(args.dtype) if args.dtype else None,
-    )
+    options = session_options(args, backend, dtype=torch_dtype(args.dtype) if args.dtype else None)
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)
     check_prompt_fits(tokenizer.encode(prompt), config.max_new_tokens, context_of(target))

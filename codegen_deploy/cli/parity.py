@@ -16,10 +16,10 @@ from .common import (
     VERIFY_HELP,
     ArgumentParser,
     add_device_options,
-    device_options,
     float_in,
     int_at_least,
     run,
+    session_options,
 )
 
 
@@ -89,7 +89,7 @@ def default_tolerance(session, path: str, tf32: bool = False):
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.backends import BACKENDS, backend_options, open_session
+    from ..runtime.backends import BACKENDS, open_session
     from ..verify.parity import compare_sessions
     from ..verify.prompts import load_prompts
 
@@ -106,15 +106,7 @@ def command(argv: list[str] | None) -> int:
     sessions, reference_dtype = [], torch_dtype(args.reference_dtype)
     for backend in backends:
         target = args.reference if backend == "torch" and args.reference else args.path
-        options = backend_options(
-            backend,
-            threads=args.threads,
-            providers=args.providers,
-            graph=args.graph,
-            **device_options(args),
-            verify=args.verify,
-            dtype=reference_dtype,
-        )
+        options = session_options(args, backend, dtype=reference_dtype)
         start = time.perf_counter()
         sessions.append(open_session(backend, target, **options))
         print(f"opened {backend} on {target} in {time.perf_counter() - start:.1f} s", file=log, flush=True)
