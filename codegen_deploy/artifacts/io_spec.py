@@ -77,13 +77,19 @@ def check_decoder_io(
     where: str,
     fix: str = "export it again with codegen-export",
     ordered: bool = False,
+    fused: bool = False,
 ) -> None:
-    """Raise a one-line ArtifactError unless `names_in` / `names_out` are the plain decoder's input and output
-    names for `n_layer` layers (in graph order too when `ordered`). where: the graph or engine, for the
-    message; fix: what to do about it."""
+    """Raise a one-line ArtifactError unless `names_in` / `names_out` are the plain (or, with `fused`, the fused)
+    decoder's input and output names for `n_layer` layers (in graph order too when `ordered`). where: the
+    graph or engine, for the message; fix: what to do about it."""
+    names_in, names_out = list(names_in), list(names_out)
+    layers = {n.split(".")[1] for n in names_in if n.startswith("past_key_values.")}
+    # The likeliest damage: a model config that does not belong to the graph.
+    layer_note = f" (it has cache inputs for {len(layers)} layers but the model config says n_layer {n_layer})"
+    want_in = fused_input_names(n_layer) if fused else decoder_input_names(n_layer)
     for kind, got, want in (
-        ("inputs", list(names_in), decoder_input_names(n_layer)),
-        ("outputs", list(names_out), decoder_output_names(n_layer)),
+        ("inputs", names_in, want_in),
+        ("outputs", names_out, decoder_output_names(n_layer)),
     ):
         if got == want or (not ordered and sorted(got) == sorted(want)):
             continue
@@ -91,7 +97,8 @@ def check_decoder_io(
         extra = [n for n in got if n not in want]
         parts = [f"{what} {_few(names)}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
         problem = ", ".join(parts) or f"in another order: {_few(got)}"
-        raise ArtifactError(f"{where} does not have the {n_layer}-layer decoder's {kind} ({problem}): {fix}")
+        note = layer_note if kind == "inputs" and len(layers) != n_layer else ""
+        raise ArtifactError(f"{where} does not have the {n_layer}-layer decoder's {kind} ({problem}): {fix}{note}")
 
 
 def _few(names: list[str]) -> str:
@@ -126,6 +133,11 @@ FUSED_DATA_FILE = "decoder_fused.onnx.data"
 SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this run, minus one (GQA's convention)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
 MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
+
+
+def fused_input_names(n_layer: int) -> list[str]:
+    """The fused decoder's input names in graph order."""
+    return [INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *past_names(n_layer)]
 
 
 def fused_decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:

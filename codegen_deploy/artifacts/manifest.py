@@ -85,15 +85,16 @@ def check_manifest(manifest: dict, path: Path | str = MANIFEST_FILE) -> None:
         ):
             raise ArtifactError(f"{path}: the entry of {rel} lacks bytes or sha256: the manifest is damaged")
     config = manifest_config(manifest, path)
-    for key in ("inputs", "fused_inputs"):
-        entries = manifest.get(key)
-        if entries is None:
+    for inputs, outputs, fused in (("inputs", "outputs", False), ("fused_inputs", "fused_outputs", True)):
+        if manifest.get(inputs) is None:
             continue
         try:
-            names = {e["name"] for e in entries}
+            names_in = [e["name"] for e in manifest[inputs]]
+            names_out = [e["name"] for e in manifest.get(outputs) or []]
         except (TypeError, KeyError) as e:
-            raise ArtifactError(f"{path}: {key!r} is not a list of named tensors: the manifest is damaged") from e
-        check_graph_inputs(names, config.n_layer, f"{path} ({key})")
+            raise ArtifactError(f"{path}: {inputs!r} is not a list of named tensors: the manifest is damaged") from e
+        fix = "the manifest or the graph was changed, export again"
+        io_spec.check_decoder_io(names_in, names_out, config.n_layer, f"{path} ({inputs})", fix=fix, fused=fused)
 
 
 def require_entries(manifest: dict, keys, path: Path | str = MANIFEST_FILE) -> None:
@@ -101,16 +102,6 @@ def require_entries(manifest: dict, keys, path: Path | str = MANIFEST_FILE) -> N
     missing = [k for k in keys if k not in manifest]
     if missing:
         raise ArtifactError(f"{path} has no {', '.join(missing)} entry: the manifest is damaged, export again")
-
-
-def check_graph_inputs(names, n_layer: int, where: str | Path) -> None:
-    """Refuse a graph whose cache inputs are not those of `n_layer` layers (names: the graph's input names)."""
-    layers = {n.split(".")[1] for n in names if n.startswith("past_key_values.")}
-    if set(io_spec.past_names(n_layer)) - set(names) or len(layers) != n_layer:
-        raise ArtifactError(
-            f"{where} has cache inputs for {len(layers)} layers but the model config says n_layer {n_layer}: "
-            "the manifest or the graph was changed, export again"
-        )
 
 
 def verify_files(folder: Path, manifest: dict, verify: str = "size") -> None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.artifacts.manifest import BackgroundVerification, check_graph_inputs, read_manifest
+from codegen_deploy.artifacts.manifest import BackgroundVerification, read_manifest
 from codegen_deploy.errors import ArtifactError
 from codegen_deploy.runtime.backends import open_session
 
@@ -75,10 +75,10 @@ def test_damaged_manifest_is_one_error(export_copy, change, message):
 
 
 def test_graph_inputs_must_match_n_layer():
-    names = ["input_ids", *io_spec.past_names(2)]
-    check_graph_inputs(names, 2, "g")
+    names_in, names_out = io_spec.fused_input_names(2), io_spec.decoder_output_names(2)
+    io_spec.check_decoder_io(names_in, names_out, 2, "g", fused=True)
     with pytest.raises(ArtifactError, match="cache inputs for 2 layers but the model config says n_layer 1"):
-        check_graph_inputs(names, 1, "g")
+        io_spec.check_decoder_io(names_in, names_out, 1, "g", fused=True)
 
 
 def test_background_verification_reports_in_the_caller(export_copy):

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from ...artifacts import io_spec
-from ...artifacts.manifest import check_graph_inputs
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
 from ...memory import lazy_zeros
@@ -158,7 +157,10 @@ class FusedOrtSession(Session):
         self._ort = ort
         provider_kwargs = {"device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}
         self._session = create_session(ort, graph, options, self.providers, **provider_kwargs)
-        check_graph_inputs([i.name for i in self._session.get_inputs()], config.n_layer, graph)
+        names_in, names_out = (
+            [v.name for v in values] for values in (self._session.get_inputs(), self._session.get_outputs())
+        )
+        io_spec.check_decoder_io(names_in, names_out, config.n_layer, str(graph), fused=True)
         meta = self._session.get_modelmeta().custom_metadata_map
         if meta.get(_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
             self.max_context = min(self.max_context, int(meta[_MAX_CONTEXT_KEY]))
