@@ -1,4 +1,4 @@
-"""Issue 4's measurement: decode speed, time to first token and peak RSS of the ONNX Runtime loops
+"""Decode speed, time to first token and peak RSS of the ONNX Runtime loops
 against transformers' CodeGenForCausalLM.generate on the same random 350M-shape weights.
 
 In one run, each in a process of its own (so peak RSS is its own), at each context length:
