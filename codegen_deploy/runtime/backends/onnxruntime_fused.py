@@ -37,9 +37,6 @@ from ..ort import import_onnxruntime
 from ..session import Session
 from .onnxruntime import choose_providers, create_session, device_of
 
-# Metadata the fused graph builder writes into the graph (runtime code does not import the builder).
-_MAX_CONTEXT_KEY, _ROTARY_KEY = "max_context", "rotary"
-
 
 def cuda_unsupported_reason(cache_dtype: str, rotary: str) -> str | None:
     """Why a fused graph cannot run on ONNX Runtime's CUDA provider, or None if it can.
@@ -162,9 +159,10 @@ class FusedOrtSession(Session):
         )
         io_spec.check_decoder_io(names_in, names_out, config.n_layer, str(graph), fused=True)
         meta = self._session.get_modelmeta().custom_metadata_map
-        if meta.get(_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
-            self.max_context = min(self.max_context, int(meta[_MAX_CONTEXT_KEY]))
-        self.rotary = meta.get(_ROTARY_KEY, "gqa")  # graphs written before the variant existed: inside GQA
+        if meta.get(io_spec.FUSED_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
+            self.max_context = min(self.max_context, int(meta[io_spec.FUSED_MAX_CONTEXT_KEY]))
+        # Graphs written before the rotary variant existed apply it inside GQA.
+        self.rotary = meta.get(io_spec.FUSED_ROTARY_KEY, "gqa")
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
         if self.providers[0] == "CUDAExecutionProvider":
