@@ -197,10 +197,9 @@ class FusedOrtSession(Session):
         ort, device, device_id = self._ort, self.device, self.device_id
         shape = (rows, c.n_head, self.max_context, c.head_dim)
         # On a GPU the cache is not zeroed: GQA reads each row's first seqlens_k + 1 positions only.
-        cache = [_Buffer(ort, shape, self.cache_dtype, device, device_id, host=False) for _ in self._names]
-        self._cache_buffers = cache
-        self._cache_values = [b.value for b in cache]
-        self._cache = [b.host for b in cache]  # numpy views on the CPU provider, None on a GPU
+        self._cache_buffers = [
+            _Buffer(ort, shape, self.cache_dtype, device, device_id, host=False) for _ in self._names
+        ]
         self._seqlens_buffer = _Buffer(ort, (rows,), np.int32, device, device_id)
         self._step_ids_buffer = _Buffer(ort, (rows, 1), np.int64, device, device_id)
         self._logits_buffer = _Buffer(ort, (rows, c.vocab_size), np.float32, device, device_id)
@@ -212,9 +211,9 @@ class FusedOrtSession(Session):
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        for past, present, value in zip(self._names, self._present, self._cache_values, strict=True):
-            b.bind_ortvalue_input(past, value)
-            b.bind_ortvalue_output(present, value)  # the same buffer: GQA writes the new positions in place
+        for past, present, cache in zip(self._names, self._present, self._cache_buffers, strict=True):
+            b.bind_ortvalue_input(past, cache.value)
+            b.bind_ortvalue_output(present, cache.value)  # the same buffer: GQA writes the new positions in place
         b.bind_ortvalue_input(io_spec.SEQLENS_K, self._seqlens_buffer.value)
         b.bind_ortvalue_input(io_spec.TOTAL_SEQUENCE_LENGTH, self._total_buffer.value)
         b.bind_ortvalue_output(io_spec.LOGITS, self._logits_buffer.value)
@@ -337,7 +336,5 @@ class FusedOrtSession(Session):
     def close(self) -> None:
         self._binding = None
         self._session = None
-        self._cache = []
-        self._cache_values = []
         self._cache_buffers = []
         self._slot_cache, self._slot_step_bindings = [], {}
