@@ -63,7 +63,8 @@ class _Buffer:
             self.host = np.zeros(shape, dtype) if host else None
             self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, device_id)
         else:
-            # np.zeros maps untouched pages lazily: a cache grows with its filled part, not max_context.
+            # np.zeros maps untouched pages lazily, but numpy asks for 2 MB huge pages on large arrays, so
+            # this cache becomes resident in 2 MB steps (the row slots use memory.lazy_zeros, 4 KB steps).
             self.host = np.zeros(shape, dtype)
             self.value = ort.OrtValue.ortvalue_from_numpy(self.host)
 
