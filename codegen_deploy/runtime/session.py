@@ -178,7 +178,8 @@ class Session(ABC):
         raise NotImplementedError
 
     def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab].
+        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab]
+        (it may be a buffer the next step overwrites: step_slots() copies out the rows it returns).
 
         Only rows with active[i] count: the others (free slots, or busy slots not stepped now) may be run
         as dummies but must keep the cache they had below their length.

@@ -293,7 +293,7 @@ class FusedOrtSession(Session):
         self._slot_seqlens[:n] = np.minimum(lengths, self.max_context - 1)
         self._slot_total[...] = int(self._slot_seqlens[:n].max()) + 1
         self._session.run_with_iobinding(binding)
-        return self._slot_logits[:n].copy()
+        return self._slot_logits[:n]  # a view: step_slots() copies out the stepped rows
 
     # -- Session -------------------------------------------------------------------------------------------
 
