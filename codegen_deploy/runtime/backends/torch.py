@@ -210,7 +210,7 @@ class TorchSession(Session):
         with torch.inference_mode():
             ids = torch.from_numpy(tokens[:, None]).to(self.device)  # [n, 1]
             pos = torch.from_numpy(np.minimum(lengths, self.max_context - 1)[:, None]).to(self.device)  # [n, 1]
-            bias = attention_bias(torch.from_numpy(mask.astype(np.int64)).to(self.device), 1)  # [n, 1, 1, total]
+            bias = attention_bias(torch.from_numpy(mask).to(self.device), 1)  # [n, 1, 1, total]
             return self._run_layers(ids, pos, bias, store)
 
     def _step(self, input_ids, attention_mask, position_ids):
