@@ -23,8 +23,14 @@ from ..errors import ArtifactError, CodegenDeployError
 # errno values that only writing produces: a full disk, a quota, a read-only file system, a too-large file.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # What other libraries (safetensors, onnx, protobuf) put in their messages for the same failures.
-_WRITE_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded", "File too large",
-                   "StorageFull", "ReadOnlyFilesystem")  # fmt: skip
+_WRITE_MESSAGES = (
+    "No space left on device",
+    "Read-only file system",
+    "Disk quota exceeded",
+    "File too large",
+    "StorageFull",
+    "ReadOnlyFilesystem",
+)
 # numpy's tofile (onnx_ir writes weights with it) reports a failed fwrite without its errno.
 _NUMPY_WRITE = "problem writing element"
 

@@ -133,6 +133,8 @@ FUSED_DATA_FILE = "decoder_fused.onnx.data"
 SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this run, minus one (GQA's convention)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
 MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
+# The fused graph's metadata_props: where its rotary tables end, its weights file, its rotary variant.
+FUSED_MAX_CONTEXT_KEY, FUSED_WEIGHTS_KEY, FUSED_ROTARY_KEY = "max_context", "weights", "rotary"
 
 
 def fused_input_names(n_layer: int) -> list[str]:

@@ -44,7 +44,6 @@ from .layers import F32, I64, decoder, rotate_qk
 from .layers import rotary as rotary_inputs
 from .quantize import WEIGHT_FORMATS
 
-MAX_CONTEXT_KEY, WEIGHTS_KEY, ROTARY_KEY = "max_context", "weights", "rotary"  # the graph's metadata_props
 # Where the rotary embedding is applied: inside GroupQueryAttention, or by plain ops before it.
 ROTARY_VARIANTS = ("gqa", "graph")
 
@@ -187,7 +186,8 @@ def build_fused_graph(
     doc = "CodeGen decoder fused for ONNX Runtime (GroupQueryAttention, in-place cache buffers)"
     proto = make_model(g, "codegen_decoder_fused", inputs, outputs, opset=OPSET, domains=(MS_DOMAIN,), doc=doc)
     # The rotary tables end here: a session must not hold a longer context (FusedOrtSession reads this).
-    helper.set_model_props(proto, {MAX_CONTEXT_KEY: str(positions), WEIGHTS_KEY: weights, ROTARY_KEY: rotary})
+    props = {io_spec.FUSED_MAX_CONTEXT_KEY: str(positions), io_spec.FUSED_WEIGHTS_KEY: weights}
+    helper.set_model_props(proto, {**props, io_spec.FUSED_ROTARY_KEY: rotary})
     return proto
 
 

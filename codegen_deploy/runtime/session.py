@@ -31,6 +31,7 @@ class Session(ABC):
         self._mask_buffer: np.ndarray | None = None  # [B, max_context] int64; the first `length` columns are used
         self._length = 0
         self._next_position: np.ndarray | None = None  # [B, 1] int64
+        self._slot_lengths: np.ndarray | None = None  # [slots] int64 tokens in each slot's cache (0 = free)
 
     @property
     def length(self) -> int:
@@ -102,13 +103,12 @@ class Session(ABC):
         if self.max_batch is not None and rows > self.max_batch:
             raise InputError(f"{rows} row slots exceed this session's maximum batch {self.max_batch}")
         self._open_slots(int(rows))
-        self._slot_lengths = np.zeros(int(rows), np.int64)  # tokens in each slot's cache; 0 = free
+        self._slot_lengths = np.zeros(int(rows), np.int64)
 
     @property
     def slot_count(self) -> int:
         """Row slots opened by open_slots() (0 before)."""
-        lengths = getattr(self, "_slot_lengths", None)
-        return 0 if lengths is None else len(lengths)
+        return 0 if self._slot_lengths is None else len(self._slot_lengths)
 
     def slot_length(self, slot: int) -> int:
         """Tokens in a slot's cache (0: free)."""
@@ -178,7 +178,8 @@ class Session(ABC):
         raise NotImplementedError
 
     def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab].
+        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab]
+        (it may be a buffer the next step overwrites: step_slots() copies out the rows it returns).
 
         Only rows with active[i] count: the others (free slots, or busy slots not stepped now) may be run
         as dummies but must keep the cache they had below their length.

@@ -186,7 +186,6 @@ class _Choice:
 
 def _row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
     """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order."""
-    settings = state.settings
     body.check()
     prompts = []
     for i, p in enumerate(body.prompts()):
@@ -208,10 +207,11 @@ def _row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[i
                 "context_length_exceeded",
             )
     n = body.n or 1
-    if len(prompts) * n > settings.max_queue + settings.max_batch:
+    holds = state.batcher.max_queue + state.batcher.max_batch
+    if len(prompts) * n > holds:
         raise bad_request(
             f"{len(prompts)} prompts x n={n} make {len(prompts) * n} rows, more than this server ever holds "
-            f"({settings.max_queue + settings.max_batch}): send fewer prompts or a smaller n",
+            f"({holds}): send fewer prompts or a smaller n",
             "n",
         )
     bias = []

@@ -237,13 +237,16 @@ class BatchEngine:
 class Batcher:
     """The scheduler: a bounded queue of waiting rows and one worker thread that runs the model.
 
-    max_batch: rows running at once (row slots); max_queue: rows waiting at most (submit raises
-    QueueFull beyond). metrics: a serve.metrics.Metrics or None.
+    max_batch: rows running at once (row slots), at most the session's own max_batch (a TensorRT engine's
+    built batch); max_queue: rows waiting at most (submit raises QueueFull beyond). metrics: a
+    serve.metrics.Metrics or None.
     """
 
     def __init__(self, session: Session, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None):
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if session.max_batch is not None:
+            max_batch = min(max_batch, session.max_batch)  # a larger batch would fail every row it holds
         self.session = session
         self.tokenizer = tokenizer
         self.eos = {tokenizer.eos_token_id}

@@ -64,6 +64,25 @@ def test_rows_joining_at_different_steps_equal_generate_alone(session, fp32_expo
     assert batcher.active_rows == 0 and batcher.queue_depth == 0
 
 
+def test_batch_fallback_keeps_within_the_sessions_max_batch(fp32_export):
+    # A session built for fewer rows than asked (a TensorRT engine's max_batch) bounds the batch: no row fails.
+    tokenizer = load_tokenizer(fp32_export)
+    with open_session("onnxruntime", fp32_export, threads=1, graph="plain", max_batch=2) as session:
+        expected = [generate(session, tokenizer, p, max_new_tokens=4).text for p in PROMPTS[:3]]
+        batcher = Batcher(session, tokenizer, max_batch=3, max_queue=8)
+        assert batcher.max_batch == 2
+        batcher.start()
+        try:
+            sinks = [Collector() for _ in range(3)]
+            batcher.submit([RowSpec(tuple(tokenizer.encode(p)), 4) for p in PROMPTS[:3]], sinks)
+            for s in sinks:
+                assert s.done.wait(30)
+        finally:
+            batcher.stop()
+    assert [s.error for s in sinks] == [None] * 3
+    assert [s.text for s in sinks] == expected
+
+
 def test_cancel_full_queue_and_sampling_rows(fp32_export):
     tokenizer = load_tokenizer(fp32_export)
     with open_session("onnxruntime", fp32_export, threads=1) as session:

@@ -37,9 +37,6 @@ from ..ort import import_onnxruntime
 from ..session import Session
 from .onnxruntime import choose_providers, create_session, device_of
 
-# Metadata the fused graph builder writes into the graph (runtime code does not import the builder).
-_MAX_CONTEXT_KEY, _ROTARY_KEY = "max_context", "rotary"
-
 
 def cuda_unsupported_reason(cache_dtype: str, rotary: str) -> str | None:
     """Why a fused graph cannot run on ONNX Runtime's CUDA provider, or None if it can.
@@ -66,7 +63,8 @@ class _Buffer:
             self.host = np.zeros(shape, dtype) if host else None
             self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, device_id)
         else:
-            # np.zeros maps untouched pages lazily: a cache grows with its filled part, not max_context.
+            # np.zeros maps untouched pages lazily, but numpy asks for 2 MB huge pages on large arrays, so
+            # this cache becomes resident in 2 MB steps (the row slots use memory.lazy_zeros, 4 KB steps).
             self.host = np.zeros(shape, dtype)
             self.value = ort.OrtValue.ortvalue_from_numpy(self.host)
 
@@ -162,9 +160,10 @@ class FusedOrtSession(Session):
         )
         io_spec.check_decoder_io(names_in, names_out, config.n_layer, str(graph), fused=True)
         meta = self._session.get_modelmeta().custom_metadata_map
-        if meta.get(_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
-            self.max_context = min(self.max_context, int(meta[_MAX_CONTEXT_KEY]))
-        self.rotary = meta.get(_ROTARY_KEY, "gqa")  # graphs written before the variant existed: inside GQA
+        if meta.get(io_spec.FUSED_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
+            self.max_context = min(self.max_context, int(meta[io_spec.FUSED_MAX_CONTEXT_KEY]))
+        # Graphs written before the rotary variant existed apply it inside GQA.
+        self.rotary = meta.get(io_spec.FUSED_ROTARY_KEY, "gqa")
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
         if self.providers[0] == "CUDAExecutionProvider":
@@ -199,10 +198,9 @@ class FusedOrtSession(Session):
         ort, device, device_id = self._ort, self.device, self.device_id
         shape = (rows, c.n_head, self.max_context, c.head_dim)
         # On a GPU the cache is not zeroed: GQA reads each row's first seqlens_k + 1 positions only.
-        cache = [_Buffer(ort, shape, self.cache_dtype, device, device_id, host=False) for _ in self._names]
-        self._cache_buffers = cache
-        self._cache_values = [b.value for b in cache]
-        self._cache = [b.host for b in cache]  # numpy views on the CPU provider, None on a GPU
+        self._cache_buffers = [
+            _Buffer(ort, shape, self.cache_dtype, device, device_id, host=False) for _ in self._names
+        ]
         self._seqlens_buffer = _Buffer(ort, (rows,), np.int32, device, device_id)
         self._step_ids_buffer = _Buffer(ort, (rows, 1), np.int64, device, device_id)
         self._logits_buffer = _Buffer(ort, (rows, c.vocab_size), np.float32, device, device_id)
@@ -214,9 +212,9 @@ class FusedOrtSession(Session):
         b = self._binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        for past, present, value in zip(self._names, self._present, self._cache_values, strict=True):
-            b.bind_ortvalue_input(past, value)
-            b.bind_ortvalue_output(present, value)  # the same buffer: GQA writes the new positions in place
+        for past, present, cache in zip(self._names, self._present, self._cache_buffers, strict=True):
+            b.bind_ortvalue_input(past, cache.value)
+            b.bind_ortvalue_output(present, cache.value)  # the same buffer: GQA writes the new positions in place
         b.bind_ortvalue_input(io_spec.SEQLENS_K, self._seqlens_buffer.value)
         b.bind_ortvalue_input(io_spec.TOTAL_SEQUENCE_LENGTH, self._total_buffer.value)
         b.bind_ortvalue_output(io_spec.LOGITS, self._logits_buffer.value)
@@ -295,7 +293,7 @@ class FusedOrtSession(Session):
         self._slot_seqlens[:n] = np.minimum(lengths, self.max_context - 1)
         self._slot_total[...] = int(self._slot_seqlens[:n].max()) + 1
         self._session.run_with_iobinding(binding)
-        return self._slot_logits[:n].copy()
+        return self._slot_logits[:n]  # a view: step_slots() copies out the stepped rows
 
     # -- Session -------------------------------------------------------------------------------------------
 
@@ -339,7 +337,5 @@ class FusedOrtSession(Session):
     def close(self) -> None:
         self._binding = None
         self._session = None
-        self._cache = []
-        self._cache_values = []
         self._cache_buffers = []
         self._slot_cache, self._slot_step_bindings = [], {}

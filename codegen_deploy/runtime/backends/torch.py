@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...dtypes import dtype_name
 from ...errors import CheckpointError
 from ...memory import lazy_zeros
 from ..session import Session
@@ -142,12 +143,11 @@ class TorchSession(Session):
 
         c = self.model.config
         shape = (rows, c.n_head, self.max_context, c.head_dim)
-        numpy_dtypes = {torch.float32: np.float32, torch.float16: np.float16}  # numpy has no bfloat16
-        dtype = numpy_dtypes.get(self.model.dtype) if self.device.type == "cpu" else None
+        name = dtype_name(self.model.dtype)
 
         def buffer():
-            if dtype is not None:  # resident as it fills, not max_context per slot
-                return torch.from_numpy(lazy_zeros(shape, dtype))
+            if self.device.type == "cpu" and name != "bfloat16":  # resident as it fills (numpy has no bfloat16)
+                return torch.from_numpy(lazy_zeros(shape, np.dtype(name)))
             return torch.zeros(shape, dtype=self.model.dtype, device=self.device)
 
         self._slot_keys = [buffer() for _ in range(c.n_layer)]
@@ -210,7 +210,7 @@ class TorchSession(Session):
         with torch.inference_mode():
             ids = torch.from_numpy(tokens[:, None]).to(self.device)  # [n, 1]
             pos = torch.from_numpy(np.minimum(lengths, self.max_context - 1)[:, None]).to(self.device)  # [n, 1]
-            bias = attention_bias(torch.from_numpy(mask.astype(np.int64)).to(self.device), 1)  # [n, 1, 1, total]
+            bias = attention_bias(torch.from_numpy(mask).to(self.device), 1)  # [n, 1, 1, total]
             return self._run_layers(ids, pos, bias, store)
 
     def _step(self, input_ids, attention_mask, position_ids):
