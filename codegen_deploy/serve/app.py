@@ -82,8 +82,10 @@ class ServerState:
         self.batcher.start()
 
     def close(self) -> None:
-        self.batcher.stop()
-        self.session.close()
+        # A step still running holds the session's buffers (ONNX Runtime writes to their addresses): closing
+        # the session under it could crash the process, so a worker that did not end keeps the session.
+        if self.batcher.stop():
+            self.session.close()
 
 
 def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: ServerState | None = None) -> FastAPI:

@@ -268,12 +268,14 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the worker after its current step; waiting and running rows get an error update."""
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop the worker after its current step; waiting and running rows get an error update. Returns
+        whether the worker has ended (a step still running after `timeout` seconds keeps it alive)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     def submit(self, specs: list[RowSpec], sinks: list[Callable[[RowUpdate], None]]) -> list[Row]:
         """Queue rows (all or none); raises QueueFull when they do not fit in the queue."""

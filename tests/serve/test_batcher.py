@@ -111,3 +111,25 @@ def test_cancel_full_queue_and_sampling_rows(fp32_export):
         assert len(long.tokens) < 200 and not waiting.tokens
         assert sampled[0].text == sampled[1].text and len(sampled[0].tokens) == 10
         assert batcher.active_rows == 0
+
+
+def test_stop_says_whether_a_running_step_has_ended(fp32_export, tiny_checkpoint):
+    # The server closes its session only after the worker has ended: a step still running writes into it.
+    tokenizer = load_tokenizer(fp32_export)
+    entered, release = threading.Event(), threading.Event()
+    with open_session("torch", tiny_checkpoint, threads=1) as session:
+        step = session._step_slots
+
+        def held_step(*args):
+            entered.set()
+            release.wait(30)
+            return step(*args)
+
+        session._step_slots = held_step
+        batcher = Batcher(session, tokenizer, max_batch=2, max_queue=2)
+        batcher.start()
+        batcher.submit([RowSpec(tuple(tokenizer.encode("x = 1")), 4)], [Collector()])
+        assert entered.wait(30)
+        assert batcher.stop(timeout=0.2) is False
+        release.set()
+        assert batcher.stop() is True
