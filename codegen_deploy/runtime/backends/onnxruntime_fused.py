@@ -165,7 +165,10 @@ class FusedOrtSession(Session):
         # Graphs written before the rotary variant existed apply it inside GQA.
         self.rotary = meta.get(io_spec.FUSED_ROTARY_KEY, "gqa")
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
-        self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
+        cache_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        if cache_type not in cache_dtypes:
+            raise ArtifactError(f"{graph} has a {cache_type} cache: the fused session runs float32 and float16 graphs")
+        self.cache_dtype = cache_dtypes[cache_type]
         if self.providers[0] == "CUDAExecutionProvider":
             reason = cuda_unsupported_reason(np.dtype(self.cache_dtype).name, self.rotary)
             if reason:
