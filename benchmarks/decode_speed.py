@@ -5,7 +5,7 @@ In one run, each in a process of its own (so peak RSS is its own), at each conte
   transformers       CodeGenForCausalLM.generate(use_cache=True, greedy), torch threads = --threads
   ort-naive          plain graph, numpy feeds and fetches every step (no IO binding)
   ort-plain-binding  plain graph with IO binding (cache stays in ORT memory, still grown by Concat)
-  ort-fused          fused graph: GroupQueryAttention, cache buffers written in place (build/fused.py)
+  ort-fused          fused graph: GroupQueryAttention, cache buffers written in place (export/fused.py)
 Prints a table and writes JSON (default benchmarks/results/decode_speed.json).
 
     python benchmarks/decode_speed.py                       # makes and exports the checkpoint under --work
@@ -100,9 +100,8 @@ def transformers_worker(args: dict) -> dict:
 def prepare(work: Path, checkpoint: Path | None, tokenizer: Path) -> tuple[Path, Path]:
     """(checkpoint, export folder with the plain and the fused graph), made under `work` when missing."""
     from codegen_deploy.artifacts.io_spec import FUSED_GRAPH_FILE
-    from codegen_deploy.build.fused import add_fused_graph
     from codegen_deploy.model.make_checkpoint import make_checkpoint
-    from codegen_deploy.pipeline import export_model
+    from codegen_deploy.pipeline import add_fused_graph, export_model
 
     if checkpoint is None:
         checkpoint = work / "codegen-350M-random"
@@ -126,7 +125,7 @@ def prepare_int8(export: Path) -> Path:
     """A folder holding only the fused graph with int8 weights (and a manifest naming it), next to `export`."""
     from codegen_deploy.artifacts.io_spec import FUSED_GRAPH_FILE
     from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
-    from codegen_deploy.build.fused import add_fused_graph
+    from codegen_deploy.pipeline import add_fused_graph
 
     folder = export.with_name(export.name + "-fused-int8")
     if not (folder / FUSED_GRAPH_FILE).is_file():

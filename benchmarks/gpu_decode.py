@@ -51,10 +51,9 @@ def prepare(work: Path, shape: str) -> tuple[Path, Path, int]:
     """(checkpoint, fp16 export with the CUDA fused graph, weight bytes) for a random checkpoint of `shape`."""
     import torch
 
-    from codegen_deploy.build.fused import add_fused_graph
     from codegen_deploy.model.make_checkpoint import make_checkpoint
-    from codegen_deploy.model.reference import CodeGen
-    from codegen_deploy.pipeline import export_model
+    from codegen_deploy.model.weights import load_checkpoint
+    from codegen_deploy.pipeline import add_fused_graph, export_model
 
     checkpoint = work / f"ckpt-{shape}"
     if not checkpoint.is_dir():
@@ -62,7 +61,7 @@ def prepare(work: Path, shape: str) -> tuple[Path, Path, int]:
     export = work / f"export-{shape}-fp16"
     if not export.is_dir():
         export_model(checkpoint, export, dtype="float16", fused=False)
-        model = CodeGen.from_pretrained(checkpoint, dtype=torch.float16)
+        model = load_checkpoint(checkpoint, dtype=torch.float16)
         add_fused_graph(export, model, rotary="graph")
         del model
     weight_bytes = sum(f.stat().st_size for f in export.glob("decoder.onnx*"))

@@ -26,7 +26,7 @@ from codegen_deploy.model import CodeGen
 def vmhwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 start = time.perf_counter()
-model = CodeGen.from_pretrained(sys.argv[1], dtype=torch_dtype(sys.argv[2]))
+model = load_checkpoint(sys.argv[1], dtype=torch_dtype(sys.argv[2]))
 seconds = time.perf_counter() - start
 after_load = vmhwm()
 with torch.no_grad():  # touches every weight: mmapped pages of a .bin become resident here

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import table  # noqa: E402
 
 from codegen_deploy.config import PUBLISHED_SHAPES  # noqa: E402
-from codegen_deploy.model import CodeGen, save_checkpoint  # noqa: E402
+from codegen_deploy.model import CodeGen, load_checkpoint, save_checkpoint  # noqa: E402
 from tests.conftest import TEST_CONFIGS  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def measure(name, config) -> dict:
     )
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(CodeGen.random(config, seed=3, std=0.02 if name == "350M" else 0.1), folder)
-        ours = CodeGen.from_pretrained(folder)
+        ours = load_checkpoint(folder)
         theirs = transformers.CodeGenForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(0)
     lengths = [12, 7, 3]

@@ -17,11 +17,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+import onnxscript
+import torch
+
+from . import __version__
 from .artifacts import io_spec
-from .artifacts.atomic import check_output, staging_folder
-from .artifacts.manifest import write_manifest
-from .build.fused import ROTARY_VARIANTS
-from .build.graph import (
+from .artifacts.manifest import (
+    FUSED_KEYS,
+    FUSED_WEIGHTS,
+    METHODS,
+    ROTARY_VARIANTS,
+    fused_entries,
+    read_manifest,
+    update_manifest,
+    write_manifest,
+)
+from .atomic import check_output, staging_folder
+from .config import ModelConfig
+from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
+from .errors import ExportError
+from .export.fused import fused_support, shared_data_file, write_fused_graph
+from .export.genai import write_genai_config, write_tokenizer_config
+from .export.graph import (
     EXTERNAL_DATA_THRESHOLD,
     OPSET,
     graph_summary,
@@ -29,17 +47,16 @@ from .build.graph import (
     inline_records,
     relocate_external_data,
 )
-from .build.trace import MIN_OPSET as TRACE_MIN_OPSET
-from .config import ModelConfig
-from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
-from .errors import ExportError
+from .export.plain import write_plain_graph
+from .export.trace import MIN_OPSET as TRACE_MIN_OPSET
+from .export.trace import TRACE_BATCH, TRACE_PAST, TRACE_SEQ, write_traced_graph
 from .memory import memory_line
 from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
+from .model.weights import load_checkpoint
 from .runtime.ort import cuda_provider_available
 from .verify.fused import check_fused, record_reference
-from .verify.validate import cuda_bfloat16_missing
+from .verify.validate import cuda_bfloat16_missing, validate_export
 
-METHODS = ("built", "trace")  # how the plain graph is made: from the weights (build/plain.py), or traced
 FUSED_ROTARY = ("auto", *ROTARY_VARIANTS)  # where the fused graph applies the rotary (see fused_rotary_for)
 
 
@@ -68,12 +85,6 @@ class _Stages:
 
 def versions() -> dict[str, str | None]:
     """Versions of the tools that made an export."""
-    import onnx
-    import onnxscript
-    import torch
-
-    from . import __version__
-
     try:
         import onnxruntime
 
@@ -186,10 +197,8 @@ class _Graphs:
 
 
 def _check_options(options: _Options, dtype: str) -> None:
-    from .build.quantize import WEIGHT_FORMATS
-
-    if options.fused_weights not in WEIGHT_FORMATS:
-        raise ExportError(f"unknown weight format {options.fused_weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if options.fused_weights not in FUSED_WEIGHTS:
+        raise ExportError(f"unknown weight format {options.fused_weights!r}: choose one of {', '.join(FUSED_WEIGHTS)}")
     if options.method not in METHODS:
         raise ExportError(f"unknown export method {options.method!r}: choose one of {', '.join(METHODS)}")
     oldest = TRACE_MIN_OPSET if options.method == "trace" else OPSET
@@ -211,9 +220,7 @@ def _resolve(model: str | Path | None, size: str | None, data: str, stages: _Sta
 
 def _load(folder: Path, config: ModelConfig, dtype: str, stages: _Stages):
     """The reference model with the checkpoint's weights in `dtype`."""
-    from .model.reference import CodeGen
-
-    reference = CodeGen.from_pretrained(folder, dtype=torch_dtype(dtype))
+    reference = load_checkpoint(folder, dtype=torch_dtype(dtype))
     weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
     parameters = f"{config.num_parameters() / 1e6:.1f}M parameters"
     stages.done("load", f"{parameters}, {dtype}, {weight_bytes / 1e9:.2f} GB of weights")
@@ -228,12 +235,8 @@ def _build(reference, folder: Path, options: _Options, stages: _Stages, progress
     keeps that data file over 2 GB or when asked (external_data); otherwise _write inlines it.
     """
     if options.method == "trace":
-        from .build.trace import write_traced_graph
-
         graph_path, data_path = write_traced_graph(reference, folder, options.opset)
     else:
-        from .build.plain import write_plain_graph
-
         graph_path, data_path = write_plain_graph(reference, folder, options.opset)
     summary = graph_summary(graph_path)
     nodes = f"opset {summary['opset']}, IR {summary['ir_version']}, {summary['nodes']} nodes"
@@ -253,8 +256,6 @@ def _build(reference, folder: Path, options: _Options, stages: _Stages, progress
 def _build_fused(reference, folder: Path, weights: str, share_with: Path | None, progress, rotary: str = "gqa") -> dict:
     """Write the fused graph into `folder`; its manifest entries, or why there is none (with a note) for
     shapes and dtypes the fused graph cannot serve: the plain graph then serves ONNX Runtime."""
-    from .build.fused import fused_manifest_entries, fused_support, write_fused_graph
-
     reason = fused_support(reference.config, rotary)
     if reason is None:
         try:
@@ -264,7 +265,7 @@ def _build_fused(reference, folder: Path, weights: str, share_with: Path | None,
     if reason is not None:
         progress(f"note: no fused graph ({reason}); ONNX Runtime will run the plain graph")
         return {"fused_skipped": reason}
-    return fused_manifest_entries(reference.config, dtype_name(reference.dtype), weights, rotary)
+    return fused_entries(reference.config, dtype_name(reference.dtype), weights, rotary)
 
 
 def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
@@ -273,8 +274,6 @@ def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
     The fused graph is checked against logits recorded first, so the reference's weights can be freed
     before ONNX Runtime loads a graph (only one copy of the weights is in memory at a time).
     """
-    from .verify.validate import validate_export
-
     fused_expected = record_reference(reference) if graphs.has_fused else None
     config = reference.config
     try:
@@ -298,9 +297,6 @@ def _write(
 ) -> None:
     """Finish the export folder: weights inline under 2 GB, config.json and tokenizer files, the genai and
     tokenizer configs, then the manifest."""
-    from .build.fused import shared_data_file
-    from .build.genai import write_genai_config, write_tokenizer_config
-
     if not graphs.keep_external:  # validated with external data (cheaper to check and to load); now inline it
         # A built graph's data file already holds its weights as protobuf records: inlining appends the graph.
         inline = inline_records if entries["method"] == "built" else inline_external_data
@@ -340,6 +336,48 @@ def _write(
 
 
 def _trace_dims() -> dict:
-    from .build.trace import TRACE_BATCH, TRACE_PAST, TRACE_SEQ
-
     return {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "past": TRACE_PAST}
+
+
+def add_fused_graph(
+    folder: str | Path,
+    model=None,
+    max_context: int | None = None,
+    weights: str = "float",
+    rotary: str = "gqa",
+    validate: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[str]:
+    """Add (or replace) the fused graph of an existing export folder, checked against the reference like a
+    new export's, and record it in the folder's manifest; return the files written.
+
+    model: the loaded reference (default: the checkpoint the manifest records as its source, in the export's
+    dtype). weights: "float", "int8" or "int4"; rotary: "gqa", or "graph" for ONNX Runtime's CUDA provider.
+    validate: compare the fused graph with the reference; over tolerance it raises ValidationError and the
+    export is left without a fused graph (the plain graph still serves it).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify="size")
+    if weights not in FUSED_WEIGHTS:
+        raise ExportError(f"unknown weight format {weights!r}: choose one of {', '.join(FUSED_WEIGHTS)}")
+    if model is None:
+        source = manifest.get("source")
+        if not source:
+            raise ExportError(f"{folder / io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
+        model = load_checkpoint(source, dtype=torch_dtype(manifest.get("dtype", "float32")))
+    reason = fused_support(model.config, rotary)
+    if reason is not None:
+        raise ExportError(f"no fused graph for this shape ({reason}): ONNX Runtime runs the plain graph")
+    recorded = record_reference(model) if validate else None
+    files = write_fused_graph(model, folder, max_context=max_context, weights=weights, rotary=rotary)
+    entries = fused_entries(model.config, dtype_name(model.dtype), weights, rotary)
+    if validate:
+        try:
+            entries["fused_validation"] = check_fused(folder, model.config, recorded, entries, progress)
+        except BaseException:
+            for name in files:
+                (folder / name).unlink(missing_ok=True)
+            update_manifest(folder, {}, drop=FUSED_KEYS)
+            raise
+    update_manifest(folder, entries, drop=FUSED_KEYS)
+    return files

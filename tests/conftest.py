@@ -201,9 +201,9 @@ def tiny_tokenizer(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
-    from codegen_deploy.model.reference import CodeGen
+    from codegen_deploy.model.weights import load_checkpoint
 
-    return CodeGen.from_pretrained(tiny_checkpoint)
+    return load_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import torch
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest
-from codegen_deploy.build.graph import IR_VERSION
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ValidationError
+from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
+from codegen_deploy.model.weights import load_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -97,7 +98,7 @@ def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
 @pytest.mark.parametrize(("batch", "seq", "past", "pad"), [(1, 1, 0, 0), (3, 2, 6, 2), (2, 5, 0, 3), (1, 1, 9, 4)])
 def test_onnxruntime_equals_reference_fp32(fp32_export, tiny_checkpoint, batch, seq, past, pad):
     """Several batch, seq and past dims, past 0 included, with left padding."""
-    model = CodeGen.from_pretrained(tiny_checkpoint)
+    model = load_checkpoint(tiny_checkpoint)
     ours, ref, real = run_both(fp32_export, model, batch, seq, past, pad)
     np.testing.assert_allclose(ours[0][real], ref[0][real], atol=1e-4, rtol=0)
     for a, b in zip(ours[1:], ref[1:], strict=True):
@@ -108,7 +109,7 @@ def test_onnxruntime_equals_reference_fp32(fp32_export, tiny_checkpoint, batch, 
 def test_validation_report_prompt_and_decode_steps(fp32_export, tiny_checkpoint):
     from codegen_deploy.verify.validate import validate_export
 
-    report = validate_export(fp32_export / io_spec.GRAPH_FILE, CodeGen.from_pretrained(tiny_checkpoint))
+    report = validate_export(fp32_export / io_spec.GRAPH_FILE, load_checkpoint(tiny_checkpoint))
     assert report.passed and report.top1 == 1.0 and report.rows[0].max_abs < 1e-4
     steps = report.info["steps"]
     assert steps[0].startswith("past 0 + ") and len(steps) >= 3

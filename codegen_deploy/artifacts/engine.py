@@ -1,18 +1,16 @@
 """A TensorRT engine as an artifact: what it is built for (options, optimisation profiles), its engine.json,
-and whether it can run on this machine. Building lives in build/tensorrt.py, running in runtime/.
+and whether it can run on this machine. Building lives in export/tensorrt.py, running in runtime/.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ArtifactError, ConfigError
 from . import io_spec
-from .atomic import write_text_atomic
-from .manifest import FORMAT_VERSION, read_manifest, sha256_file
+from .manifest import read_manifest, write_manifest
 
 # Profile order in every engine: the runtime selects them by these indices.
 PROFILES = ("prompt", "decode")
@@ -186,14 +184,7 @@ def write_engine_manifest(folder: Path, body: dict) -> dict:
 
     Same layout as manifest.json, so read_manifest(folder, ENGINE_MANIFEST_FILE) checks the engine file.
     """
-    engine = folder / io_spec.ENGINE_FILE
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        **body,
-        "files": {io_spec.ENGINE_FILE: {"bytes": engine.stat().st_size, "sha256": sha256_file(engine)}},
-    }
-    write_text_atomic(folder / io_spec.ENGINE_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return write_manifest(folder, body, name=io_spec.ENGINE_MANIFEST_FILE, files=[io_spec.ENGINE_FILE])
 
 
 def read_engine_manifest(path: str | Path, verify: str = "size") -> tuple[Path, dict]:

@@ -125,7 +125,7 @@ def decoder_outputs(n_layer: int, n_head: int, head_dim: int, vocab_size: int, c
     ]
 
 
-# The fused ONNX Runtime decoder (build/fused.py): GroupQueryAttention with one cache buffer per layer
+# The fused ONNX Runtime decoder (export/fused.py): GroupQueryAttention with one cache buffer per layer
 # and kind, bound as both past and present so the graph writes the new tokens in place. Each row starts at
 # index 0 of its buffer (right padding): row b holds its tokens at [0, seqlens_k[b] + 1); the rest is unread.
 FUSED_GRAPH_FILE = "decoder_fused.onnx"

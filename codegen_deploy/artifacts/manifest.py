@@ -11,12 +11,31 @@ import json
 import threading
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..config import ModelConfig
 from ..errors import ArtifactError, CodegenDeployError
 from . import io_spec
 from .io_spec import MANIFEST_FILE
 
 FORMAT_VERSION = 1
+
+# The values an export's entries take; the commands offer exactly these.
+METHODS = ("built", "trace")  # "method": the plain graph written from the weights, or traced by torch.onnx
+FUSED_WEIGHTS = ("float", "int8", "int4")  # "fused_weights": the model dtype, or block-quantized MatMulNBits
+ROTARY_VARIANTS = ("gqa", "graph")  # "fused_rotary": inside GroupQueryAttention, or plain ops before it
+# The entries that describe a fused graph (replaced together when one is added to an export).
+FUSED_KEYS = (
+    "fused_graph_file",
+    "fused_data_file",
+    "fused_weights",
+    "fused_dtype",
+    "fused_rotary",
+    "fused_inputs",
+    "fused_outputs",
+    "fused_shared_data_file",
+    "fused_validation",
+    "fused_skipped",
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -37,11 +56,43 @@ def file_entries(folder: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> d
     }
 
 
-def write_manifest(folder: Path, body: dict, name: str = MANIFEST_FILE) -> dict:
-    """Write `body` plus format version and checksums of the folder's files as `name`; return it."""
-    manifest = {"format_version": FORMAT_VERSION, **body, "files": file_entries(folder, exclude=(name,))}
-    (folder / name).write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(folder: Path, body: dict, name: str = MANIFEST_FILE, files: list[str] | None = None) -> dict:
+    """The one way a manifest is written: `body` plus the format version and the sizes and sha256 of the
+    folder's files (all but the manifest, or only `files`), written as `name` under a temporary name and
+    renamed, so a reader never sees half a manifest. Returns what was written."""
+    folder = Path(folder)
+    if files is None:
+        entries = file_entries(folder, exclude=(name,))
+    else:
+        entries = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in files}
+    manifest = {"format_version": FORMAT_VERSION, **body, "files": entries}
+    write_text_atomic(folder / name, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def update_manifest(folder: Path, changes: dict, drop: tuple[str, ...] = ()) -> dict:
+    """Rewrite an export's manifest with `changes` applied and the `drop` entries removed, checksums taken
+    again (for a file added to a finished export); returns it."""
+    manifest = read_manifest(folder, verify="none")
+    body = {k: v for k, v in manifest.items() if k not in ("format_version", "files", *drop)}
+    return write_manifest(folder, {**body, **changes})
+
+
+def fused_entries(config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa") -> dict:
+    """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16")."""
+    cache_dtype = "float16" if dtype == "float16" else "float32"
+    spec_args = (config.n_layer, config.n_head, config.head_dim)
+    return {
+        "fused_graph_file": io_spec.FUSED_GRAPH_FILE,
+        "fused_data_file": io_spec.FUSED_DATA_FILE,
+        "fused_weights": weights,
+        "fused_dtype": dtype,
+        "fused_rotary": rotary,
+        "fused_inputs": [s.to_dict() for s in io_spec.fused_decoder_inputs(*spec_args, cache_dtype)],
+        "fused_outputs": [
+            s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size, cache_dtype)
+        ],
+    }
 
 
 VERIFY_MODES = ("none", "size", "sha256")

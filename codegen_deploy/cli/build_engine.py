@@ -76,7 +76,7 @@ def _main(argv: list[str] | None) -> int:
     )
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    from ..build.tensorrt import build_engine
+    from ..export.tensorrt import build_engine
 
     build_engine(args.export_dir, engine_options_from_args(args), output_dir=args.output)
     return 0

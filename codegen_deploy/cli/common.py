@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from ..artifacts.manifest import VERIFY_MODES
 from ..errors import CodegenDeployError
 
 
@@ -140,7 +141,7 @@ def float_in(low: float, high: float = math.inf) -> Callable[[str], float]:
     return parse
 
 
-VERIFY_CHOICES = ("sha256", "size")
+VERIFY_CHOICES = tuple(mode for mode in VERIFY_MODES if mode != "none")  # opening unverified is for tests
 VERIFY_HELP = (
     "how to check an export's files against its manifest when opening it: sha256 (default; every byte, "
     "hashed while the session loads) or size (faster for very large exports; catches truncation only)"

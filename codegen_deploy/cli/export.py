@@ -6,9 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
+from ..artifacts.manifest import METHODS, ROTARY_VARIANTS
 from ..config import DATASETS, SIZES
 from ..dtypes import DTYPES
 from ..errors import ConfigError, MissingDependencyError
+from ..export.quantize import QUANTIZED_WEIGHTS
 from .common import ArgumentParser, int_at_least, progress_line, run
 
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="folder to create (default: exports/codegen-<size>-<data>[-fp16])")
     p.add_argument(
         "--method",
-        choices=("built", "trace"),
+        choices=METHODS,
         default="built",
         help="how the plain decoder graph is made: written from the weights (default, seconds) or traced with "
         "torch.onnx.export(dynamo=True) (minutes; a second, independent construction)",
@@ -62,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantize",
-        choices=("int8", "int4"),
+        choices=tuple(QUANTIZED_WEIGHTS),
         help="block-quantized MatMulNBits weights in the fused graph (lossy; the plain graph keeps the model dtype)",
     )
     p.add_argument(
         "--fused-rotary",
-        choices=("auto", "gqa", "graph"),
+        choices=("auto", *ROTARY_VARIANTS),
         default="auto",
         help="where the fused graph applies the rotary: inside GroupQueryAttention (gqa), or with plain ops before "
         "it (graph, which ONNX Runtime's CUDA provider needs); auto (default): graph for float16/bfloat16 when "
@@ -112,7 +114,7 @@ def command(argv: list[str] | None) -> int:
     )
     print(f"exported to {out}")
     if args.engine:
-        from ..build.tensorrt import build_engine
+        from ..export.tensorrt import build_engine
         from .build_engine import engine_options_from_args
 
         engine = build_engine(out, engine_options_from_args(args))
@@ -123,7 +125,7 @@ def command(argv: list[str] | None) -> int:
 def _require_engine_builder() -> None:
     """Fail before a long export when --engine cannot work here (the builder's own one-line errors)."""
     try:
-        from ..build import tensorrt
+        from ..export import tensorrt
     except ImportError as e:
         raise MissingDependencyError(
             "this codegen-deploy has no TensorRT builder: drop --engine, or update codegen-deploy"

@@ -9,6 +9,7 @@ import time
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
+from ..runtime.backends import BACKENDS, GRAPHS
 from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, int_at_least, run, session_options
 
 
@@ -23,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file", help="read the prompt from this file")
     p.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime", "tensorrt"),
+        choices=BACKENDS,
         help="default: onnxruntime for an export folder, tensorrt for an engine, torch for a checkpoint",
     )
     p.add_argument(
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); trimmed")
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
-    p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
     add_device_options(p)
     p.add_argument("--dtype", choices=DTYPES, help="torch weight dtype (default: float32)")
     p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)

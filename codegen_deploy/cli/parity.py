@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
+from ..runtime.backends import GRAPHS
 from .common import (
     VERIFY_CHOICES,
     VERIFY_HELP,
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-top1", type=float_in(0, 1), help="least top-1 agreement (default: by dtype)")
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
-    p.add_argument("--graph", choices=("auto", "plain", "fused"), help="onnxruntime graph (default: auto)")
+    p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
     add_device_options(p)
     p.add_argument("--reference-dtype", choices=DTYPES, default="float32", help="torch dtype (default: float32)")
     p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)

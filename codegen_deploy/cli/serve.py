@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import MissingDependencyError
+from ..runtime.backends import BACKENDS
 from .common import ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
@@ -20,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int_at_least(1), default=8000, help="default: 8000")
     p.add_argument(
         "--backend",
-        choices=("onnxruntime", "torch", "tensorrt"),
+        choices=BACKENDS,
         help="default: onnxruntime for an export folder, tensorrt for an engine, torch for a checkpoint",
     )
     p.add_argument("--max-batch", type=int_at_least(1), default=8, help="rows generating at once (default: 8)")

@@ -23,7 +23,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Weight layouts in order of preference, each (single file, shard index, shard suffix): safetensors first
 # (no pickle, read one tensor at a time), then PyTorch's .bin.
-WEIGHT_FORMATS = (
+CHECKPOINT_LAYOUTS = (
     ("model.safetensors", "model.safetensors.index.json", ".safetensors"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json", ".bin"),
 )
@@ -31,7 +31,7 @@ WEIGHT_FORMATS = (
 
 def choose_weight_files(files: list[str]) -> list[str]:
     """The weight files worth downloading from a repo's file list: safetensors if any, else PyTorch .bin."""
-    for single, index, suffix in WEIGHT_FORMATS:
+    for single, index, suffix in CHECKPOINT_LAYOUTS:
         if single in files:
             return [single]
         if index in files:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts.atomic import check_output, staging_folder
+from ..atomic import check_output, staging_folder
 from ..config import PUBLISHED_SHAPES, ModelConfig
 from ..dtypes import dtype_name
 from ..errors import InputError, TokenizerError

@@ -8,7 +8,6 @@ fp16 trace of this model is already a correct mixed-precision graph.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,15 +156,6 @@ class CodeGen(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.wte.weight.dtype
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None
-    ) -> CodeGen:
-        """Load a Hugging Face CodeGen checkpoint (local folder or hub id) straight into `dtype`."""
-        from .weights import load_checkpoint
-
-        return load_checkpoint(path_or_id, dtype=dtype, revision=revision)
 
     @classmethod
     def random(

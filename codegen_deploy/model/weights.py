@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .hub import WEIGHT_FORMATS, resolve_model
+from .hub import CHECKPOINT_LAYOUTS, resolve_model
 from .reference import CodeGen
 
 MP_SHARDS = 4  # CodeGen's qkv_proj is laid out for 4 model-parallel shards, each [query | value | key]
@@ -101,9 +101,9 @@ def to_hf_state_dict(model: CodeGen) -> dict[str, torch.Tensor]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder in load order: the first layout of WEIGHT_FORMATS present
+    """The weight files of a checkpoint folder in load order: the first layout of CHECKPOINT_LAYOUTS present
     (safetensors preferred), sharded or not."""
-    for single, index, _ in WEIGHT_FORMATS:
+    for single, index, _ in CHECKPOINT_LAYOUTS:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():

@@ -64,7 +64,7 @@ def test_conflicting_dtype_options(capsys, tiny_checkpoint):
 
 
 def test_engine_without_tensorrt_is_one_line(capsys, tiny_checkpoint, tmp_path):
-    pytest.importorskip("codegen_deploy.build.tensorrt")
+    pytest.importorskip("codegen_deploy.export.tensorrt")
     try:
         import tensorrt  # noqa: F401
 
@@ -88,8 +88,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
     import onnx_ir
 
     from codegen_deploy.artifacts import io_spec
-    from codegen_deploy.build import genai
-    from codegen_deploy.build import trace as onnx_export
+    from codegen_deploy.export import trace as onnx_export
 
     # Re-use the session's traced graph instead of tracing again (tracing is the slow part).
     monkeypatch.setattr(onnx_export, "trace", lambda *a, **k: onnx_ir.load(fp32_export / io_spec.GRAPH_FILE))
@@ -99,7 +98,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
         saved.append(sorted(p.name for p in folder.iterdir()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(genai, "write_genai_config", interrupt)
+    monkeypatch.setattr(pipeline, "write_genai_config", interrupt)
     with pytest.raises(KeyboardInterrupt):
         pipeline.export_model(tiny_checkpoint, tmp_path / "new", progress=lambda line: None)
     assert io_spec.GRAPH_FILE in saved[0]  # the interrupt came after files were written
@@ -139,7 +138,7 @@ def test_output_may_not_replace_the_source(capsys, tiny_checkpoint, monkeypatch)
 
 
 def test_second_export_into_one_output_fails_at_once(capsys, tiny_checkpoint, tmp_path):
-    from codegen_deploy.artifacts.atomic import staging_folder
+    from codegen_deploy.atomic import staging_folder
 
     with staging_folder(tmp_path / "out"):  # another run is writing out
         line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
@@ -151,7 +150,7 @@ def fast_trace(monkeypatch, fp32_export):
     import onnx_ir
 
     from codegen_deploy.artifacts import io_spec
-    from codegen_deploy.build import trace
+    from codegen_deploy.export import trace
 
     monkeypatch.setattr(trace, "trace", lambda *a, **k: onnx_ir.load(fp32_export / io_spec.GRAPH_FILE))
 

@@ -8,7 +8,7 @@ import torch
 from codegen_deploy.cli.make_checkpoint import main
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import InputError
-from codegen_deploy.model import CodeGen
+from codegen_deploy.model import load_checkpoint
 from codegen_deploy.model.make_checkpoint import make_checkpoint
 from codegen_deploy.model.tokenizer import load_tokenizer
 
@@ -21,7 +21,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     config = ModelConfig.from_file(out)
     tok = load_tokenizer(out)
     assert config.eos_token_id == tok.eos_token_id and config.vocab_size >= tok.vocab_size
-    model = CodeGen.from_pretrained(out)
+    model = load_checkpoint(out)
     ids = torch.tensor([tok.encode("def f(x):\n    return x\n")])
     logits, _ = model(ids)
     assert logits.std() > 0.5  # weights large enough that greedy decoding is not degenerate
@@ -60,7 +60,7 @@ def test_real_tokenizer_and_bin_layout(tmp_path, real_tokenizer_dir):
     config = ModelConfig.from_file(out)
     assert config.vocab_size == 50304 and config.eos_token_id == 50256  # 50295 ids rounded up to 64
     assert (out / "pytorch_model.bin").is_file() and (out / "vocab.json").is_file()
-    assert CodeGen.from_pretrained(out, dtype=torch.float16).dtype == torch.float16
+    assert load_checkpoint(out, dtype=torch.float16).dtype == torch.float16
 
 
 def test_refuses_non_empty_output_and_unknown_shape(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_bad_options_are_one_line(tmp_path, capsys):
 
 
 def test_two_runs_into_one_folder(tmp_path, tiny_checkpoint, capsys):
-    from codegen_deploy.artifacts.atomic import staging_folder
+    from codegen_deploy.atomic import staging_folder
 
     with staging_folder(tmp_path / "ck"):  # another run is writing ck
         assert main([str(tmp_path / "ck"), "--shape", "tiny", "--tokenizer", str(tiny_checkpoint)]) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codegen_deploy.config import PUBLISHED_SHAPES
-from codegen_deploy.model import CodeGen, save_checkpoint
+from codegen_deploy.model import CodeGen, load_checkpoint, save_checkpoint
 from tests.conftest import TEST_CONFIGS
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle (pip install '.[test]')")
@@ -36,7 +36,7 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     # std 0.1 on the small shapes gives logits of several units, so a wrong rotary or mask shows up.
     save_checkpoint(CodeGen.random(config, seed=3, std=0.02 if request.param == "350M" else 0.1), folder)
-    ours = CodeGen.from_pretrained(folder)
+    ours = load_checkpoint(folder)
     theirs = transformers.CodeGenForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     return ours, theirs
 

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from codegen_deploy.build.fused import add_fused_graph
 from codegen_deploy.cli.bench import main as bench_main
 from codegen_deploy.errors import InputError
+from codegen_deploy.pipeline import add_fused_graph
 from codegen_deploy.runtime.bench import BenchSpec, format_table, measure_session, time_generation
 
 pytest.importorskip("onnxruntime")
@@ -19,11 +19,11 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def fused_export(tiny_export, tiny_checkpoint, tmp_path_factory):
     """A copy of the tiny export with the fused graph added (the shared fixture stays plain)."""
-    from codegen_deploy.model.reference import CodeGen
+    from codegen_deploy.model.weights import load_checkpoint
 
     folder = tmp_path_factory.mktemp("bench") / "tiny-fused"
     shutil.copytree(tiny_export, folder)
-    add_fused_graph(folder, CodeGen.from_pretrained(tiny_checkpoint))
+    add_fused_graph(folder, load_checkpoint(tiny_checkpoint))
     return folder
 
 

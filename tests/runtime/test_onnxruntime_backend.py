@@ -97,7 +97,7 @@ def test_fused_graph_hook(tiny_export):
 def test_open_session_picks_the_fused_graph_when_listed(
     tiny_export, tiny_model, tiny_tokenizer, torch_session, tmp_path
 ):
-    from codegen_deploy.build.fused import add_fused_graph
+    from codegen_deploy.pipeline import add_fused_graph
     from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
 
     folder = tmp_path / "with-fused"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from codegen_deploy.build.fused import write_fused_graph
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import InputError
+from codegen_deploy.export.fused import write_fused_graph
 from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession, cuda_unsupported_reason
 

@@ -25,12 +25,12 @@ def fp16_fused_export(fp16_export, tiny_checkpoint, tmp_path_factory):
     """A copy of the fp16 export whose fused graph applies the rotary outside GQA (the CUDA variant)."""
     import torch
 
-    from codegen_deploy.build.fused import add_fused_graph
-    from codegen_deploy.model.reference import CodeGen
+    from codegen_deploy.model.weights import load_checkpoint
+    from codegen_deploy.pipeline import add_fused_graph
 
     folder = tmp_path_factory.mktemp("gpu") / "fp16-fused-graph-rotary"
     shutil.copytree(fp16_export, folder)
-    add_fused_graph(folder, CodeGen.from_pretrained(tiny_checkpoint, dtype=torch.float16), rotary="graph")
+    add_fused_graph(folder, load_checkpoint(tiny_checkpoint, dtype=torch.float16), rotary="graph")
     return folder
 
 

@@ -291,7 +291,7 @@ GPU_OPTIONS = EngineOptions(max_batch=2, max_prompt=8, max_context=64, tf32=Fals
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_export, tmp_path_factory):
-    from codegen_deploy.build.tensorrt import build_engine
+    from codegen_deploy.export.tensorrt import build_engine
 
     folder = tmp_path_factory.mktemp("engine")
     for f in tiny_export.iterdir():

@@ -13,6 +13,7 @@ from ...errors import InputError
 from ..session import Session
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+GRAPHS = ("auto", "plain", "fused")  # which graph of an export the onnxruntime backend runs
 
 # The Python module each backend needs, for available_backends().
 _REQUIRES = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
@@ -133,8 +134,8 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
     from .onnxruntime import OrtSession, choose_providers, fused_graph_entry
     from .onnxruntime_fused import cuda_unsupported_reason
 
-    if graph not in ("auto", "plain", "fused"):
-        raise InputError(f"unknown graph {graph!r}: choose auto, plain or fused")
+    if graph not in GRAPHS:
+        raise InputError(f"unknown graph {graph!r}: choose {', '.join(GRAPHS)}")
     if folder.is_file():  # the .onnx file itself
         folder = folder.parent
     if options.get("io_binding") is False and graph == "auto":
@@ -142,7 +143,10 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
     manifest = read_manifest(folder, verify="none" if verify == "none" else "size")
     fused = fused_graph_entry(manifest) if graph != "plain" else None
     if graph == "fused" and fused is None:
-        raise InputError(f"{folder} has no fused graph: run the optimizer on this export, or use graph='plain'")
+        raise InputError(
+            f"{folder} has no fused graph: add one with codegen_deploy.pipeline.add_fused_graph(folder), "
+            "or use graph='plain'"
+        )
     options["providers"] = choose_providers(options.get("providers"))
     on_cuda = options["providers"][0] == "CUDAExecutionProvider"
     fused_kind = (manifest.get("fused_dtype", "float32"), manifest.get("fused_rotary", "gqa"))
@@ -151,7 +155,7 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
     if fused is None and options.pop("cuda_graph", False):  # the plain graph's cache grows: no fixed shapes
         raise InputError(
             f"CUDA graphs need a fused graph that runs on the CUDA provider and {folder} has none: add one with "
-            "add_fused_graph(folder, rotary='graph') to a float16 export, or drop --cuda-graph"
+            "codegen_deploy.pipeline.add_fused_graph(folder, rotary='graph') to a float16 export, or drop --cuda-graph"
         )
     if fused is None:
         require_entries(manifest, ("inputs",), folder / MANIFEST_FILE)  # the plain graph's names and dtypes

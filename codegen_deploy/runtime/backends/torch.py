@@ -71,11 +71,12 @@ class TorchSession(Session):
         import torch
 
         from ...model.reference import CodeGen
+        from ...model.weights import load_checkpoint
 
         if threads:
             torch.set_num_threads(int(threads))
         if not isinstance(model, CodeGen):
-            model = CodeGen.from_pretrained(resolve_checkpoint(model), dtype=dtype or torch.float32)
+            model = load_checkpoint(resolve_checkpoint(model), dtype=dtype or torch.float32)
         if device is not None:
             model = model.to(device)
         self.model = model.eval()

@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.build.graph import ALIGN, IR_VERSION, inline_records, relocate_external_data, shared_weights
-from codegen_deploy.build.plain import write_plain_graph
+from codegen_deploy.export.graph import ALIGN, IR_VERSION, inline_records, relocate_external_data, shared_weights
+from codegen_deploy.export.plain import write_plain_graph
 from codegen_deploy.model.reference import CodeGen
 from tests.conftest import TEST_CONFIGS
 

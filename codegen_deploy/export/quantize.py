@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..artifacts.manifest import FUSED_WEIGHTS
+
 # (bits, block size) per weight format. The fused graph uses accuracy_level 4 (int8 activations):
 # level 0 is slower than the float32 MatMul it replaces.
 QUANTIZED_WEIGHTS = {"int8": (8, 64), "int4": (4, 128)}
-WEIGHT_FORMATS = ("float", *QUANTIZED_WEIGHTS)
+WEIGHT_FORMATS = FUSED_WEIGHTS  # "float" and the keys of QUANTIZED_WEIGHTS
 
 
 def quantize_blockwise(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:

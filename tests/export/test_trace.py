@@ -7,12 +7,12 @@ import onnx
 import pytest
 import torch
 
-from codegen_deploy.build.graph import IR_VERSION
-from codegen_deploy.build.plain import write_plain_graph
-from codegen_deploy.build.trace import write_traced_graph
+from codegen_deploy.export.graph import IR_VERSION
+from codegen_deploy.export.plain import write_plain_graph
+from codegen_deploy.export.trace import write_traced_graph
 from codegen_deploy.model.reference import CodeGen
-from tests.build.test_plain import CASES, max_differences, random_case, run_graph, run_reference, session
 from tests.conftest import TEST_CONFIGS
+from tests.export.test_plain import CASES, max_differences, random_case, run_graph, run_reference, session
 
 pytest.importorskip("onnxruntime")
 

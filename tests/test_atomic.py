@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from codegen_deploy.artifacts.atomic import check_output, remove_stale, staging_folder, write_error
+from codegen_deploy.atomic import check_output, remove_stale, staging_folder, write_error
 from codegen_deploy.errors import ArtifactError
 
 

@@ -21,11 +21,11 @@ from codegen_deploy.artifacts.engine import (
     write_engine_manifest,
 )
 from codegen_deploy.artifacts.manifest import sha256_file
-from codegen_deploy.build import tensorrt as trt_export
-from codegen_deploy.build.tensorrt import network_flags
 from codegen_deploy.cli import build_engine as cli
 from codegen_deploy.config import PUBLISHED_SHAPES
 from codegen_deploy.errors import ArtifactError, ConfigError, MissingDependencyError
+from codegen_deploy.export import tensorrt as trt_export
+from codegen_deploy.export.tensorrt import network_flags
 from codegen_deploy.gpu import NO_CUDA_GPU, TENSORRT_MISSING, require_tensorrt
 from tests.conftest import TEST_CONFIGS
 

@@ -11,11 +11,12 @@ import torch
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
-from codegen_deploy.build.fused import add_fused_graph, fused_support, rotary_table_width, write_fused_graph
-from codegen_deploy.build.graph import IR_VERSION
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ExportError
+from codegen_deploy.export.fused import fused_support, rotary_table_width, write_fused_graph
+from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
+from codegen_deploy.pipeline import add_fused_graph
 
 pytest.importorskip("onnxruntime")
 
@@ -118,7 +119,7 @@ def test_quantized_weights_are_packed_as_matmulnbits_reads_them(bits, block):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from codegen_deploy.build.quantize import quantize_blockwise
+    from codegen_deploy.export.quantize import quantize_blockwise
 
     rng = np.random.default_rng(0)
     n, k = 24, 72  # k not a multiple of the block: the last block is zero-padded

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..artifacts import io_spec
-from ..artifacts.atomic import write_bytes_atomic
 from ..artifacts.engine import (
     PROFILES,
     EngineOptions,
@@ -30,6 +29,7 @@ from ..artifacts.engine import (
     write_engine_manifest,
 )
 from ..artifacts.manifest import manifest_config, read_manifest, sha256_file
+from ..atomic import write_bytes_atomic
 from ..config import ModelConfig
 from ..dtypes import dtype_name
 from ..errors import ExportError

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.model.tokenizer import load_tokenizer
+from codegen_deploy.model.weights import load_checkpoint
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install '.[genai]')")
 
@@ -37,7 +37,7 @@ def test_genai_greedy_tokens_equal_reference(fp32_export, tiny_checkpoint):
         generator.generate_next_token()
     ours = [int(t) for t in generator.get_sequence(0)]
 
-    reference = CodeGen.from_pretrained(tiny_checkpoint)
+    reference = load_checkpoint(tiny_checkpoint)
     ids = torch.tensor([prompt])  # [1, T]
     with torch.no_grad():
         for _ in range(NEW_TOKENS):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.build.graph import IR_VERSION, OPSET
-from codegen_deploy.build.plain import write_plain_graph
+from codegen_deploy.export.graph import IR_VERSION, OPSET
+from codegen_deploy.export.plain import write_plain_graph
 from codegen_deploy.model.reference import CodeGen
 from tests.conftest import TEST_CONFIGS
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ArtifactError, CodegenDeployError
+from .errors import ArtifactError, CodegenDeployError
 
 # errno values that only writing produces: a full disk, a quota, a read-only file system, a too-large file.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}

@@ -36,6 +36,7 @@ import torch
 from onnx import helper
 
 from ..artifacts import io_spec
+from ..artifacts.manifest import ROTARY_VARIANTS
 from ..config import ModelConfig
 from ..errors import ExportError
 from ..model.reference import CodeGen, rotary_tables
@@ -43,9 +44,6 @@ from .graph import MS_DOMAIN, OPSET, GraphWriter, make_model, shared_weights, to
 from .layers import F32, I64, decoder, rotate_qk
 from .layers import rotary as rotary_inputs
 from .quantize import WEIGHT_FORMATS
-
-# Where the rotary embedding is applied: inside GroupQueryAttention, or by plain ops before it.
-ROTARY_VARIANTS = ("gqa", "graph")
 
 
 def fused_support(config: ModelConfig, rotary: str = "gqa") -> str | None:
@@ -230,48 +228,3 @@ def shared_data_file(folder: Path) -> str | None:
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     others = sorted(locations - {io_spec.FUSED_DATA_FILE})
     return others[0] if others else None
-
-
-def add_fused_graph(
-    folder: str | Path,
-    model: CodeGen | None = None,
-    max_context: int | None = None,
-    weights: str = "float",
-    rotary: str = "gqa",
-) -> list[str]:
-    """Add the fused graph to an existing export folder and record it in its manifest; return the files.
-
-    model: the loaded reference (default: load the checkpoint the manifest records as its source, in
-    the export's dtype). rotary: "gqa", or "graph" for the CUDA provider (see build_fused_graph).
-    """
-    from ..artifacts.manifest import read_manifest, write_manifest
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, verify="none")
-    if model is None:
-        source = manifest.get("source")
-        if not source:
-            raise ExportError(f"{folder}/{io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
-        model = CodeGen.from_pretrained(source, dtype=getattr(torch, manifest.get("dtype", "float32")))
-    files = write_fused_graph(model, folder, max_context=max_context, weights=weights, rotary=rotary)
-    body = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
-    body.update(fused_manifest_entries(model.config, str(model.dtype).removeprefix("torch."), weights, rotary))
-    write_manifest(folder, body)
-    return files
-
-
-def fused_manifest_entries(config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa") -> dict:
-    """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16")."""
-    cache_dtype = "float16" if dtype == "float16" else "float32"
-    spec_args = (config.n_layer, config.n_head, config.head_dim)
-    return {
-        "fused_graph_file": io_spec.FUSED_GRAPH_FILE,
-        "fused_data_file": io_spec.FUSED_DATA_FILE,
-        "fused_weights": weights,
-        "fused_dtype": dtype,
-        "fused_rotary": rotary,
-        "fused_inputs": [s.to_dict() for s in io_spec.fused_decoder_inputs(*spec_args, cache_dtype)],
-        "fused_outputs": [
-            s.to_dict() for s in io_spec.fused_decoder_outputs(*spec_args, config.vocab_size, cache_dtype)
-        ],
-    }
