@@ -80,18 +80,27 @@ def _disk_error(where: Path, error: BaseException) -> ArtifactError | None:
     return ArtifactError(f"could not write {where} ({reason}): free some disk space or choose another output")
 
 
-def write_bytes_atomic(path: Path, data) -> None:
-    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a temporary name, then rename."""
+@contextmanager
+def replaced(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write the new file to; when the block ends without an error
+    it is renamed to `path` (replacing what was there), otherwise removed. The one temporary-file write:
+    a reader of `path` sees the old file or the whole new one, never part of it. A failed write becomes
+    one ArtifactError."""
     path = absolute(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
         raise ArtifactError(f"could not write {path} ({e.strerror or e}): check free disk space and permissions") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a temporary name, then rename."""
+    with replaced(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

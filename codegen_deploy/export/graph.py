@@ -18,7 +18,8 @@ import torch
 from onnx import TensorProto, helper
 
 from ..artifacts import io_spec
-from ..errors import ArtifactError, ExportError
+from ..atomic import replaced, write_bytes_atomic
+from ..errors import ExportError
 
 # ONNX IR version of every graph this package writes. onnxruntime 1.18 (the oldest pyproject allows)
 # reads IR <= 10; onnx >= 1.17 would otherwise stamp its own newest IR, which older runtimes refuse.
@@ -204,22 +205,12 @@ def write_graph(build, graph_path: Path, data_path: Path) -> None:
 
     build(data_path_to_write, data_location) -> ModelProto writes the weights and returns the graph.
     """
-    tmp_graph = graph_path.with_name(graph_path.name + ".tmp")
-    tmp_data = data_path.with_name(data_path.name + ".tmp")
-    try:
-        with torch.no_grad():
+    # The data file is renamed first: a graph in place always finds the weights it points at.
+    with replaced(graph_path) as tmp_graph:
+        with replaced(data_path) as tmp_data, torch.no_grad():
             proto = build(tmp_data, data_path.name)
         with open(tmp_graph, "wb") as f:
             f.write(proto.SerializeToString())
-        os.replace(tmp_data, data_path)
-        os.replace(tmp_graph, graph_path)
-    except OSError as e:
-        raise ArtifactError(
-            f"could not write {graph_path.name} into {graph_path.parent} ({e.strerror or e}): free some disk space"
-        ) from e
-    finally:
-        for p in (tmp_graph, tmp_data):
-            p.unlink(missing_ok=True)
 
 
 def _varint(n: int) -> bytes:
@@ -293,9 +284,7 @@ def relocate_external_data(graph_path: Path, old: str, new: str) -> None:
             if entry.key == "location" and entry.value == old:
                 entry.value, moved = new, True
     if moved:
-        tmp = graph_path.with_name(graph_path.name + ".tmp")
-        tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, graph_path)
+        write_bytes_atomic(graph_path, model.SerializeToString())
 
 
 def inline_external_data(graph_path: Path) -> None:
@@ -315,8 +304,7 @@ def inline_external_data(graph_path: Path) -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(inline)
     data_files = set()
-    tmp = graph_path.with_name(graph_path.name + ".inline")
-    with open(tmp, "wb") as out:
+    with replaced(graph_path) as tmp, open(tmp, "wb") as out:
         out.write(model.SerializeToString())
         for tensor in external:
             info = {e.key: e.value for e in tensor.external_data}
@@ -339,7 +327,6 @@ def inline_external_data(graph_path: Path) -> None:
             out.write(raw_head)
             out.write(raw)
             del raw
-    tmp.replace(graph_path)
     for data_path in data_files:
         data_path.unlink()
 
