@@ -38,9 +38,10 @@ from onnx import helper
 from ..artifacts import io_spec
 from ..artifacts.manifest import ROTARY_VARIANTS
 from ..config import ModelConfig
+from ..dtypes import numpy_dtype, to_numpy
 from ..errors import ExportError
 from ..model.reference import CodeGen, rotary_tables
-from .graph import MS_DOMAIN, OPSET, GraphWriter, make_model, shared_weights, to_numpy, write_graph
+from .graph import MS_DOMAIN, OPSET, GraphWriter, make_model, shared_weights, write_graph
 from .layers import F32, I64, decoder, rotate_qk
 from .layers import rotary as rotary_inputs
 from .quantize import WEIGHT_FORMATS
@@ -125,7 +126,7 @@ def build_fused_graph(
         raise ExportError(
             f"the fused graph supports float32 and float16 models, not {model.dtype}: load the model in one of them"
         )
-    dtype = np.dtype(np.float16 if model.dtype == torch.float16 else np.float32)
+    dtype = numpy_dtype(model.dtype)
     positions = min(max_context or config.n_positions, config.n_positions)
     h, d = config.n_head, config.head_dim
     reason = fused_support(config, rotary)

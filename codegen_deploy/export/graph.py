@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -19,6 +18,7 @@ from onnx import TensorProto, helper
 
 from ..artifacts import io_spec
 from ..atomic import replaced, write_bytes_atomic
+from ..dtypes import onnx_type
 from ..errors import ExportError
 
 # ONNX IR version of every graph this package writes. onnxruntime 1.18 (the oldest pyproject allows)
@@ -32,34 +32,6 @@ ALIGN = 64  # byte alignment of tensors in the data file (lets ONNX Runtime map 
 INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
 # ONNX protobufs cannot exceed 2 GiB: above this the weights stay in one external data file.
 EXTERNAL_DATA_THRESHOLD = 2 * 10**9
-
-NP_TO_ONNX = {
-    np.dtype("float32"): TensorProto.FLOAT,
-    np.dtype("float16"): TensorProto.FLOAT16,
-    np.dtype("int64"): TensorProto.INT64,
-    np.dtype("int32"): TensorProto.INT32,
-    np.dtype("uint8"): TensorProto.UINT8,
-    np.dtype("bool"): TensorProto.BOOL,
-    np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
-}
-# The numpy dtype of a graph's activations, float weights and cache, by the model's torch dtype.
-FLOAT_DTYPES = {
-    torch.float32: np.dtype("float32"),
-    torch.float16: np.dtype("float16"),
-    torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
-}
-_TORCH_DTYPES = {v: k for k, v in FLOAT_DTYPES.items()}
-
-
-def to_numpy(t: torch.Tensor, dtype: np.dtype | None = None) -> np.ndarray:
-    """A torch tensor as numpy (float tensors converted to `dtype` when given; bfloat16 as ml_dtypes')."""
-    a = t.detach().cpu()
-    if dtype is not None:
-        a = a.to(_TORCH_DTYPES[np.dtype(dtype)])
-    if a.dtype == torch.bfloat16:
-        return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return a.numpy()
-
 
 class GraphWriter:
     """Collects nodes with unique names and streams initializers to one external data file.
@@ -124,7 +96,7 @@ class GraphWriter:
             self.initializers.append(other)
             return name
         array = np.asarray(array() if callable(array) else array, order="C")  # (ascontiguousarray: scalars 1-D)
-        tensor = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=array.shape)
+        tensor = TensorProto(name=name, data_type=onnx_type(array.dtype), dims=array.shape)
         if other is not None and (other.data_type, list(other.dims)) == (tensor.data_type, list(tensor.dims)):
             self.initializers.append(other)  # a table of the same name and shape (rotary): the same values
             return name
@@ -154,7 +126,7 @@ class GraphWriter:
         """Cast `x` (of dtype `source`, default the graph's dtype) to `to`; no node when they are equal."""
         if np.dtype(to) == np.dtype(source if source is not None else self.dtype):
             return x
-        return self.op1("Cast", [x], name, to=NP_TO_ONNX[np.dtype(to)])
+        return self.op1("Cast", [x], name, to=onnx_type(to))
 
     def output(self, x: str, name: str) -> None:
         """Expose `x` under the graph output name `name`."""
@@ -173,7 +145,7 @@ def shared_weights(graph_path: Path) -> dict[str, TensorProto]:
 
 def value_info(spec: io_spec.TensorSpec) -> onnx.ValueInfoProto:
     """The graph input/output declaration of an io_spec tensor."""
-    return helper.make_tensor_value_info(spec.name, NP_TO_ONNX[np.dtype(spec.dtype)], list(spec.shape))
+    return helper.make_tensor_value_info(spec.name, onnx_type(spec.dtype), list(spec.shape))
 
 
 def make_model(

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from ..artifacts import io_spec
+from ..dtypes import to_numpy
 from ..model.reference import CodeGen, rotary_tables
-from .graph import MS_DOMAIN, GraphWriter, to_numpy
+from .graph import MS_DOMAIN, GraphWriter
 from .quantize import QUANTIZED_WEIGHTS, quantize_blockwise
 
 F32, I64 = np.dtype("float32"), np.dtype("int64")

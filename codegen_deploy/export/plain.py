@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import io_spec
+from ..dtypes import DTYPES, dtype_name, numpy_dtype
 from ..errors import ExportError
 from ..model.reference import CodeGen
-from .graph import FLOAT_DTYPES, OPSET, GraphWriter, make_model, write_graph
+from .graph import OPSET, GraphWriter, make_model, write_graph
 from .layers import F32, I64, decoder, rotary, rotate_qk
 
 
@@ -53,9 +54,9 @@ def attention_bias(g: GraphWriter) -> str:
 def build_plain_graph(model: CodeGen, data_path: Path, data_location: str, opset: int | None = None):
     """The plain decoder as a ModelProto whose large weights are already written to `data_path`."""
     config = model.config
-    if model.dtype not in FLOAT_DTYPES:
+    if dtype_name(model.dtype) not in DTYPES:
         raise ExportError(f"the plain graph supports float32, float16 and bfloat16 models, not {model.dtype}")
-    dtype = FLOAT_DTYPES[model.dtype]
+    dtype = numpy_dtype(model.dtype)
     h, d = config.n_head, config.head_dim
     g = GraphWriter(data_path, data_location, dtype)
     try:

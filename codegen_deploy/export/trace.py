@@ -20,7 +20,7 @@ from torch import nn
 
 from ..artifacts import io_spec
 from ..config import ModelConfig
-from ..dtypes import dtype_name
+from ..dtypes import dtype_name, onnx_type_name
 from ..errors import ArtifactError, ExportError
 from ..model.reference import CodeGen
 from .graph import IR_VERSION
@@ -28,8 +28,6 @@ from .graph import IR_VERSION
 # Example dims of the trace (see the module docstring for why these values).
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 3, 5
 MIN_OPSET = 18  # the oldest opset torch.onnx.export(dynamo=True) emits
-
-_ONNX_DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64"}
 
 
 class DecoderWrapper(nn.Module):
@@ -119,7 +117,7 @@ def _apply_io_spec(ir_model, inputs: list[io_spec.TensorSpec], outputs: list[io_
         if names != [s.name for s in specs]:
             raise ExportError(f"the traced graph's {kind}s {names[:4]}... differ from io_spec: report this bug")
         for value, spec in zip(values, specs, strict=True):
-            dtype = _ONNX_DTYPE_NAMES.get(value.dtype.name, value.dtype.name)
+            dtype = onnx_type_name(value.dtype)
             if dtype != spec.dtype or len(value.shape) != len(spec.shape):
                 raise ExportError(
                     f"graph {kind} {value.name} is {dtype} of rank {len(value.shape)}, io_spec says "
