@@ -101,6 +101,19 @@ def check_decoder_io(
         raise ArtifactError(f"{where} does not have the {n_layer}-layer decoder's {kind} ({problem}): {fix}{note}")
 
 
+def cache_dtype(specs: Iterable[dict], where: str) -> str:
+    """The KV cache's dtype name (one of dtypes.DTYPES) from a graph's or engine's input/output specs
+    ({"name", "dtype"} dicts, as manifests record them); a one-line ArtifactError when there is no cache
+    input or its dtype is not a model dtype. The one place every reader of a cache dtype asks."""
+    from ..dtypes import DTYPES
+
+    dtypes = {s["name"]: s["dtype"] for s in specs}
+    dtype = dtypes.get(past_name(0, "key"))
+    if dtype not in DTYPES:
+        raise ArtifactError(f"{where} has a {dtype} cache, not one of {', '.join(DTYPES)}: export it again")
+    return dtype
+
+
 def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 

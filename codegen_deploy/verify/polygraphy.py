@@ -126,7 +126,7 @@ def compare_onnxruntime_tensorrt(
     config = ModelConfig(**manifest["model_config"])
     built = manifest["options"]
     options = EngineOptions(built["max_batch"], built["max_prompt"], built["max_context"])
-    cache_dtype = {t["name"]: t["dtype"] for t in manifest["inputs"]}[io_spec.past_name(0, "key")]
+    cache_dtype = io_spec.cache_dtype(manifest["inputs"], str(engine_path))
     if cache_dtype not in ("float32", "float16"):
         raise InputError(f"Polygraphy feeds numpy arrays, which have no {cache_dtype}: use a float32 or fp16 export")
     feeds = profile_feeds(config, options, profile, cache_dtype, seed=seed)

@@ -29,7 +29,7 @@ from ...artifacts.engine import (
     read_engine_manifest,
 )
 from ...config import ModelConfig
-from ...dtypes import DTYPES, torch_dtype
+from ...dtypes import torch_dtype
 from ...errors import ArtifactError, InputError
 from ...gpu import require_cuda_gpu, require_tensorrt
 from ..session import Session
@@ -78,10 +78,9 @@ class TensorRTSession(Session):
         self.context = self.engine.create_execution_context()
         self.device, self.stream = self._device_and_stream()
 
-        dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"] + manifest["outputs"]}
-        cache_dtype = dtypes[io_spec.past_name(0, "key")]
-        if cache_dtype not in DTYPES or dtypes[io_spec.LOGITS] != "float32":
-            raise ArtifactError(f"{engine_path}: unsupported cache dtype {cache_dtype} or non-float32 logits")
+        cache_dtype = io_spec.cache_dtype(manifest["inputs"], str(engine_path))
+        if {t["name"]: t["dtype"] for t in manifest["outputs"]}[io_spec.LOGITS] != "float32":
+            raise ArtifactError(f"{engine_path}: unsupported non-float32 logits")
         b, h, c, d = self.max_batch, config.n_head, self.max_context, config.head_dim
         kv_dtype = torch_dtype(cache_dtype)
 
