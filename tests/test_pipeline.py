@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.artifacts.manifest import read_manifest
+from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ValidationError
 from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.model.weights import load_checkpoint
+from codegen_deploy.pipeline import add_fused_graph
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -310,3 +313,51 @@ def test_bfloat16_export_is_validated_on_cuda(tiny_checkpoint, tmp_path):
     assert validation["passed"] and validation["providers"][0] == "CUDAExecutionProvider"
     assert "cpu_float32_ops" not in validation and manifest["cache_dtype"] == "bfloat16"
     assert "bfloat16" in manifest["fused_skipped"]  # the fused graph takes float32 and float16 only
+
+
+FUSED_CONFIG = ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=40, n_inner=128, vocab_size=96)
+
+
+def test_add_fused_graph_records_it_in_the_manifest(tmp_path):
+    from codegen_deploy.model.weights import save_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(CodeGen.random(FUSED_CONFIG, seed=5, std=0.1), checkpoint)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps(FUSED_CONFIG.to_hf_config()))
+    write_manifest(export, {"model_config": FUSED_CONFIG.to_dict(), "source": str(checkpoint), "dtype": "float32"})
+
+    add_fused_graph(export)  # loads the model from the manifest's source
+    manifest = read_manifest(export, verify="sha256")
+    assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE
+    assert {io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE} <= set(manifest["files"])
+    assert manifest["source"] == str(checkpoint)  # the rest of the manifest is kept
+    assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
+        io_spec.INPUT_IDS,
+        io_spec.SEQLENS_K,
+        io_spec.TOTAL_SEQUENCE_LENGTH,
+    ]
+
+
+def test_add_fused_graph_that_fails_its_check_leaves_no_fused_graph(
+    fp32_export, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """The fused graph is checked against the reference: one checked against another model's logits fails, and
+    the export is left as a working plain export (no fused files, no fused entries, checksums intact)."""
+    import shutil
+
+    from codegen_deploy.verify import fused as fused_check
+
+    export = tmp_path / "export"
+    shutil.copytree(fp32_export, export)
+    model = load_checkpoint(tiny_checkpoint)
+    other = CodeGen.random(model.config, seed=99, std=0.1)
+    from codegen_deploy import pipeline
+
+    monkeypatch.setattr(pipeline, "record_reference", lambda m: fused_check.record_reference(other))
+    with pytest.raises(ValidationError):
+        add_fused_graph(export, model, progress=lambda line: None)
+    manifest = read_manifest(export, verify="sha256")
+    assert not any(key.startswith("fused_") for key in manifest)
+    assert not (export / io_spec.FUSED_GRAPH_FILE).exists()

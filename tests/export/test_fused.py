@@ -1,8 +1,6 @@
-"""The fused graph builder: structure, I/O contract, shapes GQA cannot express, fp16, adding it to an export."""
+"""The fused graph builder: structure, I/O contract, shapes GQA cannot express, fp16."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import onnx
@@ -10,13 +8,11 @@ import pytest
 import torch
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import ExportError
 from codegen_deploy.export.fused import fused_support, rotary_table_width, write_fused_graph
 from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
-from codegen_deploy.pipeline import add_fused_graph
 
 pytest.importorskip("onnxruntime")
 
@@ -89,28 +85,6 @@ def test_fp16_graph_stays_close_to_the_fp32_reference(model, tmp_path):
         got = [session.prefill(ids[:, :6])] + [session.step(ids[:, t]) for t in range(6, 24)]
     assert np.concatenate(got).dtype == np.float32
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-2)
-
-
-def test_add_fused_graph_records_it_in_the_manifest(model, tmp_path):
-    from codegen_deploy.model.weights import save_checkpoint
-
-    checkpoint = tmp_path / "checkpoint"
-    save_checkpoint(model, checkpoint)
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "config.json").write_text(json.dumps(CONFIG.to_hf_config()))
-    write_manifest(export, {"model_config": CONFIG.to_dict(), "source": str(checkpoint), "dtype": "float32"})
-
-    add_fused_graph(export)  # loads the model from the manifest's source
-    manifest = read_manifest(export, verify="sha256")
-    assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE
-    assert {io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE} <= set(manifest["files"])
-    assert manifest["source"] == str(checkpoint)  # the rest of the manifest is kept
-    assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
-        io_spec.INPUT_IDS,
-        io_spec.SEQLENS_K,
-        io_spec.TOTAL_SEQUENCE_LENGTH,
-    ]
 
 
 @pytest.mark.parametrize("bits, block", [(8, 64), (4, 32)])
