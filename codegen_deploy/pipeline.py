@@ -28,6 +28,7 @@ from .artifacts.manifest import (
     FUSED_WEIGHTS,
     METHODS,
     ROTARY_VARIANTS,
+    export_dtype,
     fused_entries,
     read_manifest,
     update_manifest,
@@ -364,7 +365,7 @@ def add_fused_graph(
         source = manifest.get("source")
         if not source:
             raise ExportError(f"{folder / io_spec.MANIFEST_FILE} records no source checkpoint: pass the model")
-        model = load_checkpoint(source, dtype=torch_dtype(manifest.get("dtype", "float32")))
+        model = load_checkpoint(source, dtype=torch_dtype(export_dtype(manifest)))
     reason = fused_support(model.config, rotary)
     if reason is not None:
         raise ExportError(f"no fused graph for this shape ({reason}): ONNX Runtime runs the plain graph")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -76,6 +77,38 @@ def update_manifest(folder: Path, changes: dict, drop: tuple[str, ...] = ()) -> 
     manifest = read_manifest(folder, verify="none")
     body = {k: v for k, v in manifest.items() if k not in ("format_version", "files", *drop)}
     return write_manifest(folder, {**body, **changes})
+
+
+@dataclass(frozen=True)
+class FusedGraph:
+    """The fused graph an export's manifest records: its file, the dtype of its activations and cache, its
+    weights ("float" or quantized) and where it applies the rotary. Exports written before an entry existed
+    read as its default."""
+
+    graph_file: str
+    dtype: str = "float32"
+    weights: str = "float"
+    rotary: str = "gqa"
+
+    @classmethod
+    def of(cls, manifest: dict) -> FusedGraph | None:
+        """The fused graph of `manifest`, or None when the export has none."""
+        name = manifest.get("fused_graph_file")
+        if not isinstance(name, str):
+            if io_spec.FUSED_GRAPH_FILE not in manifest.get("files", {}):
+                return None
+            name = io_spec.FUSED_GRAPH_FILE
+        return cls(
+            name,
+            manifest.get("fused_dtype", "float32"),
+            manifest.get("fused_weights", "float"),
+            manifest.get("fused_rotary", "gqa"),
+        )
+
+
+def export_dtype(manifest: dict) -> str:
+    """The dtype of an export's weights (the plain graph's; a TensorRT engine's export's)."""
+    return manifest.get("dtype") or "float32"
 
 
 def fused_entries(config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa") -> dict:

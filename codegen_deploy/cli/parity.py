@@ -72,16 +72,16 @@ def default_tolerance(session, path: str, tf32: bool = False):
     weights for the fused ONNX Runtime session), and TF32 when it was allowed on CUDA (--tf32, or the engine's
     build options)."""
     from ..artifacts.io_spec import MANIFEST_FILE
-    from ..artifacts.manifest import read_manifest
+    from ..artifacts.manifest import FusedGraph, export_dtype, read_manifest
     from ..verify.tolerance import tolerance_for
 
     manifest = getattr(session, "manifest", None)
     if manifest is None and (Path(path) / MANIFEST_FILE).is_file():
         manifest = read_manifest(path, verify="none")
     manifest = manifest or {}
-    fused = session.name == "onnxruntime-fused"
-    dtype = (manifest.get("fused_dtype") if fused else None) or manifest.get("dtype") or "float32"
-    weights = manifest.get("fused_weights", "float") if fused else "float"
+    fused = FusedGraph.of(manifest) if session.name == "onnxruntime-fused" else None
+    dtype = fused.dtype if fused else export_dtype(manifest)
+    weights = fused.weights if fused else "float"
     on_cuda = "cuda" in str(getattr(session, "device", "cpu"))
     tf32 = tf32 or bool(manifest.get("options", {}).get("tf32"))  # a TensorRT engine built with TF32
     return tolerance_for(dtype, weights=weights, tf32=tf32 and on_cuda)

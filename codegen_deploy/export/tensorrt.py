@@ -28,7 +28,7 @@ from ..artifacts.engine import (
     profile_shapes,
     write_engine_manifest,
 )
-from ..artifacts.manifest import manifest_config, read_manifest, sha256_file
+from ..artifacts.manifest import export_dtype, manifest_config, read_manifest, sha256_file
 from ..atomic import write_bytes_atomic
 from ..config import ModelConfig
 from ..dtypes import dtype_name
@@ -237,7 +237,7 @@ def build_engine(
         inputs=inputs,
         outputs=outputs,
         export_manifest_sha256=sha256_file(export_dir / io_spec.MANIFEST_FILE),
-        dtype=manifest.get("dtype"),
+        dtype=export_dtype(manifest),
     )
     out = Path(output_dir) if output_dir is not None else export_dir
     engine_path = _write_engine(out, serialized, body)

@@ -130,8 +130,8 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
     load itself, and a session over a corrupted file is closed before anyone uses it.
     """
     from ...artifacts.io_spec import MANIFEST_FILE
-    from ...artifacts.manifest import BackgroundVerification, read_manifest, require_entries
-    from .onnxruntime import OrtSession, choose_providers, fused_graph_entry
+    from ...artifacts.manifest import BackgroundVerification, FusedGraph, read_manifest, require_entries
+    from .onnxruntime import OrtSession, choose_providers
     from .onnxruntime_fused import cuda_unsupported_reason
 
     if graph not in GRAPHS:
@@ -141,7 +141,7 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
     if options.get("io_binding") is False and graph == "auto":
         graph = "plain"  # the naive loop (no IO binding) exists for the plain graph only
     manifest = read_manifest(folder, verify="none" if verify == "none" else "size")
-    fused = fused_graph_entry(manifest) if graph != "plain" else None
+    fused = FusedGraph.of(manifest) if graph != "plain" else None
     if graph == "fused" and fused is None:
         raise InputError(
             f"{folder} has no fused graph: add one with codegen_deploy.pipeline.add_fused_graph(folder), "
@@ -149,8 +149,7 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
         )
     options["providers"] = choose_providers(options.get("providers"))
     on_cuda = options["providers"][0] == "CUDAExecutionProvider"
-    fused_kind = (manifest.get("fused_dtype", "float32"), manifest.get("fused_rotary", "gqa"))
-    if fused is not None and graph == "auto" and on_cuda and cuda_unsupported_reason(*fused_kind):
+    if fused is not None and graph == "auto" and on_cuda and cuda_unsupported_reason(fused.dtype, fused.rotary):
         fused = None  # this fused graph is for the CPU provider: the plain graph runs on CUDA
     if fused is None and options.pop("cuda_graph", False):  # the plain graph's cache grows: no fixed shapes
         raise InputError(
