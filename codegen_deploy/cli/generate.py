@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int_at_least(0), help="random seed: the same seed gives the same tokens")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: -2..2, > 0 discourages repeats")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: -2..2, by how often a token came")
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit before sampling (repeatable)",
+    )
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); trimmed")
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
@@ -73,6 +82,18 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise InputError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """--logit-bias ID=BIAS values as (token id, bias) pairs; one line for a malformed one."""
+    pairs = []
+    for item in items:
+        token, _, bias = item.partition("=")
+        try:
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise InputError(f"--logit-bias {item!r} is not ID=BIAS (e.g. 50256=-100)") from None
+    return tuple(pairs)
+
+
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
@@ -88,6 +109,9 @@ def command(argv: list[str] | None) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            logit_bias=parse_logit_bias(args.logit_bias),
             seed=args.seed,
         ),
         stop=tuple(args.stop),

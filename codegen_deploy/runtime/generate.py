@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from ..errors import InputError
-from .sampling import SamplingConfig, make_generators, sample
+from .sampling import SamplingConfig, adjust_logits, make_generators, sample
 from .session import Session
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -179,6 +179,9 @@ def generate_tokens(
     ids, mask = left_pad(rows, pad)
     check_context(session, ids.shape[1], config.max_new_tokens)
     sampling = config.sampling
+    vocab = session.config.vocab_size
+    if any(not 0 <= token < vocab for token, _ in sampling.logit_bias):
+        raise InputError(f"a logit_bias token is outside the vocabulary 0..{vocab - 1}: give ids below {vocab}")
     generators = None if sampling.greedy else make_generators(sampling, len(rows))
     t0 = time.perf_counter()
     logits = session.prefill(ids, mask)
@@ -187,7 +190,8 @@ def generate_tokens(
         seen = np.zeros(logits.shape, dtype=bool)  # [B, V]
         for i, r in enumerate(rows):
             seen[i, [t for t in r if t < logits.shape[-1]]] = True
-    token = sample(logits, sampling, generators, seen)
+    counts = np.zeros(logits.shape, np.float32) if sampling.presence_penalty or sampling.frequency_penalty else None
+    token = sample(adjust_logits(logits, sampling, counts), sampling, generators, seen)
     if timings is not None:
         timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - t0
     decode_start = time.perf_counter()
@@ -199,8 +203,10 @@ def generate_tokens(
             token = np.where(finished, pad, token)
         if seen is not None:
             seen[np.arange(len(rows)), token] = True
+        if counts is not None:  # OpenAI's penalties count generated tokens only
+            counts[np.arange(len(rows)), token] += 1
         logits = session.step(token)
-        token = sample(logits, sampling, generators, seen)
+        token = sample(adjust_logits(logits, sampling, counts), sampling, generators, seen)
         if timings is not None:
             timings.decode_steps = n
             timings.decode_s = time.perf_counter() - decode_start
@@ -288,11 +294,7 @@ def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> Gen
         if unknown:
             raise InputError(f"unknown generation option {', '.join(unknown)}: use one of {', '.join(sorted(known))}")
         sampling = overrides.pop("sampling", None) or SamplingConfig(
-            **{
-                k: overrides.pop(k)
-                for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
-                if k in overrides
-            }
+            **{k: overrides.pop(k) for k in [f.name for f in fields(SamplingConfig)] if k in overrides}
         )
         if "stop" in overrides and isinstance(overrides["stop"], str):
             overrides["stop"] = (overrides["stop"],)
@@ -321,8 +323,9 @@ def generate(
 ) -> GenerationResult:
     """Generate from one prompt or a batch of prompts (strings or token id lists).
 
-    Options (when no `config` is given): max_new_tokens, temperature, top_k, top_p,
-    repetition_penalty, seed, stop, eos_token_ids, pad_token_id.
+    Options (when no `config` is given): max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+    presence_penalty, frequency_penalty, logit_bias ((token id, bias) pairs), seed, stop, eos_token_ids,
+    pad_token_id.
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)

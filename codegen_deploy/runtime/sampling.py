@@ -3,6 +3,9 @@
 Sampling draws from a numpy Generator seeded by the caller, so the same seed gives the same tokens
 on every backend. The repetition penalty follows CTRL / Hugging Face: a token already seen has a
 positive logit divided by the penalty and a negative one multiplied by it.
+
+The server's OpenAI extras (logit bias, presence and frequency penalties) live in SamplingConfig too; the
+server's rows apply them with adjust_logits() before sample(), and report logprobs with token_logprobs().
 """
 
 from __future__ import annotations
@@ -16,13 +19,20 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick tokens. temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
+    """How to pick tokens. temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off.
+
+    presence_penalty, frequency_penalty and logit_bias ((token id, bias) pairs) are OpenAI's; they act
+    through adjust_logits() (the server's rows), not through sample() itself.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -33,13 +43,29 @@ class SamplingConfig:
             raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                raise InputError(f"{name} must be a finite number (0 = off), got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if int(token) != token or token < 0 or not np.isfinite(bias):
+                raise InputError(f"logit_bias needs (token id >= 0, finite bias) pairs, got ({token}, {bias})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether adjust_logits() changes anything (a bias or a penalty is set)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a dict; the server's extras only when set, so codegen-generate's JSON keeps its keys."""
+        d = asdict(self)
+        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
+            if not d[name]:
+                del d[name]
+        return d
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -135,3 +161,28 @@ def apply_presence_frequency_penalty(
     if presence == 0 and frequency == 0:
         return logits
     return logits - presence * (counts > 0) - frequency * counts
+
+
+def adjust_logits(logits: np.ndarray, config: SamplingConfig, counts: np.ndarray | None = None) -> np.ndarray:
+    """Apply config's logit bias, then its presence/frequency penalties over `counts` (tokens generated so
+    far, same shape as logits; None: none yet), to logits [..., V]. Returns logits itself when nothing is
+    set, else a new float32-based array (sample() takes either)."""
+    if not config.adjusts_logits:
+        return logits
+    logits = logits.astype(np.float32, copy=True)
+    # One pair at a time, in order: keeps the float32 additions (and so the tokens) as they always were.
+    for token, bias in config.logit_bias:
+        logits[..., token] += bias
+    if counts is not None:
+        logits = apply_presence_frequency_penalty(logits, counts, config.presence_penalty, config.frequency_penalty)
+    return logits
+
+
+def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, dict[int, float]]:
+    """The log-probability of `token` under raw logits [V] (the model's own distribution, before any sampling
+    setting), and the top_n most likely tokens' {token: logprob}, most likely first ({} for top_n 0)."""
+    lp = log_softmax(logits[None, :])[0]
+    if top_n <= 0:
+        return float(lp[token]), {}
+    top = np.argpartition(-lp, top_n)[:top_n]
+    return float(lp[token]), {int(t): float(lp[t]) for t in top[np.argsort(-lp[top])]}

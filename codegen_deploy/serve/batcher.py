@@ -24,13 +24,7 @@ import numpy as np
 
 from ..errors import CodegenDeployError, InputError
 from ..runtime.generate import RowText, left_pad
-from ..runtime.sampling import (
-    SamplingConfig,
-    apply_presence_frequency_penalty,
-    log_softmax,
-    make_generators,
-    sample,
-)
+from ..runtime.sampling import SamplingConfig, adjust_logits, make_generators, sample, token_logprobs
 from ..runtime.session import Session
 
 
@@ -42,9 +36,9 @@ class QueueFull(Exception):
 class RowSpec:
     """What one row generates: its prompt, length limit, sampling settings and what to report.
 
-    logprobs: None, or how many of the most likely tokens to report with each token (0: the chosen
-    one only). Penalties follow OpenAI: over the tokens this row generated so far. logit_bias: (token
-    id, bias) pairs added to the logits before sampling.
+    sampling carries OpenAI's logit bias and penalties too (the penalties over the tokens this row
+    generated so far). logprobs: None, or how many of the most likely tokens to report with each token
+    (0: the chosen one only).
     """
 
     prompt_ids: tuple[int, ...]
@@ -52,9 +46,6 @@ class RowSpec:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -99,31 +90,20 @@ class Row:
     def choose(self, logits: np.ndarray) -> int:
         """Sample the next token from this row's logits [V] with its own settings; remember its logprobs."""
         spec = self.spec
-        raw = logits
-        if spec.logit_bias or spec.presence_penalty or spec.frequency_penalty:
-            logits = logits.astype(np.float32, copy=True)
-            for token, bias in spec.logit_bias:
-                logits[token] += bias
-            if self.counts is not None:
-                logits = apply_presence_frequency_penalty(
-                    logits, self.counts, spec.presence_penalty, spec.frequency_penalty
-                )
-        token = int(sample(logits[None, :], spec.sampling, self.generators)[0])
+        adjusted = adjust_logits(logits, spec.sampling, self.counts)
+        token = int(sample(adjusted[None, :], spec.sampling, self.generators)[0])
         if spec.logprobs is not None:
             # Reported from the model's own distribution (the raw logits), before any sampling setting.
-            lp = log_softmax(raw[None, :])[0]
-            self._pending_lp.append(float(lp[token]))
-            if spec.logprobs > 0:
-                top = np.argpartition(-lp, spec.logprobs)[: spec.logprobs]
-                self._pending_top.append({int(t): float(lp[t]) for t in top[np.argsort(-lp[top])]})
-            else:
-                self._pending_top.append({})
+            lp, top = token_logprobs(logits, token, spec.logprobs)
+            self._pending_lp.append(lp)
+            self._pending_top.append(top)
         return token
 
     def accept(self, logits: np.ndarray) -> RowUpdate | None:
         """Sample a token from logits [V], add it to the text; return the update to send, if any."""
         token = self.choose(logits)
-        if self.counts is None and (self.spec.presence_penalty or self.spec.frequency_penalty):
+        sampling = self.spec.sampling
+        if self.counts is None and (sampling.presence_penalty or sampling.frequency_penalty):
             self.counts = np.zeros(logits.shape[-1], np.float32)
         if self.counts is not None:
             self.counts[token] += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ..runtime.sampling import SamplingConfig
+
 
 class OpenAIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -123,6 +125,26 @@ class CompletionRequest(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self, choice_index: int, vocab_size: int) -> SamplingConfig:
+        """The sampling settings of one row: choice `choice_index` (0..n-1) of its prompt, for a model of
+        `vocab_size` tokens. Raises a 400 for a logit_bias token outside the vocabulary (check() has vetted
+        the rest); SamplingConfig's own InputError for anything it refuses."""
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not 0 <= int(key) < vocab_size:
+                raise bad_request(f"logit_bias token {key} is outside 0..{vocab_size - 1}", "logit_bias")
+            bias.append((int(key), float(value)))
+        return SamplingConfig(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            # Each choice its own stream of random numbers: seed, seed + 1, ... (reproducible with a seed).
+            seed=None if self.seed is None else self.seed + choice_index,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple(bias),
+        )
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""

@@ -180,3 +180,18 @@ def test_generation_never_outgrows_the_context(tiny_model, tiny_tokenizer):
 def test_unknown_option_is_refused(scripted_session, real_tokenizer):
     with pytest.raises(InputError, match="unknown generation option temprature"):
         generate(scripted_session([[1]], 60000), real_tokenizer, "a", temprature=1.0)
+
+
+def test_logit_bias_and_penalties_change_greedy_tokens(session, tiny_tokenizer):
+    """The server's sampling extras in the one loop: a -100 bias on each greedy token removes it from the
+    output, a large presence penalty stops repeats, and an id outside the vocabulary is one line."""
+    prompt = "def add(a, b):"
+    plain = generate(session, tiny_tokenizer, prompt, max_new_tokens=8)
+    banned = tuple((t, -100.0) for t in set(plain.ids))
+    biased = generate(session, tiny_tokenizer, prompt, max_new_tokens=8, logit_bias=banned)
+    assert not set(biased.ids) & set(plain.ids)
+    penalised = generate(session, tiny_tokenizer, prompt, max_new_tokens=8, presence_penalty=2.0, frequency_penalty=2.0)
+    if len(set(plain.ids)) < len(plain.ids):  # the plain greedy run repeats a token
+        assert len(set(penalised.ids)) > len(set(plain.ids))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        generate(session, tiny_tokenizer, prompt, max_new_tokens=2, logit_bias=((10**6, 1.0),))

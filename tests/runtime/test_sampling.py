@@ -1,4 +1,4 @@
-"""Token choice: greedy, seeded sampling, the filters, the repetition penalty and value checks."""
+"""Token choice: greedy, seeded sampling, the filters, the penalties, logit bias, logprobs and value checks."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 from codegen_deploy.errors import InputError
 from codegen_deploy.runtime.sampling import (
     SamplingConfig,
+    adjust_logits,
     apply_repetition_penalty,
     filter_top_k,
     filter_top_p,
     make_generators,
     sample,
+    token_logprobs,
 )
 
 
@@ -84,8 +86,42 @@ def test_repetition_penalty_divides_positive_multiplies_negative():
         ({"top_k": 2.5}, "top_k"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"logit_bias": ((3, float("nan")),)}, "logit_bias"),
     ],
 )
 def test_bad_values_are_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_logit_bias_moves_the_argmax_and_nothing_set_changes_nothing():
+    logits = np.array([3.0, 1.0, 2.0], np.float32)
+    assert adjust_logits(logits, SamplingConfig()) is logits
+    biased = adjust_logits(logits, SamplingConfig(logit_bias=((1, 5.0), (0, -1.0))))
+    np.testing.assert_array_equal(biased, [2.0, 6.0, 2.0])
+    np.testing.assert_array_equal(logits, [3.0, 1.0, 2.0])  # the caller's logits are left alone
+    assert sample(biased[None, :], SamplingConfig())[0] == 1
+
+
+def test_presence_and_frequency_subtract_after_the_bias():
+    logits = np.array([1.0, 1.0, 1.0, 1.0], np.float32)
+    counts = np.array([0, 1, 3, 0], np.float32)
+    config = SamplingConfig(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 2.0),))
+    # presence once per seen token, frequency per occurrence; the bias on an unseen token stays whole.
+    np.testing.assert_allclose(adjust_logits(logits, config, counts), [1.0, 0.25, -0.25, 3.0])
+    # No tokens generated yet: only the bias applies.
+    np.testing.assert_allclose(adjust_logits(logits, config, None), [1.0, 1.0, 1.0, 3.0])
+
+
+def test_token_logprobs_are_the_raw_distribution_ordered():
+    logits = np.array([0.0, 2.0, 1.0, -1.0], np.float32)
+    lp, top = token_logprobs(logits, 2, 3)
+    expected = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    assert lp == pytest.approx(expected[2])
+    assert list(top) == [1, 2, 0]  # most likely first
+    assert list(top.values()) == pytest.approx(expected[[1, 2, 0]].tolist())
+    assert np.exp(expected).sum() == pytest.approx(1.0)
+    assert token_logprobs(logits, 3, 0) == (pytest.approx(expected[3]), {})

@@ -1,0 +1,263 @@
+"""The Completions endpoint's work: a request becomes rows for the batcher, their updates become OpenAI's
+JSON body or its Server-Sent Events stream.
+
+row_specs() encodes and checks the prompts (one RowSpec per prompt and choice); a CompletionRun submits
+them and keeps, once for both answers, each choice's text, token count, logprobs and text offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import CodegenDeployError
+from .batcher import QueueFull, RowSpec, RowUpdate
+from .schemas import CompletionRequest, OpenAIError, bad_request, error_body
+from .settings import check_model
+from .state import ServerState
+
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.1
+
+
+async def create_completion(request: Request, body: CompletionRequest, model: str | None, param: str):
+    """Answer one completion request: a JSON body, or an SSE stream when body.stream. `model` is the name the
+    request gave (its `model` field or the engine path), `param` where it came from (for the 404)."""
+    state: ServerState = request.app.state.server
+    check_model(state.settings, model, param)
+    try:
+        prompts, specs = row_specs(state, body)
+    except CodegenDeployError as e:
+        raise bad_request(str(e)) from e
+    run = CompletionRun(state, body, prompts, specs)
+    if body.stream:
+        return StreamingResponse(
+            run.stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await run.collect(request)
+
+
+def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
+    """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order."""
+    body.check()
+    prompts = []
+    for i, p in enumerate(body.prompts()):
+        ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
+        if min(ids) < 0 or max(ids) >= state.vocab_size:
+            raise bad_request(f"prompt {i} has a token id outside 0..{state.vocab_size - 1}", "prompt")
+        prompts.append(ids)
+    max_tokens = body.max_tokens or 16
+    context = state.session.max_context
+    for ids in prompts:
+        if len(ids) + max_tokens > context:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens, however you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the completion). "
+                "Please reduce your prompt; or completion length.",
+                "prompt",
+                "context_length_exceeded",
+            )
+    n = body.n or 1
+    holds = state.batcher.max_queue + state.batcher.max_batch
+    if len(prompts) * n > holds:
+        raise bad_request(
+            f"{len(prompts)} prompts x n={n} make {len(prompts) * n} rows, more than this server ever holds "
+            f"({holds}): send fewer prompts or a smaller n",
+            "n",
+        )
+    # The choices of one prompt differ only in their seeds: n configs serve every prompt.
+    samplings = [body.sampling(j, state.vocab_size) for j in range(n)]
+    specs = [
+        RowSpec(tuple(ids), max_tokens, sampling, body.stop_strings, body.logprobs)
+        for ids in prompts
+        for sampling in samplings
+    ]
+    return prompts, specs
+
+
+@dataclass
+class _Choice:
+    """One choice being assembled: its prompt, text so far, tokens and logprobs, and how it ended.
+
+    offset: where its next token's text starts in the answered text (after the echoed prompt), for
+    logprobs' text_offset.
+    """
+
+    index: int
+    prompt_index: int
+    offset: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    logprobs: dict | None = None
+
+
+class CompletionRun:
+    """The rows of one completion request, submitted at construction, and the bookkeeping of their choices.
+
+    Answer with collect() (one JSON body) or stream() (SSE); either cancels the rows it leaves unfinished.
+    Raises a 429 OpenAIError when the batcher's queue cannot take the rows.
+    """
+
+    def __init__(self, state: ServerState, body: CompletionRequest, prompts: list[list[int]], specs: list[RowSpec]):
+        self.state = state
+        n = body.n or 1
+        loop = asyncio.get_running_loop()
+        self.updates: asyncio.Queue[tuple[int, RowUpdate]] = asyncio.Queue()
+
+        def sink(index: int):
+            # Updates come from the batcher's worker thread: hand them to this loop's queue.
+            return lambda update: loop.call_soon_threadsafe(self.updates.put_nowait, (index, update))
+
+        try:
+            self.rows = state.batcher.submit(specs, [sink(i) for i in range(len(specs))])
+        except QueueFull as e:
+            raise OpenAIError(
+                429,
+                f"The server is busy ({e}): retry after a moment",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from e
+        state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * n)
+        self.echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        self.meta = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": state.settings.served_name,
+        }
+        self.choices = [_Choice(i, i // n) for i in range(len(specs))]
+        for c in self.choices:
+            c.offset = len(self.prefix(c))
+        self.usage_prompt = sum(len(p) for p in prompts)
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.remaining = len(self.choices)
+
+    def prefix(self, choice: _Choice) -> str:
+        """The echoed prompt of a choice ("" without echo)."""
+        return self.echo[choice.prompt_index] if self.echo else ""
+
+    def apply(self, index: int, update: RowUpdate) -> dict | None:
+        """Book one row update into its choice (text, tokens, offsets, finish); return its logprobs piece."""
+        c = self.choices[index]
+        c.text += update.text
+        c.tokens += len(update.tokens)
+        piece = _logprobs_piece(self.state, update, c.offset)
+        c.offset += sum(len(t) for t in piece["tokens"]) if piece else 0
+        if update.finish_reason:
+            c.finish_reason = update.finish_reason
+            self.remaining -= 1
+        return piece
+
+    def usage(self) -> dict:
+        """OpenAI's usage object: prompt tokens once per prompt, completion tokens over every choice."""
+        completion_tokens = sum(c.tokens for c in self.choices)
+        return {
+            "prompt_tokens": self.usage_prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.usage_prompt + completion_tokens,
+        }
+
+    def cancel(self) -> None:
+        """Cancel every row (those already ended ignore it): they leave the batch at the next step."""
+        for row in self.rows:
+            row.cancel()
+
+    async def collect(self, request: Request) -> JSONResponse:
+        """Wait for every row to end (cancelling them all if the client goes away); answer one JSON body."""
+        checked = time.monotonic()
+        try:
+            while self.remaining:
+                # Updates may arrive every few ms: look at the connection on a clock, not only when idle.
+                if time.monotonic() - checked > DISCONNECT_POLL_S:
+                    if await request.is_disconnected():
+                        return JSONResponse(error_body("the client disconnected"), status_code=499)
+                    checked = time.monotonic()
+                try:
+                    index, update = await asyncio.wait_for(self.updates.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
+                if update.error:
+                    raise OpenAIError(500, update.error, type="server_error")
+                c = self.choices[index]
+                c.logprobs = _merge_logprobs(c.logprobs, self.apply(index, update))
+        finally:
+            self.cancel()
+        choices = [
+            {
+                "index": c.index,
+                "text": self.prefix(c) + c.text,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            }
+            for c in self.choices
+        ]
+        return JSONResponse({**self.meta, "choices": choices, "usage": self.usage()})
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Server-Sent Events: a chunk per new piece of text, finish_reason on each choice's last chunk, the
+        usage chunk when asked, then [DONE]. A client that goes away cancels its rows (finally below)."""
+        extra = {"usage": None} if self.include_usage else {}
+
+        def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> bytes:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            return _sse({**self.meta, "choices": [choice], **extra})
+
+        try:
+            if self.echo:
+                for c in self.choices:
+                    yield chunk(c.index, self.prefix(c), None)
+            while self.remaining:
+                index, update = await self.updates.get()
+                if update.error:
+                    yield _sse(error_body(update.error, type="server_error"))
+                    return
+                piece = self.apply(index, update)
+                if update.text or update.finish_reason or piece:
+                    yield chunk(index, update.text, update.finish_reason, piece)
+            if self.include_usage:
+                yield _sse({**self.meta, "choices": [], "usage": self.usage()})
+            yield _sse("[DONE]")
+        finally:
+            self.cancel()
+
+
+def _logprobs_piece(state: ServerState, update: RowUpdate, offset: int) -> dict | None:
+    """OpenAI's legacy logprobs object for the tokens of one update, text offsets counted from `offset`."""
+    if update.logprobs is None:
+        return None
+    decode = state.tokenizer.decode
+    tokens = [decode([t]) for t in update.tokens]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    top = [{decode([t]): lp for t, lp in d.items()} for d in update.top_logprobs]
+    return {"tokens": tokens, "token_logprobs": update.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _merge_logprobs(into: dict | None, piece: dict | None) -> dict | None:
+    if piece is None:
+        return into
+    if into is None:
+        return piece
+    for key in into:
+        into[key].extend(piece[key])
+    return into
+
+
+def _sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()

@@ -1,0 +1,48 @@
+"""What codegen-serve serves and how (ServeSettings), and the model-name check every model route makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .schemas import OpenAIError
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What codegen-serve serves and how.
+
+    path: export folder, engine or checkpoint; backend: torch | onnxruntime | tensorrt (default: the
+    artifact's own). model_name: the name /v1/models lists; when given, requests naming another model get
+    a 404 (when not, any model name is accepted and the folder's name is listed). api_key: when set, every
+    route but /health needs `Authorization: Bearer KEY`. max_batch: rows generating at once; max_queue:
+    rows waiting at most (429 beyond). threads, providers, max_context: the session's options;
+    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph).
+    """
+
+    path: str
+    backend: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    model_name: str | None = None
+    api_key: str | None = None
+    threads: int | None = None
+    providers: str | None = None
+    max_context: int | None = None
+    tokenizer: str | None = None
+    device_options: dict = field(default_factory=dict)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.path).resolve().name
+
+
+def check_model(settings: ServeSettings, name: str | None, param: str) -> None:
+    """Raise OpenAI's 404 when a request names a model other than the one this server is named to serve."""
+    if settings.model_name is not None and name is not None and name != settings.model_name:
+        raise OpenAIError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{settings.model_name}`",
+            param=param,
+            code="model_not_found",
+        )
