@@ -33,6 +33,7 @@ INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
 # ONNX protobufs cannot exceed 2 GiB: above this the weights stay in one external data file.
 EXTERNAL_DATA_THRESHOLD = 2 * 10**9
 
+
 class GraphWriter:
     """Collects nodes with unique names and streams initializers to one external data file.
 
