@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
+from codegen_deploy.artifacts.manifest import FusedGraph, read_manifest, write_manifest
 from codegen_deploy.errors import ArtifactError, InputError
 from codegen_deploy.runtime.backends import open_session
-from codegen_deploy.runtime.backends.onnxruntime import OrtSession, choose_providers, fused_graph_entry
+from codegen_deploy.runtime.backends.onnxruntime import OrtSession, choose_providers
 from codegen_deploy.runtime.generate import generate
 from codegen_deploy.verify.parity import compare_sessions
 from codegen_deploy.verify.tolerance import Tolerance
@@ -87,9 +87,9 @@ def test_broken_export_folders_are_refused(tiny_export, tmp_path):
 
 
 def test_fused_graph_hook(tiny_export):
-    assert fused_graph_entry({"files": {"decoder.onnx": {}}}) is None
-    assert fused_graph_entry({"files": {"decoder_fused.onnx": {}}}) == "decoder_fused.onnx"
-    assert fused_graph_entry({"fused_graph_file": "x.onnx"}) == "x.onnx"
+    assert FusedGraph.of({"files": {"decoder.onnx": {}}}) is None
+    assert FusedGraph.of({"files": {"decoder_fused.onnx": {}}}).graph_file == "decoder_fused.onnx"
+    assert FusedGraph.of({"fused_graph_file": "x.onnx"}).graph_file == "x.onnx"
     with pytest.raises(InputError, match="no fused graph"):
         open_session("onnxruntime", tiny_export, graph="fused")
 

@@ -14,8 +14,10 @@ import torch
 
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest
-from codegen_deploy.model.reference import CodeGen
+from codegen_deploy.model.weights import load_checkpoint
+from codegen_deploy.runtime.ort import ort_value
 from codegen_deploy.verify import validate
+from codegen_deploy.verify.float32_ops import _weightless_model
 
 pytest.importorskip("onnxruntime")
 
@@ -50,14 +52,14 @@ def test_float32_ops_unknown_when_they_cannot_be_learnt(fp16_export, tiny_checkp
     monkeypatch.setattr("onnx.shape_inference.infer_shapes", fail)
     graph = fp16_export / io_spec.GRAPH_FILE
     assert validate.cpu_float32_fallbacks(graph) is None
-    report = validate.validate_export(graph, CodeGen.from_pretrained(tiny_checkpoint, dtype=torch.float16))
+    report = validate.validate_export(graph, load_checkpoint(tiny_checkpoint, dtype=torch.float16))
     assert report.passed and report.info["cpu_float32_ops"] is None
     assert "float32 between casts: unknown" in report.table()
 
 
 def test_weightless_model_keeps_nodes_and_drops_weights(fp16_export):
     graph = fp16_export / io_spec.GRAPH_FILE
-    model = validate._weightless_model(graph)
+    model = _weightless_model(graph)
     original = onnx.load(str(graph), load_external_data=False).graph
     assert [n.name for n in original.node] == [n.name for n in model.graph.node][-len(original.node) :]
     assert model.ByteSize() < (fp16_export / io_spec.DATA_FILE).stat().st_size
@@ -109,7 +111,7 @@ def test_bfloat16_arrays_are_fed_and_fetched_through_io_binding():
     x = np.arange(-3, 3, dtype=np.float32).reshape(3, 2).T.astype(ml_dtypes.bfloat16) / 4  # not contiguous
     y = np.zeros((2, 3), ml_dtypes.bfloat16)
     binding = session.io_binding()
-    binding.bind_ortvalue_input("x", validate._ort_value(ort, x))
-    binding.bind_ortvalue_output("y", validate._ort_value(ort, y))
+    binding.bind_ortvalue_input("x", ort_value(ort, x))
+    binding.bind_ortvalue_output("y", ort_value(ort, y))
     session.run_with_iobinding(binding)
     np.testing.assert_array_equal(y, x)

@@ -12,15 +12,25 @@ Names and dtypes come from the manifest (written from io_spec), never guessed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ...artifacts import io_spec
 from ...errors import ArtifactError, InputError
-from ..ort import import_onnxruntime
+from ..ort import create_session, import_onnxruntime, provider_options
+from ..ort import session_options as _session_options
 from ..session import Session
+
+# provider_options and create_session live in runtime/ort.py; imported here too, where callers look for them.
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "OrtSession",
+    "choose_providers",
+    "create_session",
+    "device_of",
+    "provider_options",
+]
 
 # Default provider preference; TensorRT's EP builds engines on first use and is chosen only on request.
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -47,54 +57,9 @@ def choose_providers(requested: list[str] | str | None = None) -> list[str]:
     return providers
 
 
-def provider_options(
-    providers: list[str], device_id: int = 0, tf32: bool = False, cuda_graph: bool = False
-) -> list[dict[str, str]]:
-    """One options dict per provider, for InferenceSession(providers=..., provider_options=...).
-
-    CUDA: device_id; use_tf32 "0" unless tf32 (the provider's default "1" lets float32 MatMul round its inputs
-    to TF32: logits ~2e-3 off the reference instead of ~2e-6); enable_cuda_graph when cuda_graph (the session
-    must then bind fixed buffers: see FusedOrtSession). TensorRT: device_id. Others: none.
-    """
-    if device_id < 0:
-        raise InputError(f"device id {device_id} is negative: give a GPU index (0 is the first GPU)")
-    options = []
-    for name in providers:
-        if name == "CUDAExecutionProvider":
-            cuda = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
-            options.append({**cuda, "enable_cuda_graph": "1" if cuda_graph else "0"})
-        elif name == "TensorrtExecutionProvider":
-            options.append({"device_id": str(device_id)})
-        else:
-            options.append({})
-    return options
-
-
-def create_session(ort, graph: Path, options, providers: list[str], **provider_kwargs):
-    """InferenceSession over `graph` with `providers` and their provider_options(); a load failure becomes a
-    one-line ArtifactError."""
-    per_provider = provider_options(providers, **provider_kwargs)
-    try:
-        return ort.InferenceSession(os.fspath(graph), options, providers=providers, provider_options=per_provider)
-    except Exception as e:  # onnxruntime raises its own exception types for broken graphs and bad options
-        first = str(e).splitlines()[0][:300] if str(e) else ""
-        raise ArtifactError(
-            f"ONNX Runtime cannot open {graph} ({type(e).__name__}: {first}): export again, or check the "
-            "provider options (device id, CUDA graph)"
-        ) from e
-
-
 def device_of(providers: list[str]) -> str:
     """The OrtValue device name ("cuda" or "cpu") of the first provider: where a session's buffers live."""
     return "cuda" if providers and providers[0] in _GPU_PROVIDERS else "cpu"
-
-
-def fused_graph_entry(manifest: dict) -> str | None:
-    """The fused graph's file name if the export's manifest lists one (the hook open_session uses)."""
-    name = manifest.get("fused_graph_file")
-    if isinstance(name, str):
-        return name
-    return io_spec.FUSED_GRAPH_FILE if io_spec.FUSED_GRAPH_FILE in manifest.get("files", {}) else None
 
 
 class OrtSession(Session):
@@ -138,14 +103,9 @@ class OrtSession(Session):
         super().__init__(config, max_context=max_context, max_batch=max_batch)
         self.manifest = manifest
         self.providers = choose_providers(providers)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        for key, value in (session_options or {}).items():
-            options.add_session_config_entry(key, value)
+        options = _session_options(ort, threads, session_options)
         self._ort = ort
-        self._session = create_session(ort, graph, options, self.providers, device_id=device_id, tf32=tf32)
+        self._session = create_session(graph, options, self.providers, device_id=device_id, tf32=tf32)
         names_in = [i.name for i in self._session.get_inputs()]
         io_spec.check_decoder_io(names_in, [o.name for o in self._session.get_outputs()], config.n_layer, str(graph))
         self.device = device_of(self.providers)

@@ -1,4 +1,4 @@
-"""ONNX Runtime over the fused decoder graph (build/fused.py): the cache is written in place.
+"""ONNX Runtime over the fused decoder graph (export/fused.py): the cache is written in place.
 
 Each layer's key and value cache is one preallocated [batch, heads, max_context, head_dim] OrtValue on the
 provider's device, bound as both the graph's past input and its present output, so GroupQueryAttention
@@ -33,9 +33,10 @@ from ...artifacts import io_spec
 from ...config import ModelConfig
 from ...errors import ArtifactError, InputError
 from ...memory import lazy_zeros
-from ..ort import import_onnxruntime
+from ..ort import create_session, import_onnxruntime
+from ..ort import session_options as _session_options
 from ..session import Session
-from .onnxruntime import choose_providers, create_session, device_of
+from .onnxruntime import choose_providers, device_of
 
 
 def cuda_unsupported_reason(cache_dtype: str, rotary: str) -> str | None:
@@ -131,21 +132,11 @@ class FusedOrtSession(Session):
         graph = path / io_spec.FUSED_GRAPH_FILE if path.is_dir() else path
         if not graph.is_file():
             raise ArtifactError(
-                f"no fused graph at {graph}: export with the fused graph (export.optimize.write_fused_graph)"
+                f"no fused graph at {graph}: export it with codegen-export (which writes the fused graph by default)"
             )
         config = config or _read_config(graph.parent, verify)
         super().__init__(config, max_context=max_context, max_batch=max_batch)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if low_memory:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-            options.enable_cpu_mem_arena = False
-        for key, value in (session_options or {}).items():
-            options.add_session_config_entry(key, value)
+        options = _session_options(ort, threads, session_options, low_memory=low_memory)
         # GQA's CPU kernel is the one every graph variant was checked on: CPU unless asked otherwise.
         self.providers = choose_providers(providers) if providers else ["CPUExecutionProvider"]
         self.device = device_of(self.providers)
@@ -154,7 +145,7 @@ class FusedOrtSession(Session):
             raise InputError("CUDA graphs need the CUDA execution provider: add --providers cuda or drop --cuda-graph")
         self._ort = ort
         provider_kwargs = {"device_id": device_id, "tf32": tf32, "cuda_graph": cuda_graph}
-        self._session = create_session(ort, graph, options, self.providers, **provider_kwargs)
+        self._session = create_session(graph, options, self.providers, **provider_kwargs)
         names_in, names_out = (
             [v.name for v in values] for values in (self._session.get_inputs(), self._session.get_outputs())
         )
@@ -174,7 +165,8 @@ class FusedOrtSession(Session):
             if reason:
                 raise InputError(
                     f"{graph} cannot run on the CUDA provider: {reason}: rebuild it with "
-                    "add_fused_graph(folder, rotary='graph') from a float16 export, or use --graph plain"
+                    "codegen_deploy.pipeline.add_fused_graph(folder, rotary='graph') from a float16 export, "
+                    "or use --graph plain"
                 )
         self.cuda_graph = cuda_graph
         self._prefill_options = ort.RunOptions()
