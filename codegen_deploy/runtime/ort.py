@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from ..dtypes import onnx_type
 from ..errors import ArtifactError, InputError, MissingDependencyError
 
 
@@ -126,9 +127,7 @@ def ort_value(ort, array: np.ndarray):
     bfloat16 (ml_dtypes) goes as its bits with the ONNX type BFLOAT16, since onnxruntime's numpy bridge
     knows no bfloat16 array.
     """
-    from onnx import TensorProto
-
     array = np.ascontiguousarray(array)
     if array.dtype.name == "bfloat16":
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx_type("bfloat16"))
     return ort.OrtValue.ortvalue_from_numpy(array)

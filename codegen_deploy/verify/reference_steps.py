@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..dtypes import to_numpy
 from ..model.reference import CodeGen
 
 PROMPT_LENGTHS = (7, 4)  # the second row is left-padded to the first's length
@@ -43,7 +44,7 @@ def reference_steps(model: CodeGen, steps: int = DECODE_STEPS, seed: int = 0) ->
             present = [t for key_value in cache for t in key_value]
             real = mask[:, past_len:].bool().numpy()
             arrays = (ids.numpy(), mask.numpy(), positions.numpy(), logits.numpy())
-            out.append(_Step(*arrays, [_to_numpy(t) for t in present], real))
+            out.append(_Step(*arrays, [to_numpy(t) for t in present], real))
             past_len = mask.shape[1]
             ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             mask = torch.cat((mask, torch.ones_like(ids)), dim=1)  # [B, total + 1]
@@ -58,11 +59,3 @@ def free_weights(model: torch.nn.Module) -> None:
     """
     for t in [*model.parameters(), *model.buffers()]:
         t.data = torch.empty(0, dtype=t.dtype)
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
