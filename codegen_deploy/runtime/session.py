@@ -88,9 +88,10 @@ class Session(ABC):
     # -- row slots: independent rows for continuous batching ----------------------------------------------
     #
     # A session with slots holds `rows` cache regions side by side; each slot has its own length (and so
-    # its own positions), starts with prefill_slot() while the others keep their cache, and advances
-    # with step_slots() together with the others, each at its own length. Slots are independent of the
-    # batch API above (prefill/step), which keeps its own cache.
+    # its own positions). A slot grows by append_slot() (a prompt, or a chunk of one, after whatever the
+    # slot holds) and by step_slots() (one token in each of several slots at once, each at its own
+    # length), and shrinks by truncate_slot(), which keeps a prefix of its cache for the next prompt that
+    # shares it. Slots are independent of the batch API above (prefill/step), which keeps its own cache.
 
     supports_slots = False
 
@@ -114,29 +115,50 @@ class Session(ABC):
         """Tokens in a slot's cache (0: free)."""
         return int(self._slot_lengths[self._check_slot(slot)])
 
-    def prefill_slot(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        """Start a sequence in `slot` (whatever it held is dropped): run its prompt; return logits [vocab].
+    def append_slot(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Run tokens `ids` after what `slot` holds (all of a prompt, or a chunk of one); return the logits
+        of the last one [vocab].
 
-        The other slots keep their caches; positions count from 0, as for the prompt alone.
+        Positions continue from the slot's length, so a prompt appended in chunks computes what it computes
+        in one piece. The other slots keep their caches. A failed append leaves the slot as it was.
         """
         slot = self._check_slot(slot)
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1, T]
+        start = int(self._slot_lengths[slot])
         if ids.shape[1] == 0:
             raise InputError("the prompt is empty: give at least one token")
-        if ids.shape[1] > self.max_context:
+        if start + ids.shape[1] > self.max_context:
             raise InputError(
-                f"the prompt has {ids.shape[1]} tokens but the context holds {self.max_context}: shorten the prompt"
+                f"the prompt has {start + ids.shape[1]} tokens but the context holds {self.max_context}: "
+                "shorten the prompt"
             )
-        self._slot_lengths[slot] = 0  # a failed prefill leaves the slot free
-        logits = self._prefill_slot(slot, ids)[0]
-        self._slot_lengths[slot] = ids.shape[1]
+        logits = self._append_slot(slot, start, ids)[0]
+        self._slot_lengths[slot] = start + ids.shape[1]
         return logits
+
+    def truncate_slot(self, slot: int, length: int) -> None:
+        """Keep the first `length` tokens of a slot's cache (0 frees the slot); what follows is overwritten
+        by the next append or step."""
+        slot = self._check_slot(slot)
+        if int(length) != length or not 0 <= length <= self._slot_lengths[slot]:
+            raise InputError(f"slot {slot} holds {self._slot_lengths[slot]} tokens: cannot keep {length}")
+        self._slot_lengths[slot] = int(length)
+
+    def prefill_slot(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Start a sequence in `slot` (whatever it held is dropped): run its prompt; return logits [vocab]."""
+        self.truncate_slot(slot, 0)
+        return self.append_slot(slot, ids)
+
+    def free_slot(self, slot: int) -> None:
+        """Mark a slot free; its cache region is reused by the next append."""
+        self.truncate_slot(slot, 0)
 
     def step_slots(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
         """Append one token to each listed slot, each after its own cache; return logits [len(slots), vocab].
 
-        Slots not listed keep their cache. The step runs over the slots 0..max(slots), so keeping the busy
-        slots low (take the lowest free one) keeps the step small.
+        Slots not listed keep their cache, except that one filled to max_context loses its last token (the
+        step writes a placeholder just past each slot's length). The step runs over the slots
+        0..max(slots), so keeping the busy slots low (take the lowest free one) keeps the step small.
         """
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -146,7 +168,7 @@ class Session(ABC):
             self._check_slot(s)
         lengths = self._slot_lengths[slots]
         if (lengths == 0).any():
-            raise InputError("step_slots() on a free slot: run prefill_slot() first")
+            raise InputError("step_slots() on a free slot: run append_slot() first")
         if (lengths >= self.max_context).any():
             raise InputError(f"the context is full ({self.max_context} tokens): generate fewer new tokens")
         n = int(slots.max()) + 1
@@ -155,12 +177,10 @@ class Session(ABC):
         active = np.zeros(n, bool)
         active[slots] = True
         logits = self._step_slots(tokens, self._slot_lengths[:n].copy(), active)  # [n, V]
+        full = ~active & (self._slot_lengths[:n] >= self.max_context)
+        self._slot_lengths[:n][full] = self.max_context - 1  # its last position held the placeholder
         self._slot_lengths[slots] += 1
         return logits[slots]
-
-    def free_slot(self, slot: int) -> None:
-        """Mark a slot free; its cache region is reused by the next prefill_slot()."""
-        self._slot_lengths[self._check_slot(slot)] = 0
 
     def _check_slot(self, slot: int) -> int:
         if self.slot_count == 0:
@@ -173,16 +193,17 @@ class Session(ABC):
         """Allocate the slots' cache (backends with supports_slots = True implement the three slot methods)."""
         raise NotImplementedError
 
-    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
-        """Run a prompt [1, T] into `slot`'s cache from position 0; return logits [1, vocab] float32."""
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
+        """Run input_ids [1, T] at positions start..start+T-1 of `slot`, after its first `start` cached
+        tokens; write their keys and values there; return the last one's logits [1, vocab] float32."""
         raise NotImplementedError
 
     def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab]
         (it may be a buffer the next step overwrites: step_slots() copies out the rows it returns).
 
-        Only rows with active[i] count: the others (free slots, or busy slots not stepped now) may be run
-        as dummies but must keep the cache they had below their length.
+        Only rows with active[i] count: the others (free slots, or slots not stepped now) may be run as
+        dummies writing at min(lengths[i], max_context - 1), but must keep the cache below that.
         """
         raise NotImplementedError
 

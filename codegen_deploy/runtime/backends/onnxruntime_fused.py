@@ -19,8 +19,10 @@ with rotary positions counted from there. prefill() moves each left-padded row t
 
 Row slots (continuous batching): one more [slots, heads, max_context, head_dim] buffer per layer and
 kind. Since the slot is the outer dimension, slots 0..n-1 are one contiguous block that a step binds by
-address, without a copy, each row at its own seqlens_k. A slot's prompt runs at batch 1 in a buffer of
-its own length, copied into the slot's region.
+address, without a copy, each row at its own seqlens_k. A slot's first tokens run at batch 1 in a buffer
+of their own length, copied into the slot's region; later chunks (the rest of a long prompt, or a prompt
+after a reused prefix) run in place on the slot's region, GQA reading the cached positions and writing the
+new ones after them.
 """
 
 from __future__ import annotations
@@ -257,22 +259,28 @@ class FusedOrtSession(Session):
         if ids is not None:
             bind(io_spec.INPUT_IDS, ids)
 
-    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
-        # GQA's prompt path writes its row's whole present buffer (all max_context positions), which would
-        # make every slot's full region resident: run the prompt in a buffer of its own length instead and
-        # copy the filled part, so a slot's memory grows with its tokens.
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
         c = self.config
         t = input_ids.shape[1]
-        scratch = [np.zeros((1, c.n_head, t, c.head_dim), self.cache_dtype) for _ in self._names]
-        seqlens = np.full(1, t - 1, np.int32)
+        total = start + t
         logits = np.zeros((1, c.vocab_size), np.float32)
-        self._slot_total[...] = t
+        seqlens = np.full(1, total - 1, np.int32)  # GQA: the tokens in the cache after this run, minus one
+        self._slot_total[...] = total
         binding = self._session.io_binding()
-        self._bind_slots(binding, scratch, seqlens, logits)
-        binding.bind_ortvalue_input(io_spec.INPUT_IDS, self._ort.OrtValue.ortvalue_from_numpy(input_ids))
+        if start == 0:
+            # GQA's first-prompt path writes its row's whole present buffer (all max_context positions),
+            # which would make the slot's full region resident: run it in a buffer of its own length and
+            # copy the filled part, so a slot's memory grows with its tokens.
+            caches = [np.zeros((1, c.n_head, t, c.head_dim), self.cache_dtype) for _ in self._names]
+        else:
+            # A chunk after a cache: GQA reads the slot's first `start` positions and writes the next t in
+            # place, so the slot's region (contiguous: the slot is the outer dimension) is bound as it is.
+            caches = [cache[slot : slot + 1] for cache in self._slot_cache]
+        self._bind_slots(binding, caches, seqlens, logits, np.ascontiguousarray(input_ids))
         self._session.run_with_iobinding(binding)
-        for cache, part in zip(self._slot_cache, scratch, strict=True):
-            cache[slot, :, :t] = part[0]
+        if start == 0:
+            for cache, part in zip(self._slot_cache, caches, strict=True):
+                cache[slot, :, :t] = part[0]
         return logits
 
     def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:

@@ -170,24 +170,25 @@ class TorchSession(Session):
         x = layer_norm_fp32(m.ln_f, x[:, -1:])
         return m.lm_head(x).float()[:, -1].cpu().numpy()  # [B, V]
 
-    def _prefill_slot(self, slot: int, input_ids: np.ndarray) -> np.ndarray:
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
         import torch
 
         from ...model.reference import attention_bias
 
-        t = input_ids.shape[1]
+        total = start + input_ids.shape[1]
         keys = [k[slot : slot + 1] for k in self._slot_keys]  # views [1, H, max_context, D]
         values = [v[slot : slot + 1] for v in self._slot_values]
 
         def store(layer, k, v):
-            keys[layer][:, :, :t] = k
-            values[layer][:, :, :t] = v
-            return keys[layer][:, :, :t], values[layer][:, :, :t]
+            keys[layer][:, :, start:total] = k
+            values[layer][:, :, start:total] = v
+            return keys[layer][:, :, :total], values[layer][:, :, :total]  # views [1, H, total, D]
 
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
-            pos = torch.arange(t, device=self.device)[None, :]  # [1, T]
-            bias = attention_bias(torch.ones((1, t), dtype=torch.int64, device=self.device), t)
+            pos = torch.arange(start, total, device=self.device)[None, :]  # [1, T]
+            mask = torch.ones((1, total), dtype=torch.int64, device=self.device)
+            bias = attention_bias(mask, input_ids.shape[1])  # [1, 1, T, total]: causal after the cache
             return self._run_layers(ids, pos, bias, store)
 
     def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
