@@ -59,8 +59,9 @@ def weights_bytes(folder: Path) -> int:
 
 
 def start_server(
-    export: Path, port: int, max_batch: int, threads: int | None, tokenizer: Path | None
+    export: Path, port: int, max_batch: int, threads: int | None, tokenizer: Path | None, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
+    """codegen-serve on 127.0.0.1:`port` (extra: more of its options), once it answers /health."""
     argv = [
         sys.executable,
         "-m",
@@ -79,6 +80,7 @@ def start_server(
         argv += ["--threads", str(threads)]
     if tokenizer:
         argv += ["--tokenizer", str(tokenizer)]
+    argv += list(extra)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

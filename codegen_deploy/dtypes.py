@@ -14,7 +14,7 @@ from .errors import InputError
 DTYPES = ("float32", "float16", "bfloat16")  # model dtypes: weights and KV cache
 SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}  # of default export folder names
 # ONNX's TensorProto element types by name (the values of onnx.TensorProto.DataType, fixed by the ONNX spec).
-_ONNX_TYPES = {"float32": 1, "uint8": 2, "int32": 6, "int64": 7, "bool": 9, "float16": 10, "bfloat16": 16}
+_ONNX_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "int32": 6, "int64": 7, "bool": 9, "float16": 10, "bfloat16": 16}
 _ONNX_NAMES = {v: k for k, v in _ONNX_TYPES.items()}
 
 
@@ -33,7 +33,9 @@ def torch_dtype(name: str):
 
 
 def dtype_name(dtype) -> str:
-    """The name of a torch dtype, numpy dtype or name: torch.float16 -> "float16"."""
+    """The name of a torch dtype, numpy dtype or scalar type, or name: torch.float16 -> "float16"."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        return np.dtype(dtype).name
     return str(dtype).removeprefix("torch.")
 
 

@@ -5,10 +5,10 @@ import onnx
 import pytest
 import torch
 
-from codegen_deploy.dtypes import DTYPES, numpy_dtype, onnx_type, onnx_type_name, to_numpy
+from codegen_deploy.dtypes import DTYPES, dtype_name, numpy_dtype, onnx_type, onnx_type_name, to_numpy
 from codegen_deploy.errors import InputError
 
-NAMES = [*DTYPES, "int64", "int32", "uint8", "bool"]
+NAMES = [*DTYPES, "int64", "int32", "uint8", "int8", "bool"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -32,3 +32,9 @@ def test_unknown_names_are_refused():
     with pytest.raises(InputError, match="choose one of float32, float16, bfloat16"):
         check_dtype("float64")
     assert onnx_type_name(11) == "onnx type 11"  # double: not a type this toolkit writes
+
+
+def test_names_of_every_kind_of_dtype():
+    for dtype in ("float16", torch.float16, np.float16, np.dtype("float16")):
+        assert dtype_name(dtype) == "float16"
+    assert numpy_dtype(np.float32).itemsize == 4

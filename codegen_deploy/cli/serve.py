@@ -7,7 +7,18 @@ import sys
 
 from ..errors import MissingDependencyError
 from ..runtime.backends import BACKENDS
+from ..serve.batcher import GAP_STEPS
 from .common import ArgumentParser, add_device_options, device_options, int_at_least, run
+
+
+def _chunk(text: str) -> int | None:
+    """--prefill-chunk's value: "auto" (None) or a whole number >= 0."""
+    if text == "auto":
+        return None
+    try:
+        return int_at_least(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +39,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-queue", type=int_at_least(0), default=64, help="rows waiting at most; beyond, 429 (default: 64)"
     )
+    p.add_argument(
+        "--cache-slots",
+        type=int_at_least(0),
+        help="idle row slots that keep their prompt's cache, so a prompt that starts like an earlier one computes "
+        "only the rest (default: --max-batch; 0: off)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=_chunk,
+        default=None,
+        metavar="N|auto",
+        help="prompt tokens computed between two decode steps while other rows generate, so a long prompt never "
+        f"stalls their streams (default: auto, sized from measured costs to keep their gaps near {GAP_STEPS:g} "
+        "steps; 0: whole prompts at once)",
+    )
     p.add_argument("--model-name", help="the model name to serve; other names get a 404 (default: any name)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
@@ -36,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-context", type=int_at_least(1), help="tokens per row (prompt + completion; default: the model's)"
     )
     p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
+    p.add_argument(
+        "--suffix",
+        choices=("ignore", "error"),
+        default="ignore",
+        help="a request's `suffix` (CodeGen1 cannot fill in the middle): ignore it and continue the prompt, as "
+        "FauxPilot does (default), or answer vLLM's 400 'suffix is not currently supported'",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_device_options(p)
     ray = p.add_argument_group("Ray Serve (needs the ray extra)")
@@ -72,6 +105,9 @@ def command(argv: list[str] | None) -> int:
         providers=args.providers,
         max_context=args.max_context,
         tokenizer=args.tokenizer,
+        suffix=args.suffix,
+        cache_slots=args.cache_slots,
+        prefill_chunk=args.prefill_chunk,
         device_options={k: v for k, v in device_options(args).items() if v is not None},
     )
     if args.ray:
@@ -89,6 +125,8 @@ def command(argv: list[str] | None) -> int:
         return 0
     print(f"codegen-serve: loading {args.path}", file=sys.stderr)
     state = ServerState(settings, Metrics())  # opened here, so a bad path or export is one error line
+    print(f"codegen-serve: {state.batcher.describe_cache()}", file=sys.stderr)
+    print(f"codegen-serve: {state.batcher.describe_chunks()}", file=sys.stderr)
     print(f"codegen-serve: {state.session.name} session; serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(
         create_app(settings, state=state),

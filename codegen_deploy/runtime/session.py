@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..config import ModelConfig
+from ..dtypes import numpy_dtype
 from ..errors import InputError
 
 
@@ -32,6 +33,16 @@ class Session(ABC):
         self._length = 0
         self._next_position: np.ndarray | None = None  # [B, 1] int64
         self._slot_lengths: np.ndarray | None = None  # [slots] int64 tokens in each slot's cache (0 = free)
+
+    cache_dtype = None  # the KV cache's numpy dtype (or name), where the backend knows it
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes one token's keys and values take in the cache (every layer), None where the dtype is unknown."""
+        if self.cache_dtype is None:
+            return None
+        c = self.config
+        return 2 * c.n_layer * c.n_head * c.head_dim * numpy_dtype(self.cache_dtype).itemsize
 
     @property
     def length(self) -> int:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .completions import create_completion
+from .dialects import check_suffix_mode
 from .metrics import Metrics
 from .schemas import CompletionRequest, OpenAIError, error_body
 from .settings import ServeSettings, check_model
@@ -30,6 +31,7 @@ __all__ = ["ServeSettings", "ServerState", "create_app"]
 def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: ServerState | None = None) -> FastAPI:
     """The FastAPI app of codegen-serve. With `state` (opened by the caller with the same metrics), it serves
     that; without, the model opens when the app starts (a Ray Serve replica). Either closes when it stops."""
+    check_suffix_mode(settings.suffix)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,7 +99,15 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
 
 
 def _model_card(settings: ServeSettings) -> dict:
-    return {"id": settings.served_name, "object": "model", "created": 0, "owned_by": "codegen-deploy"}
+    # CodeGen1 has no fill-in-the-middle: say what a request's `suffix` gets (see dialects.py).
+    return {
+        "id": settings.served_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "codegen-deploy",
+        "fill_in_the_middle": False,
+        "suffix": "ignored" if settings.suffix == "ignore" else "refused",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

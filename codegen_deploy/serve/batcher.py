@@ -2,10 +2,18 @@
 
 The event loop never runs the model. It submits rows (one per prompt and choice) to the Batcher, which
 keeps a bounded queue of waiting rows; the worker thread admits waiting rows into free row slots of the
-Session (each prompt runs alone into its slot's cache), then advances every running row by one token
-in one step_slots() call, each row at its own length and with its own sampling settings. A row leaves
-as soon as it ends (eos, stop string, max_tokens) or its client goes away, freeing its slot for the
-next waiting row at the next step.
+Session and, in each round, computes at most `prefill_chunk` prompt tokens of the rows still reading
+their prompts (shared fairly between them), then advances every row that is generating by one token in
+one step_slots() call, each row at its own length and with its own sampling settings. So a long prompt
+never stops the other rows' streams for more than a chunk. A row leaves as soon as it ends (eos, stop
+string, max_tokens) or its client goes away, freeing its slot for the next waiting row.
+
+Prefix reuse: a slot whose row has left keeps its cache and the token ids in it. A new row goes to the
+free slot whose ids share the longest prefix with its prompt; the slot is cut back to the shared part and
+only the rest of the prompt is computed. This is what editors need: they send the whole file again on
+nearly every keystroke, and cancel the request they sent a moment ago (its prompt's cache stays). At most
+`cache_slots` free slots keep a cache (the least recently used is dropped first), so the memory the
+caches hold is bounded: cache_slots x max_context tokens.
 
 Sessions without row slots (the plain ONNX Runtime graph, TensorRT) run rows with the batch API
 instead: waiting rows start together when the previous batch has ended (left padding, one prefill),
@@ -53,7 +61,7 @@ class RowUpdate:
     """What a row produced since its last update: new text (whole characters only), the tokens sampled
     (tokens whose text is held back, a possible stop string start or a split character, come with a
     later update), their log-probabilities when asked, and on the last update its finish_reason
-    ("stop" or "length") or an error message."""
+    ("stop" or "length") or an error message. The first update says how many prompt tokens were reused."""
 
     text: str
     tokens: list[int]
@@ -61,6 +69,7 @@ class RowUpdate:
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int | None = None  # on a row's first update: prompt tokens its slot's cache already held
 
 
 class Row:
@@ -74,7 +83,11 @@ class Row:
         self.finished = False
         self.finish_reason: str | None = None  # OpenAI's: "stop" or "length"
         self.slot: int | None = None
+        self.prompt_done = 0  # prompt tokens in the slot's cache (reused or computed)
+        self.cached_tokens = 0  # of those, the ones a previous row left in the slot
+        self.last_chunk = 0  # the prefill round that last computed a chunk of its prompt (turn order)
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        self._reported_cache = False
         self.generators = None if spec.sampling.greedy else make_generators(spec.sampling, 1)
         self.counts: np.ndarray | None = None  # [V] tokens generated so far, for the penalties
         self._pending: list[int] = []
@@ -125,43 +138,150 @@ class Row:
             self._pending_lp if asked else None,
             self._pending_top if asked else None,
             finish_reason,
+            cached_tokens=None if self._reported_cache else self.cached_tokens,
         )
+        self._reported_cache = True
         self._pending, self._pending_lp, self._pending_top = [], [], []
         return update
 
 
+def common_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
+    """The number of leading ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    if a[:n] == list(b[:n]):
+        return n
+    return int(np.argmin(np.asarray(a[:n]) == np.asarray(b[:n])))
+
+
+def take_turns(needs: list[int], budget: int) -> list[int]:
+    """Split `budget` prompt tokens between rows needing `needs` tokens, listed in turn order (the row served
+    least recently first): the first row takes what it needs up to the budget, what it leaves goes to the
+    next. Each append runs the weights once, so one row per round keeps a round's cost to its budget; rows
+    take turns across rounds, so each waiting prompt advances in turn."""
+    shares, left = [], budget
+    for need in needs:
+        shares.append(min(need, left))
+        left -= shares[-1]
+    return shares
+
+
+@dataclass
+class _Slot:
+    """A row slot's bookkeeping: the token ids whose keys and values its cache holds (in order), the row
+    running in it, and when it was last used (for least-recently-used eviction)."""
+
+    ids: list[int] = field(default_factory=list)
+    row: Row | None = None
+    used: int = 0
+
+
 class SlotEngine:
-    """Rows in the Session's row slots: a row joins the running batch at any step."""
+    """Rows in the Session's row slots: a row joins the running batch at any step, its prompt computed in
+    chunks after whatever prefix of it a free slot's cache holds.
+
+    rows: rows running at once; cache_slots: free slots that keep their cache for the next prompt
+    (0: none, no prefix reuse). The session gets max(rows, cache_slots) slots.
+    """
 
     joins_running = True
 
-    def __init__(self, session: Session, rows: int):
-        session.open_slots(rows)
+    def __init__(self, session: Session, rows: int, cache_slots: int):
+        session.open_slots(max(rows, cache_slots))
         self.session = session
-        self.free = list(range(rows))
+        self.rows = rows
+        self.cache_slots = cache_slots
+        self.slots = [_Slot() for _ in range(session.slot_count)]
+        self._clock = 0
+        self._round = 0
 
     def capacity(self) -> int:
-        return len(self.free)
+        return self.rows - sum(slot.row is not None for slot in self.slots)
 
     def take(self, waiting: deque) -> list[Row]:
+        """Admit waiting rows into free slots: each into the one whose cache shares the longest prefix with its
+        prompt (at least half of that cache, so that a few common tokens never cost another prompt's cache),
+        else an empty one, else the least recently used (the slot is cut back to what it shares)."""
         taken = []
-        while waiting and self.free:
+        while waiting and self.capacity() > 0:
             row = waiting.popleft()
-            row.slot = self.free.pop(self.free.index(min(self.free)))  # the lowest: keeps steps small
+            prompt = row.spec.prompt_ids
+            free = [i for i, slot in enumerate(self.slots) if slot.row is None]
+            for i in free:  # a step may cut the last token of a full slot it did not step
+                del self.slots[i].ids[self.session.slot_length(i) :]
+            # At least the prompt's last token is computed: its logits give the first new token.
+            shared = {i: min(common_prefix(self.slots[i].ids, prompt), len(prompt) - 1) for i in free}
+            hits = [i for i in free if shared[i] > 0 and 2 * shared[i] >= len(self.slots[i].ids)]
+            empty = [i for i in free if not self.slots[i].ids]
+            if hits:
+                best = max(hits, key=lambda i: (shared[i], self.slots[i].used))
+            elif empty:
+                best = empty[0]  # the lowest: keeps steps small
+            else:
+                best = min(free, key=lambda i: self.slots[i].used)
+            slot, keep = self.slots[best], shared[best]
+            self.session.truncate_slot(best, keep)
+            del slot.ids[keep:]
+            slot.row, row.slot = row, best
+            row.prompt_done = row.cached_tokens = keep
             taken.append(row)
         return taken
 
-    def prefill(self, rows: list[Row]) -> np.ndarray:
-        return np.stack([self.session.prefill_slot(r.slot, list(r.spec.prompt_ids)) for r in rows])
+    def prefill(self, rows: list[Row], budget: int | None) -> tuple[list[Row], np.ndarray, int]:
+        """Compute up to `budget` prompt tokens (None: all) of `rows`, taking turns; return the rows whose prompt
+        is now complete, the logits of their last prompt token [n, V], and the number of appends run."""
+        self._round += 1
+        rows = sorted(rows, key=lambda r: r.last_chunk)  # least recently served first (stable: arrival order)
+        needs = [len(r.spec.prompt_ids) - r.prompt_done for r in rows]
+        shares = needs if budget is None else take_turns(needs, budget)
+        done, logits, appends = [], [], 0
+        for row, share in zip(rows, shares, strict=True):
+            if share == 0:
+                continue
+            chunk = list(row.spec.prompt_ids[row.prompt_done : row.prompt_done + share])
+            out = self.session.append_slot(row.slot, chunk)
+            appends += 1
+            self.slots[row.slot].ids.extend(chunk)
+            row.prompt_done += share
+            row.last_chunk = self._round
+            if row.prompt_done == len(row.spec.prompt_ids):
+                done.append(row)
+                logits.append(out)
+        vocab = self.session.config.vocab_size
+        return done, (np.stack(logits) if logits else np.zeros((0, vocab), np.float32)), appends
 
     def step(self, rows: list[Row]) -> np.ndarray:
-        return self.session.step_slots([r.slot for r in rows], [r.next_token for r in rows])
+        logits = self.session.step_slots([r.slot for r in rows], [r.next_token for r in rows])
+        for r in rows:
+            self.slots[r.slot].ids.append(r.next_token)
+        return logits
 
     def release(self, row: Row) -> None:
-        if row.slot is not None:
-            self.session.free_slot(row.slot)
-            self.free.append(row.slot)
-            row.slot = None
+        """The row leaves its slot; the slot keeps its cache unless more than cache_slots free slots hold one."""
+        if row.slot is None:
+            return
+        slot = self.slots[row.slot]
+        slot.row, row.slot = None, None
+        self._clock += 1
+        slot.used = self._clock
+        kept = sorted((s for s in self.slots if s.row is None and s.ids), key=lambda s: s.used, reverse=True)
+        for s in kept[self.cache_slots :]:
+            self.drop(self.slots.index(s))
+
+    def drop(self, index: int) -> None:
+        """Forget a free slot's cache."""
+        self.session.truncate_slot(index, 0)
+        self.slots[index].ids.clear()
+
+    def reset(self) -> None:
+        """Forget every free slot's cache (after a backend failure, whose effect on the buffers is unknown)."""
+        for i, slot in enumerate(self.slots):
+            if slot.row is None:
+                self.drop(i)
+
+    def cached(self) -> tuple[int, int]:
+        """(free slots holding a cache, tokens in them)."""
+        kept = [len(s.ids) for s in self.slots if s.row is None and s.ids]
+        return len(kept), sum(kept)
 
 
 class BatchEngine:
@@ -196,9 +316,13 @@ class BatchEngine:
         self.batch = list(taken)
         return taken
 
-    def prefill(self, rows: list[Row]) -> np.ndarray:
+    def prefill(self, rows: list[Row], budget: int | None) -> tuple[list[Row], np.ndarray, int]:
+        """All the rows' prompts at once, left-padded (the batch API has no chunks): every row is done."""
         ids, mask = left_pad([list(r.spec.prompt_ids) for r in rows], self.pad)
-        return self.session.prefill(ids, mask)
+        logits = self.session.prefill(ids, mask)
+        for r in rows:
+            r.prompt_done = len(r.spec.prompt_ids)
+        return rows, logits, 1
 
     def step(self, rows: list[Row]) -> np.ndarray:
         tokens = np.full(len(self.batch), self.pad, np.int64)
@@ -213,18 +337,53 @@ class BatchEngine:
         if all(r is None for r in self.batch):
             self.batch = []
 
+    def reset(self) -> None:
+        """Nothing is kept between batches."""
+
+    def cached(self) -> tuple[int, int]:
+        return 0, 0
+
+
+# --prefill-chunk auto: a chunk of prompt tokens between two decode steps of the generating rows is sized
+# so that the chunk and the step together take about GAP_STEPS steps: that is the longest a stream waits for
+# its next token while another row reads a long prompt. An append runs the weights once, like a step, plus
+# a cost per token, both measured while serving (moving averages), so the size follows the model, its
+# weights' precision and the machine's load. Measured on the 350M shape, fp32, 2 threads: a step 50 ms, an
+# append 45 ms + 2 ms per token, so about 50 tokens. FIRST_CHUNK is the size before anything is measured.
+GAP_STEPS = 4.0
+FIRST_CHUNK = 32
+MIN_CHUNK = 8
+# When no row is generating, only the waiting rows' time to first token matters: chunks this large run at
+# the machine's full GEMM speed, and a row that arrives meanwhile still starts within one chunk.
+IDLE_CHUNK = 512
+_AVERAGE = 0.2  # weight of the newest measurement in the moving averages
+
 
 class Batcher:
     """The scheduler: a bounded queue of waiting rows and one worker thread that runs the model.
 
     max_batch: rows running at once (row slots), at most the session's own max_batch (a TensorRT engine's
     built batch); max_queue: rows waiting at most (submit raises QueueFull beyond). metrics: a
-    serve.metrics.Metrics or None.
+    serve.metrics.Metrics or None. cache_slots: free row slots that keep their cache for prefix reuse
+    (default max_batch; 0 turns reuse off). prefill_chunk: prompt tokens computed between two decode steps
+    while rows are generating (None: sized from measured costs, see GAP_STEPS; 0: whole prompts at once).
+    Both apply to sessions with row slots.
     """
 
-    def __init__(self, session: Session, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(
+        self,
+        session: Session,
+        tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        metrics=None,
+        cache_slots: int | None = None,
+        prefill_chunk: int | None = None,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if (cache_slots or 0) < 0 or (prefill_chunk or 0) < 0:
+            raise InputError(f"cache_slots and prefill_chunk must be >= 0, got {cache_slots} and {prefill_chunk}")
         if session.max_batch is not None:
             max_batch = min(max_batch, session.max_batch)  # a larger batch would fail every row it holds
         self.session = session
@@ -233,15 +392,57 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
+        self.prefill_chunk = prefill_chunk  # None: auto; 0: whole prompts
+        self._step_s: float | None = None  # moving averages: a decode step, and an append's cost per token
+        self._token_s: float | None = None
         if session.supports_slots:
-            self.engine = SlotEngine(session, max_batch)
+            cache_slots = max_batch if cache_slots is None else cache_slots
+            if session.max_batch is not None:
+                cache_slots = min(cache_slots, session.max_batch)
+            self.engine = SlotEngine(session, max_batch, cache_slots)
         else:
             self.engine = BatchEngine(session, max_batch, tokenizer.eos_token_id)
+        self.cache_slots = getattr(self.engine, "cache_slots", 0)
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="codegen-batcher", daemon=True)
+
+    def describe_cache(self) -> str:
+        """One line for the server's start-up: how many caches are kept and the KV memory they may take."""
+        per_token = self.session.kv_bytes_per_token
+        if not self.cache_slots or per_token is None:
+            return "prefix cache: off"
+        context = self.session.max_context
+        most = self.cache_slots * context * per_token
+        return (
+            f"prefix cache: up to {self.cache_slots} idle row slots keep their prompt's cache "
+            f"({per_token * 1000 / 2**20:.0f} MiB per 1,000 tokens; at most {most / 2**30:.2f} GiB for "
+            f"{self.cache_slots} x {context} tokens, resident as filled)"
+        )
+
+    def describe_chunks(self) -> str:
+        """One line for the server's start-up: how prompts are split while other rows generate."""
+        if not self.engine.joins_running or self.prefill_chunk == 0:
+            return "prompts: read whole"
+        if self.prefill_chunk is None:
+            return f"prompts: read in chunks sized to keep other streams' gaps near {GAP_STEPS:g} steps"
+        return f"prompts: read in chunks of {self.prefill_chunk} tokens while other rows generate"
+
+    def chunk_budget(self, generating: bool) -> int | None:
+        """Prompt tokens to compute in this round (None: all of every waiting prompt)."""
+        if not self.engine.joins_running or self.prefill_chunk == 0:
+            return None
+        if not generating:
+            return max(self.prefill_chunk or 0, IDLE_CHUNK)
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if self._step_s is None or self._token_s is None:
+            return FIRST_CHUNK
+        # chunk + step = (step + tokens x per-token) + step <= GAP_STEPS x step
+        tokens = (GAP_STEPS - 2) * self._step_s / self._token_s
+        return int(min(max(tokens, MIN_CHUNK), IDLE_CHUNK))
 
     # -- the event loop's side -----------------------------------------------------------------------------
 
@@ -293,23 +494,54 @@ class Batcher:
                 self._leave([r for r in self._running if r.cancelled], "cancelled")
                 admitted = self.engine.take(self._waiting)
             try:
-                groups = [[r] for r in admitted] if self.engine.joins_running else [admitted] if admitted else []
-                stepping = [r for r in self._running if not r.cancelled]
+                self._count_cache(admitted)
                 self._running.extend(admitted)
-                for group in groups:
-                    self._accept(group, self.engine.prefill(group))
-                if stepping:
-                    self._accept(stepping, self.engine.step(stepping))
+                self._round()
             except Exception as e:  # a backend failure fails the rows it touched; the server goes on
                 message = str(e) if isinstance(e, CodegenDeployError) else f"{type(e).__name__}: {e}"
                 for row in list(self._running):
                     self._send(row, RowUpdate("", [], error=f"generation failed: {message}"))
                 self._leave(list(self._running), "error")
+                self.engine.reset()
             self._gauges()
         for row in list(self._waiting) + self._running:
             self._send(row, RowUpdate("", [], error="the server is shutting down"))
         self._waiting.clear()
         self._leave(list(self._running), "error")
+
+    def _round(self) -> None:
+        """One round of the worker: a chunk of the prompts being read, then one step of the generating rows.
+
+        Rows whose prompt completes in this round sample their first token now and step from the next round.
+        """
+        generating = [r for r in self._running if r.next_token is not None and not r.cancelled]
+        reading = [r for r in self._running if r.next_token is None and not r.cancelled]
+        if reading:
+            budget = self.chunk_budget(bool(generating))
+            before = sum(r.prompt_done for r in reading)
+            start = time.perf_counter()
+            done, logits, appends = self.engine.prefill(reading, budget)
+            tokens = sum(r.prompt_done for r in reading) - before
+            self._measure_prefill(time.perf_counter() - start, appends, tokens, budget)
+            if done:
+                self._accept(done, logits)
+        if generating:
+            start = time.perf_counter()
+            logits = self.engine.step(generating)
+            self._step_s = _average(self._step_s, time.perf_counter() - start)
+            self._accept(generating, logits)
+
+    def _measure_prefill(self, seconds: float, appends: int, tokens: int, budget: int | None) -> None:
+        """Learn an append's cost per token beyond the step-like cost of running the weights once."""
+        if self.metrics is not None and budget is not None:
+            self.metrics.prefill_chunk.set(budget)
+        if self._step_s is not None and appends == 1 and budget is not None and tokens >= MIN_CHUNK:
+            self._token_s = _average(self._token_s, max(seconds - self._step_s, 0.0) / tokens + 1e-6)
+
+    def _count_cache(self, rows: list[Row]) -> None:
+        if self.metrics is not None:
+            for row in rows:
+                self.metrics.prompt_cache(hit=row.cached_tokens, miss=len(row.spec.prompt_ids) - row.cached_tokens)
 
     def _accept(self, rows: list[Row], logits: np.ndarray) -> None:
         """Sample each row's next token from its logits [len(rows), V]; send updates; finished rows leave."""
@@ -351,4 +583,11 @@ class Batcher:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_load(queue_depth=len(self._waiting), active_rows=len(self._running))
+            slots, tokens = self.engine.cached()
+            self.metrics.set_load(
+                queue_depth=len(self._waiting), active_rows=len(self._running), cached_slots=slots, cached_tokens=tokens
+            )
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _AVERAGE) * old + _AVERAGE * new

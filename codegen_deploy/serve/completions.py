@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import CodegenDeployError
 from .batcher import QueueFull, RowSpec, RowUpdate
+from .dialects import handle_suffix, prompt_prefix
 from .schemas import CompletionRequest, OpenAIError, bad_request, error_body
 from .settings import check_model
 from .state import ServerState
@@ -47,11 +48,13 @@ async def create_completion(request: Request, body: CompletionRequest, model: st
 
 
 def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
-    """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order."""
+    """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order. A request's
+    suffix and the FIM wrapping of a string prompt go through dialects.py (CodeGen1 cannot fill in the middle)."""
     body.check()
+    handle_suffix(state.settings.suffix, body.suffix)
     prompts = []
     for i, p in enumerate(body.prompts()):
-        ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        ids = state.tokenizer.encode(prompt_prefix(p)) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
         if min(ids) < 0 or max(ids) >= state.vocab_size:
@@ -101,6 +104,7 @@ class _Choice:
     finish_reason: str | None = None
     tokens: int = 0
     logprobs: dict | None = None
+    cached_tokens: int = 0
 
 
 class CompletionRun:
@@ -154,6 +158,8 @@ class CompletionRun:
         c = self.choices[index]
         c.text += update.text
         c.tokens += len(update.tokens)
+        if update.cached_tokens is not None:
+            c.cached_tokens = update.cached_tokens
         piece = _logprobs_piece(self.state, update, c.offset)
         c.offset += sum(len(t) for t in piece["tokens"]) if piece else 0
         if update.finish_reason:
@@ -162,12 +168,17 @@ class CompletionRun:
         return piece
 
     def usage(self) -> dict:
-        """OpenAI's usage object: prompt tokens once per prompt, completion tokens over every choice."""
+        """OpenAI's usage object: prompt tokens once per prompt, completion tokens over every choice; cached
+        tokens: prompt tokens taken from the prefix cache, per prompt the most any of its choices reused."""
         completion_tokens = sum(c.tokens for c in self.choices)
+        cached: dict[int, int] = {}
+        for c in self.choices:
+            cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), c.cached_tokens)
         return {
             "prompt_tokens": self.usage_prompt,
             "completion_tokens": completion_tokens,
             "total_tokens": self.usage_prompt + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
         }
 
     def cancel(self) -> None:

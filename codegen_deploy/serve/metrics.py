@@ -11,8 +11,9 @@ _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    """Requests by endpoint and status, generated tokens, queue depth, active rows, and latency histograms:
-    time to first token (from submission) and per-token latency (between a row's consecutive tokens)."""
+    """Requests by endpoint and status, generated tokens, prompt tokens reused from the prefix cache or
+    computed, queue depth, active rows, idle slots keeping a cache, and latency histograms: time to first
+    token (from submission) and per-token latency (between a row's consecutive tokens)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -26,6 +27,17 @@ class Metrics:
         self.prompt_tokens = Counter("codegen_prompt_tokens", "Prompt tokens processed", registry=r)
         self.rows = Counter(
             "codegen_rows", "Rows (one per prompt and choice) that ended, by how they ended", ["finish"], registry=r
+        )
+        self.prompt_cache_tokens = Counter(
+            "codegen_prompt_cache_tokens",
+            "Prompt tokens by whether a row slot's cache held them (hit) or they were computed (miss)",
+            ["result"],
+            registry=r,
+        )
+        self.cached_slots = Gauge("codegen_cached_slots", "Idle row slots keeping a prompt's cache", registry=r)
+        self.cached_tokens = Gauge("codegen_cached_tokens", "Tokens held in idle row slots' caches", registry=r)
+        self.prefill_chunk = Gauge(
+            "codegen_prefill_chunk_tokens", "Prompt tokens the last round computed at most", registry=r
         )
         self.queue_depth = Gauge("codegen_queue_depth", "Rows waiting for a free row slot", registry=r)
         self.active_rows = Gauge("codegen_active_rows", "Rows generating in the running batch", registry=r)
@@ -51,9 +63,16 @@ class Metrics:
         """A row left the batch: "stop", "length", "cancelled" (its client went away) or "error"."""
         self.rows.labels(finish=finish).inc()
 
-    def set_load(self, queue_depth: int, active_rows: int) -> None:
+    def prompt_cache(self, hit: int, miss: int) -> None:
+        """A row's prompt: `hit` tokens reused from a slot's cache, `miss` tokens to compute."""
+        self.prompt_cache_tokens.labels(result="hit").inc(hit)
+        self.prompt_cache_tokens.labels(result="miss").inc(miss)
+
+    def set_load(self, queue_depth: int, active_rows: int, cached_slots: int = 0, cached_tokens: int = 0) -> None:
         self.queue_depth.set(queue_depth)
         self.active_rows.set(active_rows)
+        self.cached_slots.set(cached_slots)
+        self.cached_tokens.set(cached_tokens)
 
     def request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

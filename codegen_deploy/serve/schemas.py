@@ -42,6 +42,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return OpenAIError(400, message, param=param, code=code)
 
 
+# OpenAI takes 4 stop sequences; editors send more (Continue's autocomplete sends its template's list, 10 for
+# an unknown model), and vLLM and llama.cpp take any number.
+MAX_STOP = 32
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -58,7 +63,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
-    suffix: str | None = None
+    suffix: str | None = None  # CodeGen1 cannot fill in the middle: dialects.handle_suffix() decides
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -78,12 +83,6 @@ class CompletionRequest(BaseModel):
 
     def check(self) -> None:
         """Raise a 400 OpenAIError for values the API refuses (ranges from OpenAI's reference)."""
-        if self.suffix:
-            raise bad_request(
-                "suffix is not supported: CodeGen1 models cannot fill in the middle; send the text before the "
-                "cursor as the prompt and leave suffix out",
-                "suffix",
-            )
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad_request(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
@@ -110,8 +109,8 @@ class CompletionRequest(BaseModel):
                 raise bad_request(f"{name} must be between -2 and 2, got {value}", name)
         if self.stop is not None:
             stops = [self.stop] if isinstance(self.stop, str) else self.stop
-            if len(stops) > 4:
-                raise bad_request(f"stop takes at most 4 sequences, got {len(stops)}", "stop")
+            if len(stops) > MAX_STOP:
+                raise bad_request(f"stop takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
             if any(not s for s in stops):
                 raise bad_request("a stop sequence is empty: give non-empty strings", "stop")
         for key, value in (self.logit_bias or {}).items():

@@ -17,7 +17,10 @@ class ServeSettings:
     a 404 (when not, any model name is accepted and the folder's name is listed). api_key: when set, every
     route but /health needs `Authorization: Bearer KEY`. max_batch: rows generating at once; max_queue:
     rows waiting at most (429 beyond). threads, providers, max_context: the session's options;
-    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph).
+    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph). cache_slots:
+    idle row slots that keep their prompt's cache for prefix reuse (default max_batch, 0: off);
+    prefill_chunk: prompt tokens computed between decode steps while rows generate (None: sized from measured
+    costs; 0: whole prompts).
     """
 
     path: str
@@ -31,6 +34,9 @@ class ServeSettings:
     max_context: int | None = None
     tokenizer: str | None = None
     device_options: dict = field(default_factory=dict)
+    suffix: str = "ignore"  # a request's `suffix`: "ignore" it (FauxPilot) or "error" (vLLM's 400); dialects.py
+    cache_slots: int | None = None
+    prefill_chunk: int | None = None
 
     @property
     def served_name(self) -> str:
@@ -39,7 +45,7 @@ class ServeSettings:
 
 def check_model(settings: ServeSettings, name: str | None, param: str) -> None:
     """Raise OpenAI's 404 when a request names a model other than the one this server is named to serve."""
-    if settings.model_name is not None and name is not None and name != settings.model_name:
+    if settings.model_name is not None and name and name != settings.model_name:  # "": none given (llama.vscode)
         raise OpenAIError(
             404,
             f"The model `{name}` does not exist: this server serves `{settings.model_name}`",

@@ -25,7 +25,15 @@ class ServerState:
             options["max_context"] = settings.max_context
         self.session = open_session(backend, settings.path, **options)
         self.vocab_size = self.session.config.vocab_size
-        self.batcher = Batcher(self.session, self.tokenizer, settings.max_batch, settings.max_queue, metrics)
+        self.batcher = Batcher(
+            self.session,
+            self.tokenizer,
+            settings.max_batch,
+            settings.max_queue,
+            metrics,
+            cache_slots=settings.cache_slots,
+            prefill_chunk=settings.prefill_chunk,
+        )
         self.batcher.start()
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ from codegen_deploy.export.fused import fused_support, write_fused_graph
 from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.runtime.backends.torch import TorchSession
 from codegen_deploy.verify.tolerance import tolerance_for
-
 from tests.conftest import TEST_CONFIGS
 
 # odd-head: head_dim 20, which GroupQueryAttention refuses (torch only); wide: head_dim 256 as in 6B and 16B.

@@ -15,6 +15,7 @@ from openai.types import Completion
 from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate, open_session
 from codegen_deploy.runtime.sampling import log_softmax
+from codegen_deploy.serve.schemas import MAX_STOP
 
 PROMPT = "def fibonacci(n):\n    "
 PROMPTS = [
@@ -158,12 +159,11 @@ ERRORS = [
     ({"n": 0}, openai.BadRequestError, "n must be"),
     ({"logprobs": 9}, openai.BadRequestError, "logprobs"),
     ({"presence_penalty": 5}, openai.BadRequestError, "presence_penalty"),
-    ({"suffix": "\n    return x"}, openai.BadRequestError, "fill in the middle"),
     ({"prompt": ""}, openai.BadRequestError, "empty"),
     ({"prompt": [[5, 999999]]}, openai.BadRequestError, "token id"),
     ({"prompt": "x " * 400}, openai.BadRequestError, "maximum context length"),
     ({"max_tokens": 100000}, openai.BadRequestError, "maximum context length"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop"),
+    ({"stop": [f"s{i}" for i in range(MAX_STOP + 1)]}, openai.BadRequestError, "stop takes at most"),
     ({"echo": True, "logprobs": 1}, openai.BadRequestError, "echo with logprobs"),
     ({"best_of": 3}, openai.BadRequestError, "best_of"),
     ({"model": "gpt-3.5-turbo-instruct"}, openai.NotFoundError, "does not exist"),
@@ -267,10 +267,7 @@ def test_tabby_continue_and_fauxpilot_payloads(server, greedy):
         "stream": True,
         "presence_penalty": 0.0,
     }
-    status, _, body = server.request("POST", "/v1/completions", tabby_fim)
-    assert status == 400 and "fill in the middle" in json.loads(body)["error"]["message"]
-    tabby = {k: v for k, v in tabby_fim.items() if k != "suffix"}
-    status, _, body = server.request("POST", "/v1/completions", {**tabby, "user": "tabby"})
+    status, _, body = server.request("POST", "/v1/completions", {**tabby_fim, "user": "tabby"})  # suffix ignored
     events = sse_events(body)
     assert status == 200 and events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"]
     continue_payload = {

@@ -81,6 +81,7 @@ class TorchSession(Session):
             model = model.to(device)
         self.model = model.eval()
         self.device = model.wte.weight.device
+        self.cache_dtype = dtype_name(model.dtype)
         super().__init__(model.config, max_context=max_context, max_batch=max_batch)
         self._keys: list = []  # per layer [B, H, capacity, D]
         self._values: list = []

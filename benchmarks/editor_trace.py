@@ -1,0 +1,274 @@
+"""codegen-serve as editors use it, with prefix reuse and chunked prompts on (the defaults) and off.
+
+An editor sends the whole file above the cursor on nearly every keystroke and cancels the request it sent
+a moment ago, so what its user feels is the time to first token on a long, almost unchanged prompt while
+other users' streams keep flowing. Three scenarios, each against two servers of the same export started
+side by side (on: the defaults; off: --cache-slots 0 --prefill-chunk 0, every prompt read whole from
+nothing), round-robin over --rounds:
+
+  typing      a ~--file-tokens file, then the same file growing by --typed characters a request; each
+              request is streamed and cancelled at its first token (as an editor does when the next
+              keystroke comes): cold (the first) against warm (the rest) time to first token.
+  long-prompt a stream generating, then a --long-tokens prompt from another client: the stream's largest
+              gap between two tokens while the prompt is read, against its own step (median gap before).
+  editors     --editors clients typing in their own files at once: time to first token of every request.
+
+Prints a table, writes JSON and a PNG plot (matplotlib: pip install "codegen-deploy[bench]").
+
+    python benchmarks/editor_trace.py EXPORT [EXPORT ...] [--rounds 2] [--plot editor_trace.png]
+
+The text is this repository's own Python source; the servers get the real CodeGen tokenizer from
+../shared/data (a random checkpoint's own tokenizer decodes most ids to nothing, so nothing would stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from serve_load import REPO, free_port, start_server
+
+CONFIGS = {"on": (), "off": ("--cache-slots", "0", "--prefill-chunk", "0")}
+
+
+def source_text() -> str:
+    """This repository's Python source, in a fixed order: real code to type."""
+    files = sorted((REPO / "codegen_deploy").rglob("*.py"))
+    return "\n\n".join(f.read_text() for f in files)
+
+
+def cut_to_tokens(tokenizer, text: str, tokens: int, start: int = 0) -> str:
+    """The text from `start` holding about `tokens` tokens (cut at a line end)."""
+    ids = tokenizer.encode(text[start : start + tokens * 8])[:tokens]
+    piece = tokenizer.decode(ids)
+    return piece[: piece.rfind("\n") + 1] or piece
+
+
+async def first_token(client, url: str, prompt: str, max_tokens: int = 16) -> tuple[float, int]:
+    """Stream one greedy request and cancel it at its first token (close the connection); return the time
+    to that token and the prompt tokens the server reused (from the cache counters of the usage, if sent)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                return time.perf_counter() - start, 0
+    raise RuntimeError(f"no token from {url}")
+
+
+async def typing(client, url: str, file: str, more: str, typed: int, requests: int) -> list[float]:
+    """Time to first token of the file, then of the file growing by `typed` characters of `more` a request."""
+    times = []
+    for k in range(requests):
+        ttft, _ = await first_token(client, url, file + more[: k * typed])
+        times.append(ttft)
+    return times
+
+
+async def long_prompt(client, url: str, short: str, long: str, warmup: int = 20) -> dict:
+    """A stream generating, then a long prompt from another client: the stream's gaps between chunks."""
+    arrivals: list[float] = []
+    started = asyncio.Event()
+    long_done: dict[str, float] = {}
+
+    async def stream():
+        body = {"prompt": short, "max_tokens": 400, "temperature": 0, "stream": True}
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    arrivals.append(time.perf_counter())
+                    if len(arrivals) == warmup:
+                        started.set()
+                    if "at" in long_done and arrivals[-1] > long_done["at"] + 0.5:
+                        return
+
+    async def intruder():
+        await started.wait()
+        long_done["sent"] = time.perf_counter()
+        ttft, _ = await first_token(client, url, long, max_tokens=4)
+        long_done["at"] = time.perf_counter()
+        long_done["ttft"] = ttft
+
+    await asyncio.gather(stream(), intruder())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    before = [g for a, g in zip(arrivals[1:], gaps, strict=True) if a < long_done["sent"]]
+    during = [g for a, g in zip(arrivals[1:], gaps, strict=True) if long_done["sent"] <= a <= long_done["at"] + 0.5]
+    step = statistics.median(before[2:] or before)
+    largest = max(during) if during else 0.0
+    return {
+        "step_s": step,
+        "largest_gap_s": largest,
+        "gap_in_steps": largest / step,
+        "long_ttft_s": long_done["ttft"],
+        "timeline": [(a - long_done["sent"], g) for a, g in zip(arrivals[1:], gaps, strict=True)],
+    }
+
+
+async def editors(client, url: str, files: list[tuple[str, str]], typed: int, requests: int) -> list[list[float]]:
+    """Several editors typing at once, each in its own file."""
+    return await asyncio.gather(*(typing(client, url, f, more, typed, requests) for f, more in files))
+
+
+def run_round(urls: dict[str, str], args, tokenizer, text: str) -> dict:
+    import httpx
+
+    file = cut_to_tokens(tokenizer, text, args.file_tokens)
+    more = text[len(file) : len(file) + args.typed * args.requests]
+    long = cut_to_tokens(tokenizer, text, args.long_tokens, start=len(text) // 3)
+    short = "def main():\n"
+    spacing = len(text) // (args.editors + 1)
+    files = []
+    for e in range(args.editors):
+        f = cut_to_tokens(tokenizer, text, args.file_tokens // 2, start=spacing * (e + 1) // 2)
+        files.append((f, text[spacing * (e + 1) // 2 + len(f) :][: args.typed * args.requests]))
+    out: dict[str, dict] = {}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=600) as client:
+            for name, url in urls.items():  # round-robin: each scenario on each server in turn
+                out.setdefault(name, {})["typing"] = await typing(client, url, file, more, args.typed, args.requests)
+            for name, url in urls.items():
+                out[name]["long_prompt"] = await long_prompt(client, url, short, long)
+            for name, url in urls.items():
+                out[name]["editors"] = await editors(client, url, files, args.typed, args.requests)
+
+    asyncio.run(go())
+    return out
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Medians over rounds, per server config."""
+    summary = {}
+    for name in rounds[0]:
+        cold = statistics.median(r[name]["typing"][0] for r in rounds)
+        warm = statistics.median(t for r in rounds for t in r[name]["typing"][1:])
+        editor_warm = [t for r in rounds for e in r[name]["editors"] for t in e[1:]]
+        summary[name] = {
+            "typing_cold_ttft_s": cold,
+            "typing_warm_ttft_s": warm,
+            "warm_over_cold": warm / cold,
+            "stream_step_s": statistics.median(r[name]["long_prompt"]["step_s"] for r in rounds),
+            "stream_largest_gap_s": statistics.median(r[name]["long_prompt"]["largest_gap_s"] for r in rounds),
+            "stream_gap_in_steps": statistics.median(r[name]["long_prompt"]["gap_in_steps"] for r in rounds),
+            "long_prompt_ttft_s": statistics.median(r[name]["long_prompt"]["long_ttft_s"] for r in rounds),
+            "editors_warm_ttft_p50_s": statistics.median(editor_warm),
+            "editors_warm_ttft_max_s": max(editor_warm),
+        }
+    return summary
+
+
+def plot(results: dict, path: Path) -> None:
+    """Time to first token per typed request, and the stream's gaps around the long prompt, on and off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exports = list(results)
+    fig, axes = plt.subplots(len(exports), 3, figsize=(16, 4.2 * len(exports)), squeeze=False)
+    for row, export in zip(axes, exports, strict=True):
+        rounds = results[export]["rounds"]
+        for name, style in (("on", "-o"), ("off", "--s")):
+            for i, r in enumerate(rounds):
+                label = f"reuse {name}" if i == 0 else None
+                row[0].plot(r[name]["typing"], style, color="C0" if name == "on" else "C3", alpha=0.8, label=label)
+                for j, e in enumerate(r[name]["editors"]):
+                    row[2].plot(
+                        e, style, color="C0" if name == "on" else "C3", alpha=0.6, label=label if j == 0 else None
+                    )
+            timeline = rounds[0][name]["long_prompt"]["timeline"]
+            row[1].plot(
+                [t for t, _ in timeline],
+                [g * 1e3 for _, g in timeline],
+                style,
+                color="C0" if name == "on" else "C3",
+                markersize=3,
+                label=f"chunks {name}",
+            )
+        row[0].set(title=f"{export}: typing in a file", xlabel="request (one per keystroke burst)", ylabel="TTFT (s)")
+        row[1].set(
+            title="a stream while another client sends a long prompt",
+            xlabel="time since the long prompt was sent (s)",
+            ylabel="gap between the stream's tokens (ms)",
+        )
+        row[2].set(title="several editors typing at once", xlabel="request", ylabel="TTFT (s)")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        row[0].set_yscale("log")
+        row[2].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("exports", nargs="+", type=Path)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--file-tokens", type=int, default=1000, help="the typed file's tokens (default 1000)")
+    p.add_argument("--typed", type=int, default=12, help="characters typed between two requests (default 12)")
+    p.add_argument("--requests", type=int, default=8, help="requests per typed file (default 8)")
+    p.add_argument("--long-tokens", type=int, default=1500, help="the long prompt's tokens (default 1500)")
+    p.add_argument("--editors", type=int, default=3, help="editors typing at once (default 3)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "editor_trace.json")
+    p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "editor_trace.png")
+    real = REPO.parent / "shared" / "data" / "codegen-350M-mono-tokenizer"
+    p.add_argument("--tokenizer", type=Path, default=real)
+    args = p.parse_args()
+    if not args.tokenizer.is_dir():
+        raise SystemExit(f"no tokenizer at {args.tokenizer}: give --tokenizer (the real CodeGen tokenizer)")
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    text = source_text()
+    results = {}
+    for export in args.exports:
+        servers, urls = [], {}
+        try:
+            for name, extra in CONFIGS.items():
+                port = free_port()
+                servers.append(start_server(export, port, args.max_batch, args.threads, args.tokenizer, extra))
+                urls[name] = f"http://127.0.0.1:{port}"
+            rounds = []
+            for r in range(args.rounds):
+                rounds.append(run_round(urls, args, tokenizer, text))
+                print(f"[{export.name}] round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        finally:
+            for proc in servers:
+                proc.terminate()
+                proc.wait(timeout=30)
+        results[export.name] = {"summary": summarise(rounds), "rounds": rounds}
+    columns = [
+        ("typing_cold_ttft_s", "cold TTFT s"),
+        ("typing_warm_ttft_s", "warm TTFT s"),
+        ("warm_over_cold", "warm/cold"),
+        ("stream_step_s", "step s"),
+        ("stream_largest_gap_s", "largest gap s"),
+        ("stream_gap_in_steps", "gap/step"),
+        ("long_prompt_ttft_s", "long TTFT s"),
+        ("editors_warm_ttft_p50_s", f"{args.editors} editors p50 s"),
+        ("editors_warm_ttft_max_s", "max s"),
+    ]
+    print("| export | reuse+chunks | " + " | ".join(c for _, c in columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    for export, r in results.items():
+        for name, s in r["summary"].items():
+            print(f"| {export} | {name} | " + " | ".join(f"{s[k]:.3g}" for k, _ in columns) + " |")
+    print(f"\nuptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": vars(args), "results": results}, default=str, indent=1))
+    plot(results, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Prefix reuse and chunked prompts in the scheduler: which slot a row takes, what it reuses, what is computed,
+how prompts share the chunk budget, and that none of it changes a row's output."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+import pytest
+
+from codegen_deploy.model.tokenizer import load_tokenizer
+from codegen_deploy.runtime import generate, open_session
+from codegen_deploy.runtime.generate import GenerationConfig
+from codegen_deploy.runtime.sampling import SamplingConfig
+from codegen_deploy.serve.batcher import (
+    FIRST_CHUNK,
+    GAP_STEPS,
+    IDLE_CHUNK,
+    MIN_CHUNK,
+    Batcher,
+    Row,
+    RowSpec,
+    SlotEngine,
+    common_prefix,
+    take_turns,
+)
+from codegen_deploy.serve.metrics import Metrics
+
+
+class Collector:
+    def __init__(self):
+        self.text, self.tokens, self.finish, self.error, self.cached = "", [], None, None, None
+        self.done = threading.Event()
+
+    def __call__(self, update):
+        self.text += update.text
+        self.tokens += update.tokens
+        if update.cached_tokens is not None:
+            assert self.cached is None, "cached_tokens comes once, on the first update"
+            self.cached = update.cached_tokens
+        if update.finish_reason or update.error:
+            self.finish, self.error = update.finish_reason, update.error
+            self.done.set()
+
+
+class Recording:
+    """Wraps a session's slot methods to record what the scheduler asks for: ("append", slot, n) and
+    ("step", slots)."""
+
+    def __init__(self, session):
+        self.calls: list[tuple] = []
+        append, step = session.append_slot, session.step_slots
+
+        def append_slot(slot, ids):
+            self.calls.append(("append", slot, len(ids)))
+            return append(slot, ids)
+
+        def step_slots(slots, ids):
+            self.calls.append(("step", tuple(slots)))
+            return step(slots, ids)
+
+        session.append_slot, session.step_slots = append_slot, step_slots
+
+    def appended(self) -> list[int]:
+        return [c[2] for c in self.calls if c[0] == "append"]
+
+
+@pytest.fixture
+def session(tiny_checkpoint):
+    with open_session("torch", tiny_checkpoint, threads=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return load_tokenizer(tiny_checkpoint)
+
+
+def _row(ids, max_tokens=4) -> Row:
+    return Row(RowSpec(tuple(ids), max_tokens), lambda update: None, None, {0})
+
+
+def test_common_prefix_and_turns():
+    assert common_prefix([1, 2, 3, 4], (1, 2, 9)) == 2
+    assert common_prefix([1, 2], (1, 2, 3)) == 2
+    assert common_prefix([], (1,)) == 0
+    assert common_prefix([5], (4,)) == 0
+    assert take_turns([100, 100], 10) == [10, 0]  # one row per round: one run of the weights
+    assert take_turns([3, 100, 100], 10) == [3, 7, 0]  # what the first leaves goes to the next
+    assert take_turns([3, 4], 100) == [3, 4]  # never more than a row needs
+    assert take_turns([5], 0) == [0]
+
+
+def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(session):
+    engine = SlotEngine(session, rows=2, cache_slots=2)
+    rng = np.random.default_rng(0)
+    file = rng.integers(0, 300, 40).tolist()
+    other = rng.integers(0, 300, 30).tolist()
+    a, b = _row(file), _row(other)
+    assert engine.take(deque([a, b])) == [a, b] and (a.slot, b.slot) == (0, 1)
+    assert a.cached_tokens == b.cached_tokens == 0
+    engine.prefill([a, b], None)
+    engine.release(a)
+    engine.release(b)
+    assert engine.cached() == (2, 70)
+    # The same file with a few more tokens typed goes to slot 0 and computes only the new tokens.
+    typed = _row([*file, 7, 8, 9])
+    engine.take(deque([typed]))
+    assert typed.slot == 0 and typed.cached_tokens == 40 and session.slot_length(0) == 40
+    # The identical prompt reuses all but its last token (whose logits give the first new token).
+    again = _row(other)
+    engine.take(deque([again]))
+    assert again.slot == 1 and again.cached_tokens == 29 and session.slot_length(1) == 29
+
+
+def test_a_few_shared_tokens_never_cost_another_prompts_cache(session):
+    engine = SlotEngine(session, rows=2, cache_slots=2)
+    file = list(range(1, 41))
+    a = _row(file)
+    engine.take(deque([a]))
+    engine.prefill([a], None)
+    engine.release(a)
+    stranger = _row(file[:3] + [200] * 20)  # shares 3 of slot 0's 40 tokens: goes to the empty slot
+    engine.take(deque([stranger]))
+    assert stranger.slot == 1 and stranger.cached_tokens == 0
+    assert session.slot_length(0) == 40
+
+
+def test_least_recently_used_caches_are_dropped_beyond_cache_slots(session):
+    engine = SlotEngine(session, rows=3, cache_slots=1)
+    rows = [_row([i + 1] * 10) for i in range(3)]
+    engine.take(deque(rows))
+    engine.prefill(rows, None)
+    for r in (rows[1], rows[0], rows[2]):
+        engine.release(r)
+    assert engine.cached() == (1, 10)
+    assert [session.slot_length(i) for i in range(3)] == [0, 0, 10]  # the last released keeps its cache
+    off = SlotEngine(session, rows=3, cache_slots=0)  # reuse off: nothing is kept
+    r = _row([1] * 10)
+    off.take(deque([r]))
+    off.prefill([r], None)
+    off.release(r)
+    assert off.cached() == (0, 0)
+
+
+def test_more_cache_slots_than_rows_keep_more_prompts(session):
+    engine = SlotEngine(session, rows=1, cache_slots=3)
+    assert session.slot_count == 3
+    for i in range(3):
+        r = _row([i + 1] * 8)
+        engine.take(deque([r]))
+        assert engine.capacity() == 0  # one row at a time
+        engine.prefill([r], None)
+        engine.release(r)
+    assert engine.cached() == (3, 24)
+    back = _row([1] * 8 + [5])
+    engine.take(deque([back]))
+    assert back.cached_tokens == 8
+
+
+def test_a_prompt_cut_off_mid_way_leaves_what_it_computed(session):
+    """A cancelled request's prompt stays for the next one: what the chunks computed is reused."""
+    engine = SlotEngine(session, rows=1, cache_slots=1)
+    prompt = list(range(1, 31))
+    first = _row(prompt)
+    engine.take(deque([first]))
+    done, _, appends = engine.prefill([first], 12)
+    assert appends == 1
+    assert done == [] and first.prompt_done == 12
+    engine.release(first)  # cancelled
+    second = _row(prompt)
+    engine.take(deque([second]))
+    assert second.cached_tokens == 12
+    done, logits, _ = engine.prefill([second], None)
+    assert done == [second] and logits.shape == (1, session.config.vocab_size)
+
+
+def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session, tokenizer):
+    chunk = 4
+    recording = Recording(session)
+    batcher = Batcher(session, tokenizer, max_batch=3, max_queue=4, prefill_chunk=chunk)
+    short = tuple(range(1, 4))
+    long_a, long_b = tuple(range(10, 50)), tuple(range(60, 96))
+    specs = [RowSpec(short, 30), RowSpec(long_a, 4), RowSpec(long_b, 4)]
+    sinks = [Collector() for _ in range(3)]
+    batcher.submit(specs[:1], sinks[:1])
+    batcher.start()
+    try:
+        while not sinks[0].tokens:  # the short row is generating
+            threading.Event().wait(0.005)
+        batcher.submit(specs[1:], sinks[1:])
+        for s in sinks:
+            assert s.done.wait(60)
+    finally:
+        batcher.stop()
+    # While the short row generated, each round computed at most `chunk` prompt tokens, then stepped; the
+    # two long prompts took turns.
+    calls = recording.calls[recording.calls.index(("step", (0,))) :]
+    rounds, current = [], []
+    for c in calls:
+        if c[0] == "append":
+            current.append((c[1], c[2]))
+        else:
+            rounds.append(current)
+            current = []
+    reading = [r for r in rounds if r]
+    assert sum(n for r in reading for _, n in r) == len(long_a) + len(long_b)
+    assert all(sum(n for _, n in r) <= chunk for r in reading)
+    slots = [r[0][0] for r in reading[:6]]
+    assert slots == [1, 2, 1, 2, 1, 2]  # turns
+    assert batcher.chunk_budget(generating=True) == chunk
+    for spec, sink in zip(specs, sinks, strict=True):
+        alone = generate(session, tokenizer, list(spec.prompt_ids), max_new_tokens=spec.max_tokens)
+        assert sink.tokens == alone.ids
+
+
+def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
+    batcher = Batcher(session, tokenizer, max_batch=2)
+    assert batcher.chunk_budget(generating=True) == FIRST_CHUNK
+    assert batcher.chunk_budget(generating=False) == IDLE_CHUNK
+    batcher._step_s, batcher._token_s = 0.050, 0.002  # a 50 ms step, 2 ms per prompt token
+    assert batcher.chunk_budget(generating=True) == int((GAP_STEPS - 2) * 0.050 / 0.002)
+    batcher._token_s = 1.0  # a very slow prompt path: never below MIN_CHUNK
+    assert batcher.chunk_budget(generating=True) == MIN_CHUNK
+    assert Batcher(session, tokenizer, prefill_chunk=0).chunk_budget(generating=True) is None
+    # Measured while serving: after a long prompt next to a stream, both costs are known.
+    sinks = [Collector(), Collector()]
+    batcher.submit([RowSpec((1, 2, 3), 40)], sinks[:1])
+    batcher._step_s = batcher._token_s = None
+    batcher.start()
+    try:
+        while not sinks[0].tokens:
+            threading.Event().wait(0.005)
+        batcher.submit([RowSpec(tuple(range(5, 100)), 2)], sinks[1:])
+        for s in sinks:
+            assert s.done.wait(60)
+    finally:
+        batcher.stop()
+    assert batcher._step_s > 0 and batcher._token_s > 0
+    assert MIN_CHUNK <= batcher.chunk_budget(generating=True) <= IDLE_CHUNK
+
+
+def test_reuse_and_chunks_never_change_a_result(session, tokenizer):
+    """Greedy and seeded sampled rows give what each gives alone, whether its prompt came from a cache, in
+    chunks, or whole; n > 1 rows of one prompt too."""
+    base = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    prompts = [base, base + "    return fib", base + "    return fibonacci(n - 1)", "x = 1\n" + base]
+    greedy = SamplingConfig()
+    sampled = [SamplingConfig(temperature=0.9, top_p=0.95, seed=s) for s in (3, 4)]
+
+    def alone(prompt, sampling):
+        return generate(session, tokenizer, prompt, GenerationConfig(max_new_tokens=8, sampling=sampling)).text
+
+    expected = {(p, s): alone(p, s) for p in prompts for s in [greedy, *sampled]}
+    metrics = Metrics()
+    batcher = Batcher(session, tokenizer, max_batch=2, max_queue=8, metrics=metrics, prefill_chunk=5)
+    batcher.start()
+    try:
+        cached = []
+        for p in prompts:
+            ids = tuple(tokenizer.encode(p))
+            specs = [RowSpec(ids, 8, greedy), *(RowSpec(ids, 8, s) for s in sampled)]  # one prompt, n = 3
+            sinks = [Collector() for _ in specs]
+            batcher.submit(specs, sinks)
+            for s, spec in zip(sinks, specs, strict=True):
+                assert s.done.wait(60)
+                assert s.text == expected[(p, spec.sampling)]
+            cached.append([s.cached for s in sinks])
+    finally:
+        batcher.stop()
+    assert min(cached[0]) == 0  # the first rows found nothing (the third, waiting for a slot, may reuse)
+    assert max(cached[1]) >= len(tokenizer.encode(base)) - 1  # the typed continuation reused the file
+    assert max(cached[2]) >= len(tokenizer.encode(base)) - 1
+    hit = metrics.prompt_cache_tokens.labels(result="hit")._value.get()
+    miss = metrics.prompt_cache_tokens.labels(result="miss")._value.get()
+    total = sum(len(tokenizer.encode(p)) for p in prompts) * 3
+    assert hit == sum(map(sum, cached)) and hit + miss == total
