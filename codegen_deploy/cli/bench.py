@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import InputError
 from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
@@ -23,7 +24,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated: torch, onnxruntime, tensorrt, onnxruntime-plain, onnxruntime-naive "
         "(plain graph, no IO binding), onnxruntime-fused (default: torch,onnxruntime)",
     )
-    p.add_argument("--prompt-tokens", type=int_at_least(1), default=128, help="prompt length (default 128)")
+    p.add_argument(
+        "--prompt-tokens",
+        type=_lengths,
+        default=[128],
+        help="prompt length, or several comma-separated for a sweep, e.g. 128,512,1024 (default 128)",
+    )
     p.add_argument("--new-tokens", type=int_at_least(3), default=128, help="greedy tokens to generate (default 128)")
     p.add_argument("--batch", type=int_at_least(1), default=1, help="rows per batch (default 1)")
     p.add_argument(
@@ -37,12 +43,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_options(p)
     p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw time to first token and decode tokens/s against prompt length, a line per backend "
+        '(needs matplotlib: pip install "codegen-deploy[bench]")',
+    )
     return p.parse_args(argv)
+
+
+def _lengths(text: str) -> list[int]:
+    """--prompt-tokens: one or more comma-separated whole numbers >= 1."""
+    parse = int_at_least(1)
+    return [parse(part.strip()) for part in text.split(",") if part.strip()] or [parse(text)]
 
 
 def main_body(argv: list[str] | None = None) -> int:
     from ..runtime.backends import backend_options
-    from ..runtime.bench import BenchSpec, bench_backends, format_table, measure_in_subprocess, resolve_backend
+    from ..runtime.bench import (
+        BenchSpec,
+        bench_backends,
+        check_plot_path,
+        format_table,
+        measure_in_subprocess,
+        plot_results,
+        resolve_backend,
+    )
 
     args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -51,28 +78,35 @@ def main_body(argv: list[str] | None = None) -> int:
         raise InputError(
             f"unknown backend {', '.join(unknown) or '(none)'} in --backends: choose from {', '.join(bench_backends())}"
         )
+    if args.plot is not None:
+        check_plot_path(args.plot)
     results = []
-    for backend in backends:
-        path = args.reference if backend == "torch" and args.reference else args.path
-        options = backend_options(
-            resolve_backend(backend)[0], providers=args.providers, verify=args.verify, **device_options(args)
-        )
-        spec = BenchSpec(
-            backend=backend,
-            path=str(path),
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new_tokens,
-            batch=args.batch,
-            repeats=args.repeats,
-            threads=args.threads or None,
-            options=options,
-        )
-        print(f"measuring {backend} ...", file=sys.stderr, flush=True)
-        results.append(measure_in_subprocess(spec))
+    # Backends take turns at each prompt length, so a drifting machine affects them alike.
+    for prompt_tokens in args.prompt_tokens:
+        for backend in backends:
+            path = args.reference if backend == "torch" and args.reference else args.path
+            options = backend_options(
+                resolve_backend(backend)[0], providers=args.providers, verify=args.verify, **device_options(args)
+            )
+            spec = BenchSpec(
+                backend=backend,
+                path=str(path),
+                prompt_tokens=prompt_tokens,
+                new_tokens=args.new_tokens,
+                batch=args.batch,
+                repeats=args.repeats,
+                threads=args.threads or None,
+                options=options,
+            )
+            print(f"measuring {backend} at {prompt_tokens} prompt tokens ...", file=sys.stderr, flush=True)
+            results.append(measure_in_subprocess(spec))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(format_table(results))
+    if args.plot is not None:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import CodegenDeployError, InputError
+from ..atomic import replaced
+from ..errors import CodegenDeployError, InputError, MissingDependencyError
 from ..memory import peak_rss_bytes
 from .session import Session
 
@@ -179,6 +181,48 @@ def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse, before anything is measured, a plot that could not be written: not .png, no such folder, or
+    no matplotlib."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot {path}: give a file name ending in .png")
+    if not path.absolute().parent.is_dir():
+        raise InputError(f"--plot {path}: the folder {path.absolute().parent} does not exist: create it first")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError('--plot needs matplotlib: pip install "codegen-deploy[bench]"') from None
+
+
+def plot_results(results: list[dict], path: Path) -> None:
+    """Draw time to first token and decode tokens/s against prompt length, a line per backend, to a PNG
+    (written to a temporary name, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    fig, (ttft, decode) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend in dict.fromkeys(r.get("label", r["backend"]) for r in results):
+        rows = sorted((r for r in results if r.get("label", r["backend"]) == backend), key=lambda r: r["prompt_tokens"])
+        x = [r["prompt_tokens"] for r in rows]
+        ttft.plot(x, [r["ttft_s"] * 1e3 for r in rows], "-o", label=backend)
+        decode.plot(x, [r["decode_tok_s"] for r in rows], "-o", label=backend)
+    first = results[0]
+    setup = f"batch {first['batch']}, {first['new_tokens']} new tokens, threads {first.get('threads') or 'default'}"
+    ttft.set(title="time to first token", xlabel="prompt tokens", ylabel="ms")
+    decode.set(title="decode speed", xlabel="prompt tokens", ylabel="tokens/s")
+    for ax in (ttft, decode):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"codegen-bench: {Path(first['path']).name} ({setup})")
+    fig.tight_layout()
+    with replaced(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def _end_with_parent() -> None:

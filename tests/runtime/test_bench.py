@@ -116,3 +116,38 @@ def test_sigterm_ends_the_measuring_child_too(fused_export):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "error: terminated" in err
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_a_sweep_over_prompt_lengths_takes_turns_and_plots(fused_export, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    argv = [str(fused_export), "--backends", "onnxruntime-fused,onnxruntime-naive", "--prompt-tokens", "3,6"]
+    argv += ["--new-tokens", "4", "--repeats", "1", "--threads", "1", "--json", "--plot", str(plot)]
+    assert bench_main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    # Backends take turns at each length (a drifting machine affects them alike).
+    assert [(r["prompt_tokens"], r["backend"]) for r in results] == [
+        (3, "onnxruntime-fused"),
+        (3, "onnxruntime-naive"),
+        (6, "onnxruntime-fused"),
+        (6, "onnxruntime-naive"),
+    ]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("plot", "message"),
+    [("out.svg", "ending in .png"), ("no/such/folder/out.png", "does not exist")],
+)
+def test_a_plot_that_cannot_be_written_is_refused_before_measuring(fused_export, tmp_path, capsys, plot, message):
+    argv = [str(fused_export), "--backends", "onnxruntime-fused", "--prompt-tokens", "3"]
+    assert bench_main([*argv, "--new-tokens", "4", "--plot", str(tmp_path / plot)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "measuring" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_prompt_lengths_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["x", "--prompt-tokens", "128,zero"])
+    assert e.value.code == 2 and "expected a whole number" in capsys.readouterr().err
