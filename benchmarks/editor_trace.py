@@ -51,50 +51,58 @@ def cut_to_tokens(tokenizer, text: str, tokens: int, start: int = 0) -> str:
     return piece[: piece.rfind("\n") + 1] or piece
 
 
-async def first_token(client, url: str, prompt: str, max_tokens: int = 16) -> tuple[float, int]:
-    """Stream one greedy request and cancel it at its first token (close the connection); return the time
-    to that token and the prompt tokens the server reused (from the cache counters of the usage, if sent)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+# Random weights often pick tokens that are part of a character, which the server holds back until the
+# character is whole, so a chunk would not mark every token. Every request here biases one ASCII token
+# (set in main()) so that each token streams as it is made; what is timed, the prompt and the steps, is
+# the same.
+BIAS: dict[str, float] = {}
+
+
+async def first_token(client, prompt: str, max_tokens: int = 16) -> float:
+    """Stream one greedy request and cancel it at its first token (close the stream, as an editor does when
+    the next keystroke comes); return the time to that token."""
     start = time.perf_counter()
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                return time.perf_counter() - start, 0
-    raise RuntimeError(f"no token from {url}")
+    stream = await client.completions.create(
+        model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, logit_bias=BIAS
+    )
+    try:
+        async for _ in stream:
+            return time.perf_counter() - start
+    finally:
+        await stream.close()
+    raise RuntimeError("the stream ended without a token")
 
 
-async def typing(client, url: str, file: str, more: str, typed: int, requests: int) -> list[float]:
+async def typing(client, file: str, more: str, typed: int, requests: int) -> list[float]:
     """Time to first token of the file, then of the file growing by `typed` characters of `more` a request."""
-    times = []
-    for k in range(requests):
-        ttft, _ = await first_token(client, url, file + more[: k * typed])
-        times.append(ttft)
-    return times
+    return [await first_token(client, file + more[: k * typed]) for k in range(requests)]
 
 
-async def long_prompt(client, url: str, short: str, long: str, warmup: int = 20) -> dict:
+async def long_prompt(client, short: str, long: str, warmup: int = 20) -> dict:
     """A stream generating, then a long prompt from another client: the stream's gaps between chunks."""
     arrivals: list[float] = []
     started = asyncio.Event()
     long_done: dict[str, float] = {}
 
     async def stream():
-        body = {"prompt": short, "max_tokens": 400, "temperature": 0, "stream": True}
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    arrivals.append(time.perf_counter())
-                    if len(arrivals) == warmup:
-                        started.set()
-                    if "at" in long_done and arrivals[-1] > long_done["at"] + 0.5:
-                        return
+        response = await client.completions.create(
+            model="bench", prompt=short, max_tokens=400, temperature=0, stream=True, logit_bias=BIAS
+        )
+        try:
+            async for _ in response:
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == warmup:
+                    started.set()
+                if "at" in long_done and arrivals[-1] > long_done["at"] + 0.5:
+                    return
+        finally:
+            await response.close()
 
     async def intruder():
         await started.wait()
         long_done["sent"] = time.perf_counter()
-        ttft, _ = await first_token(client, url, long, max_tokens=4)
+        long_done["ttft"] = await first_token(client, long, max_tokens=4)
         long_done["at"] = time.perf_counter()
-        long_done["ttft"] = ttft
 
     await asyncio.gather(stream(), intruder())
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
@@ -111,36 +119,55 @@ async def long_prompt(client, url: str, short: str, long: str, warmup: int = 20)
     }
 
 
-async def editors(client, url: str, files: list[tuple[str, str]], typed: int, requests: int) -> list[list[float]]:
+async def editors(client, files: list[tuple[str, str]], typed: int, requests: int) -> list[list[float]]:
     """Several editors typing at once, each in its own file."""
-    return await asyncio.gather(*(typing(client, url, f, more, typed, requests) for f, more in files))
+    return await asyncio.gather(*(typing(client, f, more, typed, requests) for f, more in files))
 
 
 def run_round(urls: dict[str, str], args, tokenizer, text: str) -> dict:
-    import httpx
+    import openai
 
     file = cut_to_tokens(tokenizer, text, args.file_tokens)
     more = text[len(file) : len(file) + args.typed * args.requests]
     long = cut_to_tokens(tokenizer, text, args.long_tokens, start=len(text) // 3)
     short = "def main():\n"
-    spacing = len(text) // (args.editors + 1)
     files = []
     for e in range(args.editors):
-        f = cut_to_tokens(tokenizer, text, args.file_tokens // 2, start=spacing * (e + 1) // 2)
-        files.append((f, text[spacing * (e + 1) // 2 + len(f) :][: args.typed * args.requests]))
-    out: dict[str, dict] = {}
+        start = len(text) * (e + 1) // (args.editors + 2)
+        f = cut_to_tokens(tokenizer, text, args.file_tokens // 2, start=start)
+        files.append((f, text[start + len(f) :][: args.typed * args.requests]))
+    out: dict[str, dict] = {name: {} for name in urls}
 
     async def go():
-        async with httpx.AsyncClient(timeout=600) as client:
-            for name, url in urls.items():  # round-robin: each scenario on each server in turn
-                out.setdefault(name, {})["typing"] = await typing(client, url, file, more, args.typed, args.requests)
-            for name, url in urls.items():
-                out[name]["long_prompt"] = await long_prompt(client, url, short, long)
-            for name, url in urls.items():
-                out[name]["editors"] = await editors(client, url, files, args.typed, args.requests)
+        clients = {
+            name: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+            for name, url in urls.items()
+        }
+        # Round-robin: each scenario on each server in turn.
+        for name, client in clients.items():
+            out[name]["hits_before"] = hits(urls[name])
+            out[name]["typing"] = await typing(client, file, more, args.typed, args.requests)
+            out[name]["typing_hits"] = hits(urls[name]) - out[name].pop("hits_before")
+        for name, client in clients.items():
+            out[name]["long_prompt"] = await long_prompt(client, short, long)
+        for name, client in clients.items():
+            out[name]["editors"] = await editors(client, files, args.typed, args.requests)
+        for client in clients.values():
+            await client.close()
 
     asyncio.run(go())
     return out
+
+
+def hits(url: str) -> float:
+    """The server's prompt tokens reused from its cache so far (its /metrics counter)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith('codegen_prompt_cache_tokens_total{result="hit"}'):
+                return float(line.split()[-1])
+    return 0.0
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -151,6 +178,7 @@ def summarise(rounds: list[dict]) -> dict:
         warm = statistics.median(t for r in rounds for t in r[name]["typing"][1:])
         editor_warm = [t for r in rounds for e in r[name]["editors"] for t in e[1:]]
         summary[name] = {
+            "typing_reused_tokens": statistics.median(r[name]["typing_hits"] for r in rounds),
             "typing_cold_ttft_s": cold,
             "typing_warm_ttft_s": warm,
             "warm_over_cold": warm / cold,
@@ -229,6 +257,7 @@ def main() -> None:
     from codegen_deploy.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
+    BIAS[str(tokenizer.encode(" x")[0])] = 100.0
     text = source_text()
     results = {}
     for export in args.exports:
@@ -248,6 +277,7 @@ def main() -> None:
                 proc.wait(timeout=30)
         results[export.name] = {"summary": summarise(rounds), "rounds": rounds}
     columns = [
+        ("typing_reused_tokens", "typing: reused tokens"),
         ("typing_cold_ttft_s", "cold TTFT s"),
         ("typing_warm_ttft_s", "warm TTFT s"),
         ("warm_over_cold", "warm/cold"),

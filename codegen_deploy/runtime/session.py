@@ -169,7 +169,7 @@ class Session(ABC):
 
         Slots not listed keep their cache, except that one filled to max_context loses its last token (the
         step writes a placeholder just past each slot's length). The step runs over the slots
-        0..max(slots), so keeping the busy slots low (take the lowest free one) keeps the step small.
+        min(slots)..max(slots), so keeping the busy slots together keeps the step small.
         """
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -182,16 +182,17 @@ class Session(ABC):
             raise InputError("step_slots() on a free slot: run append_slot() first")
         if (lengths >= self.max_context).any():
             raise InputError(f"the context is full ({self.max_context} tokens): generate fewer new tokens")
-        n = int(slots.max()) + 1
+        first, n = int(slots.min()), int(slots.max() - slots.min()) + 1
+        rows = slots - first  # positions in the stepped range
         tokens = np.zeros(n, np.int64)
-        tokens[slots] = ids
+        tokens[rows] = ids
         active = np.zeros(n, bool)
-        active[slots] = True
-        logits = self._step_slots(tokens, self._slot_lengths[:n].copy(), active)  # [n, V]
-        full = ~active & (self._slot_lengths[:n] >= self.max_context)
-        self._slot_lengths[:n][full] = self.max_context - 1  # its last position held the placeholder
+        active[rows] = True
+        span = self._slot_lengths[first : first + n]  # a view
+        logits = self._step_slots(first, tokens, span.copy(), active)  # [n, V]
+        span[~active & (span >= self.max_context)] = self.max_context - 1  # its last position held the placeholder
         self._slot_lengths[slots] += 1
-        return logits[slots]
+        return logits[rows]
 
     def _check_slot(self, slot: int) -> int:
         if self.slot_count == 0:
@@ -209,9 +210,10 @@ class Session(ABC):
         tokens; write their keys and values there; return the last one's logits [1, vocab] float32."""
         raise NotImplementedError
 
-    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """One token per slot 0..n-1 (tokens [n]) written at index lengths[i] of slot i; return [n, vocab]
-        (it may be a buffer the next step overwrites: step_slots() copies out the rows it returns).
+    def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One token per slot first..first+n-1 (tokens [n]) written at index lengths[i] of slot first + i;
+        return [n, vocab] (it may be a buffer the next step overwrites: step_slots() copies out the rows it
+        returns).
 
         Only rows with active[i] count: the others (free slots, or slots not stepped now) may be run as
         dummies writing at min(lengths[i], max_context - 1), but must keep the cache below that.

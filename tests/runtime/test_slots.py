@@ -80,3 +80,26 @@ def test_slot_misuse_is_refused(session):
         session.prefill_slot(0, [])
     with pytest.raises(InputError, match="context holds"):
         session.prefill_slot(0, [1] * (session.max_context + 1))
+
+
+def test_a_step_covers_only_the_range_of_the_slots_it_steps(session):
+    """Idle slots below and above the stepped ones are not run (no dummy rows) and keep their caches."""
+    expected = [alone(session, p) for p in PROMPTS]
+    session.open_slots(4)
+    for s, p in zip((0, 2, 3), PROMPTS, strict=True):
+        session.prefill_slot(s, p)
+    calls = []
+    step = session._step_slots
+    session._step_slots = lambda first, tokens, *rest: calls.append((first, len(tokens))) or step(first, tokens, *rest)
+    got = session.step_slots([2], [int(expected[1][0].argmax())])
+    np.testing.assert_allclose(got[0], expected[1][1], atol=1e-4, rtol=1e-4)
+    assert calls == [(2, 1)]
+    got = session.step_slots([3, 0], [int(expected[2][0].argmax()), int(expected[0][0].argmax())])
+    np.testing.assert_allclose(got, np.stack([expected[2][1], expected[0][1]]), atol=1e-4, rtol=1e-4)
+    assert calls[-1] == (0, 4)
+    assert [session.slot_length(s) for s in range(4)] == [
+        len(PROMPTS[0]) + 1,
+        0,
+        len(PROMPTS[1]) + 1,
+        len(PROMPTS[2]) + 1,
+    ]

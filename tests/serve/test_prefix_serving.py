@@ -101,3 +101,20 @@ def test_streamed_usage_reports_cached_tokens(cache_server):
     assert usage.prompt_tokens_details.cached_tokens > 0
     status, _, body = cache_server.request("POST", "/v1/completions", {"prompt": FILE, "max_tokens": 2})
     assert status == 200 and json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_a_cancelled_request_leaves_its_prompt_for_the_next(cache_server):
+    """An editor cancels the request it sent a moment ago (closes the stream at its first token) and sends the
+    file again with a few more characters: the cancelled row's cache serves the new one."""
+    import http.client
+
+    prompt = "import numpy as np\n\n\ndef mean(values):\n    return sum(values) / len(values)\n"
+    connection = http.client.HTTPConnection("127.0.0.1", cache_server.port, timeout=60)
+    body = json.dumps({"prompt": prompt, "max_tokens": 60, "stream": True})
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    while not response.readline().startswith(b"data: "):  # the first token, then close
+        pass
+    connection.close()
+    r = _client(cache_server).completions.create(model="tiny", prompt=prompt + "\n\ndef", max_tokens=2)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(prompt) // 4

@@ -18,7 +18,7 @@ with rotary positions counted from there. prefill() moves each left-padded row t
 (right padding), so every row computes exactly what it would alone, and tracks each row's length.
 
 Row slots (continuous batching): one more [slots, heads, max_context, head_dim] buffer per layer and
-kind. Since the slot is the outer dimension, slots 0..n-1 are one contiguous block that a step binds by
+kind. Since the slot is the outer dimension, a range of slots is one contiguous block that a step binds by
 address, without a copy, each row at its own seqlens_k. A slot's first tokens run at batch 1 in a buffer
 of their own length, copied into the slot's region; later chunks (the rest of a long prompt, or a prompt
 after a reused prefix) run in place on the slot's region, GQA reading the cached positions and writing the
@@ -238,7 +238,7 @@ class FusedOrtSession(Session):
         self._slot_seqlens = np.zeros(rows, np.int32)
         self._slot_total = np.zeros((), np.int32)
         self._slot_logits = np.zeros((rows, c.vocab_size), np.float32)
-        self._slot_step_bindings: dict[int, object] = {}  # n -> a binding over slots 0..n-1
+        self._slot_step_bindings: dict[tuple[int, int], object] = {}  # (first, n) -> a binding over those slots
 
     def _bind_slots(
         self, binding, caches: list[np.ndarray], seqlens: np.ndarray, logits: np.ndarray, ids: np.ndarray | None = None
@@ -283,20 +283,21 @@ class FusedOrtSession(Session):
                 cache[slot, :, :t] = part[0]
         return logits
 
-    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
         n = len(tokens)
-        binding = self._slot_step_bindings.get(n)
+        rows = slice(first, first + n)
+        binding = self._slot_step_bindings.get((first, n))
         if binding is None:
-            binding = self._slot_step_bindings[n] = self._session.io_binding()
-            caches = [cache[:n] for cache in self._slot_cache]
-            self._bind_slots(binding, caches, self._slot_seqlens[:n], self._slot_logits[:n], self._slot_ids[:n])
-        self._slot_ids[:n, 0] = tokens
+            binding = self._slot_step_bindings[(first, n)] = self._session.io_binding()
+            caches = [cache[rows] for cache in self._slot_cache]
+            self._bind_slots(binding, caches, self._slot_seqlens[rows], self._slot_logits[rows], self._slot_ids[rows])
+        self._slot_ids[rows, 0] = tokens
         # A row that is not stepped writes a dummy token just past its own length (free rows at 0), where
         # its next real token overwrites it; its cache below that stays as it was.
-        self._slot_seqlens[:n] = np.minimum(lengths, self.max_context - 1)
-        self._slot_total[...] = int(self._slot_seqlens[:n].max()) + 1
+        self._slot_seqlens[rows] = np.minimum(lengths, self.max_context - 1)
+        self._slot_total[...] = int(self._slot_seqlens[rows].max()) + 1
         self._session.run_with_iobinding(binding)
-        return self._slot_logits[:n]  # a view: step_slots() copies out the stepped rows
+        return self._slot_logits[rows]  # a view: step_slots() copies out the stepped rows
 
     # -- Session -------------------------------------------------------------------------------------------
 

@@ -192,7 +192,7 @@ class TorchSession(Session):
             bias = attention_bias(mask, input_ids.shape[1])  # [1, 1, T, total]: causal after the cache
             return self._run_layers(ids, pos, bias, store)
 
-    def _step_slots(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
         import torch
 
         from ...model.reference import attention_bias
@@ -205,10 +205,11 @@ class TorchSession(Session):
         mask = np.arange(total)[None, :] <= np.where(active, lengths, 0)[:, None]  # [n, total]
 
         def store(layer, k, v):
-            keys, values = self._slot_keys[layer], self._slot_values[layer]
+            keys = self._slot_keys[layer][first : first + n]  # views [n, H, max_context, D]
+            values = self._slot_values[layer][first : first + n]
             keys[rows, :, at] = k[rows, :, 0]  # each active row's new key at its own length
             values[rows, :, at] = v[rows, :, 0]
-            return keys[:n, :, :total], values[:n, :, :total]  # views [n, H, total, D]
+            return keys[:, :, :total], values[:, :, :total]  # views [n, H, total, D]
 
         with torch.inference_mode():
             ids = torch.from_numpy(tokens[:, None]).to(self.device)  # [n, 1]
