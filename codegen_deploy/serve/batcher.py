@@ -167,10 +167,12 @@ def take_turns(needs: list[int], budget: int) -> list[int]:
 
 @dataclass
 class _Slot:
-    """A row slot's bookkeeping: the token ids whose keys and values its cache holds (in order), the row
-    running in it, and when it was last used (for least-recently-used eviction)."""
+    """A row slot's bookkeeping: the token ids whose keys and values its cache holds (in order), how many of
+    them were the last row's prompt, the row running in it, and when it was last used (for least-recently-used
+    eviction)."""
 
     ids: list[int] = field(default_factory=list)
+    prompt: int = 0
     row: Row | None = None
     used: int = 0
 
@@ -199,8 +201,8 @@ class SlotEngine:
 
     def take(self, waiting: deque) -> list[Row]:
         """Admit waiting rows into free slots: each into the one whose cache shares the longest prefix with its
-        prompt (at least half of that cache, so that a few common tokens never cost another prompt's cache),
-        else an empty one, else the least recently used (the slot is cut back to what it shares)."""
+        prompt (at least half of the prompt that cache was made for, so that a few common tokens never cost
+        another user's file), else an empty one, else the least recently used (cut back to what it shares)."""
         taken = []
         while waiting and self.capacity() > 0:
             row = waiting.popleft()
@@ -210,7 +212,7 @@ class SlotEngine:
                 del self.slots[i].ids[self.session.slot_length(i) :]
             # At least the prompt's last token is computed: its logits give the first new token.
             shared = {i: min(common_prefix(self.slots[i].ids, prompt), len(prompt) - 1) for i in free}
-            hits = [i for i in free if shared[i] > 0 and 2 * shared[i] >= len(self.slots[i].ids)]
+            hits = [i for i in free if shared[i] > 0 and 2 * shared[i] >= self.slots[i].prompt]
             empty = [i for i in free if not self.slots[i].ids]
             if hits:
                 best = max(hits, key=lambda i: (shared[i], self.slots[i].used))
@@ -221,7 +223,7 @@ class SlotEngine:
             slot, keep = self.slots[best], shared[best]
             self.session.truncate_slot(best, keep)
             del slot.ids[keep:]
-            slot.row, row.slot = row, best
+            slot.row, row.slot, slot.prompt = row, best, len(prompt)
             row.prompt_done = row.cached_tokens = keep
             taken.append(row)
         return taken
@@ -271,6 +273,7 @@ class SlotEngine:
         """Forget a free slot's cache."""
         self.session.truncate_slot(index, 0)
         self.slots[index].ids.clear()
+        self.slots[index].prompt = 0
 
     def reset(self) -> None:
         """Forget every free slot's cache (after a backend failure, whose effect on the buffers is unknown)."""

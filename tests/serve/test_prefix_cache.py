@@ -127,6 +127,23 @@ def test_a_few_shared_tokens_never_cost_another_prompts_cache(session):
     assert session.slot_length(0) == 40
 
 
+def test_a_long_completion_does_not_hide_its_prompt(session):
+    """What counts is the prompt a cache was made for: after a long completion, the same prompt (a little
+    longer) still reuses it."""
+    engine = SlotEngine(session, rows=2, cache_slots=2)
+    prompt = list(range(1, 21))
+    row = _row(prompt)
+    engine.take(deque([row]))
+    engine.prefill([row], None)
+    for token in range(60):  # a 60-token completion stays in the slot's cache
+        row.next_token = 200 + token
+        engine.step([row])
+    engine.release(row)
+    again = _row([*prompt, 7, 7])
+    engine.take(deque([again]))
+    assert again.slot == 0 and again.cached_tokens == 20
+
+
 def test_least_recently_used_caches_are_dropped_beyond_cache_slots(session):
     engine = SlotEngine(session, rows=3, cache_slots=1)
     rows = [_row([i + 1] * 10) for i in range(3)]
