@@ -37,7 +37,7 @@ RUNNERS = {
     "ort-plain-binding": "onnxruntime-plain",
     "ort-fused": "onnxruntime-fused",
 }
-# Not in the default run: the fused graph with int8 MatMulNBits weights (lossy; a separate export folder).
+# Not in the default run: the fused graph with int8 weights (lossy; a separate export folder).
 INT8_RUNNER = "ort-fused-int8"
 TARGETS = {"decode_speedup_min": 2.2, "ttft_ratio_max": 0.75, "rss_over_weights_max": 1.3}
 
@@ -121,20 +121,23 @@ def prepare(work: Path, checkpoint: Path | None, tokenizer: Path) -> tuple[Path,
     return checkpoint, export
 
 
-def prepare_int8(export: Path) -> Path:
-    """A folder holding only the fused graph with int8 weights (and a manifest naming it), next to `export`."""
+def prepare_quantized(export: Path, weights: str = "int8", validate: bool = True) -> Path:
+    """A folder holding only the fused graph with `weights` ("int8" or "int4") quantized weights (and a
+    manifest naming it), next to `export`; made when missing (remove it after changing the export code).
+    validate: check it against the reference (random weights give near-flat logits, whose top-1 int4
+    noise flips: a speed run may skip the check)."""
     from codegen_deploy.artifacts.io_spec import FUSED_GRAPH_FILE
     from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
     from codegen_deploy.pipeline import add_fused_graph
 
-    folder = export.with_name(export.name + "-fused-int8")
+    folder = export.with_name(f"{export.name}-fused-{weights}")
     if not (folder / FUSED_GRAPH_FILE).is_file():
         t = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         manifest = read_manifest(export, verify="none")
         write_manifest(folder, {k: manifest[k] for k in ("model_config", "source", "dtype")})
-        add_fused_graph(folder, weights="int8")
-        print(f"[prepare] int8 fused graph in {time.perf_counter() - t:.0f} s", flush=True)
+        add_fused_graph(folder, weights=weights, validate=validate)
+        print(f"[prepare] {weights} fused graph in {time.perf_counter() - t:.0f} s", flush=True)
     return folder
 
 
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runners",
         default="transformers," + ",".join(RUNNERS),
-        help=f"comma-separated (default: all but {INT8_RUNNER}, which adds int8 MatMulNBits weights)",
+        help=f"comma-separated (default: all but {INT8_RUNNER}, which adds int8 weights)",
     )
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "decode_speed.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(runners) - {"transformers", INT8_RUNNER, *RUNNERS}
     if unknown:
         p.error(f"unknown runners {', '.join(sorted(unknown))}")
-    int8_folder = prepare_int8(export) if INT8_RUNNER in runners else None
+    int8_folder = prepare_quantized(export, "int8") if INT8_RUNNER in runners else None
 
     results = []
     for prompt_tokens in [int(c) for c in args.contexts.split(",")]:

@@ -130,7 +130,7 @@ def export_model(
     tolerance). force: replace an existing output. external_data: None = only above 2 GB, True =
     always (one decoder.onnx.data file). fused: also write the fused ONNX Runtime graph
     (GroupQueryAttention, in-place KV cache), checked against the reference; skipped with a note for
-    shapes GQA cannot run. fused_weights: "float", or "int8" / "int4" block-quantized MatMulNBits
+    shapes GQA cannot run. fused_weights: "float", or "int8" / "int4" quantized
     weights in the fused graph. fused_rotary: where the fused graph applies the rotary: "gqa" (inside
     GroupQueryAttention), "graph" (plain ops before it, which ONNX Runtime's CUDA provider needs) or "auto"
     (see fused_rotary_for); either is checked on the CPU provider. A bfloat16 export is validated on the

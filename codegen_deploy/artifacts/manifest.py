@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 
 # The values an export's entries take; the commands offer exactly these.
 METHODS = ("built", "trace")  # "method": the plain graph written from the weights, or traced by torch.onnx
-FUSED_WEIGHTS = ("float", "int8", "int4")  # "fused_weights": the model dtype, or block-quantized MatMulNBits
+FUSED_WEIGHTS = ("float", "int8", "int4")  # "fused_weights": the model dtype, or quantized (export/quantize.py)
 ROTARY_VARIANTS = ("gqa", "graph")  # "fused_rotary": inside GroupQueryAttention, or plain ops before it
 # The entries that describe a fused graph (replaced together when one is added to an export).
 FUSED_KEYS = (

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize",
         choices=tuple(QUANTIZED_WEIGHTS),
-        help="block-quantized MatMulNBits weights in the fused graph (lossy; the plain graph keeps the model dtype)",
+        help="quantized weights in the fused graph (lossy; the plain graph keeps the model dtype)",
     )
     p.add_argument(
         "--fused-rotary",

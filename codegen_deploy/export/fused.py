@@ -21,8 +21,9 @@ What GQA does for CodeGen (see io_spec for the I/O contract):
   positions never go through lm_head.
 
 Everything but attention is layers.py's decoder, shared with the plain graph, with com.microsoft
-FastGelu (gelu_new) or BiasGelu (exact gelu). Optionally the projections and lm_head are MatMulNBits
-with int8 or int4 block-quantized weights (accuracy_level 4), a lossy speed option.
+FastGelu (gelu_new) or BiasGelu (exact gelu). Optionally the projections and lm_head have quantized
+weights, a lossy speed option: int8 (MatMulIntegerToFloat, activations quantized per token) or int4
+(MatMulNBits blocks, accuracy_level 4); see quantize.py.
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def write_fused_graph(
     """Write the fused decoder (FUSED_GRAPH_FILE + FUSED_DATA_FILE) into `folder`; return the file names.
 
     `max_context` bounds the rotary tables (default: the model's n_positions); a session's cache buffer
-    may not be longer. weights: "float" (the model's dtype), or "int8" / "int4" block-quantized
-    MatMulNBits for the projections and lm_head (not exact: check with codegen-parity). rotary: "gqa" or
+    may not be longer. weights: "float" (the model's dtype), or "int8" / "int4" quantized weights for
+    the projections and lm_head (quantize.py; not exact: check with codegen-parity). rotary: "gqa" or
     "graph" (see build_fused_graph). share_with: a
     graph in `folder` whose external data holds the same weights (the plain decoder): the fused graph
     points at them and writes only its own tensors, which halves the bytes an export writes. Files are

@@ -42,8 +42,8 @@ class GraphWriter:
     external data file (the record headers sit between tensors); appending the graph without those
     initializers turns it into the inline model (inline_records), with no copy of the weights.
 
-    dtype: of activations, float weights and the cache. weight_format: "float", or a key of
-    quantize.QUANTIZED_WEIGHTS for MatMulNBits projections (fused graph only). shared: external
+    dtype: of activations, float weights and the cache. weight_format: "float", or one of
+    quantize.QUANTIZED_WEIGHTS for quantized projections (fused graph only). shared: external
     tensors another graph in the same folder already wrote, by name (shared_weights); a weight of the
     same name, dtype and shape points at those bytes instead of being written again.
     """
@@ -65,6 +65,7 @@ class GraphWriter:
         self.initializers: list[TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []
         self._consts: dict[tuple, str] = {}
+        self._once: dict[tuple, object] = {}
 
     def op(
         self,
@@ -122,6 +123,13 @@ class GraphWriter:
         if key not in self._consts:
             self._consts[key] = self.weight(f"const.{len(self._consts)}", array)
         return self._consts[key]
+
+    def once(self, key: tuple, make: Callable[[], object]):
+        """make()'s result, from the first call with `key`: nodes that several consumers share (one
+        quantization of an activation that two projections read) are written once."""
+        if key not in self._once:
+            self._once[key] = make()
+        return self._once[key]
 
     def cast(self, x: str, to: np.dtype, name: str, source: np.dtype | None = None) -> str:
         """Cast `x` (of dtype `source`, default the graph's dtype) to `to`; no node when they are equal."""

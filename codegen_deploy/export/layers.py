@@ -2,10 +2,10 @@
 
 Follows model/reference.py step by step: embedding, then per block one LayerNorm (float32) feeding
 attention and the MLP in parallel, x + attn + mlp; final LayerNorm, lm_head, float32 logits.
-Projections are MatMul (+ Add for biases) with weights stored [in, out], or com.microsoft
-MatMulNBits for block-quantized weights (fused graph only). `fused_ops` picks the MLP activation:
-com.microsoft FastGelu / BiasGelu (fused graph) or standard ONNX ops (plain graph: TensorRT and
-onnxruntime-genai read it).
+Projections are MatMul (+ Add for biases) with weights stored [in, out], or, in the fused graph,
+com.microsoft MatMulIntegerToFloat (int8) or MatMulNBits (int4) for quantized weights. `fused_ops`
+picks the MLP activation: com.microsoft FastGelu / BiasGelu (fused graph) or standard ONNX ops (plain
+graph: TensorRT and onnxruntime-genai read it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..artifacts import io_spec
 from ..dtypes import to_numpy
 from ..model.reference import CodeGen, rotary_tables
 from .graph import MS_DOMAIN, GraphWriter
-from .quantize import QUANTIZED_WEIGHTS, quantize_blockwise
+from .quantize import ACTIVATION_MAX, ACTIVATION_ZERO_POINT, BLOCKWISE, quantize_blockwise, quantize_channels
 
 F32, I64 = np.dtype("float32"), np.dtype("int64")
 
@@ -42,8 +42,9 @@ def linear(
     name: str,
     bias: torch.Tensor | None = None,
 ) -> str:
-    """x @ weight.T (+ bias). Float: weight stored transposed, [in, out], as MatMul wants it. Quantized:
-    MatMulNBits with weight [out, in] (torch's own layout) in blocks along `in`, the bias fused in.
+    """x @ weight.T (+ bias). Float: weight stored transposed, [in, out], as MatMul wants it. int8: per-channel
+    weights and per-token activations (linear_int8). int4: MatMulNBits with weight [out, in] (torch's own
+    layout) in blocks along `in`, the bias fused in.
     weight: [out, in], or a function that makes it (not called when the writer shares the tensor)."""
     get = weight if callable(weight) else lambda: weight
     if g.weight_format == "float":
@@ -52,7 +53,9 @@ def linear(
         if bias is not None:
             y = g.op1("Add", [y, g.weight(f"{name}.bias", to_numpy(bias, g.dtype))], f"{name}/Add")
         return y
-    bits, block = QUANTIZED_WEIGHTS[g.weight_format]
+    if g.weight_format == "int8":
+        return linear_int8(g, x, get(), name, bias)
+    bits, block = BLOCKWISE[g.weight_format]
     weight = get()
     n, k = weight.shape
     packed, scales = quantize_blockwise(to_numpy(weight, F32), bits, block)
@@ -61,6 +64,47 @@ def linear(
         inputs += ["", "", g.weight(f"{name}.bias", to_numpy(bias, g.dtype))]  # no zero points, no g_idx
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4}
     return g.op1("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+
+
+def quantize_rows(g: GraphWriter, x: str) -> tuple[str, str]:
+    """Each row (token) of x [..., K] quantized on its own: (uint8 [..., K] = round(127 x / amax) + 128,
+    float32 amax [..., 1] = max|row|). Written once per x: qkv_proj and fc_in read the same ln_1 output.
+
+    Per row, so a token's result never depends on the other tokens of its prompt or batch (a prompt in
+    chunks gives what it gives at once). The activation scale is amax / 127: linear_int8 folds the 1 / 127
+    into the weight scales, which saves a node per quantization (a decode step runs 3 per layer).
+    """
+
+    def make() -> tuple[str, str]:
+        name = f"{x}/quantize_rows"
+        x32 = g.cast(x, F32, f"{name}/to_fp32")
+        amax = g.op1("ReduceMax", [g.op1("Abs", [x32], f"{name}/Abs")], f"{name}/ReduceMax", axes=[-1], keepdims=1)
+        # A zero row keeps a positive scale: 0 / amax is 0, where 0 / 0 would be NaN.
+        amax = g.op1("Max", [amax, g.const(np.finfo(np.float32).tiny, F32)], f"{name}/amax")  # [..., 1]
+        unit = g.op1("Div", [x32, amax], f"{name}/Div")  # [..., K] in [-1, 1]
+        step, zero = g.const(1 / ACTIVATION_MAX, F32), g.const(ACTIVATION_ZERO_POINT, np.uint8)
+        q = g.op1("QuantizeLinear", [unit, step, zero], f"{name}/QuantizeLinear")  # rounds half to even
+        return q, amax
+
+    return g.once(("quantize_rows", x), make)
+
+
+def linear_int8(g: GraphWriter, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None) -> str:
+    """x @ weight.T (+ bias) as com.microsoft MatMulIntegerToFloat: uint8 activations per token (quantize_rows)
+    times int8 weights per output channel (quantize.quantize_channels), scaled back to float32.
+
+    The kernel multiplies its output by the per-row activation scale after adding its bias input, so the
+    bias is a separate Add.
+    """
+    q, amax = quantize_rows(g, x)
+    w, w_scales = quantize_channels(to_numpy(weight, F32))  # [in, out] int8, [out]
+    scales = (w_scales / ACTIVATION_MAX).astype(np.float32)  # the activations' 1 / 127 (quantize_rows)
+    inputs = [q, g.weight(f"{name}.weight_int8", w), amax, g.weight(f"{name}.weight_scale", scales)]
+    inputs.append(g.const(ACTIVATION_ZERO_POINT, np.uint8))
+    y = g.op1("MatMulIntegerToFloat", inputs, f"{name}/MatMulIntegerToFloat", domain=MS_DOMAIN)  # float32
+    if bias is not None:
+        y = g.op1("Add", [y, g.weight(f"{name}.bias", to_numpy(bias, F32))], f"{name}/Add")
+    return g.cast(y, g.dtype, f"{name}/to_model_dtype", source=F32)
 
 
 def _gelu_tanh(g: GraphWriter, x: str, name: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..dtypes import check_dtype
 
-LOSSY_WEIGHTS = ("int8", "int4")  # block-quantized MatMulNBits weights in the fused graph
+LOSSY_WEIGHTS = ("int8", "int4")  # quantized weights in the fused graph (export/quantize.py)
 
 
 @dataclass(frozen=True)
