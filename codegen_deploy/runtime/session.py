@@ -35,6 +35,7 @@ class Session(ABC):
         self._slot_lengths: np.ndarray | None = None  # [slots] int64 tokens in each slot's cache (0 = free)
 
     cache_dtype = None  # the KV cache's numpy dtype (or name), where the backend knows it
+    prompt_chunk: int | None = None  # the piece size in which this backend reads a long prompt fastest (None: whole)
 
     @property
     def kv_bytes_per_token(self) -> int | None:

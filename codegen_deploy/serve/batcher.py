@@ -356,8 +356,9 @@ class BatchEngine:
 GAP_STEPS = 4.0
 FIRST_CHUNK = 32
 MIN_CHUNK = 8
-# When no row is generating, only the waiting rows' time to first token matters: chunks this large run at
-# the machine's full GEMM speed, and a row that arrives meanwhile still starts within one chunk.
+# When no row is generating, only the waiting rows' time to first token matters: chunks of the session's own
+# best piece size (the fused graph's reads long prompts fastest in pieces), else this many, which run at the
+# machine's full GEMM speed; a row that arrives meanwhile still starts within one chunk.
 IDLE_CHUNK = 512
 _AVERAGE = 0.2  # weight of the newest measurement in the moving averages
 
@@ -437,15 +438,16 @@ class Batcher:
         """Prompt tokens to compute in this round (None: all of every waiting prompt)."""
         if not self.engine.joins_running or self.prefill_chunk == 0:
             return None
+        idle = self.session.prompt_chunk or IDLE_CHUNK
         if not generating:
-            return max(self.prefill_chunk or 0, IDLE_CHUNK)
+            return max(self.prefill_chunk or 0, idle)
         if self.prefill_chunk is not None:
             return self.prefill_chunk
         if self._step_s is None or self._token_s is None:
             return FIRST_CHUNK
         # chunk + step = (step + tokens x per-token) + step <= GAP_STEPS x step
         tokens = (GAP_STEPS - 2) * self._step_s / self._token_s
-        return int(min(max(tokens, MIN_CHUNK), IDLE_CHUNK))
+        return int(min(max(tokens, MIN_CHUNK), idle))
 
     # -- the event loop's side -----------------------------------------------------------------------------
 

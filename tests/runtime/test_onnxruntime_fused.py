@@ -165,3 +165,22 @@ def test_which_fused_graphs_run_on_cuda():
     assert cuda_unsupported_reason("bfloat16", "graph") is None
     assert "float32" in cuda_unsupported_reason("float32", "graph")
     assert "rotary" in cuda_unsupported_reason("float16", "gqa")
+
+
+def test_a_prompt_read_in_pieces_equals_the_reference(fused):
+    """One row's prompt runs in pieces of prompt_chunk tokens (GQA then skips most of the causal half); its
+    logits and the steps after it are the reference's. Batches with padding are read whole."""
+    model, folder = fused
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        full, _ = model(torch.tensor(ids))  # [1, 30, V]
+    with FusedOrtSession(folder, threads=1) as session:
+        session.prompt_chunk = 7  # 30 tokens: pieces of 7, 7, 7, 7 and 2
+        got = [session.prefill(ids[:, :23])] + [session.step(ids[:, t]) for t in range(23, 30)]
+        np.testing.assert_allclose(np.concatenate(got), full[0, 22:].numpy(), atol=1e-4, rtol=1e-4)
+        padded = np.zeros((2, 23), np.int64)
+        padded[0], padded[1, 10:] = ids[0, :23], ids[0, :13]
+        mask = (np.arange(23)[None, :] >= np.array([[0], [10]])).astype(np.int64)
+        batch = session.prefill(padded, mask)
+        np.testing.assert_allclose(batch, full[0, [22, 12]].numpy(), atol=1e-4, rtol=1e-4)

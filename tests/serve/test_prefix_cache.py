@@ -235,7 +235,7 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
 def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
     batcher = Batcher(session, tokenizer, max_batch=2)
     assert batcher.chunk_budget(generating=True) == FIRST_CHUNK
-    assert batcher.chunk_budget(generating=False) == IDLE_CHUNK
+    assert batcher.chunk_budget(generating=False) == (session.prompt_chunk or IDLE_CHUNK)
     batcher._step_s, batcher._token_s = 0.050, 0.002  # a 50 ms step, 2 ms per prompt token
     assert batcher.chunk_budget(generating=True) == int((GAP_STEPS - 2) * 0.050 / 0.002)
     batcher._token_s = 1.0  # a very slow prompt path: never below MIN_CHUNK
@@ -255,7 +255,7 @@ def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
     finally:
         batcher.stop()
     assert batcher._step_s > 0 and batcher._token_s > 0
-    assert MIN_CHUNK <= batcher.chunk_budget(generating=True) <= IDLE_CHUNK
+    assert MIN_CHUNK <= batcher.chunk_budget(generating=True) <= (session.prompt_chunk or IDLE_CHUNK)
 
 
 def test_reuse_and_chunks_never_change_a_result(session, tokenizer):

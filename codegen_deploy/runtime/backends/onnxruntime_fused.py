@@ -108,6 +108,11 @@ class FusedOrtSession(Session):
     """
 
     name = "onnxruntime-fused"
+    # GroupQueryAttention's CPU kernel scores a prompt against all of itself, the causal half included, so a
+    # long prompt read in pieces of this many tokens (each after the cache of the ones before) does less work:
+    # measured on the 350M shape, 2 threads, 1,024 tokens: fp32 3.10 -> 2.57 s, int8 1.52 -> 0.98 s; 2,000
+    # tokens: fp32 6.61 -> 5.84 s, int8 3.43 -> 2.48 s (128 and 512 were no better).
+    prompt_chunk = 256
 
     @property
     def supports_slots(self) -> bool:
@@ -324,11 +329,18 @@ class FusedOrtSession(Session):
         ids = np.zeros_like(input_ids)
         for row in range(b):
             ids[row, : lengths[row]] = input_ids[row, t - lengths[row] :]
-        self._seqlens[:] = lengths - 1
-        self._total[...] = t
         self._lengths = lengths.astype(np.int64)
-        prompt = self._ort.OrtValue.ortvalue_from_numpy(ids, self.device, self.device_id)
-        return self._run(prompt, self._prefill_options)
+        # One row (no padding) is read in pieces on the CPU provider, each after the cache of the ones before.
+        size = self.prompt_chunk if b == 1 and self.prompt_chunk and self.device == "cpu" else t
+        for start in range(0, t, size):
+            end = min(start + size, t)
+            self._seqlens[:] = np.minimum(lengths, end) - 1  # the tokens in the cache after this piece, minus one
+            self._total[...] = end
+            piece = self._ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(ids[:, start:end]), self.device, self.device_id
+            )
+            logits = self._run(piece, self._prefill_options)
+        return logits
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         self._step_ids[:] = input_ids
