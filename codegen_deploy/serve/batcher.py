@@ -348,12 +348,14 @@ class BatchEngine:
 
 
 # --prefill-chunk auto: a chunk of prompt tokens between two decode steps of the generating rows is sized
-# so that the chunk and the step together take about GAP_STEPS steps: that is the longest a stream waits for
+# so that the chunk and the step together take about GAP_STEPS steps: that is how long a stream waits for
 # its next token while another row reads a long prompt. An append runs the weights once, like a step, plus
 # a cost per token, both measured while serving (moving averages), so the size follows the model, its
-# weights' precision and the machine's load. Measured on the 350M shape, fp32, 2 threads: a step 50 ms, an
-# append 45 ms + 2 ms per token, so about 50 tokens. FIRST_CHUNK is the size before anything is measured.
-GAP_STEPS = 4.0
+# weights' precision and the machine's load. Measured on the 350M shape, 2 threads: fp32 a step 56 ms, an
+# append 60 ms + 2.1 ms per token; int8 21 ms, 27 ms + 0.7 ms per token: about 40 tokens either way. The
+# target sits half a step below 4 steps so that the longest of many gaps on a noisy machine stays within 4.
+# FIRST_CHUNK is the size before anything is measured.
+GAP_STEPS = 3.5
 FIRST_CHUNK = 32
 MIN_CHUNK = 8
 # When no row is generating, only the waiting rows' time to first token matters: chunks of the session's own
