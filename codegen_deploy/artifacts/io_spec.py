@@ -87,6 +87,8 @@ def check_decoder_io(
     # The likeliest damage: a model config that does not belong to the graph.
     layer_note = f" (it has cache inputs for {len(layers)} layers but the model config says n_layer {n_layer})"
     want_in = fused_input_names(n_layer) if fused else decoder_input_names(n_layer)
+    if fused and LOGITS_TO_KEEP not in names_in:
+        want_in = fused_input_names(n_layer, keep=False)  # written before logits_to_keep: still served
     for kind, got, want in (
         ("inputs", names_in, want_in),
         ("outputs", names_out, decoder_output_names(n_layer)),
@@ -145,14 +147,19 @@ FUSED_GRAPH_FILE = "decoder_fused.onnx"
 FUSED_DATA_FILE = "decoder_fused.onnx.data"
 SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this run, minus one (GQA's convention)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
+# int64 [1]: how many of each row's last positions go through lm_head (1: the last token only); logits are
+# [batch * keep, vocab], row b's positions at b * keep .. b * keep + keep - 1. Graphs written before it
+# existed have neither the input nor more than one position per row; sessions still run them.
+LOGITS_TO_KEEP = "logits_to_keep"
+KEEP = "batch_x_keep"  # the logits' first dim: batch * logits_to_keep
 MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
 # The fused graph's metadata_props: where its rotary tables end, its weights file, its rotary variant.
 FUSED_MAX_CONTEXT_KEY, FUSED_WEIGHTS_KEY, FUSED_ROTARY_KEY = "max_context", "weights", "rotary"
 
 
-def fused_input_names(n_layer: int) -> list[str]:
-    """The fused decoder's input names in graph order."""
-    return [INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *past_names(n_layer)]
+def fused_input_names(n_layer: int, keep: bool = True) -> list[str]:
+    """The fused decoder's input names in graph order (keep=False: a graph from before LOGITS_TO_KEEP)."""
+    return [INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *past_names(n_layer), *([LOGITS_TO_KEEP] if keep else [])]
 
 
 def fused_decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: str) -> list[TensorSpec]:
@@ -163,16 +170,17 @@ def fused_decoder_inputs(n_layer: int, n_head: int, head_dim: int, cache_dtype: 
         TensorSpec(SEQLENS_K, "int32", (BATCH,)),
         TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
         *(TensorSpec(name, cache_dtype, kv_shape) for name in past_names(n_layer)),
+        TensorSpec(LOGITS_TO_KEEP, "int64", (1,)),
     ]
 
 
 def fused_decoder_outputs(
     n_layer: int, n_head: int, head_dim: int, vocab_size: int, cache_dtype: str
 ) -> list[TensorSpec]:
-    """Fused graph outputs: float32 logits of each row's last real token [batch, vocab], then the caches
-    (the same buffers as the inputs when bound in place)."""
+    """Fused graph outputs: float32 logits of each row's last LOGITS_TO_KEEP real tokens [batch * keep, vocab]
+    ([batch, vocab] by default), then the caches (the same buffers as the inputs when bound in place)."""
     kv_shape = (BATCH, n_head, MAX_LENGTH, head_dim)
     return [
-        TensorSpec(LOGITS, "float32", (BATCH, vocab_size)),
+        TensorSpec(LOGITS, "float32", (KEEP, vocab_size)),
         *(TensorSpec(name, cache_dtype, kv_shape) for name in present_names(n_layer)),
     ]

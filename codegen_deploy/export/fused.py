@@ -18,7 +18,8 @@ What GQA does for CodeGen (see io_spec for the I/O contract):
   makes every row exactly what it would be alone. Positions come from the row's length, so the graph
   has no mask or position inputs.
 - the graph returns logits of each row's last real token only ([batch, vocab]): the prompt's other
-  positions never go through lm_head.
+  positions never go through lm_head. The input logits_to_keep (1 for that) asks for each row's last K
+  positions ([batch * K, vocab]): a speculative step checks K drafted tokens in one run.
 
 Everything but attention is layers.py's decoder, shared with the plain graph, with com.microsoft
 FastGelu (gelu_new) or BiasGelu (exact gelu). Optionally the projections and lm_head have quantized
@@ -83,14 +84,20 @@ def _step_positions(g: GraphWriter) -> str:
     return g.op1("Sub", [counts, g.const(1.0, F32)], "steps/positions")  # [B, S]
 
 
-def _last_token(g: GraphWriter, x: str, steps: str, seqlens: str) -> str:
-    """Each row's last real token of x [B, S, E]: index min(seqlens_k, S - 1) (the prompt: its length - 1,
-    right-padded; a step: 0), as [B, E]. ArgMax of the step index masked to <= seqlens_k finds it without
-    shape ops, so the graph stays capturable as a CUDA graph."""
+def _last_tokens(g: GraphWriter, x: str, steps: str, seqlens: str) -> str:
+    """Each row's last K = logits_to_keep real tokens of x [B, S, E], in order, as [B, K, E]. A row's last
+    token is at index L = min(seqlens_k, S - 1) (the prompt: its length - 1, right-padded; a step: 0).
+    A TopK of the step indices masked to <= seqlens_k finds L, L - 1, ..., a second one puts them in
+    order: no shape ops, and K is read only by TopK, on the CPU, so the graph stays capturable as a CUDA
+    graph. A row with fewer than K tokens fills the rest with other positions (their logits mean nothing)."""
     allowed = g.op1("LessOrEqual", [steps, seqlens], "last/allowed")  # [B, S]
     score = g.op1("Mul", [steps, g.cast(allowed, F32, "last/allowed_f", source=np.dtype(bool))], "last/score")
-    index = g.op1("ArgMax", [score], "last/index", axis=1, keepdims=1)  # [B, 1] int64; all-zero rows give 0
-    return g.op1("GatherND", [x, index], "last/GatherND", batch_dims=1)  # [B, E]
+    keep = io_spec.LOGITS_TO_KEEP
+    latest, _ = g.op("TopK", [score, keep], "last/latest", n_out=2, largest=1)  # [B, K] L, L - 1, ... (float)
+    ordered, _ = g.op("TopK", [latest, keep], "last/ordered", n_out=2, largest=0)  # [B, K] ascending
+    index = g.cast(ordered, I64, "last/index", source=F32)  # [B, K]
+    index = g.op1("Unsqueeze", [index, g.const([2], I64)], "last/index_3d")  # [B, K, 1]
+    return g.op1("GatherND", [x, index], "last/GatherND", batch_dims=1)  # [B, K, E]
 
 
 def _rotary_positions(g: GraphWriter, steps: str, seqlens: str) -> str:
@@ -176,7 +183,14 @@ def build_fused_graph(
             )
             return out[0]  # [B, S, E]
 
-        decoder(g, model, attention, fused_ops=True, select=lambda x: _last_token(g, x, steps, seqlens))
+        decoder(
+            g,
+            model,
+            attention,
+            fused_ops=True,
+            select=lambda x: _last_tokens(g, x, steps, seqlens),
+            flatten=True,  # [B, K, V] -> [B * K, V]: with logits_to_keep 1, [B, V] as before
+        )
     finally:
         g.close()
 

@@ -213,11 +213,12 @@ def decoder(
     *,
     fused_ops: bool,
     select: Callable[[str], str] | None = None,
+    flatten: bool = False,
 ) -> None:
     """Write the decoder's nodes, from input_ids to the float32 logits output.
 
     select: applied to the last hidden states [B, S, E] before ln_f (the fused graph keeps each row's
-    last token only).
+    last tokens only). flatten: logits [B, S, V] as [B * S, V].
     """
     wte = g.weight("wte.weight", to_numpy(model.wte.weight, g.dtype))
     x = g.op1("Gather", [wte, io_spec.INPUT_IDS], "wte")  # [B, S, E]
@@ -234,5 +235,8 @@ def decoder(
     if select is not None:
         x = select(x)
     x = layer_norm(g, x, model.ln_f, "ln_f")
-    logits = linear(g, x, model.lm_head.weight, "lm_head", model.lm_head.bias)
-    g.output(g.cast(logits, F32, "logits/to_fp32"), io_spec.LOGITS)
+    logits = g.cast(linear(g, x, model.lm_head.weight, "lm_head", model.lm_head.bias), F32, "logits/to_fp32")
+    if flatten:
+        vocab = model.config.vocab_size
+        logits = g.op1("Reshape", [logits, g.const([-1, vocab], I64)], "logits/flatten")  # [B * S, V]
+    g.output(logits, io_spec.LOGITS)

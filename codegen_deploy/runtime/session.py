@@ -172,27 +172,50 @@ class Session(ABC):
         step writes a placeholder just past each slot's length). The step runs over the slots
         min(slots)..max(slots), so keeping the busy slots together keeps the step small.
         """
+        return self.extend_slots(slots, np.asarray(ids, dtype=np.int64).reshape(-1, 1))[:, 0]
+
+    # Backends whose slot steps take several tokens per slot (extend_slots with k > 1).
+    multi_token_steps = True
+
+    def extend_slots(self, slots: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """Append k tokens to each listed slot (ids [len(slots), k]), each after its own cache, in one run;
+        return the logits at every appended position [len(slots), k, vocab] (position j: the logits after
+        the slot's cache and ids[:, :j + 1]).
+
+        What a speculative step needs: the token it knows and k - 1 drafted ones go in at once, and
+        truncate_slot() drops the drafts the model does not agree with. Slots not listed keep their cache,
+        except that one filled beyond max_context - k loses its last tokens (the run writes placeholders just
+        past each slot's length).
+        """
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(slots) == 0 or len(slots) != len(ids) or len(np.unique(slots)) != len(slots):
-            raise InputError("step_slots() takes one token for each of one or more distinct slots")
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or len(slots) == 0 or ids.shape[0] != len(slots) or len(np.unique(slots)) != len(slots):
+            raise InputError("extend_slots() takes ids [slots, k] for one or more distinct slots")
+        k = ids.shape[1]
+        if k < 1:
+            raise InputError("extend_slots() takes at least one token per slot")
+        if k > 1 and not self.multi_token_steps:
+            raise InputError(
+                f"this {self.name} session runs one token per slot step (a fused graph exported before "
+                "multi-token steps): export it again with codegen-export"
+            )
         for s in slots.tolist():
             self._check_slot(s)
         lengths = self._slot_lengths[slots]
         if (lengths == 0).any():
             raise InputError("step_slots() on a free slot: run append_slot() first")
-        if (lengths >= self.max_context).any():
+        if (lengths + k > self.max_context).any():
             raise InputError(f"the context is full ({self.max_context} tokens): generate fewer new tokens")
         first, n = int(slots.min()), int(slots.max() - slots.min()) + 1
         rows = slots - first  # positions in the stepped range
-        tokens = np.zeros(n, np.int64)
+        tokens = np.zeros((n, k), np.int64)
         tokens[rows] = ids
         active = np.zeros(n, bool)
         active[rows] = True
         span = self._slot_lengths[first : first + n]  # a view
-        logits = self._step_slots(first, tokens, span.copy(), active)  # [n, V]
-        span[~active & (span >= self.max_context)] = self.max_context - 1  # its last position held the placeholder
-        self._slot_lengths[slots] += 1
+        logits = self._step_slots(first, tokens, span.copy(), active)  # [n, k, V]
+        span[~active & (span > self.max_context - k)] = self.max_context - k  # placeholders overwrote the rest
+        self._slot_lengths[slots] += k
         return logits[rows]
 
     def _check_slot(self, slot: int) -> int:
@@ -212,12 +235,12 @@ class Session(ABC):
         raise NotImplementedError
 
     def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """One token per slot first..first+n-1 (tokens [n]) written at index lengths[i] of slot first + i;
-        return [n, vocab] (it may be a buffer the next step overwrites: step_slots() copies out the rows it
-        returns).
+        """k tokens per slot first..first+n-1 (tokens [n, k]) written at indexes lengths[i]..lengths[i]+k-1 of
+        slot first + i; return logits at each [n, k, vocab] (it may be a buffer the next step overwrites:
+        extend_slots() copies out the rows it returns).
 
         Only rows with active[i] count: the others (free slots, or slots not stepped now) may be run as
-        dummies writing at min(lengths[i], max_context - 1), but must keep the cache below that.
+        dummies writing at min(lengths[i], max_context - k), but must keep the cache below that.
         """
         raise NotImplementedError
 

@@ -140,3 +140,28 @@ def test_bad_appends_and_truncations_leave_the_slot_as_it_was(case):
     _close(session.step_slots([0], [token])[0], _reference(model, np.append(ids, token))[-1], dtype)
     session.free_slot(0)
     assert session.slot_length(0) == 0
+
+
+def test_several_tokens_per_slot_in_one_run_give_each_positions_logits(case):
+    """A speculative step: k tokens appended to each of several slots at once give the logits after each;
+    cutting a slot back (drafts rejected) and stepping on computes what the accepted sequence computes."""
+    model, session, dtype = case
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, vocab, 20), rng.integers(0, vocab, 9)
+    session.prefill_slot(0, a)
+    session.prefill_slot(2, b)  # slot 1 stays free: a dummy row inside the range
+    drafts = rng.integers(0, vocab, (2, 4))
+    got = session.extend_slots([0, 2], drafts)  # [2, 4, V]
+    assert got.shape == (2, 4, vocab)
+    for row, (prompt, extra) in enumerate(((a, drafts[0]), (b, drafts[1]))):
+        expected = _reference(model, np.concatenate([prompt, extra]))[len(prompt) :]  # [4, V]
+        for j in range(4):
+            _close(got[row, j], expected[j], dtype)
+    assert [session.slot_length(s) for s in range(3)] == [24, 0, 13]
+    session.truncate_slot(0, 22)  # two drafts accepted
+    token = int(rng.integers(0, vocab))
+    after = session.step_slots([0], [token])[0]
+    _close(after, _reference(model, np.concatenate([a, drafts[0, :2], [token]]))[-1], dtype)
+    for slot in range(3):
+        session.free_slot(slot)

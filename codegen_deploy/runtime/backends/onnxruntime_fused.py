@@ -157,6 +157,8 @@ class FusedOrtSession(Session):
             [v.name for v in values] for values in (self._session.get_inputs(), self._session.get_outputs())
         )
         io_spec.check_decoder_io(names_in, names_out, config.n_layer, str(graph), fused=True)
+        self.multi_token_steps = io_spec.LOGITS_TO_KEEP in names_in  # older graphs: one logits row per row
+        self._keep_one = np.ones(1, np.int64)  # logits_to_keep for everything but a multi-token slot step
         meta = self._session.get_modelmeta().custom_metadata_map
         if meta.get(io_spec.FUSED_MAX_CONTEXT_KEY):  # the graph's rotary tables end there
             self.max_context = min(self.max_context, int(meta[io_spec.FUSED_MAX_CONTEXT_KEY]))
@@ -219,6 +221,8 @@ class FusedOrtSession(Session):
             b.bind_ortvalue_output(present, cache.value)  # the same buffer: GQA writes the new positions in place
         b.bind_ortvalue_input(io_spec.SEQLENS_K, self._seqlens_buffer.value)
         b.bind_ortvalue_input(io_spec.TOTAL_SEQUENCE_LENGTH, self._total_buffer.value)
+        if self.multi_token_steps:  # read on the CPU, like total_sequence_length (TopK's k)
+            b.bind_ortvalue_input(io_spec.LOGITS_TO_KEEP, self._ort.OrtValue.ortvalue_from_numpy(self._keep_one))
         b.bind_ortvalue_output(io_spec.LOGITS, self._logits_buffer.value)
         self._bound_ids = None
         self._rows = rows
@@ -239,17 +243,23 @@ class FusedOrtSession(Session):
         c = self.config
         shape = (rows, c.n_head, self.max_context, c.head_dim)
         self._slot_cache = [lazy_zeros(shape, self.cache_dtype) for _ in self._names]  # resident as filled
-        self._slot_ids = np.zeros((rows, 1), np.int64)
         self._slot_seqlens = np.zeros(rows, np.int32)
         self._slot_total = np.zeros((), np.int32)
-        self._slot_logits = np.zeros((rows, c.vocab_size), np.float32)
-        self._slot_step_bindings: dict[tuple[int, int], object] = {}  # (first, n) -> a binding over those slots
+        self._slot_step_buffers: dict[int, tuple] = {}  # k -> ids [rows, k], logits [rows * k, V], keep [1]
+        self._slot_step_bindings: dict[tuple[int, int, int], object] = {}  # (first, n, k) -> its binding
 
     def _bind_slots(
-        self, binding, caches: list[np.ndarray], seqlens: np.ndarray, logits: np.ndarray, ids: np.ndarray | None = None
+        self,
+        binding,
+        caches: list[np.ndarray],
+        seqlens: np.ndarray,
+        logits: np.ndarray,
+        ids: np.ndarray | None = None,
+        keep: np.ndarray | None = None,
     ) -> None:
-        """Bind caches (each bound as past and present), seqlens_k, the total length, logits and optionally
-        the one-token input ids, by address: the arrays (views of contiguous rows) are used without a copy."""
+        """Bind caches (each bound as past and present), seqlens_k, the total length, logits, logits_to_keep
+        (default 1; graphs without it get none) and optionally the step's input ids, by address: the arrays
+        (views of contiguous rows) are used without a copy."""
 
         def bind(name: str, array: np.ndarray, output: bool = False) -> None:
             args = (name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
@@ -263,6 +273,8 @@ class FusedOrtSession(Session):
         bind(io_spec.LOGITS, logits, output=True)
         if ids is not None:
             bind(io_spec.INPUT_IDS, ids)
+        if self.multi_token_steps:
+            bind(io_spec.LOGITS_TO_KEEP, self._keep_one if keep is None else keep)
 
     def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
         c = self.config
@@ -289,20 +301,38 @@ class FusedOrtSession(Session):
         return logits
 
     def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
-        n = len(tokens)
+        n, k = tokens.shape
+        if k > 1 and n > 1:
+            # GroupQueryAttention's CPU kernel runs several new tokens after a cache for one row at a time
+            # ("batch_size must be 1 when sequence_length > 1 and past context is given"): a run per row.
+            out = np.zeros((n, k, self.config.vocab_size), np.float32)
+            for i in np.flatnonzero(active).tolist():
+                out[i] = self._step_slots(first + i, tokens[i : i + 1], lengths[i : i + 1], active[i : i + 1])[0]
+            return out
         rows = slice(first, first + n)
-        binding = self._slot_step_bindings.get((first, n))
+        if k not in self._slot_step_buffers:
+            slots, vocab = len(self._slot_seqlens), self.config.vocab_size
+            self._slot_step_buffers[k] = (
+                np.zeros((slots, k), np.int64),
+                np.zeros((slots * k, vocab), np.float32),
+                np.full(1, k, np.int64),
+            )
+        ids, logits, keep = self._slot_step_buffers[k]
+        binding = self._slot_step_bindings.get((first, n, k))
         if binding is None:
-            binding = self._slot_step_bindings[(first, n)] = self._session.io_binding()
+            binding = self._slot_step_bindings[(first, n, k)] = self._session.io_binding()
             caches = [cache[rows] for cache in self._slot_cache]
-            self._bind_slots(binding, caches, self._slot_seqlens[rows], self._slot_logits[rows], self._slot_ids[rows])
-        self._slot_ids[rows, 0] = tokens
-        # A row that is not stepped writes a dummy token just past its own length (free rows at 0), where
-        # its next real token overwrites it; its cache below that stays as it was.
-        self._slot_seqlens[rows] = np.minimum(lengths, self.max_context - 1)
+            self._bind_slots(
+                binding, caches, self._slot_seqlens[rows], logits[first * k : (first + n) * k], ids[rows], keep
+            )
+        ids[rows] = tokens
+        # A row that is not stepped writes dummy tokens just past its own length (free rows at 0), where its
+        # next real tokens overwrite them; its cache below that stays as it was.
+        self._slot_seqlens[rows] = np.minimum(lengths, self.max_context - k) + k - 1
         self._slot_total[...] = int(self._slot_seqlens[rows].max()) + 1
         self._session.run_with_iobinding(binding)
-        return self._slot_logits[rows]  # a view: step_slots() copies out the stepped rows
+        vocab = self.config.vocab_size
+        return logits[first * k : (first + n) * k].reshape(n, k, vocab)  # a view: extend_slots() copies out rows
 
     # -- Session -------------------------------------------------------------------------------------------
 

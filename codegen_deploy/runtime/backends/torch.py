@@ -155,9 +155,10 @@ class TorchSession(Session):
         self._slot_keys = [buffer() for _ in range(c.n_layer)]
         self._slot_values = [buffer() for _ in range(c.n_layer)]
 
-    def _run_layers(self, ids, pos, bias, store):
+    def _run_layers(self, ids, pos, bias, store, keep: int = 1):
         """The blocks over new tokens ids [B, T] at positions pos [B, T]; store(layer, k, v) writes the new keys
-        and values into the cache and returns the (keys, values) to attend over. Returns logits [B, V]."""
+        and values into the cache and returns the (keys, values) to attend over. Returns the logits of the
+        last position [B, V], or of the last `keep` positions [B, keep, V] when keep > 1."""
         from ...model.reference import layer_norm_fp32
 
         m = self.model
@@ -168,8 +169,9 @@ class TorchSession(Session):
             q, k, v = block.attn.project(h, sin, cos)  # each [B, H, T, D]
             keys, values = store(layer, k, v)
             x = x + block.attn.attend(q, keys, values, bias) + block.mlp(h)
-        x = layer_norm_fp32(m.ln_f, x[:, -1:])
-        return m.lm_head(x).float()[:, -1].cpu().numpy()  # [B, V]
+        x = layer_norm_fp32(m.ln_f, x[:, -keep:])
+        logits = m.lm_head(x).float().cpu().numpy()  # [B, keep, V]
+        return logits[:, -1] if keep == 1 else logits
 
     def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
         import torch
@@ -195,27 +197,32 @@ class TorchSession(Session):
     def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
         import torch
 
-        from ...model.reference import attention_bias
+        n, k = tokens.shape
+        at = np.minimum(lengths, self.max_context - k)  # [n]: where each row's k tokens go
+        total = int(at[active].max()) + k
+        query = at[:, None] + np.arange(k)[None, :]  # [n, k] positions of the new tokens
+        rows = np.flatnonzero(active)
+        # Active rows see their cache and their new tokens up to each one; the others only column 0 (their
+        # output is dropped and they write nothing).
+        seen = np.where(active[:, None], query, 0)  # [n, k]
+        allowed = np.arange(total)[None, None, :] <= seen[:, :, None]  # [n, k, total]
+        slot_rows = torch.from_numpy(rows[:, None] + np.zeros((1, k), np.int64)).to(self.device)  # [m, k]
+        slot_pos = torch.from_numpy(query[rows]).to(self.device)  # [m, k]
 
-        n = len(tokens)
-        total = int(lengths[active].max()) + 1
-        rows = torch.from_numpy(np.flatnonzero(active)).to(self.device)
-        at = torch.from_numpy(lengths[active]).to(self.device)
-        # Active rows see their cache and the new token; the others only column 0 (their output is dropped).
-        mask = np.arange(total)[None, :] <= np.where(active, lengths, 0)[:, None]  # [n, total]
-
-        def store(layer, k, v):
+        def store(layer, kk, vv):
             keys = self._slot_keys[layer][first : first + n]  # views [n, H, max_context, D]
             values = self._slot_values[layer][first : first + n]
-            keys[rows, :, at] = k[rows, :, 0]  # each active row's new key at its own length
-            values[rows, :, at] = v[rows, :, 0]
+            keys[slot_rows, :, slot_pos] = kk[rows].transpose(1, 2)  # [m, k, H, D] at each row's positions
+            values[slot_rows, :, slot_pos] = vv[rows].transpose(1, 2)
             return keys[:, :, :total], values[:, :, :total]  # views [n, H, total, D]
 
         with torch.inference_mode():
-            ids = torch.from_numpy(tokens[:, None]).to(self.device)  # [n, 1]
-            pos = torch.from_numpy(np.minimum(lengths, self.max_context - 1)[:, None]).to(self.device)  # [n, 1]
-            bias = attention_bias(torch.from_numpy(mask).to(self.device), 1)  # [n, 1, 1, total]
-            return self._run_layers(ids, pos, bias, store)
+            ids = torch.from_numpy(tokens).to(self.device)  # [n, k]
+            pos = torch.from_numpy(np.minimum(query, self.max_context - 1)).to(self.device)  # [n, k]
+            zero = torch.zeros((), dtype=torch.float32, device=self.device)
+            bias = torch.where(torch.from_numpy(allowed)[:, None].to(self.device), zero, torch.finfo(torch.float32).min)
+            logits = self._run_layers(ids, pos, bias, store, keep=k)  # [n, V] or [n, k, V]
+        return logits if k > 1 else logits[:, None]
 
     def _step(self, input_ids, attention_mask, position_ids):
         return self._forward(input_ids, attention_mask, position_ids)

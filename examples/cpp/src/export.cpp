@@ -93,11 +93,15 @@ std::vector<std::string> plain_input_names(int n_layer)
     return names;
 }
 
-std::vector<std::string> fused_input_names(int n_layer)
+std::vector<std::string> fused_input_names(int n_layer, bool keep)
 {
     std::vector<std::string> names{"input_ids", "seqlens_k", "total_sequence_length"};
     auto past = cache_names(n_layer, false);
     names.insert(names.end(), past.begin(), past.end());
+    if (keep)
+    {
+        names.emplace_back("logits_to_keep");
+    }
     return names;
 }
 
@@ -240,7 +244,9 @@ Export Export::open(fs::path const& folder)
     {
         GraphInfo g = read_graph(manifest, folder / manifest["fused_graph_file"].get<std::string>(), "fused_inputs",
             "fused_outputs", where);
-        check_names(g.inputs, fused_input_names(c.n_layer), layers + "inputs", where + " (fused_inputs)", fix);
+        // Graphs written before logits_to_keep existed lack it: both are served.
+        bool const keep = std::find(g.inputs.begin(), g.inputs.end(), "logits_to_keep") != g.inputs.end();
+        check_names(g.inputs, fused_input_names(c.n_layer, keep), layers + "inputs", where + " (fused_inputs)", fix);
         check_names(g.outputs, output_names(c.n_layer), layers + "outputs", where + " (fused_outputs)", fix);
         e.fused_ = std::move(g);
         e.fused_weights_ = manifest.value("fused_weights", "float");

@@ -146,6 +146,13 @@ public:
         binding_.BindInput("seqlens_k", seqlens_value_);
         binding_.BindInput("total_sequence_length", total_value_);
         binding_.BindOutput("logits", logits_value_);
+        // Graphs that can return several positions per row (speculative steps) take how many: here, the last.
+        auto const& in = graph_.inputs;
+        if (std::find(in.begin(), in.end(), "logits_to_keep") != in.end())
+        {
+            keep_value_ = Ort::Value::CreateTensor<int64_t>(memory_, &keep_, 1, one, 1);
+            binding_.BindInput("logits_to_keep", keep_value_);
+        }
     }
 
     std::string name() const override { return "onnxruntime-fused"; }
@@ -205,6 +212,8 @@ private:
     int32_t seqlens_ = 0, total_ = 0;
     int64_t step_id_ = 0;
     Ort::Value seqlens_value_{nullptr}, total_value_{nullptr}, step_ids_value_{nullptr}, logits_value_{nullptr};
+    int64_t keep_ = 1;
+    Ort::Value keep_value_{nullptr};
     Ort::Value prompt_value_{nullptr};
 };
 

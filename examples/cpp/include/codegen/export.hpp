@@ -36,7 +36,7 @@ struct GraphInfo
 std::string past_name(int layer, char const* kind);     // past_key_values.{layer}.{key|value}
 std::string present_name(int layer, char const* kind);  // present.{layer}.{key|value}
 std::vector<std::string> plain_input_names(int n_layer);
-std::vector<std::string> fused_input_names(int n_layer);
+std::vector<std::string> fused_input_names(int n_layer, bool keep = true);  // keep: with logits_to_keep
 std::vector<std::string> output_names(int n_layer);
 
 // codegen::Error (one line) unless `got` has the names of `want` (in any order); where: what is checked.
