@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InputError
 from .sampling import SamplingConfig, adjust_logits, make_generators, sample
 from .session import Session
+from .speculate import SpeculationStats, check_speculation, speculative_tokens
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -59,6 +60,13 @@ class Timings:
     def decode_tokens_per_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
+    def add(self, other: Timings) -> None:
+        """Count another prompt's times in (prompts run one after another): the first one's time to first token."""
+        self.time_to_first_token_s = self.time_to_first_token_s or other.time_to_first_token_s
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.decode_steps += other.decode_steps
+
     def to_dict(self) -> dict:
         return {
             "prefill_s": self.prefill_s,
@@ -90,6 +98,7 @@ class GenerationResult:
 
     completions: list[Completion]
     timings: Timings
+    speculation: SpeculationStats | None = None  # drafted and accepted tokens when decoded speculatively
 
     @property
     def text(self) -> str:
@@ -102,7 +111,10 @@ class GenerationResult:
         return self.completions[0].ids
 
     def to_dict(self) -> dict:
-        return {"completions": [c.to_dict() for c in self.completions], "timings": self.timings.to_dict()}
+        out = {"completions": [c.to_dict() for c in self.completions], "timings": self.timings.to_dict()}
+        if self.speculation is not None:
+            out["speculation"] = self.speculation.to_dict()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +167,13 @@ def _check_fits(prompt_len: int, max_new_tokens: int, max_context: int) -> None:
         )
 
 
+def check_logit_bias(session: Session, sampling: SamplingConfig) -> None:
+    """Refuse a logit_bias token outside the session's vocabulary."""
+    vocab = session.config.vocab_size
+    if any(not 0 <= token < vocab for token, _ in sampling.logit_bias):
+        raise InputError(f"a logit_bias token is outside the vocabulary 0..{vocab - 1}: give ids below {vocab}")
+
+
 def find_stop(text: str, stop: Sequence[str]) -> int:
     """Index of the earliest stop sequence in text, or -1."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -179,9 +198,7 @@ def generate_tokens(
     ids, mask = left_pad(rows, pad)
     check_context(session, ids.shape[1], config.max_new_tokens)
     sampling = config.sampling
-    vocab = session.config.vocab_size
-    if any(not 0 <= token < vocab for token, _ in sampling.logit_bias):
-        raise InputError(f"a logit_bias token is outside the vocabulary 0..{vocab - 1}: give ids below {vocab}")
+    check_logit_bias(session, sampling)
     generators = None if sampling.greedy else make_generators(sampling, len(rows))
     t0 = time.perf_counter()
     logits = session.prefill(ids, mask)
@@ -319,13 +336,15 @@ def generate(
     tokenizer,
     prompts: str | Sequence[str] | Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
+    drafter=None,
     **options,
 ) -> GenerationResult:
     """Generate from one prompt or a batch of prompts (strings or token id lists).
 
     Options (when no `config` is given): max_new_tokens, temperature, top_k, top_p, repetition_penalty,
     presence_penalty, frequency_penalty, logit_bias ((token id, bias) pairs), seed, stop, eos_token_ids,
-    pad_token_id.
+    pad_token_id. drafter: a speculate.PromptLookup or speculate.DraftModel to decode greedily and
+    speculatively, each prompt in turn (the same tokens as without; the result's `speculation` counts them).
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
@@ -334,18 +353,40 @@ def generate(
     rows = [RowText(tokenizer, r, eos, config.stop) for r in prompt_rows]
     timings = Timings()
     start = time.perf_counter()
-    finished = np.zeros(len(rows), dtype=bool)
-    tokens = generate_tokens(session, prompt_rows, config, finished, timings)
-    for token in tokens:
-        for row, t in zip(rows, token.tolist(), strict=True):
-            row.push(t)
-        finished[:] = [r.done for r in rows]
-        if finished.all():
-            tokens.close()
-            break
+    stats = None
+    if drafter is not None:
+        stats = SpeculationStats()
+        for row in rows:
+            row_timings = Timings()
+            for token in _speculative(session, row.prompt_ids, config, drafter, stats, row_timings):
+                row.push(token)
+                if row.done:
+                    break
+            timings.add(row_timings)
+    else:
+        finished = np.zeros(len(rows), dtype=bool)
+        tokens = generate_tokens(session, prompt_rows, config, finished, timings)
+        for token in tokens:
+            for row, t in zip(rows, token.tolist(), strict=True):
+                row.push(t)
+            finished[:] = [r.done for r in rows]
+            if finished.all():
+                tokens.close()
+                break
     timings.total_s = time.perf_counter() - start
     completions = [Completion(r.prompt_ids, r.ids, r.final_text(), r.finish_reason or "length") for r in rows]
-    return GenerationResult(completions, timings)
+    return GenerationResult(completions, timings, stats)
+
+
+def _speculative(session: Session, prompt: list[int], config: GenerationConfig, drafter, stats, timings):
+    """speculative_tokens() for one prompt, after the checks generate_tokens() makes."""
+    check_speculation(session, config.sampling)
+    check_context(session, len(prompt), config.max_new_tokens)
+    check_logit_bias(session, config.sampling)
+    sampling = config.sampling
+    return speculative_tokens(
+        session, prompt, config.max_new_tokens, drafter, lambda logits: adjust_logits(logits, sampling), stats, timings
+    )
 
 
 def stream(
@@ -354,23 +395,29 @@ def stream(
     prompt: str | Sequence[int],
     config: GenerationConfig | None = None,
     timings: Timings | None = None,
+    drafter=None,
+    stats: SpeculationStats | None = None,
     **options,
 ) -> Iterator[str]:
     """Generate from one prompt, yielding text pieces as soon as they decode cleanly.
 
     A piece is released only when the text decodes without a trailing U+FFFD (a multi-byte character
     split across tokens) and cannot be the start of a stop sequence, so the pieces joined equal
-    generate()'s text. Options as for generate(); `timings`, when given, is filled in as it runs.
+    generate()'s text. Options as for generate(); `timings`, when given, is filled in as it runs; with a
+    drafter, decoding is speculative (greedy) and `stats`, when given, counts its drafts.
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_rows = encode_prompts(tokenizer, [prompt])
     eos = set(config.eos_token_ids)
     row = RowText(tokenizer, prompt_rows[0], eos, config.stop)
     start = time.perf_counter()
-    tokens = generate_tokens(session, prompt_rows, config, timings=timings)
+    if drafter is not None:
+        tokens = _speculative(session, prompt_rows[0], config, drafter, stats, timings)
+    else:
+        tokens = (int(t[0]) for t in generate_tokens(session, prompt_rows, config, timings=timings))
     try:
         for token in tokens:
-            row.push(int(token[0]))
+            row.push(token)
             if row.done:
                 break
             piece = row.piece()

@@ -16,6 +16,14 @@ from ..dtypes import numpy_dtype
 from ..errors import InputError
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading ids `a` and `b` share: how much of a slot's cache another sequence can keep."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    return int(np.argmin(np.asarray(a[:n]) == np.asarray(b[:n])))
+
+
 class Session(ABC):
     """One model instance with one KV cache for a batch of rows.
 

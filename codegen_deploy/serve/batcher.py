@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import CodegenDeployError, InputError
 from ..runtime.generate import RowText, left_pad
 from ..runtime.sampling import SamplingConfig, adjust_logits, make_generators, sample, token_logprobs
-from ..runtime.session import Session
+from ..runtime.session import Session, common_prefix
+from ..runtime.speculate import moving_average
 
 
 class QueueFull(Exception):
@@ -143,14 +144,6 @@ class Row:
         self._reported_cache = True
         self._pending, self._pending_lp, self._pending_top = [], [], []
         return update
-
-
-def common_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
-    """The number of leading ids `a` and `b` share."""
-    n = min(len(a), len(b))
-    if a[:n] == list(b[:n]):
-        return n
-    return int(np.argmin(np.asarray(a[:n]) == np.asarray(b[:n])))
 
 
 def take_turns(needs: list[int], budget: int) -> list[int]:
@@ -535,7 +528,7 @@ class Batcher:
         if generating:
             start = time.perf_counter()
             logits = self.engine.step(generating)
-            self._step_s = _average(self._step_s, time.perf_counter() - start)
+            self._step_s = moving_average(self._step_s, time.perf_counter() - start)
             self._accept(generating, logits)
 
     def _measure_prefill(self, seconds: float, appends: int, tokens: int, budget: int | None) -> None:
@@ -543,7 +536,7 @@ class Batcher:
         if self.metrics is not None and budget is not None:
             self.metrics.prefill_chunk.set(budget)
         if self._step_s is not None and appends == 1 and budget is not None and tokens >= MIN_CHUNK:
-            self._token_s = _average(self._token_s, max(seconds - self._step_s, 0.0) / tokens + 1e-6)
+            self._token_s = moving_average(self._token_s, max(seconds - self._step_s, 0.0) / tokens + 1e-6)
 
     def _count_cache(self, rows: list[Row]) -> None:
         if self.metrics is not None:
@@ -594,7 +587,3 @@ class Batcher:
             self.metrics.set_load(
                 queue_depth=len(self._waiting), active_rows=len(self._running), cached_slots=slots, cached_tokens=tokens
             )
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - _AVERAGE) * old + _AVERAGE * new

@@ -13,6 +13,7 @@ from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate, open_session
 from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.sampling import SamplingConfig
+from codegen_deploy.runtime.session import common_prefix
 from codegen_deploy.serve.batcher import (
     FIRST_CHUNK,
     GAP_STEPS,
@@ -22,7 +23,6 @@ from codegen_deploy.serve.batcher import (
     Row,
     RowSpec,
     SlotEngine,
-    common_prefix,
     take_turns,
 )
 from codegen_deploy.serve.metrics import Metrics

@@ -1,0 +1,277 @@
+"""Speculative decoding for greedy rows: draft a few tokens cheaply, check them in one run of the model, keep
+the longest prefix the model agrees with and the model's own next token.
+
+Decoding one token at a time reads every weight once per token; a run over k + 1 new tokens reads them once
+for all of them (Session.extend_slots), so a draft the model agrees with is nearly free. Exact for greedy
+decoding: a drafted token is kept only where it is the model's own argmax after everything before it, so
+the output is token for token the output of plain decoding. Sampled rows, and rows whose sampling depends
+on the tokens generated so far (repetition, presence and frequency penalties), are decoded plainly.
+
+Drafters: PromptLookup (the continuation of the row's latest n-gram where it occurred before: code repeats
+identifiers, signatures and lines) and DraftModel (a smaller model with the same tokenizer, greedy).
+
+Never slower: each row keeps an estimate of how often a drafted token is accepted (Acceptance), the
+session's measured cost of a run with j new tokens (StepCosts) and the drafter's cost per token; a round
+drafts the k that maximises expected tokens per second, and none when plain decoding is expected faster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from .session import Session, common_prefix
+
+# Drafted tokens per round at most: beyond 8 a run's cost grows faster than a typical draft is accepted.
+MAX_DRAFT = 8
+# The prior of a row's acceptance before it has drafted (weight: PRIOR_WEIGHT rounds), and the forgetting of
+# older rounds: code alternates between stretches that repeat and stretches that do not.
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT, FORGET = 0.5, 2.0, 0.9
+# Rounds between two probes while drafting does not pay: a probe drafts one token to learn whether it does now.
+PROBE_EVERY = 16
+
+
+class PromptLookup:
+    """Drafts the tokens that followed the latest earlier occurrence of the row's last n tokens (n from
+    max_ngram down to min_ngram) in its prompt and output: prompt-lookup decoding. Costs no model run."""
+
+    name = "lookup"
+    seconds_per_token = 0.0
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise InputError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram} and {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
+        """Up to k tokens to follow `ids` (a row's prompt and output so far); [] when no n-gram recurs."""
+        context = np.asarray(ids, dtype=np.int64)
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)  # [len - n, n], not the tail
+            hits = np.flatnonzero((windows == context[-n:]).all(axis=1)) + n  # where each continuation starts
+            if len(hits):
+                # The latest occurrence with k tokens after it (code repeats what is near), else the one with
+                # the longest continuation (in a loop, the latest is followed by the tail only).
+                whole = hits[hits + k <= len(context)]
+                start = int(whole[-1] if len(whole) else hits[0])
+                return context[start : start + k].tolist()
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class DraftModel:
+    """Drafts greedily with a smaller model that shares the tokenizer (its own Session with row slots, one per
+    row). Its cache follows each row: what it holds beyond the row's accepted tokens is cut before the next
+    draft, so a round costs the new accepted tokens plus k draft steps."""
+
+    name = "draft"
+
+    def __init__(self, session: Session, rows: int = 1):
+        if not session.supports_slots:
+            raise InputError(f"the draft model's {session.name} session has no row slots: use an ONNX export on CPU")
+        session.open_slots(rows)
+        self.session = session
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.seconds_per_token = 0.0  # a draft step's cost, measured (moving average)
+
+    def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
+        """k greedy tokens of the draft model after `ids`."""
+        if k == 0:
+            return []
+        if max(ids) >= self.session.config.vocab_size:
+            return []  # a token the draft model does not know: no draft
+        start = time.perf_counter()
+        held = self.ids[row]
+        shared = min(common_prefix(held, ids), len(ids) - 1)
+        self.session.truncate_slot(row, shared)
+        del held[shared:]
+        logits = self.session.append_slot(row, list(ids[shared:]))
+        held.extend(ids[shared:])
+        drafts = [int(logits.argmax())]
+        room = self.session.max_context - len(held)
+        while len(drafts) < min(k, room):
+            logits = self.session.step_slots([row], [drafts[-1]])[0]
+            held.append(drafts[-1])
+            drafts.append(int(logits.argmax()))
+        self.seconds_per_token = moving_average(
+            self.seconds_per_token or None, (time.perf_counter() - start) / len(drafts)
+        )
+        return drafts
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class StepCosts:
+    """Seconds of one run of the model with j new tokens for a row (j = 1: a plain step), moving averages
+    measured while decoding; j not measured yet is interpolated, first assumed barely dearer than a step."""
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.seconds[tokens] = moving_average(self.seconds.get(tokens), seconds)
+
+    def ratio(self, tokens: int) -> float:
+        """cost(tokens) / cost(1)."""
+        one = self.seconds.get(1)
+        if one is None or tokens == 1:
+            return 1.0 + 0.05 * (tokens - 1)
+        if tokens in self.seconds:
+            return self.seconds[tokens] / one
+        known = sorted(j for j in self.seconds if j > 1)
+        if not known:
+            return 1.0 + 0.05 * (tokens - 1)
+        j = min(known, key=lambda j: abs(j - tokens))  # scale the nearest measured run's cost per extra token
+        return 1.0 + (self.seconds[j] / one - 1.0) * (tokens - 1) / (j - 1)
+
+
+class Acceptance:
+    """How often a row's drafted tokens are accepted: accepted tokens against the first rejection of each
+    round (the geometric model's estimate), with older rounds forgotten, and the k it pays to draft."""
+
+    def __init__(self, max_draft: int = MAX_DRAFT):
+        self.max_draft = max_draft
+        self.accepted, self.rejected = PRIOR_ACCEPTANCE * PRIOR_WEIGHT, (1 - PRIOR_ACCEPTANCE) * PRIOR_WEIGHT
+        self.idle = 0  # rounds since the last draft
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.accepted = FORGET * self.accepted + accepted
+            self.rejected = FORGET * self.rejected + (accepted < drafted)
+
+    def choose(self, costs: StepCosts, draft_seconds: float, limit: int) -> int:
+        """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
+        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones; a probe of 1 now
+        and then while none pays."""
+        a, one = min(self.rate, 0.999), costs.seconds.get(1)
+        draft_ratio = draft_seconds / one if one else 0.0
+        best, best_speed = 0, 1.0
+        for k in range(1, min(self.max_draft, limit) + 1):
+            speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio)
+            if speed > best_speed:
+                best, best_speed = k, speed
+        self.idle = 0 if best else self.idle + 1
+        if not best and self.idle >= PROBE_EVERY and limit >= 1:
+            self.idle = 0
+            return 1
+        return best
+
+
+@dataclass
+class SpeculationStats:
+    """Counts over a decode: tokens drafted and accepted, runs of the model, tokens produced."""
+
+    drafted: int = 0
+    accepted: int = 0
+    runs: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_run(self) -> float:
+        return self.tokens / self.runs if self.runs else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "acceptance": self.acceptance, "tokens_per_run": self.tokens_per_run}
+
+
+def check_speculation(session: Session, sampling) -> None:
+    """Refuse in one line what speculative decoding cannot do exactly here."""
+    if session.supports_slots and not session.multi_token_steps:
+        raise InputError(
+            "speculative decoding needs a fused graph that checks several tokens per run; this one was exported "
+            "before that existed: export it again with codegen-export, or use --speculate off"
+        )
+    if not session.supports_slots:
+        raise InputError(
+            f"speculative decoding needs a session with multi-token row steps (the fused ONNX Runtime graph on the "
+            f"CPU, or torch), not {session.name}: use --speculate off or another backend/export"
+        )
+    if not sampling.greedy or sampling.repetition_penalty != 1.0 or sampling.presence_penalty:
+        raise InputError("speculative decoding is exact for greedy decoding only: use temperature 0 or --speculate off")
+    if sampling.frequency_penalty:
+        raise InputError("speculative decoding is exact for greedy decoding only: drop the frequency penalty")
+
+
+def verify(session: Session, slot: int, token: int, drafts: list[int], adjust) -> tuple[int, int]:
+    """Run `token` and the drafts after `slot`'s cache in one run; keep the drafts the model agrees with.
+    Returns (drafts accepted, the model's next token); the slot then holds token and the accepted drafts.
+    adjust(logits [j, V]) -> logits: the row's static logit settings (logit bias)."""
+    before = session.slot_length(slot)
+    logits = adjust(session.extend_slots([slot], [[token, *drafts]])[0])  # [k + 1, V]
+    predicted = logits.argmax(-1)
+    n = 0
+    while n < len(drafts) and predicted[n] == drafts[n]:
+        n += 1
+    session.truncate_slot(slot, before + 1 + n)
+    return n, int(predicted[n])
+
+
+def speculative_tokens(
+    session: Session,
+    prompt: list[int],
+    max_new_tokens: int,
+    drafter,
+    adjust,
+    stats: SpeculationStats | None = None,
+    timings=None,
+    max_draft: int = MAX_DRAFT,
+) -> Iterator[int]:
+    """Greedy tokens of one prompt, yielded one by one, decoded speculatively in row slot 0 of `session`.
+
+    adjust(logits [j, V]) -> logits applies the row's static settings (logit bias); timings (a Timings) is
+    filled in as it runs; stats counts drafts and runs.
+    """
+    stats = stats if stats is not None else SpeculationStats()
+    if session.slot_count == 0:
+        session.open_slots(1)
+    costs, acceptance = StepCosts(), Acceptance(max_draft)
+    start = time.perf_counter()
+    token = int(adjust(session.prefill_slot(0, prompt)[None, :]).argmax())
+    context = [*prompt, token]
+    if timings is not None:
+        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    produced = 1
+    stats.tokens += 1
+    yield token
+    while produced < max_new_tokens:
+        limit = min(max_new_tokens - produced - 1, session.max_context - session.slot_length(0) - 1)
+        k = acceptance.choose(costs, drafter.seconds_per_token, limit)
+        drafts = drafter.propose(context, k) if k else []
+        t = time.perf_counter()
+        n, token = verify(session, 0, context[-1], drafts, adjust)
+        costs.record(len(drafts) + 1, time.perf_counter() - t)
+        acceptance.update(len(drafts), n)
+        stats.drafted += len(drafts)
+        stats.accepted += n
+        stats.runs += 1
+        for new in [*drafts[:n], token]:
+            context.append(new)
+            produced += 1
+            stats.tokens += 1
+            if timings is not None:
+                timings.decode_steps = produced - 1
+                timings.decode_s = time.perf_counter() - decode_start
+            yield new
+            if produced >= max_new_tokens:
+                return
+
+
+def moving_average(old: float | None, new: float, weight: float = 0.2) -> float:
+    """`new` blended into `old` with `weight` (the first value as it is): the timings the schedulers adapt to."""
+    return new if old is None else (1 - weight) * old + weight * new

@@ -1,0 +1,186 @@
+"""Speculative decoding: drafts, verification and adaptation; greedy output identical to plain decoding on every
+slot backend, shape and dtype, whatever the drafter proposes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from codegen_deploy.config import ModelConfig
+from codegen_deploy.errors import InputError
+from codegen_deploy.export.fused import fused_support, write_fused_graph
+from codegen_deploy.model.reference import CodeGen
+from codegen_deploy.runtime import generate
+from codegen_deploy.runtime.backends.torch import TorchSession
+from codegen_deploy.runtime.generate import GenerationConfig
+from codegen_deploy.runtime.sampling import SamplingConfig
+from codegen_deploy.runtime.speculate import (
+    PROBE_EVERY,
+    Acceptance,
+    DraftModel,
+    PromptLookup,
+    SpeculationStats,
+    StepCosts,
+    check_speculation,
+)
+from tests.conftest import TEST_CONFIGS
+
+CONFIGS = {
+    "tiny": TEST_CONFIGS["tiny"],
+    "odd-head": TEST_CONFIGS["odd-head"],
+    "wide": ModelConfig(n_layer=2, n_embd=512, n_head=2, rotary_dim=64, n_positions=96, n_inner=128, vocab_size=300),
+}
+
+
+class NoText:
+    """Token ids only: these tests compare ids (random weights' ids mean no text)."""
+
+    eos_token_id = -1
+
+    def decode(self, ids):
+        return ""
+
+
+TOKENIZER = NoText()
+
+
+class Scripted:
+    """A drafter that proposes from a fixed list of tokens (the previous greedy run: every draft right; or
+    noise: every draft wrong); counts what it was asked."""
+
+    name = "scripted"
+    seconds_per_token = 0.0
+
+    def __init__(self, tokens: list[int], offset: int):
+        self.tokens, self.offset, self.asked = tokens, offset, 0
+
+    def propose(self, ids, k, row=0):
+        self.asked += 1
+        at = len(ids) - self.offset
+        return list(self.tokens[at : at + k])
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cases():
+    for name, config in CONFIGS.items():
+        for dtype in ("float32", "float16"):
+            yield pytest.param((name, dtype, "torch"), id=f"{name}-{dtype}-torch")
+            if fused_support(config) is None:
+                yield pytest.param((name, dtype, "fused"), id=f"{name}-{dtype}-fused")
+
+
+@pytest.fixture(scope="module", params=list(_cases()))
+def session(request, tmp_path_factory):
+    name, dtype, backend = request.param
+    config = CONFIGS[name]
+    model = CodeGen.random(config, seed=21, std=0.1, dtype=getattr(torch, dtype))
+    if backend == "torch":
+        s = TorchSession(model)
+        s.twin = lambda: TorchSession(model)
+    else:
+        pytest.importorskip("onnxruntime")
+        from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+        folder = tmp_path_factory.mktemp(f"spec-{name}-{dtype}")
+        write_fused_graph(model, folder)
+        (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
+        s = FusedOrtSession(folder, threads=1)
+        s.twin = lambda: FusedOrtSession(folder, threads=1)
+    with s:
+        yield s
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(3)
+    repeated = rng.integers(0, vocab, 6).tolist()
+    return [
+        rng.integers(0, vocab, 12).tolist(),
+        repeated * 4,  # text that repeats: lookup drafts get accepted
+        [*rng.integers(0, vocab, 5).tolist(), *repeated, 7, *repeated],
+    ]
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram():
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
+    assert lookup.propose([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" occurred before, followed by 4 5
+    assert lookup.propose([1, 2, 3, 7, 2, 3, 8, 2, 3], 1) == [8]  # the latest occurrence with k tokens after it
+    assert lookup.propose([1, 2, 3, 7, 2, 3, 8, 2, 3], 4) == [7, 2, 3, 8]  # an earlier one with 4 after it
+    assert lookup.propose([5, 6, 7, 8], 3) == []  # nothing recurs
+    assert PromptLookup(max_ngram=2, min_ngram=2).propose([4, 1, 9, 5, 2, 9, 4], 2) == []  # "9 4" only at the end
+    assert lookup.propose([3, 3, 3], 4) == [3]  # a run: what follows the earliest "3 3"
+    with pytest.raises(InputError, match="n-gram"):
+        PromptLookup(max_ngram=1, min_ngram=2)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "right", "wrong", "self-draft"])
+def test_greedy_tokens_are_those_of_plain_decoding(session, drafter):
+    vocab = session.config.vocab_size
+    config = GenerationConfig(max_new_tokens=24, eos_token_ids=(-1,))  # no eos: every row runs to the end
+    stats = SpeculationStats()
+    for prompt in _prompts(vocab):
+        plain = generate(session, TOKENIZER, [prompt], config).ids
+        if drafter == "lookup":
+            d = PromptLookup()
+        elif drafter == "right":
+            d = Scripted(plain, len(prompt))  # the greedy tokens after the context
+        elif drafter == "wrong":
+            d = Scripted([(t + 1) % vocab for t in plain], len(prompt))
+        else:
+            d = DraftModel(session.twin())  # the same weights: every draft agrees
+        result = generate(session, TOKENIZER, [prompt], config, drafter=d)
+        assert result.ids == plain
+        for key in ("drafted", "accepted", "runs", "tokens"):
+            setattr(stats, key, getattr(stats, key) + getattr(result.speculation, key))
+        if drafter == "self-draft":
+            d.close()
+    assert stats.tokens == 24 * 3
+    assert stats.drafted > 0
+    if drafter in ("right", "self-draft"):
+        assert stats.accepted == stats.drafted and stats.runs < stats.tokens  # fewer runs than tokens
+    if drafter == "wrong":
+        assert stats.accepted == 0
+
+
+def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
+    costs = StepCosts()
+    costs.record(1, 0.050)
+    for k in range(2, 10):
+        costs.record(k, 0.050 + 0.002 * (k - 1))  # a run of k tokens: a step plus 2 ms per extra token
+    good = Acceptance()
+    for _ in range(20):
+        good.update(8, 8)
+    assert good.choose(costs, 0.0, limit=100) == 8  # cheap runs, accepted drafts: draft the most
+    assert good.choose(costs, 0.0, limit=3) == 3  # never beyond what is left
+    bad = Acceptance()
+    for _ in range(20):
+        bad.update(4, 0)
+    choices = [bad.choose(costs, 0.0, limit=100) for _ in range(PROBE_EVERY * 2)]
+    assert choices.count(0) == len(choices) - 2 and choices.count(1) == 2  # a probe now and then
+    slow_drafter = Acceptance()  # drafts accepted half the time from a drafter as slow as the model: no gain
+    assert slow_drafter.choose(costs, 0.050, limit=100) == 0
+
+
+def test_what_speculation_refuses(session):
+    with pytest.raises(InputError, match="greedy"):
+        check_speculation(session, SamplingConfig(temperature=0.7))
+    with pytest.raises(InputError, match="greedy"):
+        check_speculation(session, SamplingConfig(presence_penalty=0.5))
+    check_speculation(session, SamplingConfig(logit_bias=((3, 5.0),)))  # a static bias is exact
+    prompt = _prompts(session.config.vocab_size)[1]
+    biased = GenerationConfig(max_new_tokens=12, eos_token_ids=(-1,), sampling=SamplingConfig(logit_bias=((3, 2.0),)))
+    assert generate(session, TOKENIZER, [prompt], biased, drafter=PromptLookup()).ids == (
+        generate(session, TOKENIZER, [prompt], biased).ids
+    )
