@@ -31,8 +31,10 @@ MAX_DRAFT = 8
 # The prior of a row's acceptance before it has drafted (weight: PRIOR_WEIGHT rounds), and the forgetting of
 # older rounds: code alternates between stretches that repeat and stretches that do not.
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT, FORGET = 0.5, 2.0, 0.9
-# Rounds between two probes while drafting does not pay: a probe drafts one token to learn whether it does now.
-PROBE_EVERY = 16
+# Rounds between two probes while drafting does not pay (a probe drafts one token to learn whether it does
+# now); the gap doubles after each probe that finds nothing, up to PROBE_MAX, so a drafter that never agrees
+# costs a handful of probes over a long decode.
+PROBE_EVERY, PROBE_MAX = 16, 256
 
 
 class PromptLookup:
@@ -140,6 +142,7 @@ class Acceptance:
         self.max_draft = max_draft
         self.accepted, self.rejected = PRIOR_ACCEPTANCE * PRIOR_WEIGHT, (1 - PRIOR_ACCEPTANCE) * PRIOR_WEIGHT
         self.idle = 0  # rounds since the last draft
+        self.probe_gap = PROBE_EVERY
 
     @property
     def rate(self) -> float:
@@ -149,11 +152,12 @@ class Acceptance:
         if drafted:
             self.accepted = FORGET * self.accepted + accepted
             self.rejected = FORGET * self.rejected + (accepted < drafted)
+            self.probe_gap = PROBE_EVERY if accepted else min(2 * self.probe_gap, PROBE_MAX)
 
     def choose(self, costs: StepCosts, draft_seconds: float, limit: int) -> int:
         """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
         E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones; a probe of 1 now
-        and then while none pays."""
+        and then while none pays (further apart while probes find nothing)."""
         a, one = min(self.rate, 0.999), costs.seconds.get(1)
         draft_ratio = draft_seconds / one if one else 0.0
         best, best_speed = 0, 1.0
@@ -162,7 +166,7 @@ class Acceptance:
             if speed > best_speed:
                 best, best_speed = k, speed
         self.idle = 0 if best else self.idle + 1
-        if not best and self.idle >= PROBE_EVERY and limit >= 1:
+        if not best and self.idle >= self.probe_gap and limit >= 1:
             self.idle = 0
             return 1
         return best

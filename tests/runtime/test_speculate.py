@@ -19,6 +19,7 @@ from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.speculate import (
     PROBE_EVERY,
+    PROBE_MAX,
     Acceptance,
     DraftModel,
     PromptLookup,
@@ -166,9 +167,17 @@ def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
     assert good.choose(costs, 0.0, limit=3) == 3  # never beyond what is left
     bad = Acceptance()
     for _ in range(20):
-        bad.update(4, 0)
-    choices = [bad.choose(costs, 0.0, limit=100) for _ in range(PROBE_EVERY * 2)]
-    assert choices.count(0) == len(choices) - 2 and choices.count(1) == 2  # a probe now and then
+        bad.update(4, 0)  # rounds whose drafts were all rejected
+    probes = [r for r in range(1, 1000) if bad.choose(costs, 0.0, limit=100)]
+    assert probes == [PROBE_MAX, 2 * PROBE_MAX, 3 * PROBE_MAX]  # otherwise plain steps
+    fresh = Acceptance()
+    gaps = []
+    for _ in range(3):
+        fresh.update(1, 0)  # a probe that finds nothing: the next comes later
+        gaps.append(fresh.probe_gap)
+    assert gaps == [2 * PROBE_EVERY, 4 * PROBE_EVERY, 8 * PROBE_EVERY]
+    bad.update(1, 1)  # a probe that is accepted: probing as often as at first
+    assert bad.probe_gap == PROBE_EVERY
     slow_drafter = Acceptance()  # drafts accepted half the time from a drafter as slow as the model: no gain
     assert slow_drafter.choose(costs, 0.050, limit=100) == 0
 

@@ -1,0 +1,238 @@
+"""Speculative decoding on this CPU: what a run with k new tokens costs, the ceiling a perfect drafter reaches,
+and what prompt lookup and a draft model do on code, against plain greedy decoding in the same run.
+
+  cost model   one run with k = 1, 2, 4, 8 new tokens per row after 128 and 1,024 tokens of context, batch 1
+               and 4 (Session.extend_slots): the most a perfect draft can gain is k x t(1) / t(k).
+  oracle       drafts = the tokens a previous greedy run of the same prompt produced (an upper bound, never a
+               default), with at most K = 4 and 8 drafted tokens per run.
+  lookup       prompt lookup (n-grams 3..1) on HumanEval prompts and on a file re-sent after a small edit.
+  draft        a draft model: the target's first --draft-layers blocks with its embedding and head (a model that
+               shares the tokenizer and the weights' scale; random weights make a trained draft impossible here).
+
+Every speculative run's tokens are checked equal to plain greedy decoding. Speedups are decode tokens/s over
+plain decoding's, round-robin per prompt (the machine drifts); acceptance = accepted / drafted tokens. With
+random weights the acceptance a workload has is unlike a trained model's, so the table also gives the speedup
+the cost model predicts at the published code-editing acceptance (0.7).
+
+    python benchmarks/speculate.py EXPORT [EXPORT_INT8] [--prompts 8] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from codegen_deploy.runtime import generate, open_session
+from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+from codegen_deploy.runtime.generate import GenerationConfig
+from codegen_deploy.runtime.speculate import DraftModel, PromptLookup
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+class Oracle:
+    """Drafts the tokens a previous greedy run produced after the same context (an upper bound)."""
+
+    name = "oracle"
+    seconds_per_token = 0.0
+
+    def __init__(self, tokens: list[int], prompt_length: int, max_draft: int):
+        self.tokens, self.offset, self.max_draft = tokens, prompt_length, max_draft
+
+    def propose(self, ids, k, row=0):
+        at = len(ids) - self.offset
+        return list(self.tokens[at : at + min(k, self.max_draft)])
+
+    def close(self):
+        pass
+
+
+def cost_model(session, contexts=(128, 1024), ks=(1, 2, 4, 8), batches=(1, 4), repeats=5) -> list[dict]:
+    """Median seconds of one extend_slots run with k new tokens per row, after `context` tokens, `batch` rows."""
+    rng = np.random.default_rng(0)
+    if session.slot_count == 0:
+        session.open_slots(max(batches))
+    rows = []
+    for context in contexts:
+        for slot in range(max(batches)):
+            session.prefill_slot(slot, rng.integers(0, 50000, context))
+        for batch in batches:
+            for k in ks:
+                times = []
+                for _ in range(repeats):
+                    ids = rng.integers(0, 50000, (batch, k))
+                    t = time.perf_counter()
+                    session.extend_slots(list(range(batch)), ids)
+                    times.append(time.perf_counter() - t)
+                    for slot in range(batch):
+                        session.truncate_slot(slot, context)
+                rows.append({"context": context, "batch": batch, "k": k, "seconds": statistics.median(times)})
+    for r in rows:
+        one = next(
+            x["seconds"] for x in rows if x["context"] == r["context"] and x["batch"] == r["batch"] and x["k"] == 1
+        )
+        r["vs_k1"] = r["seconds"] / one
+        r["perfect_draft_gain"] = r["k"] / r["vs_k1"]
+    return rows
+
+
+def predicted_speedup(costs: list[dict], acceptance: float, context: int = 128, batch: int = 1) -> tuple[int, float]:
+    """The best k and its speedup under the geometric model at `acceptance` (drafting free, as prompt lookup)."""
+    best = (0, 1.0)
+    for r in costs:
+        if r["context"] == context and r["batch"] == batch and r["k"] > 1:
+            drafted = r["k"] - 1
+            tokens = (1 - acceptance ** (drafted + 1)) / (1 - acceptance)
+            best = max(best, (drafted, tokens / r["vs_k1"]), key=lambda b: b[1])
+    return best
+
+
+def humaneval(count: int) -> list[str]:
+    path = SHARED / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f][:count]
+
+
+def edited_file(tokenizer, tokens: int = 700) -> list[str]:
+    """A real file (this repository's batcher) and the same file after a small edit, re-sent."""
+    text = (REPO / "codegen_deploy" / "serve" / "batcher.py").read_text()
+    ids = tokenizer.encode(text)[:tokens]
+    file = tokenizer.decode(ids)
+    edited = file.replace("rows", "lines", 3)
+    return [file, edited]
+
+
+def decode(session, tokenizer, prompt: str, new_tokens: int, drafter=None):
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=(-1,))  # every run the same length
+    return generate(session, tokenizer, prompt, config, drafter=drafter)
+
+
+def workload(session, tokenizer, prompts: list[str], new_tokens: int, drafters: dict) -> dict:
+    """Plain and each drafter on every prompt, round-robin per prompt; tokens/s medians, acceptance, identity."""
+    out = {name: {"tok_s": [], "drafted": 0, "accepted": 0, "runs": 0, "tokens": 0} for name in ["plain", *drafters]}
+    identical = True
+    for prompt in prompts:
+        plain = decode(session, tokenizer, prompt, new_tokens)
+        out["plain"]["tok_s"].append(plain.timings.decode_tokens_per_s)
+        for name, make in drafters.items():
+            result = decode(session, tokenizer, prompt, new_tokens, make(plain, prompt))
+            identical &= result.ids == plain.ids
+            stats = result.speculation
+            entry = out[name]
+            entry["tok_s"].append(result.timings.decode_tokens_per_s)
+            for key in ("drafted", "accepted", "runs", "tokens"):
+                entry[key] += getattr(stats, key)
+    base = statistics.median(out["plain"]["tok_s"])
+    summary = {"identical": identical, "plain_tok_s": base}
+    for name in drafters:
+        e = out[name]
+        summary[name] = {
+            "tok_s": statistics.median(e["tok_s"]),
+            "speedup": statistics.median(e["tok_s"]) / base,
+            "acceptance": e["accepted"] / e["drafted"] if e["drafted"] else 0.0,
+            "drafted": e["drafted"],
+            "tokens_per_run": e["tokens"] / e["runs"] if e["runs"] else 0.0,
+        }
+    return summary
+
+
+def truncated_draft(export: Path, layers: int, folder: Path) -> Path:
+    """The target's first `layers` blocks, its embedding, final norm and head as a fused export (draft model)."""
+    from codegen_deploy.artifacts.manifest import read_manifest
+    from codegen_deploy.export.fused import write_fused_graph
+    from codegen_deploy.model.weights import load_checkpoint
+
+    source = read_manifest(export, verify="none")["source"]
+    model = load_checkpoint(source)
+    del model.blocks[layers:]
+    model.config = dataclasses.replace(model.config, n_layer=layers)
+    write_fused_graph(model, folder)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_config()))
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("exports", nargs="+", type=Path, help="fused exports (fp32 first; an int8 one for its cost model)")
+    p.add_argument("--prompts", type=int, default=8, help="HumanEval prompts (default 8)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft-layers", type=int, default=4, help="blocks of the target kept in the draft model")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "speculate.json")
+    p.add_argument("--tokenizer", type=Path, default=SHARED / "codegen-350M-mono-tokenizer")
+    args = p.parse_args()
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    results: dict = {"costs": {}, "workloads": {}}
+    for export in args.exports:
+        with open_session("onnxruntime", export, threads=args.threads) as session:
+            results["costs"][export.name] = cost_model(session)
+        print(f"[cost model] {export.name} done", file=sys.stderr, flush=True)
+    target = args.exports[0]
+    with tempfile.TemporaryDirectory() as tmp, open_session("onnxruntime", target, threads=args.threads) as session:
+        draft_folder = truncated_draft(target, args.draft_layers, Path(tmp))
+        draft_session = FusedOrtSession(draft_folder, threads=args.threads)  # a bare graph and config.json
+        draft = DraftModel(draft_session)
+        drafters = {
+            "oracle K=4": lambda plain, prompt: _oracle(plain, 4),
+            "oracle K=8": lambda plain, prompt: _oracle(plain, 8),
+            "lookup": lambda plain, prompt: PromptLookup(),
+            "draft": lambda plain, prompt: draft,
+        }
+        for name, prompts in (("HumanEval", humaneval(args.prompts)), ("edited file", edited_file(tokenizer))):
+            results["workloads"][name] = workload(session, tokenizer, prompts, args.new_tokens, drafters)
+            print(f"[workload] {name} done", file=sys.stderr, flush=True)
+        draft.close()
+    costs = results["costs"][target.name]
+    results["predicted_at_0.7"] = dict(zip(("k", "speedup"), predicted_speedup(costs, 0.7), strict=True))
+    results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print_tables(results)
+
+
+def _oracle(plain, k: int) -> Oracle:
+    return Oracle(plain.ids, len(plain.completions[0].prompt_ids), k)
+
+
+def print_tables(results: dict) -> None:
+    print("| export | context | batch | k=1 ms | k=2 | k=4 | k=8 | perfect-draft gain at k=8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for export, rows in results["costs"].items():
+        for context in sorted({r["context"] for r in rows}):
+            for batch in sorted({r["batch"] for r in rows}):
+                sel = {r["k"]: r for r in rows if r["context"] == context and r["batch"] == batch}
+                print(
+                    f"| {export} | {context} | {batch} | {sel[1]['seconds'] * 1e3:.1f} | "
+                    + " | ".join(f"{sel[k]['vs_k1']:.2f}x" for k in (2, 4, 8))
+                    + f" | {sel[8]['perfect_draft_gain']:.2f}x |"
+                )
+    print("\n| workload | drafter | acceptance | tokens per run | decode tok/s | speedup | identical |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, w in results["workloads"].items():
+        print(f"| {name} | plain | | 1.00 | {w['plain_tok_s']:.1f} | 1.00x | |")
+        for drafter, s in w.items():
+            if isinstance(s, dict):
+                print(
+                    f"| {name} | {drafter} | {s['acceptance']:.2f} | {s['tokens_per_run']:.2f} | {s['tok_s']:.1f} | "
+                    f"{s['speedup']:.2f}x | {w['identical']} |"
+                )
+    pred = results["predicted_at_0.7"]
+    print(f"\ncost model at acceptance 0.7 (batch 1, 128 context): draft {pred['k']}, {pred['speedup']:.2f}x")
+    print(f"uptime: {results['uptime']}")
+
+
+if __name__ == "__main__":
+    main()
