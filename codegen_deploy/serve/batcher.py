@@ -34,7 +34,7 @@ from ..errors import CodegenDeployError, InputError
 from ..runtime.generate import RowText, left_pad
 from ..runtime.sampling import SamplingConfig, adjust_logits, make_generators, sample, token_logprobs
 from ..runtime.session import Session, common_prefix
-from ..runtime.speculate import moving_average
+from ..runtime.speculate import Acceptance, StepCosts, moving_average, verify
 
 
 class QueueFull(Exception):
@@ -96,6 +96,7 @@ class Row:
         self._pending_top: list[dict[int, float]] = []
         self.submitted = time.perf_counter()
         self.last_token_at: float | None = None
+        self.acceptance = Acceptance()  # how often its drafts are accepted (speculative decoding)
 
     def cancel(self) -> None:
         """Stop this row: it sends nothing more and leaves the batch at the next step boundary."""
@@ -104,6 +105,8 @@ class Row:
     def choose(self, logits: np.ndarray) -> int:
         """Sample the next token from this row's logits [V] with its own settings; remember its logprobs."""
         spec = self.spec
+        if self.counts is None and (spec.sampling.presence_penalty or spec.sampling.frequency_penalty):
+            self.counts = np.zeros(logits.shape[-1], np.float32)
         adjusted = adjust_logits(logits, spec.sampling, self.counts)
         token = int(sample(adjusted[None, :], spec.sampling, self.generators)[0])
         if spec.logprobs is not None:
@@ -115,10 +118,17 @@ class Row:
 
     def accept(self, logits: np.ndarray) -> RowUpdate | None:
         """Sample a token from logits [V], add it to the text; return the update to send, if any."""
-        token = self.choose(logits)
-        sampling = self.spec.sampling
-        if self.counts is None and (sampling.presence_penalty or sampling.frequency_penalty):
-            self.counts = np.zeros(logits.shape[-1], np.float32)
+        return self.record(self.choose(logits))
+
+    @property
+    def speculates(self) -> bool:
+        """Whether drafts can be checked for this row exactly: greedy, no penalties, no logprobs to report."""
+        s = self.spec.sampling
+        plain = s.repetition_penalty == 1.0 and not s.presence_penalty and not s.frequency_penalty
+        return s.greedy and plain and self.spec.logprobs is None
+
+    def record(self, token: int) -> RowUpdate | None:
+        """Add a chosen token to the text; return the update to send, if any."""
         if self.counts is not None:
             self.counts[token] += 1
         self.text.push(token)
@@ -250,6 +260,14 @@ class SlotEngine:
             self.slots[r.slot].ids.append(r.next_token)
         return logits
 
+    def verify(self, row: Row, drafts: list[int]) -> tuple[list[int], int]:
+        """Run the row's next token and its drafts in one run; return (the drafts the model agrees with, the
+        model's own next token). The slot keeps the next token and the accepted drafts."""
+        sampling = row.spec.sampling
+        n, token = verify(self.session, row.slot, row.next_token, drafts, lambda x: adjust_logits(x, sampling))
+        self.slots[row.slot].ids.extend([row.next_token, *drafts[:n]])
+        return drafts[:n], token
+
     def release(self, row: Row) -> None:
         """The row leaves its slot; the slot keeps its cache unless more than cache_slots free slots hold one."""
         if row.slot is None:
@@ -358,6 +376,12 @@ IDLE_CHUNK = 512
 _AVERAGE = 0.2  # weight of the newest measurement in the moving averages
 
 
+# Speculative decoding drafts only while at most this many rows generate: GroupQueryAttention checks a row's
+# drafts in a run of its own on the CPU, so each drafting row reads the weights once more, while a plain step
+# reads them once for every row.
+SPECULATE_ROWS = 2
+
+
 class Batcher:
     """The scheduler: a bounded queue of waiting rows and one worker thread that runs the model.
 
@@ -378,6 +402,8 @@ class Batcher:
         metrics=None,
         cache_slots: int | None = None,
         prefill_chunk: int | None = None,
+        drafter=None,
+        speculate_rows: int = SPECULATE_ROWS,
     ):
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -392,6 +418,14 @@ class Batcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.prefill_chunk = prefill_chunk  # None: auto; 0: whole prompts
+        if drafter is not None and not (session.supports_slots and session.multi_token_steps):
+            raise InputError(
+                f"speculative decoding needs a {session.name} session with multi-token row steps (the fused graph "
+                "of a current export on the CPU, or torch): export again or serve without --speculate"
+            )
+        self.drafter = drafter
+        self.speculate_rows = speculate_rows
+        self._costs = StepCosts()  # one row's run of k tokens (speculation's cost model)
         self._step_s: float | None = None  # moving averages: a decode step, and an append's cost per token
         self._token_s: float | None = None
         if session.supports_slots:
@@ -525,11 +559,52 @@ class Batcher:
             self._measure_prefill(time.perf_counter() - start, appends, tokens, budget)
             if done:
                 self._accept(done, logits)
+        if generating and self.drafter is not None and len(generating) <= self.speculate_rows:
+            generating = [r for r in generating if not self._speculate(r)]
         if generating:
             start = time.perf_counter()
             logits = self.engine.step(generating)
-            self._step_s = moving_average(self._step_s, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._step_s = moving_average(self._step_s, seconds)
+            if len(generating) == 1:
+                self._costs.record(1, seconds)
+            if self.metrics is not None:
+                self.metrics.decode_runs.inc()
             self._accept(generating, logits)
+
+    def _speculate(self, row: Row) -> bool:
+        """Draft for one row and check the drafts in a run of its own; False when the row drafts nothing this
+        round (it takes the plain step with the others)."""
+        if not row.speculates:
+            return False
+        room = self.session.max_context - self.session.slot_length(row.slot) - 1
+        limit = min(row.spec.max_tokens - len(row.text.ids) - 1, room)
+        k = row.acceptance.choose(self._costs, self.drafter.seconds_per_token, limit)
+        drafts = self.drafter.propose([*row.spec.prompt_ids, *row.text.ids], k, row=row.slot) if k else []
+        if not drafts:
+            return False
+        start = time.perf_counter()
+        accepted, token = self.engine.verify(row, drafts)
+        self._costs.record(len(drafts) + 1, time.perf_counter() - start)
+        row.acceptance.update(len(drafts), len(accepted))
+        if self.metrics is not None:
+            self.metrics.speculation(drafted=len(drafts), accepted=len(accepted))
+        self._record(row, [*accepted, token])
+        return True
+
+    def _record(self, row: Row, tokens: list[int]) -> None:
+        """Chosen tokens of one row (a speculative round's): send its updates; a finished row leaves."""
+        for token in tokens:
+            now = time.perf_counter()
+            update = row.record(token)
+            if self.metrics is not None:
+                self.metrics.token(now - (row.last_token_at or row.submitted), first=row.last_token_at is None)
+            row.last_token_at = now
+            if update is not None:
+                self._send(row, update)
+            if row.finished:
+                self._leave([row], row.finish_reason)
+                return
 
     def _measure_prefill(self, seconds: float, appends: int, tokens: int, budget: int | None) -> None:
         """Learn an append's cost per token beyond the step-like cost of running the weights once."""

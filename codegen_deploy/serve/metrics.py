@@ -34,6 +34,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.decode_runs = Counter(
+            "codegen_decode_runs", "Runs of the model that produce tokens (steps and speculative checks)", registry=r
+        )
+        self.speculative_tokens = Counter(
+            "codegen_speculative_tokens", "Drafted tokens and those the model accepted", ["kind"], registry=r
+        )
         self.cached_slots = Gauge("codegen_cached_slots", "Idle row slots keeping a prompt's cache", registry=r)
         self.cached_tokens = Gauge("codegen_cached_tokens", "Tokens held in idle row slots' caches", registry=r)
         self.prefill_chunk = Gauge(
@@ -62,6 +68,12 @@ class Metrics:
     def row_ended(self, finish: str) -> None:
         """A row left the batch: "stop", "length", "cancelled" (its client went away) or "error"."""
         self.rows.labels(finish=finish).inc()
+
+    def speculation(self, drafted: int, accepted: int) -> None:
+        """One speculative check of a row: `drafted` tokens proposed, `accepted` kept; one model run."""
+        self.speculative_tokens.labels(kind="drafted").inc(drafted)
+        self.speculative_tokens.labels(kind="accepted").inc(accepted)
+        self.decode_runs.inc()
 
     def prompt_cache(self, hit: int, miss: int) -> None:
         """A row's prompt: `hit` tokens reused from a slot's cache, `miss` tokens to compute."""
