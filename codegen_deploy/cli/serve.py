@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
+import math
+import os
+import socket
 import sys
+from pathlib import Path
 
-from ..errors import MissingDependencyError
+from ..errors import InputError, MissingDependencyError
 from ..runtime.backends import BACKENDS
 from ..serve.batcher import GAP_STEPS
-from .common import ArgumentParser, add_device_options, device_options, int_at_least, run
+from .common import ArgumentParser, Terminated, add_device_options, device_options, float_in, int_at_least, run
+
+# The API key's environment variable: unlike --api-key, it does not show in `ps`.
+API_KEY_ENV = "CODEGEN_SERVE_API_KEY"
 
 
 def _chunk(text: str) -> int | None:
@@ -55,7 +64,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "steps; 0: whole prompts at once)",
     )
     p.add_argument("--model-name", help="the model name to serve; other names get a 404 (default: any name)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on every route but /health (shows in `ps`: prefer "
+        f"--api-key-file or ${API_KEY_ENV})",
+    )
+    p.add_argument("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE")
+    p.add_argument(
+        "--max-body-mb",
+        type=float_in(0.001, 1024),
+        default=4.0,
+        help="the largest request body taken, in MB; larger ones get a 413, unread (default: 4)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float_in(0, 3600),
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, stop accepting and give running requests this long to finish; streams still "
+        "running then end with an error event (default: 10)",
+    )
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument(
@@ -81,11 +109,95 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray.add_argument(
         "--replica-gpus", type=float, help="GPUs per replica (default: 1 where the Ray cluster has GPUs, else 0)"
     )
+    ray.add_argument(
+        "--ray-node-ip",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="the address a local Ray's own services listen on (default: 127.0.0.1, this machine only; give the "
+        "machine's address to let other nodes join); ignored with RAY_ADDRESS",
+    )
     return p.parse_args(argv)
+
+
+def api_key(args) -> str | None:
+    """The API key: --api-key, --api-key-file or $CODEGEN_SERVE_API_KEY (in that order), or None."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise InputError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read --api-key-file {args.api_key_file}: {e}") from e
+        key, source = (lines[0] if lines else "").strip(), f"--api-key-file {args.api_key_file}"
+    elif args.api_key is not None:
+        key, source = args.api_key.strip(), "--api-key"
+    elif os.environ.get(API_KEY_ENV) is not None:
+        key, source = os.environ[API_KEY_ENV].strip(), f"${API_KEY_ENV}"
+    else:
+        return None
+    if not key:
+        raise InputError(f"the API key from {source} is empty: give a key, or none to serve without one")
+    if not key.isprintable() or not key.isascii() or " " in key:
+        raise InputError(f"the API key from {source} has spaces or characters a header cannot carry: use ASCII")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (this machine only)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (uvicorn answers on it once the model is open), or InputError when the
+    address cannot be had: a busy port is found before the model is loaded, in one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"--host {host} is not an address of this machine ({e}): give an IP address") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # taken now: a second server fails here, not after loading (connections wait meanwhile)
+    except OSError as e:
+        sock.close()
+        hint = {
+            errno.EADDRINUSE: "another server listens there: stop it or choose another --port",
+            errno.EACCES: "ports below 1024 need root: choose another --port",
+            errno.EADDRNOTAVAIL: "give an address of this machine (or 0.0.0.0 for all)",
+        }.get(e.errno, "choose another --host or --port")
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}): {hint}") from e
+    return sock
+
+
+def warn_exposure(host: str, port: int, key: str | None) -> None:
+    """Say when the server answers beyond this machine without a key."""
+    if key is None and not is_loopback(host):
+        print(
+            f"warning: serving on {host}:{port}, beyond this machine, without an API key: anyone who can reach the "
+            f"port can use the model; set one with --api-key-file FILE or ${API_KEY_ENV}",
+            file=sys.stderr,
+        )
 
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    try:
+        return _serve(args)
+    # A requested stop, while loading or serving: the exit code says which (130 Ctrl-C, 143 SIGTERM), no error.
+    except KeyboardInterrupt:
+        return 130
+    except Terminated:
+        return 143
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -93,14 +205,16 @@ def command(argv: list[str] | None) -> int:
         raise MissingDependencyError(f'{e.name} is not installed: pip install "codegen-deploy[serve]"') from e
     from ..serve.app import ServerState, ServeSettings, create_app
     from ..serve.metrics import Metrics
+    from ..serve.server import CLOSE_MARGIN_S, DrainingServer
 
+    key = api_key(args)
     settings = ServeSettings(
         path=args.path,
         backend=args.backend,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         model_name=args.model_name,
-        api_key=args.api_key,
+        api_key=key,
         threads=args.threads,
         providers=args.providers,
         max_context=args.max_context,
@@ -108,12 +222,18 @@ def command(argv: list[str] | None) -> int:
         suffix=args.suffix,
         cache_slots=args.cache_slots,
         prefill_chunk=args.prefill_chunk,
+        max_body_mb=args.max_body_mb,
+        shutdown_grace=args.shutdown_grace,
         device_options={k: v for k, v in device_options(args).items() if v is not None},
     )
+    sock = listen_socket(args.host, args.port)  # before loading: a busy port is said at once
+    if args.ray:
+        sock.close()  # Ray Serve's proxy binds it
+    warn_exposure(args.host, args.port, key)
     if args.ray:
         from ..serve.ray import serve_with_ray
 
-        serve_with_ray(
+        return serve_with_ray(
             settings,
             host=args.host,
             port=args.port,
@@ -121,20 +241,23 @@ def command(argv: list[str] | None) -> int:
             max_replicas=args.max_replicas,
             replica_cpus=args.replica_cpus,
             replica_gpus=args.replica_gpus,
+            node_ip=args.ray_node_ip,
         )
-        return 0
-    print(f"codegen-serve: loading {args.path}", file=sys.stderr)
-    state = ServerState(settings, Metrics())  # opened here, so a bad path or export is one error line
-    print(f"codegen-serve: {state.batcher.describe_cache()}", file=sys.stderr)
-    print(f"codegen-serve: {state.batcher.describe_chunks()}", file=sys.stderr)
-    print(f"codegen-serve: {state.session.name} session; serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(
-        create_app(settings, state=state),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        print(f"codegen-serve: loading {args.path}", file=sys.stderr)
+        state = ServerState(settings, Metrics())  # opened here, so a bad path or export is one error line
+        print(f"codegen-serve: {state.batcher.describe_cache()}", file=sys.stderr)
+        print(f"codegen-serve: {state.batcher.describe_chunks()}", file=sys.stderr)
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"codegen-serve: {state.session.name} session; serving on http://{where}:{args.port}/v1", file=sys.stderr)
+        config = uvicorn.Config(
+            create_app(settings, state=state),
+            log_level=args.log_level,
+            timeout_graceful_shutdown=math.ceil(args.shutdown_grace) + CLOSE_MARGIN_S,  # a backstop: see server.py
+        )
+        DrainingServer(config, state, args.shutdown_grace).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 

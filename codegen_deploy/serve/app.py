@@ -3,17 +3,20 @@
 create_app(settings) returns a FastAPI app that opens the model when it starts (its lifespan), so the
 same app runs under uvicorn (codegen-serve) and as a Ray Serve ingress deployment (serve/ray.py).
 
-This module holds the routes, error handlers and request counting only: settings.py has ServeSettings,
-state.py the ServerState, completions.py the completion requests' work (both re-exported here).
+This module holds the routes, error handlers, the gate in front of them (API key, body size) and request
+counting only: settings.py has ServeSettings, state.py the ServerState (and the drain when it stops),
+completions.py the completion requests' work (both re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +25,7 @@ from .completions import create_completion
 from .dialects import check_suffix_mode
 from .metrics import Metrics
 from .schemas import CompletionRequest, OpenAIError, error_body
-from .settings import ServeSettings, check_model
+from .settings import ServeSettings, check_served_name
 from .state import ServerState
 
 __all__ = ["ServeSettings", "ServerState", "create_app"]
@@ -42,30 +45,22 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
         try:
             yield
         finally:
+            state.end_drain()  # requests still being answered end with an error, never cut
             await asyncio.to_thread(state.close)
 
+    # /openapi.json goes through _Gate like every route but /health (it needs the key when one is set).
     app = FastAPI(title="codegen-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics if metrics is not None else state.metrics if state is not None else Metrics()
     app.state.settings = settings
     _install_error_handlers(app)
+    app.add_middleware(_Gate, settings=settings)  # added first: runs inside the counter, which counts its 401s
     app.add_middleware(_RequestCounter, metrics=app.state.metrics)
-
-    def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if given != f"Bearer {settings.api_key}":
-            raise OpenAIError(
-                401, "Incorrect or missing API key: send the header `Authorization: Bearer KEY`", code="invalid_api_key"
-            )
-
-    auth = [Depends(authorized)]
 
     @app.get("/health")
     async def health(request: Request):
         state = request.app.state.server
         return {
-            "status": "ok",
+            "status": "stopping" if state.draining else "ok",
             "model": settings.served_name,
             "pid": os.getpid(),  # tells replicas apart behind a proxy
             "backend": state.session.name,
@@ -73,25 +68,25 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
             "queue_depth": state.batcher.queue_depth,
         }
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics")
     async def metrics(request: Request):
         m = request.app.state.metrics
         return Response(m.render(), media_type=m.content_type)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(settings)]}
 
-    @app.get("/v1/models/{model:path}", dependencies=auth)
+    @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        check_model(settings, model, "model")
+        check_served_name(settings, model)  # the one name /v1/models lists, whatever --model-name allows
         return _model_card(settings)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await create_completion(request, body, body.model, "model")
 
-    @app.post("/v1/engines/{engine}/completions", dependencies=auth)
+    @app.post("/v1/engines/{engine}/completions")
     async def engine_completions(engine: str, body: CompletionRequest, request: Request):
         return await create_completion(request, body, engine, "engine")
 
@@ -169,3 +164,80 @@ class _RequestCounter:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _Gate:
+    """ASGI middleware in front of every route: the API key and the body's size are checked from the headers,
+    before any of the body is read, so a client without the key or with too large a body costs nothing.
+
+    Every route but /health needs `Authorization: Bearer KEY` when the settings have a key (401). A body over
+    settings.max_body_bytes gets a 413 at once when its Content-Length says so; a chunked body (no length
+    given) is read here up to the limit, then handed on.
+    """
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app = app
+        self.key = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+        self.limit = settings.max_body_bytes
+        self.limit_text = f"{settings.max_body_mb:g} MB"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])  # lower-case names; a repeated header keeps its last value
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():
+            return await _answer(send, 400, error_body("Content-Length is not a whole number"), close=True)
+        size = None if length is None else int(length)
+        chunked = b"transfer-encoding" in headers  # a body of unknown size
+        if not self._authorized(scope["path"], headers.get(b"authorization", b"")):
+            message = "Incorrect or missing API key: send the header `Authorization: Bearer KEY`"
+            # A large or unknown body is not read, nor drained: the connection ends with the answer.
+            close = chunked or (size or 0) > self.limit
+            return await _answer(send, 401, error_body(message, code="invalid_api_key"), close=close)
+        if size is not None and size > self.limit:
+            return await _answer(send, 413, self._too_large(f"{size:,} bytes"), close=True)
+        if not chunked:
+            return await self.app(scope, receive, send)
+        # A chunked body: read it here, up to the limit, then hand it on.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _answer(send, 413, self._too_large(f"over {self.limit:,} bytes"), close=True)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for the client to go away
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def _authorized(self, path: str, given: bytes) -> bool:
+        return self.key is None or path == "/health" or hmac.compare_digest(given, self.key)
+
+    def _too_large(self, size: str) -> dict:
+        return error_body(
+            f"The request body is {size}, more than this server takes ({self.limit_text}, --max-body-mb): "
+            "send a shorter prompt (it must fit the model's context anyway)",
+            code="request_too_large",
+        )
+
+
+async def _answer(send, status: int, body: dict, close: bool = False) -> None:
+    """Send a whole JSON response; `close` ends the connection after it (a body left unread is not read)."""
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import CodegenDeployError
 from .batcher import QueueFull, RowSpec, RowUpdate
 from .dialects import handle_suffix, prompt_prefix
-from .schemas import CompletionRequest, OpenAIError, bad_request, error_body
+from .schemas import CompletionRequest, OpenAIError, bad_request, check_text, error_body
 from .settings import check_model
-from .state import ServerState
+from .state import SHUTTING_DOWN, ServerState
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.1
@@ -33,8 +33,12 @@ async def create_completion(request: Request, body: CompletionRequest, model: st
     request gave (its `model` field or the engine path), `param` where it came from (for the 404)."""
     state: ServerState = request.app.state.server
     check_model(state.settings, model, param)
+    if state.draining:
+        raise shutting_down()
     try:
-        prompts, specs = row_specs(state, body)
+        # Tokenizing a long prompt takes a while: off the event loop, which goes on answering (encode_text
+        # releases the GIL).
+        prompts, specs = await asyncio.to_thread(row_specs, state, body)
     except CodegenDeployError as e:
         raise bad_request(str(e)) from e
     run = CompletionRun(state, body, prompts, specs)
@@ -47,22 +51,51 @@ async def create_completion(request: Request, body: CompletionRequest, model: st
     return await run.collect(request)
 
 
+def shutting_down() -> OpenAIError:
+    """The 503 of a request that arrives (or is cut) while the server stops: another replica can take it."""
+    return OpenAIError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
+
+
 def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
     """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order. A request's
-    suffix and the FIM wrapping of a string prompt go through dialects.py (CodeGen1 cannot fill in the middle)."""
+    suffix and the FIM wrapping of a string prompt go through dialects.py (CodeGen1 cannot fill in the middle).
+
+    Everything that can be refused without tokenizing is checked first: the fields, the number of rows, and
+    each string prompt's length against what the context can hold at most (state.max_token_chars characters a
+    token), so a prompt of megabytes is refused at once rather than tokenized."""
     body.check()
     handle_suffix(state.settings.suffix, body.suffix)
+    texts = body.prompts()
+    n = body.n or 1
+    holds = state.batcher.max_queue + state.batcher.max_batch
+    if len(texts) * n > holds:
+        raise bad_request(
+            f"{len(texts)} prompts x n={n} make {len(texts) * n} rows, more than this server ever holds "
+            f"({holds}): send fewer prompts or a smaller n",
+            "n",
+        )
+    max_tokens = body.max_tokens or 16
+    context = state.session.max_context
     prompts = []
-    for i, p in enumerate(body.prompts()):
-        ids = state.tokenizer.encode(prompt_prefix(p)) if isinstance(p, str) else list(p)
+    for i, p in enumerate(texts):
+        if isinstance(p, str):
+            check_text(p, f"prompt {i}", "prompt")
+            p = prompt_prefix(p)
+            most = max(context - max_tokens, 0) * state.max_token_chars
+            if len(p) > most:
+                raise bad_request(
+                    f"This model's maximum context length is {context} tokens, however you requested "
+                    f"{max_tokens} tokens for the completion and a prompt of {len(p)} characters, more than the "
+                    f"{max(context - max_tokens, 0)} tokens left can hold. Please reduce your prompt; or completion "
+                    "length.",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+        ids = encode_text(state.tokenizer, p) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
         if min(ids) < 0 or max(ids) >= state.vocab_size:
             raise bad_request(f"prompt {i} has a token id outside 0..{state.vocab_size - 1}", "prompt")
-        prompts.append(ids)
-    max_tokens = body.max_tokens or 16
-    context = state.session.max_context
-    for ids in prompts:
         if len(ids) + max_tokens > context:
             raise bad_request(
                 f"This model's maximum context length is {context} tokens, however you requested "
@@ -71,14 +104,7 @@ def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[in
                 "prompt",
                 "context_length_exceeded",
             )
-    n = body.n or 1
-    holds = state.batcher.max_queue + state.batcher.max_batch
-    if len(prompts) * n > holds:
-        raise bad_request(
-            f"{len(prompts)} prompts x n={n} make {len(prompts) * n} rows, more than this server ever holds "
-            f"({holds}): send fewer prompts or a smaller n",
-            "n",
-        )
+        prompts.append(ids)
     # The choices of one prompt differ only in their seeds: n configs serve every prompt.
     samplings = [body.sampling(j, state.vocab_size) for j in range(n)]
     specs = [
@@ -87,6 +113,16 @@ def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[in
         for sampling in samplings
     ]
     return prompts, specs
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """tokenizer.encode(text), through the `tokenizers` backend's batch call where it has one: that call
+    releases the GIL while it works, a single encode holds it (0.6 s for 800,000 characters of code), so the
+    event loop goes on answering while another thread tokenizes a long prompt."""
+    batch = getattr(getattr(tokenizer, "_tok", None), "encode_batch", None)
+    if batch is None:
+        return tokenizer.encode(text)
+    return batch([text], add_special_tokens=False)[0].ids
 
 
 @dataclass
@@ -127,6 +163,8 @@ class CompletionRun:
         try:
             self.rows = state.batcher.submit(specs, [sink(i) for i in range(len(specs))])
         except QueueFull as e:
+            if state.draining:
+                raise shutting_down() from e
             raise OpenAIError(
                 429,
                 f"The server is busy ({e}): retry after a moment",
@@ -148,6 +186,12 @@ class CompletionRun:
         self.usage_prompt = sum(len(p) for p in prompts)
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.remaining = len(self.choices)
+        state.runs.add(self)  # until it is answered: a shutdown's grace period ends the runs still there
+
+    def abort(self, message: str) -> None:
+        """End this run now with an error (from the event loop): its stream sends an error event, its JSON
+        answer is a 503; its rows are cancelled."""
+        self.updates.put_nowait((-1, RowUpdate("", [], error=message)))
 
     def prefix(self, choice: _Choice) -> str:
         """The echoed prompt of a choice ("" without echo)."""
@@ -185,6 +229,7 @@ class CompletionRun:
         """Cancel every row (those already ended ignore it): they leave the batch at the next step."""
         for row in self.rows:
             row.cancel()
+        self.state.runs.discard(self)
 
     async def collect(self, request: Request) -> JSONResponse:
         """Wait for every row to end (cancelling them all if the client goes away); answer one JSON body."""
@@ -200,6 +245,8 @@ class CompletionRun:
                     index, update = await asyncio.wait_for(self.updates.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     continue
+                if update.error and self.state.draining:
+                    raise shutting_down()
                 if update.error:
                     raise OpenAIError(500, update.error, type="server_error")
                 c = self.choices[index]
@@ -233,7 +280,8 @@ class CompletionRun:
             while self.remaining:
                 index, update = await self.updates.get()
                 if update.error:
-                    yield _sse(error_body(update.error, type="server_error"))
+                    code = "server_shutting_down" if self.state.draining else None
+                    yield _sse(error_body(update.error, type="server_error", code=code))
                     return
                 piece = self.apply(index, update)
                 if update.text or update.finish_reason or piece:

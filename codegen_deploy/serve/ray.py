@@ -11,8 +11,10 @@ so it opens its own session and batcher; Ray's proxy spreads requests over the r
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
+import sys
 
 import psutil
 
@@ -25,6 +27,8 @@ class CodegenReplica:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
+        if os.environ.get(_LOOPBACK_ENV) == "1":
+            _replica_grpc_on_loopback()
 
     def __serve_build_asgi_app__(self):
         return create_app(self.settings)
@@ -66,6 +70,7 @@ def build_deployment(
     return deployment.options(
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=settings.max_batch + settings.max_queue,
+        graceful_shutdown_timeout_s=settings.shutdown_grace,  # a stopping replica's wait for its requests
         **scaling,
     ).bind(settings)
 
@@ -78,21 +83,40 @@ def serve_with_ray(
     max_replicas: int | None = None,
     replica_cpus: float = 1.0,
     replica_gpus: float | None = None,
-) -> None:
+    node_ip: str = "127.0.0.1",
+) -> int:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, run the deployment behind host:port, block until
-    interrupted or terminated, then shut Serve down."""
+    interrupted or terminated, then shut Serve down. Returns the exit code of the stop: 130 (SIGINT) or 143
+    (SIGTERM).
+
+    A local Ray's own services (GCS, raylets, workers, agents) listen on `node_ip`: by default the loopback
+    address, so that only this machine reaches them; the machine's address lets other nodes join."""
+    local = not os.environ.get("RAY_ADDRESS")
+    if local and _is_loopback_ip(node_ip):
+        # Ray's own switch (as on macOS and Windows): its node address is the loopback one, which Ray would
+        # otherwise replace by the machine's outward address, even when given as _node_ip_address. Ray's
+        # processes inherit the environment: the replicas see _LOOPBACK_ENV too.
+        os.environ[_LOCAL_ONLY_ENV] = "0"
+        os.environ[_LOOPBACK_ENV] = "1"
     ray, serve = _import_ray()
+    stopped_by = signal.SIGINT
 
     def stop(signum, frame):
+        nonlocal stopped_by
+        stopped_by = signum
         raise KeyboardInterrupt
 
     options = {"include_dashboard": False, "configure_logging": False}
-    local = not os.environ.get("RAY_ADDRESS")
     if local:
         options["object_store_memory"] = 256 * 1024 * 1024  # requests and answers are small
+        if not _is_loopback_ip(node_ip):
+            options["_node_ip_address"] = node_ip
     if os.environ.get("PYTHONPATH"):
         options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     ray.init(**options)
+    if local:
+        where = "127.0.0.1 only (this machine)" if _is_loopback_ip(node_ip) else node_ip
+        print(f"codegen-serve: the local Ray's own services listen on {where} (--ray-node-ip)", file=sys.stderr)
     # After ray.init, whose own handler would end this process at once: SIGTERM shuts Serve and Ray down.
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -104,10 +128,44 @@ def serve_with_ray(
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a second one does not cut the shutdown short
         started = psutil.Process().children(recursive=True) if local else []
         serve.shutdown()
         ray.shutdown()
         _stop_leftovers(started)
+    return 128 + stopped_by
+
+
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray takes the loopback address as its node address (ray_constants.py).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set for the replicas of a local Ray kept to this machine.
+_LOOPBACK_ENV = "CODEGEN_SERVE_RAY_LOOPBACK"
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve binds each replica's inter-deployment gRPC server to [::]:0, every interface, whatever the
+    node's address (ray/serve/_private/replica.py, when the replica has built its app, i.e. after this runs):
+    on a local Ray kept to this machine, bind it to the loopback address, where the node's proxy reaches it."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback", False):
+        return
+
+    def add_loopback_port(server, address: str):
+        return add_port(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    add_loopback_port.loopback = True
+    replica.add_port_to_grpc_server = add_loopback_port
+
+
+def _is_loopback_ip(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def _stop_leftovers(processes, timeout: float = 5.0) -> None:

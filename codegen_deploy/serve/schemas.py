@@ -6,6 +6,8 @@ OpenAI's shape, never FastAPI's 422.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict
 
 from ..runtime.sampling import SamplingConfig
@@ -34,8 +36,29 @@ class OpenAIError(Exception):
 def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict:
-    """OpenAI's error envelope."""
+    """OpenAI's error envelope. Text the client sent may be quoted in it: a lone surrogate (JSON allows
+    "\\ud800") is written as its escape, since it has no UTF-8 form."""
+    message, param = _printable(message), None if param is None else _printable(param)
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode() if _SURROGATE.search(text) else text
+
+
+def check_text(text: str, what: str, param: str) -> None:
+    """Raise a 400 for a string that is not Unicode text: JSON's escapes can carry a lone surrogate
+    ("\\ud800"), which has no UTF-8 form and no tokens."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise bad_request(
+            f"{what} is not valid Unicode: a lone surrogate {bad.group()!a} at character {bad.start()}; "
+            "send UTF-8 text (a surrogate pair for characters beyond U+FFFF)",
+            param,
+        )
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -45,6 +68,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # OpenAI takes 4 stop sequences; editors send more (Continue's autocomplete sends its template's list, 10 for
 # an unknown model), and vLLM and llama.cpp take any number.
 MAX_STOP = 32
+# The largest seed, as OpenAI's (a signed 64-bit integer, here without negatives: numpy seeds are >= 0).
+MAX_SEED = 2**63 - 1
+# A logit_bias key: a token id in decimal ASCII digits (a sign is allowed, and refused later as out of range).
+_TOKEN_KEY = re.compile(r"-?[0-9]{1,18}")
 
 
 class StreamOptions(BaseModel):
@@ -113,9 +140,12 @@ class CompletionRequest(BaseModel):
                 raise bad_request(f"stop takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
             if any(not s for s in stops):
                 raise bad_request("a stop sequence is empty: give non-empty strings", "stop")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise bad_request(f"seed must be between 0 and 2**63 - 1, got {self.seed}", "seed")
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            if not _TOKEN_KEY.fullmatch(key):
+                shown = repr(key[:20]) + ("..." if len(key) > 20 else "")
+                raise bad_request(f"logit_bias keys must be token ids (decimal digits), got {shown}", "logit_bias")
             if not -100 <= value <= 100:
                 raise bad_request(f"logit_bias values must be between -100 and 100, got {value}", "logit_bias")
 

@@ -20,7 +20,9 @@ class ServeSettings:
     device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph). cache_slots:
     idle row slots that keep their prompt's cache for prefix reuse (default max_batch, 0: off);
     prefill_chunk: prompt tokens computed between decode steps while rows generate (None: sized from measured
-    costs; 0: whole prompts).
+    costs; 0: whole prompts). max_body_mb: the largest request body taken (larger: 413, read no further);
+    shutdown_grace: seconds that running requests get to finish when the server is told to stop, after which
+    their streams end with an error event.
     """
 
     path: str
@@ -37,10 +39,16 @@ class ServeSettings:
     suffix: str = "ignore"  # a request's `suffix`: "ignore" it (FauxPilot) or "error" (vLLM's 400); dialects.py
     cache_slots: int | None = None
     prefill_chunk: int | None = None
+    max_body_mb: float = 4.0
+    shutdown_grace: float = 10.0
 
     @property
     def served_name(self) -> str:
         return self.model_name or Path(self.path).resolve().name
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 def check_model(settings: ServeSettings, name: str | None, param: str) -> None:
@@ -50,5 +58,16 @@ def check_model(settings: ServeSettings, name: str | None, param: str) -> None:
             404,
             f"The model `{name}` does not exist: this server serves `{settings.model_name}`",
             param=param,
+            code="model_not_found",
+        )
+
+
+def check_served_name(settings: ServeSettings, name: str) -> None:
+    """Raise OpenAI's 404 unless `name` is the name this server lists (GET /v1/models/{name})."""
+    if name != settings.served_name:
+        raise OpenAIError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{settings.served_name}`",
+            param="model",
             code="model_not_found",
         )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import signal
 import time
 
 import openai
+import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -43,5 +46,28 @@ def test_two_ray_serve_replicas_answer_like_one_server(server, start_server, fp3
         assert texts == expected and streamed_text == expected[0]
         status, _, body = ray_server.request("POST", "/v1/completions", {"prompt": "x", "temperature": 9})
         assert status == 400 and "temperature" in json.loads(body)["error"]["message"]
+        # The local Ray's own services (GCS, raylet, workers, agents) listen on this machine only, and say so.
+        tree = [psutil.Process(ray_server.process.pid), *psutil.Process(ray_server.process.pid).children(True)]
+        listening = set()
+        for p in tree:
+            try:
+                connections = p.net_connections("inet")
+            except psutil.NoSuchProcess:
+                continue
+            listening |= {(c.laddr.ip, c.laddr.port, p.name()) for c in connections if c.status == psutil.CONN_LISTEN}
+        assert any(port == ray_server.port for _, port, _ in listening) and len(listening) > 2, sorted(listening)
+        assert all(_loopback(ip) for ip, _, _ in listening), [a for a in sorted(listening) if not _loopback(a[0])]
+        assert "listen on 127.0.0.1 only" in ray_server.log.read_text()
+        # SIGTERM: Serve and Ray shut down, exit 143 without an error line.
+        ray_server.process.send_signal(signal.SIGTERM)
+        assert ray_server.process.wait(timeout=120) == 143
+        assert "error:" not in ray_server.log.read_text()
     finally:
-        ray_server.stop()
+        if ray_server.alive():
+            ray_server.stop()
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket for IPv4 loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
