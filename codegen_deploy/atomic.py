@@ -166,6 +166,7 @@ def staging_folder(
             raise ArtifactError(f"cannot write to {output.parent} ({e.strerror or e}): choose another output") from e
         try:
             yield tmp
+            open_to_umask(tmp)
             check_output(output, replace, protect, hint)  # something may have appeared there meanwhile
             _replace(tmp, output)
         except BaseException as e:
@@ -174,6 +175,31 @@ def staging_folder(
             if error is not None:
                 raise error from e
             raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_to_umask(folder: Path) -> None:
+    """Give every file in `folder` at least the permissions the umask gives a new file (0644 under the usual
+    022): some writers (safetensors' temporary file) make theirs private (0600), so other users of a shared
+    machine could not read the weights. Nothing is made more open than the umask allows."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            current = path.stat().st_mode & 0o7777
+            if current | mode != current:
+                path.chmod(current | mode)
 
 
 @contextmanager

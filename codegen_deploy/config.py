@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +13,17 @@ from .errors import ConfigError
 SIZES = ("350M", "2B", "6B", "16B")
 DATASETS = ("nl", "multi", "mono")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu", "relu")
+# The largest sizes a config may give: far above any CodeGen (16B: 34 layers, 6144 wide, 24576 inner, 2048
+# positions, 51200 tokens), low enough that a mistyped or crafted number is refused before anything is allocated.
+LIMITS = {
+    "n_layer": 1024,
+    "n_embd": 65536,
+    "n_head": 1024,
+    "rotary_dim": 65536,
+    "n_positions": 262144,
+    "n_inner": 262144,
+    "vocab_size": 1048576,
+}
 
 
 def hub_id(size: str, data: str = "mono") -> str:
@@ -39,6 +52,19 @@ class ModelConfig:
     eos_token_id: int = 50256
 
     def __post_init__(self) -> None:
+        for name, high in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} is {value!r}, not a whole number: the config is damaged")
+            if not 1 <= value <= high:
+                raise ConfigError(f"{name} {value} is out of range (1 to {high}): the config is damaged")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ConfigError(f"{name} is {value!r}, not a token id (a whole number >= 0): the config is damaged")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and 0 < eps < 1):
+            raise ConfigError(f"layer_norm_epsilon is {eps!r}, not a number between 0 and 1: the config is damaged")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_embd % 4:
@@ -63,24 +89,21 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type is {model_type!r}, not 'codegen': this toolkit handles CodeGen checkpoints only"
             )
-        try:
-            n_embd, n_head = int(hf["n_embd"]), int(hf["n_head"])
-            rotary_dim = hf.get("rotary_dim") or n_embd // n_head
-            return cls(
-                n_layer=int(hf["n_layer"]),
-                n_embd=n_embd,
-                n_head=n_head,
-                rotary_dim=int(rotary_dim),
-                n_positions=int(hf.get("n_positions", 2048)),
-                n_inner=int(hf.get("n_inner") or 4 * n_embd),
-                vocab_size=int(hf["vocab_size"]),
-                layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-                activation=hf.get("activation_function", "gelu_new"),
-                bos_token_id=int(hf.get("bos_token_id", 50256)),
-                eos_token_id=int(hf.get("eos_token_id", 50256)),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r} that a CodeGen config must have") from e
+        n_embd, n_head = _whole(hf, "n_embd"), _whole(hf, "n_head")
+        rotary_dim = hf.get("rotary_dim") or (n_embd // n_head if n_head > 0 else 0)  # 0: refused as n_head's
+        return cls(
+            n_layer=_whole(hf, "n_layer"),
+            n_embd=n_embd,
+            n_head=n_head,
+            rotary_dim=_whole({"rotary_dim": rotary_dim}, "rotary_dim"),
+            n_positions=_whole(hf, "n_positions", 2048),
+            n_inner=_whole(hf, "n_inner", 4 * n_embd),
+            vocab_size=_whole(hf, "vocab_size"),
+            layer_norm_epsilon=_number(hf, "layer_norm_epsilon", 1e-5),
+            activation=hf.get("activation_function", "gelu_new"),
+            bos_token_id=_whole(hf, "bos_token_id", 50256),
+            eos_token_id=_whole(hf, "eos_token_id", 50256),
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -129,6 +152,37 @@ class ModelConfig:
         e, i, v = self.n_embd, self.n_inner, self.vocab_size
         block = 2 * e + 3 * e * e + e * e + (e * i + i) + (i * e + e)
         return v * e + self.n_layer * block + 2 * e + (e * v + v)
+
+    def memory_bytes(self, itemsize: int) -> int:
+        """Bytes the model takes in memory with `itemsize`-byte weights: its weights and the float32 rotary
+        tables (sin and cos, n_positions x rotary_dim / 2 each)."""
+        return self.num_parameters() * itemsize + self.n_positions * self.rotary_dim * 4
+
+
+_REQUIRED = object()
+
+
+def _whole(hf: dict, key: str, default=_REQUIRED) -> int:
+    """config.json's `key` as an int (a JSON number without a fraction; null or absent: `default`), else one
+    ConfigError."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks the field {key!r} that a CodeGen config must have")
+        return default
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(f"config.json's {key} is {value!r}, not a whole number: the config is damaged")
+    return int(value)
+
+
+def _number(hf: dict, key: str, default: float) -> float:
+    """config.json's `key` as a float (null or absent: `default`), else one ConfigError."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json's {key} is {value!r}, not a number: the config is damaged")
+    return float(value)
 
 
 # The published shapes (from the released checkpoints' config.json). Used for random checkpoints and estimates only:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def peak_rss_bytes() -> int:
     """This process's own peak resident set size (VmHWM).
@@ -34,6 +36,32 @@ def rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process can have: the machine's physical memory, or its container's (cgroup) limit when
+    that is lower."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # cgroup v2 writes "max" when there is no limit
+            total = min(total, int(text))
+    return total
+
+
+def check_fits_in_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse, in one line, to allocate `nbytes` for `what` when the machine has less memory than that (it would
+    be killed for memory, or fail in a traceback)."""
+    have = machine_memory_bytes()
+    if nbytes > have:
+        raise ConfigError(
+            f"{what} takes {nbytes / 1e9:,.1f} GB of memory, this machine has {have / 1e9:,.1f} GB: {fix}"
+        )
 
 
 def memory_line() -> str:

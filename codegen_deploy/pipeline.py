@@ -53,7 +53,9 @@ from .export.trace import MIN_OPSET as TRACE_MIN_OPSET
 from .export.trace import TRACE_BATCH, TRACE_PAST, TRACE_SEQ, write_traced_graph
 from .memory import memory_line
 from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
+from .model.tokenizer import load_tokenizer
 from .model.weights import load_checkpoint
+from .runtime.backends.onnxruntime import BFLOAT16_RUNS
 from .runtime.ort import cuda_provider_available
 from .verify.fused import check_fused, record_reference
 from .verify.validate import cuda_bfloat16_missing, validate_export
@@ -153,6 +155,8 @@ def export_model(
         source = source_id(model, size=size, data=data)
         entries = {"source": source, "dtype": dtype, "method": method, "validation": None, **checks}
         _write(tmp, folder, config, graphs, entries, stages, progress)
+    if dtype == "bfloat16":  # it runs on fewer machines than the other dtypes: say where
+        progress(f"note: {output} is a bfloat16 export: {BFLOAT16_RUNS}")
     return output
 
 
@@ -215,8 +219,11 @@ def _check_options(options: _Options, dtype: str) -> None:
 def _resolve(model: str | Path | None, size: str | None, data: str, stages: _Stages) -> tuple[Path, ModelConfig]:
     """The local checkpoint folder (downloaded if it is a hub id) and its config."""
     folder = resolve_model(model, size=size, data=data)
+    config = ModelConfig.from_file(folder)
+    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "merges.txt")):
+        load_tokenizer(folder)  # as every command will load the export's copy: a broken one is refused now
     stages.done("resolve", str(folder))
-    return folder, ModelConfig.from_file(folder)
+    return folder, config
 
 
 def _load(folder: Path, config: ModelConfig, dtype: str, stages: _Stages):
@@ -275,7 +282,8 @@ def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
     The fused graph is checked against logits recorded first, so the reference's weights can be freed
     before ONNX Runtime loads a graph (only one copy of the weights is in memory at a time).
     """
-    fused_expected = record_reference(reference) if graphs.has_fused else None
+    weights = graphs.fused_entry.get("fused_weights", "float")
+    fused_expected = record_reference(reference, weights=weights) if graphs.has_fused else None
     config = reference.config
     try:
         report = validate_export(graphs.graph_path, reference, release_model=True)
@@ -369,7 +377,7 @@ def add_fused_graph(
     reason = fused_support(model.config, rotary)
     if reason is not None:
         raise ExportError(f"no fused graph for this shape ({reason}): ONNX Runtime runs the plain graph")
-    recorded = record_reference(model) if validate else None
+    recorded = record_reference(model, weights=weights) if validate else None
     files = write_fused_graph(model, folder, max_context=max_context, weights=weights, rotary=rotary)
     entries = fused_entries(model.config, dtype_name(model.dtype), weights, rotary)
     if validate:

@@ -3,7 +3,7 @@
 # make a random CodeGen checkpoint -> export + validate ONNX -> generate -> parity check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh cpu   # what the demo uses: torch, onnxruntime and the base packages
 bin=.venv/bin
 echo "== 1/4 make a random 'demo' CodeGen checkpoint (HF layout, tokenizer trained here)"
 [ -f demo/checkpoint/config.json ] || "$bin/codegen-make-checkpoint" demo/checkpoint --shape demo

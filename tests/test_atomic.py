@@ -129,3 +129,31 @@ def test_read_only_disk_is_one_error(tmp_path, tmpfs):
     refused = pytest.raises(ArtifactError, match="cannot write to .*Read-only file system")
     with tmpfs(tmp_path / "ro", "64k", read_only=True) as disk, refused, staging_folder(disk / "out"):
         pass
+
+
+def test_outputs_get_the_umasks_permissions_even_where_a_writer_made_its_file_private(tmp_path):
+    """Other users of a shared machine read what we write, as the umask says (safetensors writes 0600)."""
+    from codegen_deploy.model.make_checkpoint import make_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        with staging_folder(tmp_path / "out") as tmp:
+            (tmp / "private.bin").write_bytes(b"x")
+            (tmp / "private.bin").chmod(0o600)
+            (tmp / "tool").write_bytes(b"#!/bin/sh\n")
+            (tmp / "tool").chmod(0o700)
+        assert (tmp_path / "out" / "private.bin").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "out" / "tool").stat().st_mode & 0o777 == 0o744  # nothing made executable
+        checkpoint = make_checkpoint(tmp_path / "checkpoint", shape="tiny", layout="safetensors")
+        assert {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()} == {
+            "config.json": 0o644,
+            "model.safetensors": 0o644,
+            "tokenizer.json": 0o644,
+        }
+        os.umask(0o077)  # a private umask keeps everything private
+        with staging_folder(tmp_path / "private") as tmp:
+            (tmp / "weights.bin").write_bytes(b"x")
+            (tmp / "weights.bin").chmod(0o600)
+        assert (tmp_path / "private" / "weights.bin").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)

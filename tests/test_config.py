@@ -83,3 +83,48 @@ def test_registry():
         hub_id("7B")
     with pytest.raises(ConfigError, match="unknown data 'python'"):
         hub_id("350M", "python")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_layer": 1e9}, "n_layer 1000000000 is out of range"),  # was: killed for memory building the model
+        ({"n_positions": 1e12}, "n_positions 1000000000000 is out of range"),  # was: an 8 TB rotary table
+        ({"n_head": 0}, "n_head 0 is out of range"),  # was: ZeroDivisionError
+        ({"n_embd": -1024}, "n_embd -1024 is out of range"),
+        ({"vocab_size": 0}, "vocab_size 0 is out of range"),
+        ({"n_inner": 10**7}, "n_inner 10000000 is out of range"),
+        ({"n_layer": 2.5}, "n_layer is 2.5, not a whole number"),
+        ({"n_layer": "20"}, "n_layer is '20', not a whole number"),
+        ({"n_layer": True}, "n_layer is True, not a whole number"),
+        ({"n_layer": None}, "lacks the field 'n_layer'"),
+        ({"n_positions": float("inf")}, "n_positions is inf, not a whole number"),
+        ({"rotary_dim": "x"}, "rotary_dim is 'x', not a whole number"),
+        ({"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon is nan, not a number between 0 and 1"),
+        ({"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon is '1e-5', not a number"),
+        ({"eos_token_id": -1}, "eos_token_id is -1, not a token id"),
+        ({"bos_token_id": [1, 2]}, r"bos_token_id is \[1, 2\], not a whole number"),
+    ],
+)
+def test_numbers_are_checked_before_anything_is_allocated(change, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        ModelConfig.from_hf_config({**HF_350M_MONO, **change})
+    assert "\n" not in str(e.value)
+
+
+def test_published_shapes_and_their_nulls_pass():
+    for config in PUBLISHED_SHAPES.values():
+        assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    nulls = {"n_inner": None, "rotary_dim": None, "bos_token_id": None, "layer_norm_epsilon": None}
+    config = ModelConfig.from_hf_config({**HF_350M_MONO, **nulls})
+    assert config.n_inner == 4096 and config.rotary_dim == 64 and config.bos_token_id == 50256
+
+
+def test_config_in_the_api_is_checked_too():
+    with pytest.raises(ConfigError, match="n_layer is 2.0, not a whole number"):
+        ModelConfig(n_layer=2.0, n_embd=64, n_head=4, rotary_dim=8, n_positions=64, n_inner=64, vocab_size=64)
+
+
+def test_memory_counts_weights_and_rotary_tables():
+    config = PUBLISHED_SHAPES["16B"]
+    assert config.memory_bytes(2) == config.num_parameters() * 2 + 2048 * 64 * 4

@@ -355,7 +355,7 @@ def test_add_fused_graph_that_fails_its_check_leaves_no_fused_graph(
     other = CodeGen.random(model.config, seed=99, std=0.1)
     from codegen_deploy import pipeline
 
-    monkeypatch.setattr(pipeline, "record_reference", lambda m: fused_check.record_reference(other))
+    monkeypatch.setattr(pipeline, "record_reference", lambda m, **kw: fused_check.record_reference(other, **kw))
     with pytest.raises(ValidationError):
         add_fused_graph(export, model, progress=lambda line: None)
     manifest = read_manifest(export, verify="sha256")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..atomic import write_text_atomic
 from ..config import ModelConfig
@@ -37,6 +38,8 @@ FUSED_KEYS = (
     "fused_validation",
     "fused_skipped",
 )
+# Manifest entries that name a file of the export (besides "files"); a runtime opens each by name.
+FILE_KEYS = ("graph_file", "data_file", "fused_graph_file", "fused_data_file", "fused_shared_data_file")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -151,6 +154,8 @@ def read_manifest(folder: str | Path, name: str = MANIFEST_FILE, verify: str = "
             f"{path} has format version {version}, this tool reads {FORMAT_VERSION}: export again with this version"
         )
     check_manifest(manifest, path)
+    if verify != "none":
+        check_listed(folder, manifest, name)
     verify_files(folder, manifest, verify)
     return manifest
 
@@ -164,10 +169,14 @@ def check_manifest(manifest: dict, path: Path | str = MANIFEST_FILE) -> None:
         if not isinstance(manifest.get(key), kind):
             raise ArtifactError(f"{path} has no valid {key!r} entry: the manifest is damaged, export again")
     for rel, entry in manifest["files"].items():
+        check_file_name(rel, path)
         if not (
             isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
         ):
             raise ArtifactError(f"{path}: the entry of {rel} lacks bytes or sha256: the manifest is damaged")
+    for key in FILE_KEYS:
+        if manifest.get(key) is not None:
+            check_file_name(manifest[key], path, key)
     config = manifest_config(manifest, path)
     for inputs, outputs, fused in (("inputs", "outputs", False), ("fused_inputs", "fused_outputs", True)):
         if manifest.get(inputs) is None:
@@ -188,13 +197,79 @@ def require_entries(manifest: dict, keys, path: Path | str = MANIFEST_FILE) -> N
         raise ArtifactError(f"{path} has no {', '.join(missing)} entry: the manifest is damaged, export again")
 
 
+def check_file_name(rel, path: Path | str = MANIFEST_FILE, key: str = "files") -> None:
+    """Refuse a file name that is not a plain relative name inside the export folder (absolute, with '..', '.'
+    or empty parts, a backslash or a drive): checked before any file is touched, so a crafted manifest cannot
+    make a command read, hash or report on a file elsewhere."""
+    plain = (
+        isinstance(rel, str)
+        and rel
+        and "\\" not in rel
+        and "\0" not in rel
+        and not PurePosixPath(rel).is_absolute()
+        and not PureWindowsPath(rel).drive
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+    if not plain:
+        entry = "a file entry" if key == "files" else f"its {key} entry"
+        raise ArtifactError(
+            f"{path}: {entry} names {rel!r}, not a plain file name inside the export folder (absolute, or with "
+            "'..'): the manifest is damaged or made to read other files, export again"
+        )
+
+
+def required_files(folder: Path, manifest: dict, name: str = MANIFEST_FILE) -> dict[str, str]:
+    """{file name: what reads it} for the files a runtime opens from this folder: those the manifest's entries
+    name, and the weight files there of the graphs it describes (a graph reads its weight files by name, so
+    each must be checked like the graph)."""
+    if name == io_spec.ENGINE_MANIFEST_FILE:
+        return {io_spec.ENGINE_FILE: "the TensorRT session"}
+    needed = {}
+    for key, default in (("graph_file", io_spec.GRAPH_FILE), ("data_file", io_spec.DATA_FILE)):
+        if isinstance(manifest.get(key), str):
+            needed[manifest[key]] = "the plain graph"
+        if os.path.lexists(folder / default):
+            needed.setdefault(default, "the plain graph")
+    fused = FusedGraph.of(manifest)
+    if fused is not None:
+        needed.setdefault(fused.graph_file, "the fused graph")
+        for key in ("fused_data_file", "fused_shared_data_file"):
+            if isinstance(manifest.get(key), str):
+                needed.setdefault(manifest[key], "the fused graph")
+        if os.path.lexists(folder / io_spec.FUSED_DATA_FILE):
+            needed.setdefault(io_spec.FUSED_DATA_FILE, "the fused graph")
+    return needed
+
+
+def check_listed(folder: Path, manifest: dict, name: str = MANIFEST_FILE) -> None:
+    """Refuse a manifest that does not list a file a runtime reads (its check would be switched off)."""
+    for rel, what in required_files(Path(folder), manifest, name).items():
+        if rel not in manifest["files"]:
+            raise ArtifactError(
+                f"{Path(folder) / name} does not list {rel}, which {what} reads, so it cannot be checked: "
+                "the manifest was edited or damaged, export again"
+            )
+
+
 def verify_files(folder: Path, manifest: dict, verify: str = "size") -> None:
     """Check every file the manifest lists: present and of its size ("size"), and of its sha256 ("sha256")."""
     if verify == "none":
         return
     folder = Path(folder)
+    for rel in manifest["files"]:  # every name checked before any file is touched
+        check_file_name(rel, folder / MANIFEST_FILE)
+    root = folder.resolve()
     for rel, entry in manifest["files"].items():
         f = folder / rel
+        try:
+            real = f.resolve()
+        except (OSError, RuntimeError) as e:  # a loop of symbolic links
+            raise ArtifactError(f"cannot resolve {f} ({e}): copy the export folder again") from e
+        if not real.is_relative_to(root):
+            raise ArtifactError(
+                f"{f} is a symbolic link to {real}, outside the export folder: a runtime reads only files inside it; "
+                "copy the files themselves into it (cp -L, or hf download --local-dir), not links to them"
+            )
         if not f.is_file():
             raise ArtifactError(f"{f} is missing from the export: copy the whole folder or export again")
         if f.stat().st_size != entry["bytes"]:

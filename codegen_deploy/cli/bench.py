@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import CodegenDeployError, InputError
 from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
@@ -80,10 +80,12 @@ def main_body(argv: list[str] | None = None) -> int:
         )
     if args.plot is not None:
         check_plot_path(args.plot)
-    results = []
+    results, failed = [], {}  # failed: backend -> why it could not be measured (not tried again)
     # Backends take turns at each prompt length, so a drifting machine affects them alike.
     for prompt_tokens in args.prompt_tokens:
         for backend in backends:
+            if backend in failed:
+                continue
             path = args.reference if backend == "torch" and args.reference else args.path
             options = backend_options(
                 resolve_backend(backend)[0], providers=args.providers, verify=args.verify, **device_options(args)
@@ -99,15 +101,18 @@ def main_body(argv: list[str] | None = None) -> int:
                 options=options,
             )
             print(f"measuring {backend} at {prompt_tokens} prompt tokens ...", file=sys.stderr, flush=True)
-            results.append(measure_in_subprocess(spec))
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(format_table(results))
-    if args.plot is not None:
+            try:
+                results.append(measure_in_subprocess(spec))
+            except CodegenDeployError as e:  # one backend missing or broken: the others' results still count
+                failed[backend] = e
+    if results:
+        print(json.dumps(results, indent=2) if args.json else format_table(results))
+    if args.plot is not None and results:
         plot_results(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
+    for backend, e in failed.items():  # after the table, where a reader of the results looks
+        print(f"error: {backend} could not be measured: {e}", file=sys.stderr)
+    return max((e.exit_code for e in failed.values()), default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

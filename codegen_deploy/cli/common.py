@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -74,6 +75,17 @@ def run(command: Callable[[list[str] | None], int | None], argv: list[str] | Non
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
+        code = _run(command, argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if main_thread and argv is None:  # the process's own command line: it ends when this returns
+        signal.signal(signal.SIGINT, _exit_with(code))
+    return code
+
+
+def _run(command: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
+    try:
         return command(argv) or 0
     except CodegenDeployError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -90,9 +102,19 @@ def run(command: Callable[[list[str] | None], int | None], argv: list[str] | Non
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_with(code: int):
+    """A SIGINT handler for after the command is done, while Python shuts down (threads joined, atexit hooks,
+    a model freed): Ctrl-C then ends the process at once with the command's exit code, not a traceback."""
+
+    def handler(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed file
+                stream.flush()
+        os._exit(code)
+
+    return handler
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 
+from ..config import LIMITS
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
 from ..runtime.backends import BACKENDS, GRAPHS
@@ -48,7 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ID=BIAS",
         help="add BIAS (-100..100) to token ID's logit before sampling (repeatable)",
     )
-    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); trimmed")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=unescape,
+        help=r"stop at this string (repeatable), cut from the text; \n, \t and \\ in it are a newline, a tab and a "
+        r'backslash, so --stop "\ndef " stops at the next top-level def',
+    )
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
@@ -60,26 +70,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+# Bytes of text one token stands for at most: CodeGen's longest token is 128 bytes of UTF-8 ("ÃÂ" x 32), the next
+# are runs of 64 "=" or "-". A prompt longer than its context times this cannot fit, so no more than that is read
+# (a prompt file of /dev/zero is refused at once, not read until memory runs out).
+PROMPT_BYTES_PER_TOKEN = 128
+
+
+def read_prompt(args: argparse.Namespace, context: int | None = None) -> str:
+    """The prompt: the argument, --file, or standard input, at most `context` tokens' worth of bytes read
+    (default: the largest context a config may give)."""
     if args.prompt is not None and args.file is not None:
         raise InputError("give the prompt as an argument or with --file, not both")
     if args.prompt is not None:
-        return args.prompt
+        return _argument_text(args.prompt)
+    limit = (context or LIMITS["n_positions"]) * PROMPT_BYTES_PER_TOKEN
     if args.file is not None:
         try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.file, "rb") as f:
+                return _decode(f.read(limit + 1), limit, f"the prompt file {args.file}")
         except OSError as e:
             raise InputError(f"cannot read the prompt file {args.file} ({e.strerror}): check the path") from e
-        except UnicodeDecodeError as e:
-            raise InputError(f"the prompt file {args.file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if sys.stdin.isatty():
         raise InputError("no prompt: give it as an argument, with --file, or on standard input")
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes, so a bad byte is an error of ours, not a traceback
+    return _decode(stdin.read(limit + 1), limit, "standard input")
+
+
+def _decode(data: bytes | str, limit: int, source: str) -> str:
+    """`data` read from `source` as text; one line when it is longer than `limit` bytes or not UTF-8."""
+    if len(data) > limit:
+        tokens = limit // PROMPT_BYTES_PER_TOKEN
+        raise InputError(f"{source} has more than {limit} bytes, more than a {tokens}-token context holds: shorten it")
     try:
-        stdin = getattr(sys.stdin, "buffer", None)  # bytes, so a bad byte is an error of ours, not a traceback
-        return stdin.read().decode("utf-8") if stdin is not None else sys.stdin.read()
+        return data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
-        raise InputError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise InputError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _argument_text(text: str) -> str:
+    """The prompt argument, refused in one line when it is not UTF-8 (bytes the shell passed that are not, or a
+    lone surrogate: the tokenizer takes neither)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        detail = f"a lone surrogate at character {e.start}"
+        try:
+            os.fsencode(text).decode("utf-8")  # the bytes of the command line, as the shell passed them
+        except UnicodeEncodeError:
+            pass
+        except UnicodeDecodeError as d:
+            detail = f"{d.reason} at byte {d.start}"
+        raise InputError(f"the prompt argument is not UTF-8 text ({detail}): pass UTF-8, or use --file") from None
+
+
+def unescape(text: str) -> str:
+    """--stop's text with \\n, \\t and \\\\ turned into a newline, a tab and a backslash (a shell passes "\\n"
+    as a backslash and an n); any other backslash stays as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
 
 
 def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
@@ -101,7 +149,7 @@ def command(argv: list[str] | None) -> int:
     from ..runtime.generate import GenerationConfig, Timings, check_prompt_fits, generate, stream
     from ..runtime.sampling import SamplingConfig
 
-    prompt = read_prompt(args)
+    prompt = read_prompt(args, context_of(args.path))
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(
@@ -124,6 +172,12 @@ def command(argv: list[str] | None) -> int:
     check_prompt_fits(tokenizer.encode(prompt), config.max_new_tokens, context_of(target))
     session = open_session(backend, target, **options)
     print(f"[{session.name}] opened {target} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if tokenizer.vocab_size < session.config.vocab_size // 2:  # CodeGen's own: 50295 of 51200
+        print(
+            f"warning: the model has {session.config.vocab_size} token ids, the tokenizer {tokenizer.vocab_size}: "
+            "ids past the tokenizer's print nothing (is the tokenizer made for this model?)",
+            file=sys.stderr,
+        )
     with session:
         if args.json:
             result = generate(session, tokenizer, prompt, config)
@@ -139,11 +193,20 @@ def command(argv: list[str] | None) -> int:
             print(json.dumps(body, indent=2))
             return 0
         timings = Timings()
-        if args.echo:
-            sys.stdout.write(prompt)
-        for piece in stream(session, tokenizer, prompt, config, timings=timings):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        wrote = False
+        try:
+            if args.echo:
+                sys.stdout.write(prompt)
+                wrote = bool(prompt)
+            for piece in stream(session, tokenizer, prompt, config, timings=timings):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                wrote = wrote or bool(piece)
+        except BaseException:
+            if wrote:  # interrupted mid-line: end it, so the error line and the shell's prompt start their own
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
         sys.stdout.write("\n")
     print(
         f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "

@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rtol", type=float_in(0), help="relative logits tolerance, to the step's max|a| (default: by dtype)"
     )
     p.add_argument("--min-top1", type=float_in(0, 1), help="least top-1 agreement (default: by dtype)")
+    p.add_argument(
+        "--max-spread-error",
+        type=float_in(0),
+        help="largest logits' error relative to their spread (0 exact, 1 = logits doubled; default: 0.25 for int8,"
+        " 0.6 for int4 weights, unchecked otherwise)",
+    )
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
@@ -111,7 +117,7 @@ def command(argv: list[str] | None) -> int:
         start = time.perf_counter()
         sessions.append(open_session(backend, target, **options))
         print(f"opened {backend} on {target} in {time.perf_counter() - start:.1f} s", file=log, flush=True)
-    given = {"atol": args.atol, "rtol": args.rtol, "min_top1": args.min_top1}
+    given = {"atol": args.atol, "rtol": args.rtol, "min_top1": args.min_top1, "max_spread_error": args.max_spread_error}
     tolerance = replace(
         default_tolerance(sessions[1], args.path, args.tf32), **{k: v for k, v in given.items() if v is not None}
     )

@@ -142,7 +142,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
         )
     print(f"downloading {repo_id} from the Hugging Face hub ...", file=sys.stderr, flush=True)
     try:
-        files = huggingface_hub.list_repo_files(repo_id, revision=revision)  # network
+        # One request for the file list, which fails at once without a network: list_repo_files retries five
+        # times over ~25 s, logging each retry.
+        info = huggingface_hub.model_info(repo_id, revision=revision)  # network
+        files = [sibling.rfilename for sibling in info.siblings or []]
         weights = choose_weight_files(files)
         if not weights:
             raise CheckpointError(f"{repo_id} has no model.safetensors or pytorch_model.bin: is it a model repo?")

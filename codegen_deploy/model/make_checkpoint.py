@@ -1,7 +1,8 @@
 """The embedded default: a small CodeGen checkpoint in the Hugging Face layout, made offline on any machine.
 
 Random weights of a chosen shape, and a byte-level BPE tokenizer trained with `tokenizers` on Python
-source that ships with Python itself, with CodeGen's whitespace-run tokens and <|endoftext|>.
+source that ships with Python itself, with CodeGen's whitespace-run tokens and <|endoftext|>, and an id for
+every row of the embedding (a model that samples an id the tokenizer lacks would print nothing).
 With internet, users export real models instead; this exists so the demo and tests need no hub.
 """
 
@@ -32,7 +33,7 @@ SMALL_SHAPES = {
     ),
 }
 SHAPES = {**SMALL_SHAPES, **PUBLISHED_SHAPES}
-TRAINED_VOCAB = 2000  # leaves room below the demo shapes' 2048 embedding rows
+TRAINED_VOCAB = 2048  # the small shapes' embedding rows
 
 # CodeGen's added tokens: runs of 31..2 spaces, then 9..2 tabs (Salesforce's tokenizer recipe).
 WHITESPACE_RUNS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
@@ -55,7 +56,10 @@ _CORPUS_MODULES = (
 
 
 def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
-    """A byte-level BPE tokenizer trained on Python's own source, laid out like CodeGen's."""
+    """A byte-level BPE tokenizer trained on Python's own source, laid out like CodeGen's, with exactly
+    `vocab_size` ids: BPE tokens as far as the corpus has merges for, CodeGen's whitespace runs, then (for
+    vocabularies the corpus cannot fill, e.g. the published shapes' 51200) `<|extra_N|>` tokens, so every id a
+    model of that many rows samples decodes to text."""
     import importlib
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,6 +79,8 @@ def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens([AddedToken(run, normalized=True, special=False) for run in WHITESPACE_RUNS])
+    extra = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+    tok.add_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=False) for i in range(extra)])
     return tok
 
 
@@ -103,13 +109,13 @@ def make_checkpoint(
     hint = "choose another folder or delete it"
     output = check_output(output, hint=hint)
     with staging_folder(output, hint=hint, protect=[tokenizer] if tokenizer else []) as tmp:
-        if tokenizer is None:
-            train_tokenizer().save(str(tmp / "tokenizer.json"))
+        config = SHAPES[shape]
+        if tokenizer is None:  # as many ids as the embedding has rows
+            train_tokenizer(config.vocab_size).save(str(tmp / "tokenizer.json"))
             tok = load_tokenizer(tmp)
         else:
             for path in tokenizer_files:
                 shutil.copyfile(path, tmp / path.name)
-        config = SHAPES[shape]
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
         config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         # Weights large enough that logits vary by several units: parity checks then mean something.

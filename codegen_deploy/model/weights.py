@@ -7,6 +7,7 @@ a model never exists twice in memory (the 6B model in fp16 loads on a 24 GiB mac
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..dtypes import dtype_name
 from ..errors import CheckpointError
+from ..memory import check_fits_in_memory
 from .hub import CHECKPOINT_LAYOUTS, resolve_model
 from .reference import CodeGen
 
@@ -143,16 +146,32 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise many types for corrupted or truncated files
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            # torch.load(weights_only=True) met objects other than tensors and plain containers, and ran nothing.
+            raise CheckpointError(
+                f"{path} holds objects that safe loading (torch.load with weights_only) refuses, so it was not "
+                "loaded: it may be unsafe; use a safetensors checkpoint, or one from a source you trust"
+            ) from e
         raise CheckpointError(
-            f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-            "the file is corrupted or truncated, re-download it"
+            f"cannot read {path} ({_first_line(e)}): the file is corrupted or truncated, re-download it"
         ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    """ "Type: the first line of its message" (at most 200 characters)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def load_checkpoint(path_or_id: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None) -> CodeGen:
     """Load a CodeGen checkpoint (folder or hub id) into our model, straight into `dtype`."""
     folder = resolve_model(path_or_id, revision=revision)
     config = ModelConfig.from_file(folder)
+    check_fits_in_memory(
+        config.memory_bytes(dtype.itemsize),
+        f"the model in {folder} ({config.num_parameters() / 1e6:,.1f}M parameters in {dtype_name(dtype)})",
+        "check the sizes in its config.json (n_layer, n_embd, n_inner, vocab_size), or use a machine with more memory",
+    )
     with torch.device("meta"):
         model = CodeGen(config)
     expected = {name: p.shape for name, p in model.named_parameters()}

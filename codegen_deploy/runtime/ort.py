@@ -21,11 +21,24 @@ def import_onnxruntime(alternative: str | None = None):
     try:
         import onnxruntime
     except ImportError as e:
+        if interrupted(e):  # Ctrl-C while its native module loaded: pybind11 reports it as an ImportError
+            raise KeyboardInterrupt from e
         raise MissingDependencyError(
             'onnxruntime is not installed: pip install "codegen-deploy[cpu]" (or "codegen-deploy[gpu]" on an '
             f"NVIDIA GPU machine){f', or {alternative}' if alternative else ''}"
         ) from e
     return onnxruntime
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` was caused by a KeyboardInterrupt (somewhere in its chain of causes)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def cuda_provider_available() -> bool:

@@ -6,7 +6,7 @@ table for people, a dict for JSON and manifests, and check() that raises Validat
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,7 +26,8 @@ class Row:
     max_abs: the largest max|a - b|; max_rel: the largest max|a - b| / max|a| of one comparison;
     beyond: comparisons over the tolerance; top1_*: positions whose logits' argmax agree (logits only);
     greedy: (tokens the output under test reproduces before its first differing top-1, tokens compared),
-    for rows that follow a greedy decode; detail: extra JSON for to_dict.
+    for rows that follow a greedy decode; err_sq, spread_sq: sums of the squared logits error and spread, each
+    centred over the vocabulary (logits only; see spread_error); detail: extra JSON for to_dict.
     """
 
     name: str
@@ -37,12 +38,14 @@ class Row:
     top1_agree: int = 0
     top1_total: int = 0
     greedy: tuple[int, int] | None = None
+    err_sq: float = 0.0
+    spread_sq: float = 0.0
     detail: dict = field(default_factory=dict)
 
     def add(self, reference: np.ndarray, other: np.ndarray, tolerance: Tolerance, top1: bool = False) -> bool:
         """Compare one output with its reference; True when it is within the tolerance.
 
-        top1: the arrays are logits [..., V]: also count positions whose argmax agrees.
+        top1: the arrays are logits [..., V]: also count positions whose argmax agrees and add up the spread error.
         """
         a, b = np.asarray(reference, np.float64), np.asarray(other, np.float64)
         diff = float(np.abs(a - b).max(initial=0.0))
@@ -56,7 +59,15 @@ class Row:
             agree = a.argmax(-1) == b.argmax(-1)
             self.top1_agree += int(np.sum(agree))
             self.top1_total += int(np.size(agree))
+            d = b - a
+            self.err_sq += float(np.square(d - d.mean(-1, keepdims=True)).sum())
+            self.spread_sq += float(np.square(a - a.mean(-1, keepdims=True)).sum())
         return within
+
+    @property
+    def spread_error(self) -> float | None:
+        """The logits' error relative to their spread (tolerance.py), None where no logits were compared."""
+        return _spread_error(self.err_sq, self.spread_sq) if self.top1_total else None
 
     @property
     def within(self) -> bool:
@@ -70,7 +81,7 @@ class Row:
             "within_tolerance": self.within,
         }
         if self.top1_total:
-            out |= {"top1_agree": self.top1_agree, "top1_total": self.top1_total}
+            out |= {"top1_agree": self.top1_agree, "top1_total": self.top1_total, "spread_error": self.spread_error}
         if self.greedy is not None:
             out["greedy_match"] = list(self.greedy)
         return out | self.detail
@@ -116,6 +127,13 @@ class Report:
         return self.top1_agree / self.top1_total if self.top1_total else None
 
     @property
+    def spread_error(self) -> float | None:
+        """The logits' error relative to their spread over every compared logits position (None: no logits)."""
+        if not self.top1_total:
+            return None
+        return _spread_error(sum(r.err_sq for r in self.rows), sum(r.spread_sq for r in self.rows))
+
+    @property
     def greedy_agreement(self) -> float | None:
         """Mean fraction of the reference's greedy tokens reproduced before diverging (None: no greedy rows)."""
         greedy = [r.greedy for r in self.rows if r.greedy is not None]
@@ -139,6 +157,9 @@ class Report:
             )
         if self.top1 is not None and self.top1 < self.tolerance.min_top1:
             out.append(f"top-1 agreement {self.top1:.1%} < {self.tolerance.min_top1:.0%}")
+        bound, spread = self.tolerance.max_spread_error, self.spread_error
+        if bound is not None and spread is not None and not spread <= bound:  # NaN fails
+            out.append(f"logits' error {spread:.3g} of their spread > {bound:g}")
         return out
 
     @property
@@ -170,6 +191,11 @@ class Report:
         top1 = f"{self.top1:.1%}" if self.top1 is not None else "-"
         greedy = f"{self.identical}/{len(self.rows)}" if self.greedy_agreement is not None else "-"
         lines.append(f"{'all':<{width}} {self.max_abs:>10.3g} {self.max_rel:>10.3g} {top1:>9} {greedy:>9}")
+        if self.tolerance.max_spread_error is not None and self.spread_error is not None:
+            lines.append(
+                f"logits' error relative to their spread: {self.spread_error:.3g} (bound "
+                f"{self.tolerance.max_spread_error:g}; 0 = exact, 1 = logits doubled or flat)"
+            )
         lines += self.notes
         lines.append(
             f"tolerance: {self.tolerance.describe()}; max rel = max|a-b| / max|a| (a: {self.reference})"
@@ -185,15 +211,25 @@ class Report:
             "reference": self.reference,
             "passed": self.passed,
             "failures": self.failures(),
-            "tolerance": asdict(self.tolerance),
+            "tolerance": self.tolerance.to_dict(),
             "max_abs": self.max_abs,
             "max_rel": self.max_rel,
             "top1_agreement": self.top1,
+            "spread_error": self.spread_error,
             "greedy_agreement": self.greedy_agreement,
             "identical": self.identical,
             **self.info,
             "rows": [r.to_dict() for r in self.rows],
         }
+
+
+def _spread_error(err_sq: float, spread_sq: float) -> float:
+    """sqrt(err_sq / spread_sq); NaN stays NaN, and any error over no spread at all is infinite."""
+    if math.isnan(err_sq) or math.isnan(spread_sq):
+        return math.nan
+    if spread_sq <= 0.0:
+        return 0.0 if err_sq <= 0.0 else math.inf
+    return math.sqrt(err_sq / spread_sq)
 
 
 def _fold(values) -> float:

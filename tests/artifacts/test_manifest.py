@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from codegen_deploy.artifacts import io_spec
-from codegen_deploy.artifacts.manifest import BackgroundVerification, read_manifest
+from codegen_deploy.artifacts import manifest as manifest_module
+from codegen_deploy.artifacts.manifest import BackgroundVerification, check_file_name, read_manifest, sha256_file
 from codegen_deploy.errors import ArtifactError
 from codegen_deploy.runtime.backends import open_session
 
@@ -98,3 +101,85 @@ def test_corrupted_fused_graph_is_one_error(fp32_export, tmp_path):
     edit_manifest(out, lambda m: m["files"][io_spec.FUSED_GRAPH_FILE].update(bytes=14))
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot open .*decoder_fused.onnx"):
         open_session("onnxruntime", out, verify="size")
+
+
+# -- file names and symbolic links: a manifest reads nothing outside its folder -----------------------------
+
+
+def point_at(folder, target, name=None):
+    """List `target` (a file outside `folder`) in its manifest with the right size and sha256, under `name`
+    (default: the relative path from the folder, ../../...)."""
+    name = name or os.path.relpath(target, folder)
+    entry = {"bytes": target.stat().st_size, "sha256": sha256_file(target)}
+    edit_manifest(folder, lambda m: m["files"].update({name: entry}))
+    return name
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute"])
+def test_a_file_outside_the_folder_is_refused_before_it_is_read(export_copy, tmp_path, monkeypatch, how):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password\n")
+    name = point_at(export_copy, secret, None if how == "relative" else str(secret))
+    hashed = []
+    real_sha256 = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, *a: hashed.append(p) or real_sha256(p, *a))
+    for verify in ("size", "sha256"):
+        with pytest.raises(ArtifactError, match="not a plain file name inside the export folder") as e:
+            open_session("onnxruntime", export_copy, verify=verify)
+        assert repr(name) in str(e.value) and "\n" not in str(e.value)
+    assert not any(Path(p).resolve() == secret for p in hashed)
+
+
+@pytest.mark.parametrize("key", ["graph_file", "data_file"])
+def test_a_graph_file_entry_outside_the_folder_is_refused(export_copy, key):
+    edit_manifest(export_copy, lambda m: m.update({key: "/etc/hostname"}))
+    with pytest.raises(ArtifactError, match=f"its {key} entry names '/etc/hostname', not a plain file name"):
+        read_manifest(export_copy, verify="none")
+
+
+@pytest.mark.parametrize("name", ["", ".", "a/../b", "./config.json", "a//b", "C:config.json", "a\\..\\b", "x\0"])
+def test_only_plain_relative_names(name):
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        check_file_name(name)
+    check_file_name("tokenizer.json")
+    check_file_name("sub/file.bin")
+
+
+def test_a_symbolic_link_that_leaves_the_folder_is_refused(export_copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    (export_copy / "tokenizer.json").rename(outside)
+    (export_copy / "tokenizer.json").symlink_to(outside)  # same bytes: only where it leads is wrong
+    with pytest.raises(ArtifactError, match=r"tokenizer.json is a symbolic link to .*elsewhere.json, outside the"):
+        open_session("onnxruntime", export_copy, verify="size")
+
+
+def test_links_inside_the_folder_and_a_linked_folder_open(export_copy, tmp_path):
+    (export_copy / "tokenizer-copy.json").write_bytes((export_copy / "tokenizer.json").read_bytes())
+    (export_copy / "tokenizer.json").unlink()
+    (export_copy / "tokenizer.json").symlink_to("tokenizer-copy.json")
+    open_session("onnxruntime", export_copy).close()
+    linked = tmp_path / "linked"
+    linked.symlink_to(export_copy, target_is_directory=True)
+    open_session("onnxruntime", linked).close()
+
+
+# -- every file a graph reads is listed, so none goes unchecked ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fixture", "name"),
+    [
+        ("fp32_export", io_spec.GRAPH_FILE),
+        ("fp32_export", io_spec.FUSED_GRAPH_FILE),
+        ("fp32_export", io_spec.FUSED_DATA_FILE),
+        ("fp16_export", io_spec.DATA_FILE),
+    ],
+)
+def test_a_graph_file_missing_from_the_manifest_is_refused(request, tmp_path, fixture, name):
+    out = tmp_path / "export"
+    shutil.copytree(request.getfixturevalue(fixture), out)
+    flip_a_byte(out / name, (out / name).stat().st_size // 2)  # corrupted, and its entry removed: unchecked
+    edit_manifest(out, lambda m: m["files"].pop(name))
+    for verify in ("size", "sha256"):
+        with pytest.raises(ArtifactError, match=f"does not list {name}, which the .* graph reads"):
+            open_session("onnxruntime", out, verify=verify)

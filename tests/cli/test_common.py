@@ -82,3 +82,20 @@ def test_sigterm_during_export_cleans_up(tiny_checkpoint, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "error: terminated"
     assert list(tmp_path.iterdir()) == []  # no output, no temporary folder, no lock
+
+
+def test_ctrl_c_while_python_shuts_down_after_the_command_is_quiet(tmp_path):
+    """Ctrl-C after the command printed its result (an atexit hook, a thread joined, a model freed) ends the
+    process with the command's exit code, without a traceback."""
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "from codegen_deploy.cli.common import run\n"
+        "def command(argv):\n"
+        "    print('exported to out')\n"
+        "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+        "raise SystemExit(run(command))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "exported to out\n"
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr

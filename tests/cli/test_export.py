@@ -187,3 +187,49 @@ def test_fused_rotary_graph_is_checked_on_cpu_and_recorded(tiny_checkpoint, tmp_
         p.key: p.value for p in onnx.load(str(out / io_spec.FUSED_GRAPH_FILE), load_external_data=False).metadata_props
     }
     assert props["rotary"] == "graph"
+
+
+def checkpoint_copy(tiny_checkpoint, tmp_path, config_change=None):
+    """A copy of the tiny checkpoint with config.json's entries changed."""
+    out = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **(config_change or {})}))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_layer": 1e9}, "n_layer 1000000000 is out of range"),  # was: killed for memory
+        ({"n_positions": 1e12}, "n_positions 1000000000000 is out of range"),  # was: an 8 TB allocation
+        ({"n_head": 0}, "n_head 0 is out of range"),  # was: ZeroDivisionError
+    ],
+)
+def test_config_numbers_are_one_line(capsys, tiny_checkpoint, tmp_path, monkeypatch, change, message):
+    model = checkpoint_copy(tiny_checkpoint, tmp_path, change)
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = one_error_line(capsys, ["--model", str(model), "--output", str(tmp_path / "out")])
+    assert message in line and not (tmp_path / "out").exists()
+
+
+def test_a_model_larger_than_the_machine_is_one_line(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    import codegen_deploy.memory
+
+    # A machine of 100 kB (raising=False: without the check there is no such function).
+    monkeypatch.setattr(codegen_deploy.memory, "machine_memory_bytes", lambda: 100_000, raising=False)
+    line = one_error_line(capsys, ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
+    assert "GB of memory, this machine has 0.0 GB" in line and "n_layer" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeros"])
+def test_a_broken_tokenizer_is_refused_before_the_export(capsys, tiny_checkpoint, tmp_path, monkeypatch, damage):
+    model = checkpoint_copy(tiny_checkpoint, tmp_path)
+    tokenizer = model / "tokenizer.json"
+    data = tokenizer.read_bytes()
+    tokenizer.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(1 << 20))
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = one_error_line(capsys, ["--model", str(model), "--output", str(tmp_path / "out")])
+    assert f"{tokenizer} is not a readable tokenizer.json" in line and "re-download it" in line
+    assert not (tmp_path / "out").exists()

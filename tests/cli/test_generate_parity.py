@@ -62,6 +62,36 @@ def test_generate_bad_input_is_one_line(tiny_export, capsys, extra, message):
     assert err[-1].startswith("error: ") and message in err[-1]
 
 
+def test_stop_strings_take_the_escapes_a_shell_passes_through(tiny_export, capsys):
+    """--stop "\\ndef " as the README writes it reaches us as a backslash and an n: it must mean a newline."""
+    args = generate_cli.parse_args([str(tiny_export), PROMPT, "--stop", "\\ndef ", "--stop", "a\\tb\\\\n\\x"])
+    assert args.stop == ["\ndef ", "a\tb\\n\\x"]  # \\ is one backslash; other escapes stay as written
+    assert generate_cli.main([str(tiny_export), PROMPT, "--json", "--max-new-tokens", "24"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert len(text) >= 3
+    cut = next((i for i, c in enumerate(text) if c in "\n\t" and i > 0), None)
+    if cut is None:  # the random model wrote no newline or tab: make the text stop at its third character
+        cut = 2
+    stop = text[cut - 1 : cut + 1]
+    escaped = stop.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    argv = [str(tiny_export), PROMPT, "--json", "--max-new-tokens", "24", "--stop", escaped]
+    assert generate_cli.main(argv) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["finish_reason"] == "stop" and body["text"] == text[: text.index(stop)]
+
+
+def test_a_bfloat16_export_on_the_cpu_says_what_runs_it(tiny_checkpoint, tmp_path, capsys):
+    from codegen_deploy.pipeline import export_model
+
+    notes = []
+    out = export_model(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16", validate=False, progress=notes.append)
+    assert any(line.startswith("note:") and "onnxruntime-gpu" in line and "--fp16" in line for line in notes)
+    assert generate_cli.main([str(out), PROMPT, "--providers", "cpu", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "export again" not in err
+    assert "bfloat16" in err and "CUDA provider" in err and "[gpu]" in err and "float16 (--fp16)" in err
+
+
 def test_generate_empty_prompt(tiny_export, capsys):
     assert generate_cli.main([str(tiny_export), ""]) == 2
     assert "empty" in capsys.readouterr().err

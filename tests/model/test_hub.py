@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from types import SimpleNamespace
+
 import huggingface_hub
 import pytest
 
@@ -20,6 +24,11 @@ SALESFORCE_FILES = [
     "special_tokens_map.json",
     "tokenizer_config.json",
 ]
+
+
+def model_info(files: list[str]):
+    """What huggingface_hub.model_info answers for a repo holding `files` (the parts we read)."""
+    return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in files])
 
 
 def test_choose_weight_files_prefers_safetensors():
@@ -52,9 +61,9 @@ def test_size_downloads_only_needed_files(monkeypatch, tmp_path):
     calls = {}
     real_snapshot = huggingface_hub.snapshot_download
 
-    def fake_list(repo_id, revision=None):
+    def fake_info(repo_id, revision=None):
         calls["listed"] = repo_id
-        return SALESFORCE_FILES
+        return model_info(SALESFORCE_FILES)
 
     def fake_snapshot(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
         if local_files_only:  # the cache look-up runs for real (on the empty cache)
@@ -62,7 +71,7 @@ def test_size_downloads_only_needed_files(monkeypatch, tmp_path):
         calls["allow"] = allow_patterns
         return str(tmp_path)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list)
+    monkeypatch.setattr(huggingface_hub, "model_info", fake_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     assert resolve_model(size="2B", data="multi") == tmp_path
     assert calls["listed"] == "Salesforce/codegen-2B-multi"
@@ -74,7 +83,7 @@ def test_network_failure_is_one_clear_line(monkeypatch):
     def offline(repo_id, revision=None):
         raise ConnectionError("no route to host")
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     with pytest.raises(CheckpointError, match=r"could not download Salesforce/codegen-350M-mono \(ConnectionError\)"):
         resolve_model("Salesforce/codegen-350M-mono")
 
@@ -88,13 +97,13 @@ def test_unknown_repo(monkeypatch):
         Exception.__init__(error, "404 Repository Not Found")
         raise error
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", missing)
+    monkeypatch.setattr(huggingface_hub, "model_info", missing)
     with pytest.raises(CheckpointError, match="is not on the hub"):
         resolve_model("someone/not-a-model")
 
 
 def test_repo_without_weights(monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: ["README.md"])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, revision=None: model_info(["README.md"]))
     with pytest.raises(CheckpointError, match="has no model.safetensors or pytorch_model.bin"):
         resolve_model("someone/dataset-like")
 
@@ -129,7 +138,7 @@ def no_network(*args, **kwargs):
 
 def test_cached_model_is_used_without_network(monkeypatch, tmp_path):
     snapshot = fake_cache(tmp_path / "hf-home")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_network)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
     assert resolve_model("Salesforce/codegen-350M-mono") == snapshot
     assert resolve_model(size="350M") == snapshot
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -145,7 +154,7 @@ def test_incomplete_cache_is_not_used(tmp_path):
 
 def test_offline_without_cache_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_network)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
     with pytest.raises(CheckpointError, match="is not in the Hugging Face cache .* HF_HUB_OFFLINE is set"):
         resolve_model("Salesforce/codegen-2B-mono")
 
@@ -156,3 +165,16 @@ def test_source_is_absolute_for_folders(tmp_path, monkeypatch):
     assert source_id("ck") == str(tmp_path / "ck")
     assert source_id("Salesforce/codegen-350M-mono") == "Salesforce/codegen-350M-mono"
     assert source_id(None, size="2B", data="multi") == "Salesforce/codegen-2B-multi"
+
+
+def test_no_network_fails_at_once_without_retry_noise(monkeypatch, caplog):
+    """A hub that cannot be reached (here: a closed local port) is one line at once, not ~25 s of retries."""
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")  # nothing listens on the discard port
+    caplog.set_level(logging.WARNING)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"could not download Salesforce/codegen-350M-mono \(ConnectError\)"):
+        resolve_model("Salesforce/codegen-350M-mono")
+    assert time.monotonic() - start < 5
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]

@@ -154,3 +154,60 @@ def test_loading_and_downloading_prefer_the_same_layout(model, tmp_path, sharded
     loaded = [p.name for p in weight_files(tmp_path)]
     assert all(name.endswith(".safetensors") for name in loaded)
     assert set(loaded) == {n for n in chosen if not n.endswith(".json")}
+
+
+class _Runs:
+    """A pickle that runs a program when loaded unsafely: it would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_malicious_pickle_is_refused_as_unsafe_without_running(model, tmp_path, capsys, legacy):
+    from codegen_deploy.cli.export import main
+
+    checkpoint, marker = tmp_path / "checkpoint", tmp_path / "ran"
+    save_checkpoint(model, checkpoint)
+    (checkpoint / "model.safetensors").unlink()
+    state = {**to_hf_state_dict(model), "extra": _Runs(marker)}
+    torch.save(state, checkpoint / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="holds objects that safe loading .* refuses.* it may be unsafe"):
+        load_checkpoint(checkpoint)
+    assert main(["--model", str(checkpoint), "--output", str(tmp_path / "out"), "--no-validate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "may be unsafe" in err[0] and "re-download" not in err[0]
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_loading(model, tmp_path, monkeypatch):
+    import codegen_deploy.memory
+
+    def machine_of(nbytes: int) -> None:  # raising=False: without the check there is no such function
+        monkeypatch.setattr(codegen_deploy.memory, "machine_memory_bytes", lambda: nbytes, raising=False)
+
+    save_checkpoint(model, tmp_path)
+    need = CONFIG.memory_bytes(4)
+    machine_of(need - 1)  # a machine just too small
+    monkeypatch.setattr(CodeGen, "__init__", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"\(0.1M parameters in float32\) takes 0.0 GB of memory, this machine has"):
+        load_checkpoint(tmp_path)
+    machine_of(need // 2 - 1)
+    with pytest.raises(ConfigError, match="in float16"):
+        load_checkpoint(tmp_path, dtype=torch.float16)
+    monkeypatch.undo()
+    machine_of(need)
+    load_checkpoint(tmp_path)
+
+
+def test_machine_memory_is_the_lower_of_ram_and_the_container_limit():
+    import psutil
+
+    from codegen_deploy.memory import machine_memory_bytes
+
+    assert 0 < machine_memory_bytes() <= psutil.virtual_memory().total

@@ -151,3 +151,16 @@ def test_bad_prompt_lengths_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(["x", "--prompt-tokens", "128,zero"])
     assert e.value.code == 2 and "expected a whole number" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_keeps_the_others_results(fused_export, capsys):
+    """tensorrt fails here (not installed, or no engine in this export folder): the onnxruntime rows measured
+    before and after it are printed, then one line for it, tried once, not at every prompt length."""
+    argv = [str(fused_export), "--backends", "onnxruntime-naive,tensorrt", "--prompt-tokens", "3,4"]
+    assert bench_main([*argv, "--new-tokens", "3", "--repeats", "1", "--threads", "1", "--json"]) == 2
+    out, err = capsys.readouterr()
+    results = json.loads(out)
+    assert [(r["backend"], r["prompt_tokens"]) for r in results] == [("onnxruntime-naive", 3), ("onnxruntime-naive", 4)]
+    failures = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(failures) == 1 and failures[0].startswith("error: tensorrt could not be measured: ")
+    assert err.count("measuring tensorrt") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import sys
 
 import pytest
@@ -22,3 +23,20 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch):
 def test_installed_onnxruntime_is_returned():
     ort = pytest.importorskip("onnxruntime")
     assert import_onnxruntime() is ort
+
+
+def test_ctrl_c_during_the_import_is_an_interrupt_not_a_missing_install(monkeypatch):
+    """pybind11 reports an exception raised while its module initialises (Ctrl-C here) as an ImportError."""
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        import_onnxruntime()

@@ -67,3 +67,26 @@ def test_top1_below_the_minimum_fails_and_greedy_rows():
 
 def test_an_empty_report_does_not_pass():
     assert not Report("b", "a", TOL).passed
+
+
+def test_spread_error_is_zero_exact_one_for_doubled_or_flat_logits_and_decides_where_bounded():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.3, (6, 50))  # nearly flat logits, as random weights give
+    bounded = Tolerance(atol=1.0, rtol=0.5, min_top1=0.0, max_spread_error=0.5)
+
+    def report(b, tolerance=bounded):
+        row = Row("logits")
+        row.add(a, b, tolerance, top1=True)
+        return Report("b", "a", tolerance, [row])
+
+    assert report(a).spread_error == 0.0 and report(a + 3.0).spread_error == 0.0  # a shift changes no softmax
+    doubled, flat = report(2 * a), report(np.zeros_like(a))
+    assert doubled.spread_error == pytest.approx(1.0) and flat.spread_error == pytest.approx(1.0)
+    assert doubled.rows[0].within  # max abs alone passes a graph with every logit doubled ...
+    assert doubled.failures() == ["logits' error 1 of their spread > 0.5"]  # ... the spread error does not
+    assert report(a + rng.normal(0, 0.05, a.shape)).passed
+    data = doubled.to_dict()
+    assert data["spread_error"] == pytest.approx(1.0) and data["tolerance"]["max_spread_error"] == 0.5
+    assert "max_spread_error" not in report(a, TOL).to_dict()["tolerance"]  # float rows keep their three bounds
+    assert "logits' error relative to their spread: 1" in doubled.table()
+    assert math.isnan(report(np.full_like(a, np.nan)).spread_error) and not report(np.full_like(a, np.nan)).passed

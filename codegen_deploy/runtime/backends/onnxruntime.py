@@ -35,6 +35,13 @@ __all__ = [
 # Default provider preference; TensorRT's EP builds engines on first use and is chosen only on request.
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# Where a bfloat16 export runs, and what to export for a CPU (ONNX Runtime's CPU provider has no bfloat16 MatMul).
+BFLOAT16_RUNS = (
+    "ONNX Runtime runs bfloat16 graphs only on its CUDA provider (onnxruntime-gpu: pip install "
+    '"codegen-deploy[gpu]"; --providers cuda) on a GPU with bfloat16 (Ampere or newer), or as a TensorRT engine '
+    "(codegen-build-engine); its CPU provider has no bfloat16 kernels: for a CPU, export float32 (the default) "
+    "or float16 (--fp16)"
+)
 
 
 def choose_providers(requested: list[str] | str | None = None) -> list[str]:
@@ -103,14 +110,18 @@ class OrtSession(Session):
         super().__init__(config, max_context=max_context, max_batch=max_batch)
         self.manifest = manifest
         self.providers = choose_providers(providers)
+        spec = {i["name"]: i for i in manifest["inputs"]}
+        bfloat16 = spec[io_spec.past_name(0, "key")]["dtype"] == "bfloat16"
+        if bfloat16 and device_of(self.providers) == "cpu":
+            raise ArtifactError(f"{folder} is a bfloat16 export, and {BFLOAT16_RUNS}")
         options = _session_options(ort, threads, session_options)
         self._ort = ort
-        self._session = create_session(graph, options, self.providers, device_id=device_id, tf32=tf32)
+        advice = {"advice": f": {BFLOAT16_RUNS}"} if bfloat16 else {}
+        self._session = create_session(graph, options, self.providers, device_id=device_id, tf32=tf32, **advice)
         names_in = [i.name for i in self._session.get_inputs()]
         io_spec.check_decoder_io(names_in, [o.name for o in self._session.get_outputs()], config.n_layer, str(graph))
         self.device = device_of(self.providers)
         self.device_id = device_id
-        spec = {i["name"]: i for i in manifest["inputs"]}
         self.cache_dtype = np.dtype(spec[io_spec.past_name(0, "key")]["dtype"])
         self._past = io_spec.past_names(config.n_layer)
         self._present = io_spec.present_names(config.n_layer)
