@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CodegenDeployError, InputError
+from ..runtime.speculate import SPECULATE_MODES
 from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
 
 
@@ -42,6 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     add_device_options(p)
     p.add_argument("--verify", choices=VERIFY_CHOICES, default="sha256", help=VERIFY_HELP)
+    p.add_argument(
+        "--speculate",
+        choices=SPECULATE_MODES,
+        default="off",
+        help="decode speculatively (batch 1; the random prompt gives prompt lookup little to find): lookup, "
+        "draft (--draft), auto, off (default)",
+    )
+    p.add_argument("--draft", metavar="EXPORT", help="a smaller export with the same tokenizer to draft tokens")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument(
         "--plot",
@@ -99,6 +108,8 @@ def main_body(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 threads=args.threads or None,
                 options=options,
+                speculate=args.speculate,
+                draft=args.draft,
             )
             print(f"measuring {backend} at {prompt_tokens} prompt tokens ...", file=sys.stderr, flush=True)
             try:

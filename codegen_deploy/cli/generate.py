@@ -13,6 +13,7 @@ from ..config import LIMITS
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
 from ..runtime.backends import BACKENDS, GRAPHS
+from ..runtime.speculate import SPECULATE_MODES
 from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, int_at_least, run, session_options
 
 
@@ -59,6 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=r"stop at this string (repeatable), cut from the text; \n, \t and \\ in it are a newline, a tab and a "
         r'backslash, so --stop "\ndef " stops at the next top-level def',
     )
+    p.add_argument(
+        "--speculate",
+        choices=SPECULATE_MODES,
+        default="auto",
+        help="speculative decoding, exact for greedy decoding: lookup (drafts from n-grams of the prompt and "
+        "output), draft (a draft model, --draft), off; auto (default): draft with --draft, else lookup, where "
+        "it runs exactly (greedy, the fused graph on the CPU or torch), else off. It drafts only as much as its "
+        "measured costs and acceptance say pays",
+    )
+    p.add_argument("--draft", metavar="EXPORT", help="a smaller export with the same tokenizer to draft tokens")
     p.add_argument("--threads", type=int_at_least(1), help="intra-op threads (torch, onnxruntime)")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
@@ -148,6 +159,7 @@ def command(argv: list[str] | None) -> int:
     from ..runtime.backends import context_of, default_backend, open_session
     from ..runtime.generate import GenerationConfig, Timings, check_prompt_fits, generate, stream
     from ..runtime.sampling import SamplingConfig
+    from ..runtime.speculate import SpeculationStats, check_speculation, make_drafter
 
     prompt = read_prompt(args, context_of(args.path))
     config = GenerationConfig(
@@ -164,6 +176,8 @@ def command(argv: list[str] | None) -> int:
         ),
         stop=tuple(args.stop),
     )
+    if args.speculate in ("lookup", "draft"):
+        check_speculation(None, config.sampling)  # before the model is loaded
     backend = args.backend or default_backend(args.path)
     target = args.reference if backend == "torch" and args.reference else args.path
     options = session_options(args, backend, dtype=torch_dtype(args.dtype) if args.dtype else None)
@@ -178,9 +192,14 @@ def command(argv: list[str] | None) -> int:
             "ids past the tokenizer's print nothing (is the tokenizer made for this model?)",
             file=sys.stderr,
         )
+    draft_options = {"threads": args.threads, "verify": args.verify}
+    drafter = make_drafter(args.speculate, session, config.sampling, args.draft, **draft_options)
+    stats = SpeculationStats() if drafter is not None else None
     with session:
         if args.json:
-            result = generate(session, tokenizer, prompt, config)
+            result = generate(session, tokenizer, prompt, config, drafter=drafter)
+            if drafter is not None:
+                drafter.close()
             c = result.completions[0]
             body = {
                 "backend": session.name,
@@ -189,6 +208,7 @@ def command(argv: list[str] | None) -> int:
                 **c.to_dict(),
                 "sampling": config.sampling.to_dict(),
                 "timings": result.timings.to_dict(),
+                "speculation": result.speculation.to_dict() if result.speculation else None,
             }
             print(json.dumps(body, indent=2))
             return 0
@@ -198,7 +218,7 @@ def command(argv: list[str] | None) -> int:
             if args.echo:
                 sys.stdout.write(prompt)
                 wrote = bool(prompt)
-            for piece in stream(session, tokenizer, prompt, config, timings=timings):
+            for piece in stream(session, tokenizer, prompt, config, timings=timings, drafter=drafter, stats=stats):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 wrote = wrote or bool(piece)
@@ -208,11 +228,19 @@ def command(argv: list[str] | None) -> int:
                 sys.stdout.flush()
             raise
         sys.stdout.write("\n")
+        if drafter is not None:
+            drafter.close()
     print(
         f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "
         f"decode {timings.decode_tokens_per_s:.1f} tokens/s",
         file=sys.stderr,
     )
+    if stats is not None:
+        print(
+            f"[{session.name}] speculation ({drafter.name}): {stats.accepted} of {stats.drafted} drafted tokens "
+            f"accepted, {stats.tokens_per_run:.2f} tokens per run of the model",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError, MissingDependencyError
 from ..runtime.backends import BACKENDS
+from ..runtime.speculate import SPECULATE_MODES
 from ..serve.batcher import GAP_STEPS
 from .common import ArgumentParser, Terminated, add_device_options, device_options, float_in, int_at_least, run
 
@@ -63,6 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"stalls their streams (default: auto, sized from measured costs to keep their gaps near {GAP_STEPS:g} "
         "steps; 0: whole prompts at once)",
     )
+    p.add_argument(
+        "--speculate",
+        choices=SPECULATE_MODES,
+        default="auto",
+        help="speculative decoding of greedy rows while at most 2 rows generate (exact: the same tokens): lookup "
+        "(n-grams of the prompt and output), draft (--draft), off; auto (default): draft with --draft, else "
+        "lookup, where the session runs it exactly",
+    )
+    p.add_argument("--draft", metavar="EXPORT", help="a smaller export with the same tokenizer to draft tokens")
     p.add_argument("--model-name", help="the model name to serve; other names get a 404 (default: any name)")
     p.add_argument(
         "--api-key",
@@ -222,6 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
         suffix=args.suffix,
         cache_slots=args.cache_slots,
         prefill_chunk=args.prefill_chunk,
+        speculate=args.speculate,
+        draft=args.draft,
         max_body_mb=args.max_body_mb,
         shutdown_grace=args.shutdown_grace,
         device_options={k: v for k, v in device_options(args).items() if v is not None},
@@ -248,6 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
         state = ServerState(settings, Metrics())  # opened here, so a bad path or export is one error line
         print(f"codegen-serve: {state.batcher.describe_cache()}", file=sys.stderr)
         print(f"codegen-serve: {state.batcher.describe_chunks()}", file=sys.stderr)
+        print(f"codegen-serve: {state.batcher.describe_speculation()}", file=sys.stderr)
         where = f"[{args.host}]" if ":" in args.host else args.host
         print(f"codegen-serve: {state.session.name} session; serving on http://{where}:{args.port}/v1", file=sys.stderr)
         config = uvicorn.Config(

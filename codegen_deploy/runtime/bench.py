@@ -45,10 +45,14 @@ class BenchSpec:
     threads: int | None = 2
     seed: int = 0
     options: dict = field(default_factory=dict)  # extra open_session options
+    speculate: str = "off"  # speculative decoding: off, lookup, draft (with `draft`, an export), auto
+    draft: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.batch < 1 or self.repeats < 1:
             raise InputError("prompt tokens, batch and repeats must be at least 1")
+        if self.speculate != "off" and self.batch != 1:
+            raise InputError("speculative decoding is measured at batch 1: drop --batch or use --speculate off")
         if self.new_tokens < 3:
             raise InputError("new tokens must be at least 3 (the first step is left out of the decode speed)")
 
@@ -88,8 +92,30 @@ def summarize(runs: list[dict], batch: int) -> dict:
 def measure_session(session: Session, spec: BenchSpec) -> dict:
     """Run the workload `repeats` times on an open session; return the summary (no RSS: see measure())."""
     prompt = random_prompt(session.config.vocab_size, spec.batch, spec.prompt_tokens, spec.seed)
-    runs = [time_generation(session, prompt, spec.new_tokens) for _ in range(spec.repeats)]
-    return summarize(runs, spec.batch)
+    if spec.speculate == "off":
+        runs = [time_generation(session, prompt, spec.new_tokens) for _ in range(spec.repeats)]
+        return summarize(runs, spec.batch)
+    return measure_speculative(session, spec, prompt[0].tolist())
+
+
+def measure_speculative(session: Session, spec: BenchSpec, prompt: list[int]) -> dict:
+    """The workload decoded greedily and speculatively (batch 1): the same summary, and the drafts' counts."""
+    from .sampling import SamplingConfig
+    from .speculate import SpeculationStats, make_drafter, speculative_tokens
+
+    drafter = make_drafter(spec.speculate, session, SamplingConfig(), spec.draft, threads=spec.threads)
+    if drafter is None:
+        raise InputError(f"the {session.name} session cannot decode speculatively: use --speculate off")
+    runs, stats = [], SpeculationStats()
+    for _ in range(spec.repeats):
+        start, stamps = time.perf_counter(), []
+        for _token in speculative_tokens(session, prompt, spec.new_tokens, drafter, lambda x: x, stats):
+            stamps.append(time.perf_counter())
+        # The first token ends the prompt; later ones come several to a run: their mean spacing is the step.
+        steps = np.diff(stamps).tolist()
+        runs.append({"prefill_s": stamps[0] - start, "ttft_s": stamps[0] - start, "step_s": steps})
+    drafter.close()
+    return {**summarize(runs, 1), "speculation": stats.to_dict()}
 
 
 def open_bench_session(spec: BenchSpec) -> Session:

@@ -193,8 +193,55 @@ class SpeculationStats:
         return {**self.__dict__, "acceptance": self.acceptance, "tokens_per_run": self.tokens_per_run}
 
 
-def check_speculation(session: Session, sampling) -> None:
-    """Refuse in one line what speculative decoding cannot do exactly here."""
+SPECULATE_MODES = ("auto", "lookup", "draft", "off")
+
+
+def can_speculate(session: Session, sampling) -> bool:
+    """Whether speculative decoding runs exactly for this session and sampling (check_speculation's cases)."""
+    try:
+        check_speculation(session, sampling)
+    except InputError:
+        return False
+    return True
+
+
+def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, rows: int = 1, **options):
+    """The drafter a command asks for: "off" (None), "lookup", "draft" (a DraftModel over the export `draft`,
+    opened with onnxruntime `options`), or "auto": the draft model when one is given, else prompt lookup,
+    wherever speculation is exact (greedy, a session with multi-token steps), else None. rows: row slots."""
+    from .backends import open_session
+
+    if mode not in SPECULATE_MODES:
+        raise InputError(f"unknown speculation {mode!r}: choose one of {', '.join(SPECULATE_MODES)}")
+    if mode == "off" or (mode == "auto" and not can_speculate(session, sampling)):
+        return None
+    check_speculation(session, sampling)
+    if mode == "lookup" or (mode == "auto" and draft is None):
+        return PromptLookup()
+    if draft is None:
+        raise InputError(
+            "--speculate draft needs a draft model: give --draft EXPORT (a smaller export of the same family)"
+        )
+    draft_session = open_session("onnxruntime", draft, **options)
+    if draft_session.config.vocab_size != session.config.vocab_size:
+        vocab = draft_session.config.vocab_size
+        draft_session.close()
+        raise InputError(
+            f"the draft model {draft} has {vocab} token ids, the model {session.config.vocab_size}: a draft model "
+            "must share the tokenizer (e.g. codegen-350M drafting for codegen-2B of the same family)"
+        )
+    return DraftModel(draft_session, rows)
+
+
+def check_speculation(session: Session | None, sampling) -> None:
+    """Refuse in one line what speculative decoding cannot do exactly here (session None: the sampling only,
+    before a model is loaded)."""
+    if not sampling.greedy or sampling.repetition_penalty != 1.0 or sampling.presence_penalty:
+        raise InputError("speculative decoding is exact for greedy decoding only: use temperature 0 or --speculate off")
+    if sampling.frequency_penalty:
+        raise InputError("speculative decoding is exact for greedy decoding only: drop the frequency penalty")
+    if session is None:
+        return
     if session.supports_slots and not session.multi_token_steps:
         raise InputError(
             "speculative decoding needs a fused graph that checks several tokens per run; this one was exported "
@@ -205,10 +252,6 @@ def check_speculation(session: Session, sampling) -> None:
             f"speculative decoding needs a session with multi-token row steps (the fused ONNX Runtime graph on the "
             f"CPU, or torch), not {session.name}: use --speculate off or another backend/export"
         )
-    if not sampling.greedy or sampling.repetition_penalty != 1.0 or sampling.presence_penalty:
-        raise InputError("speculative decoding is exact for greedy decoding only: use temperature 0 or --speculate off")
-    if sampling.frequency_penalty:
-        raise InputError("speculative decoding is exact for greedy decoding only: drop the frequency penalty")
 
 
 def verify(session: Session, slot: int, token: int, drafts: list[int], adjust) -> tuple[int, int]:

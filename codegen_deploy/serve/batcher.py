@@ -463,6 +463,15 @@ class Batcher:
             return f"prompts: read in chunks sized to keep other streams' gaps near {GAP_STEPS:g} steps"
         return f"prompts: read in chunks of {self.prefill_chunk} tokens while other rows generate"
 
+    def describe_speculation(self) -> str:
+        """One line for the server's start-up: whether greedy rows draft tokens, and how."""
+        if self.drafter is None:
+            return "speculative decoding: off"
+        return (
+            f"speculative decoding: {self.drafter.name}, for greedy rows while at most {self.speculate_rows} rows "
+            "generate (the same tokens as without; drafts only where they pay)"
+        )
+
     def chunk_budget(self, generating: bool) -> int | None:
         """Prompt tokens to compute in this round (None: all of every waiting prompt)."""
         if not self.engine.joins_running or self.prefill_chunk == 0:

@@ -22,7 +22,8 @@ class ServeSettings:
     prefill_chunk: prompt tokens computed between decode steps while rows generate (None: sized from measured
     costs; 0: whole prompts). max_body_mb: the largest request body taken (larger: 413, read no further);
     shutdown_grace: seconds that running requests get to finish when the server is told to stop, after which
-    their streams end with an error event.
+    their streams end with an error event. speculate: speculative decoding of greedy rows, "auto" (a draft
+    model given as `draft`, else prompt lookup, where the session runs it exactly), "lookup", "draft" or "off".
     """
 
     path: str
@@ -41,6 +42,8 @@ class ServeSettings:
     prefill_chunk: int | None = None
     max_body_mb: float = 4.0
     shutdown_grace: float = 10.0
+    speculate: str = "auto"
+    draft: str | None = None
 
     @property
     def served_name(self) -> str:

@@ -26,6 +26,8 @@ class ServerState:
     def __init__(self, settings: ServeSettings, metrics: Metrics):
         from ..model.tokenizer import load_tokenizer
         from ..runtime.backends import backend_options, default_backend, open_session
+        from ..runtime.sampling import SamplingConfig
+        from ..runtime.speculate import make_drafter
 
         self.settings = settings
         self.metrics = metrics
@@ -42,6 +44,12 @@ class ServerState:
         self.runs: weakref.WeakSet = weakref.WeakSet()
         self.draining = False
         self._grace_timer: asyncio.TimerHandle | None = None
+        # The draft model keeps a row slot for each of the session's (max_batch, or more to keep caches).
+        rows = max(settings.max_batch, settings.max_batch if settings.cache_slots is None else settings.cache_slots)
+        draft_options = {"threads": settings.threads}
+        self.drafter = make_drafter(
+            settings.speculate, self.session, SamplingConfig(), settings.draft, rows, **draft_options
+        )
         self.batcher = Batcher(
             self.session,
             self.tokenizer,
@@ -50,6 +58,7 @@ class ServerState:
             metrics,
             cache_slots=settings.cache_slots,
             prefill_chunk=settings.prefill_chunk,
+            drafter=self.drafter,
         )
         self.batcher.start()
 
@@ -85,6 +94,8 @@ class ServerState:
         # the session under it could crash the process, so a worker that did not end keeps the session.
         if self.batcher.stop():
             self.session.close()
+            if self.drafter is not None:
+                self.drafter.close()
 
 
 def longest_token(tokenizer) -> int:

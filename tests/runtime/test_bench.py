@@ -164,3 +164,13 @@ def test_a_backend_that_cannot_run_keeps_the_others_results(fused_export, capsys
     failures = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(failures) == 1 and failures[0].startswith("error: tensorrt could not be measured: ")
     assert err.count("measuring tensorrt") == 1
+
+
+def test_a_speculative_measurement_reports_its_drafts(fused_export, capsys):
+    argv = [str(fused_export), "--backends", "onnxruntime-fused", "--prompt-tokens", "6", "--new-tokens", "12"]
+    assert bench_main([*argv, "--repeats", "1", "--threads", "1", "--speculate", "lookup", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    spec = result["speculation"]
+    assert spec["tokens"] == 12 and spec["runs"] <= 12 and result["decode_tok_s"] > 0
+    with pytest.raises(InputError, match="batch 1"):
+        BenchSpec(backend="onnxruntime-fused", path="x", batch=2, speculate="lookup")
