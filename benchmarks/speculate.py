@@ -70,11 +70,12 @@ def cost_model(session, contexts=(128, 1024), ks=(1, 2, 4, 8), batches=(1, 4), r
         for batch in batches:
             for k in ks:
                 times = []
-                for _ in range(repeats):
+                for r in range(repeats + 1):  # the first run warms up this shape's buffers and bindings
                     ids = rng.integers(0, 50000, (batch, k))
                     t = time.perf_counter()
                     session.extend_slots(list(range(batch)), ids)
-                    times.append(time.perf_counter() - t)
+                    if r:
+                        times.append(time.perf_counter() - t)
                     for slot in range(batch):
                         session.truncate_slot(slot, context)
                 rows.append({"context": context, "batch": batch, "k": k, "seconds": statistics.median(times)})
@@ -147,6 +148,82 @@ def workload(session, tokenizer, prompts: list[str], new_tokens: int, drafters: 
     return summary
 
 
+def served(session, tokenizer, prompts: list[str], new_tokens: int, concurrency: int, drafter, rows: int) -> dict:
+    """The prompts through the server's scheduler, `concurrency` rows at once (greedy, every row new_tokens
+    long); speculate_rows = rows (0: no drafting). Returns generated tokens/s over the wall time and the ids."""
+    import threading
+
+    from codegen_deploy.serve.batcher import Batcher, RowSpec
+    from codegen_deploy.serve.metrics import Metrics
+
+    metrics = Metrics()
+    batcher = Batcher(
+        session,
+        tokenizer,
+        max_batch=concurrency,
+        max_queue=len(prompts),
+        metrics=metrics,
+        drafter=drafter if rows else None,
+        speculate_rows=rows,
+        cache_slots=0,
+    )
+    tokenizer_eos = tokenizer.eos_token_id
+    done = [threading.Event() for _ in prompts]
+    ids: list[list[int]] = [[] for _ in prompts]
+
+    def sink(i):
+        def take(update):
+            ids[i].extend(update.tokens)
+            if update.finish_reason or update.error:
+                done[i].set()
+
+        return take
+
+    specs = [RowSpec(tuple(tokenizer.encode(p)), new_tokens, logit_bias_free(tokenizer_eos)) for p in prompts]
+    start = time.perf_counter()
+    batcher.start()
+    batcher.submit(specs, [sink(i) for i in range(len(prompts))])
+    for event in done:
+        event.wait()
+    seconds = time.perf_counter() - start
+    batcher.stop()
+    drafted = metrics.speculative_tokens.labels(kind="drafted")._value.get()
+    accepted = metrics.speculative_tokens.labels(kind="accepted")._value.get()
+    return {"tok_s": sum(map(len, ids)) / seconds, "ids": ids, "drafted": drafted, "accepted": accepted}
+
+
+def logit_bias_free(eos: int):
+    """Greedy sampling that never ends early: eos pushed out of reach, so every row runs its full length."""
+    from codegen_deploy.runtime.sampling import SamplingConfig
+
+    return SamplingConfig(logit_bias=((eos, -100.0),))
+
+
+def crossover(session, tokenizer, prompts: list[str], new_tokens: int, levels=(1, 2, 4, 8)) -> list[dict]:
+    """Tokens/s through the scheduler at each concurrency: no drafting, drafting for every row (whatever
+    the concurrency), and the default (drafting up to SPECULATE_ROWS rows); outputs checked equal."""
+    from codegen_deploy.serve.batcher import SPECULATE_ROWS
+
+    rows = []
+    for c in levels:
+        work = (prompts * c)[: max(c, len(prompts))]
+        plain = served(session, tokenizer, work, new_tokens, c, None, 0)
+        forced = served(session, tokenizer, work, new_tokens, c, PromptLookup(), 99)
+        default = served(session, tokenizer, work, new_tokens, c, PromptLookup(), SPECULATE_ROWS)
+        rows.append(
+            {
+                "concurrency": c,
+                "plain_tok_s": plain["tok_s"],
+                "always_x": forced["tok_s"] / plain["tok_s"],
+                "default_x": default["tok_s"] / plain["tok_s"],
+                "acceptance": forced["accepted"] / forced["drafted"] if forced["drafted"] else 0.0,
+                "identical": plain["ids"] == forced["ids"] == default["ids"],
+            }
+        )
+        print(f"[crossover] concurrency {c} done", file=sys.stderr, flush=True)
+    return rows
+
+
 def truncated_draft(export: Path, layers: int, folder: Path) -> Path:
     """The target's first `layers` blocks, its embedding, final norm and head as a fused export (draft model)."""
     from codegen_deploy.artifacts.manifest import read_manifest
@@ -195,6 +272,7 @@ def main() -> None:
             results["workloads"][name] = workload(session, tokenizer, prompts, args.new_tokens, drafters)
             print(f"[workload] {name} done", file=sys.stderr, flush=True)
         draft.close()
+        results["crossover"] = crossover(session, tokenizer, edited_file(tokenizer) * 4, args.new_tokens // 2)
     costs = results["costs"][target.name]
     results["predicted_at_0.7"] = dict(zip(("k", "speedup"), predicted_speedup(costs, 0.7), strict=True))
     results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -229,6 +307,13 @@ def print_tables(results: dict) -> None:
                     f"| {name} | {drafter} | {s['acceptance']:.2f} | {s['tokens_per_run']:.2f} | {s['tok_s']:.1f} | "
                     f"{s['speedup']:.2f}x | {w['identical']} |"
                 )
+    print("\n| concurrency | plain tok/s | drafting for every row | default | acceptance | identical |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results["crossover"]:
+        print(
+            f"| {r['concurrency']} | {r['plain_tok_s']:.1f} | {r['always_x']:.2f}x | {r['default_x']:.2f}x | "
+            f"{r['acceptance']:.2f} | {r['identical']} |"
+        )
     pred = results["predicted_at_0.7"]
     print(f"\ncost model at acceptance 0.7 (batch 1, 128 context): draft {pred['k']}, {pred['speedup']:.2f}x")
     print(f"uptime: {results['uptime']}")
