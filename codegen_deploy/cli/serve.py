@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -268,10 +269,11 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             timeout_graceful_shutdown=math.ceil(args.shutdown_grace) + CLOSE_MARGIN_S,  # a backstop: see server.py
         )
-        DrainingServer(config, state, args.shutdown_grace).run(sockets=[sock])
+        server = DrainingServer(config, state, args.shutdown_grace)
+        server.run(sockets=[sock])
     finally:
         sock.close()
-    return 0
+    return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(server.stopped_by, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ error event nor [DONE]). DrainingServer starts the state's drain first: running 
 period, then ServerState.end_drain() ends those still running, streams with `data: {"error": ...}`. Set
 uvicorn's own limit to the grace period plus CLOSE_MARGIN_S, a backstop for clients that do not read.
 
-uvicorn raises the signal again once it is done; codegen-serve's command turns it into exit 143 or 130.
+uvicorn raises the signal again once it is done, but inside asyncio.run, whose own Ctrl-C handling can lose it
+(the main task ends before the cancellation lands): DrainingServer records the signal itself (`stopped_by`),
+which codegen-serve's command turns into exit 143 or 130.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, grace: float):
         super().__init__(config)
         self.state, self.grace = state, grace
+        self.stopped_by: int | None = None  # the first signal that stopped the server
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.stopped_by = self.stopped_by or sig
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         self.state.begin_drain(self.grace)
