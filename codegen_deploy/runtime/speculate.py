@@ -154,13 +154,14 @@ class Acceptance:
             self.rejected = FORGET * self.rejected + (accepted < drafted)
             self.probe_gap = PROBE_EVERY if accepted else min(2 * self.probe_gap, PROBE_MAX)
 
-    def choose(self, costs: StepCosts, draft_seconds: float, limit: int) -> int:
+    def choose(self, costs: StepCosts, draft_seconds: float, limit: int, plain_cost: float = 1.0) -> int:
         """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
-        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones; a probe of 1 now
-        and then while none pays (further apart while probes find nothing)."""
+        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones, if that beats a
+        plain token, which costs `plain_cost` one-row steps (less than 1 when the row steps with others);
+        a probe of 1 now and then while none pays (further apart while probes find nothing)."""
         a, one = min(self.rate, 0.999), costs.seconds.get(1)
         draft_ratio = draft_seconds / one if one else 0.0
-        best, best_speed = 0, 1.0
+        best, best_speed = 0, 1.0 / plain_cost
         for k in range(1, min(self.max_draft, limit) + 1):
             speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio)
             if speed > best_speed:

@@ -376,10 +376,11 @@ IDLE_CHUNK = 512
 _AVERAGE = 0.2  # weight of the newest measurement in the moving averages
 
 
-# Speculative decoding drafts only while at most this many rows generate: GroupQueryAttention checks a row's
-# drafts in a run of its own on the CPU, so each drafting row reads the weights once more, while a plain step
-# reads them once for every row.
-SPECULATE_ROWS = 2
+# Speculative decoding: GroupQueryAttention checks a row's drafts in a run of its own on the CPU, so a drafting
+# row reads the weights once more, while a plain step reads them once for every row. A row drafts when its
+# expected tokens per run beat its share of a plain step over all generating rows (measured per row count);
+# beyond SPECULATE_ROWS generating rows nobody drafts (None: no such limit).
+SPECULATE_ROWS: int | None = None
 
 
 class Batcher:
@@ -403,7 +404,7 @@ class Batcher:
         cache_slots: int | None = None,
         prefill_chunk: int | None = None,
         drafter=None,
-        speculate_rows: int = SPECULATE_ROWS,
+        speculate_rows: int | None = SPECULATE_ROWS,
     ):
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -426,6 +427,7 @@ class Batcher:
         self.drafter = drafter
         self.speculate_rows = speculate_rows
         self._costs = StepCosts()  # one row's run of k tokens (speculation's cost model)
+        self._step_rows: dict[int, float] = {}  # a plain step's seconds by the number of rows in it (moving averages)
         self._step_s: float | None = None  # moving averages: a decode step, and an append's cost per token
         self._token_s: float | None = None
         if session.supports_slots:
@@ -467,9 +469,10 @@ class Batcher:
         """One line for the server's start-up: whether greedy rows draft tokens, and how."""
         if self.drafter is None:
             return "speculative decoding: off"
+        most = f" while at most {self.speculate_rows} rows generate" if self.speculate_rows else ""
         return (
-            f"speculative decoding: {self.drafter.name}, for greedy rows while at most {self.speculate_rows} rows "
-            "generate (the same tokens as without; drafts only where they pay)"
+            f"speculative decoding: {self.drafter.name}, for greedy rows{most} (the same tokens as without; a row "
+            "drafts only while its measured acceptance and the costs say it pays at the current load)"
         )
 
     def chunk_budget(self, generating: bool) -> int | None:
@@ -568,27 +571,37 @@ class Batcher:
             self._measure_prefill(time.perf_counter() - start, appends, tokens, budget)
             if done:
                 self._accept(done, logits)
-        if generating and self.drafter is not None and len(generating) <= self.speculate_rows:
-            generating = [r for r in generating if not self._speculate(r)]
+        if generating and self.drafter is not None and len(generating) <= (self.speculate_rows or len(generating)):
+            plain_cost = self._plain_cost(len(generating))
+            generating = [r for r in generating if not self._speculate(r, plain_cost)]
         if generating:
             start = time.perf_counter()
             logits = self.engine.step(generating)
             seconds = time.perf_counter() - start
             self._step_s = moving_average(self._step_s, seconds)
+            self._step_rows[len(generating)] = moving_average(self._step_rows.get(len(generating)), seconds)
             if len(generating) == 1:
                 self._costs.record(1, seconds)
             if self.metrics is not None:
                 self.metrics.decode_runs.inc()
             self._accept(generating, logits)
 
-    def _speculate(self, row: Row) -> bool:
+    def _plain_cost(self, rows: int) -> float:
+        """A row's share of a plain step over `rows` rows, in one-row steps (measured; until then, a step over
+        many rows is taken to cost as much as over one, which favours plain steps)."""
+        one, many = self._step_rows.get(1), self._step_rows.get(rows)
+        if rows == 1 or one is None or many is None:
+            return 1.0 / rows
+        return many / rows / one
+
+    def _speculate(self, row: Row, plain_cost: float) -> bool:
         """Draft for one row and check the drafts in a run of its own; False when the row drafts nothing this
         round (it takes the plain step with the others)."""
         if not row.speculates:
             return False
         room = self.session.max_context - self.session.slot_length(row.slot) - 1
         limit = min(row.spec.max_tokens - len(row.text.ids) - 1, room)
-        k = row.acceptance.choose(self._costs, self.drafter.seconds_per_token, limit)
+        k = row.acceptance.choose(self._costs, self.drafter.seconds_per_token, limit, plain_cost)
         drafts = self.drafter.propose([*row.spec.prompt_ids, *row.text.ids], k, row=row.slot) if k else []
         if not drafts:
             return False

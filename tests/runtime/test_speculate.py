@@ -165,6 +165,7 @@ def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
         good.update(8, 8)
     assert good.choose(costs, 0.0, limit=100) == 8  # cheap runs, accepted drafts: draft the most
     assert good.choose(costs, 0.0, limit=3) == 3  # never beyond what is left
+    assert good.choose(costs, 0.0, limit=100, plain_cost=0.1) == 0  # stepping with many rows is cheaper still
     bad = Acceptance()
     for _ in range(20):
         bad.update(4, 0)  # rounds whose drafts were all rejected

@@ -101,3 +101,11 @@ def test_an_old_fused_graph_is_refused_for_speculation(session, tokenizer):
     session.multi_token_steps = False
     with pytest.raises(Exception, match="multi-token"):
         Batcher(session, tokenizer, drafter=PromptLookup())
+
+
+def test_a_row_drafts_only_when_it_beats_its_share_of_a_plain_step(session, tokenizer):
+    batcher = Batcher(session, tokenizer, max_batch=4, drafter=PromptLookup())
+    assert batcher._plain_cost(1) == 1.0
+    assert batcher._plain_cost(4) == 0.25  # not measured yet: plain steps are taken to be as cheap as can be
+    batcher._step_rows.update({1: 0.050, 4: 0.080})  # measured: four rows step in 80 ms, one in 50
+    assert batcher._plain_cost(4) == pytest.approx(0.080 / 4 / 0.050)
