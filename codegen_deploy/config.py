@@ -35,6 +35,17 @@ def hub_id(size: str, data: str = "mono") -> str:
     return f"Salesforce/codegen-{size}-{data}"
 
 
+QKV_SHARDS = (4, 8)
+
+
+def qkv_shards_of(hf: dict) -> int:
+    """The shard count of a config.json's fused qkv_proj layout: the one rule, CTranslate2's. CodeGen2 models
+    (codegen2-1B, 3_7B, 7B, 16B and forks) split it for 8 model-parallel shards and their configs carry a
+    head_dim of 128 or 256; CodeGen1 configs have no head_dim key (its 6B and 16B have 256-wide heads but no
+    key) and 4 shards."""
+    return 8 if hf.get("head_dim") in (128, 256) else 4
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a CodeGen model: everything the reference, the exporters and the runtimes need."""
@@ -50,6 +61,7 @@ class ModelConfig:
     activation: str = "gelu_new"
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    qkv_shards: int = 4  # model-parallel shards of the fused qkv_proj's layout (qkv_shards_of)
 
     def __post_init__(self) -> None:
         for name, high in LIMITS.items():
@@ -67,9 +79,18 @@ class ModelConfig:
             raise ConfigError(f"layer_norm_epsilon is {eps!r}, not a number between 0 and 1: the config is damaged")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.n_embd % 4:
-            # CodeGen's fused qkv_proj is laid out for 4 model-parallel shards.
-            raise ConfigError(f"n_embd {self.n_embd} is not divisible by 4 (CodeGen's qkv shard layout)")
+        if self.qkv_shards not in QKV_SHARDS:
+            raise ConfigError(f"qkv_shards is {self.qkv_shards!r}, not one of {QKV_SHARDS}: the config is damaged")
+        if self.qkv_shards == 8 and self.head_dim not in (128, 256):
+            raise ConfigError(
+                f"an 8-shard qkv layout is CodeGen2's, whose heads are 128 or 256 wide, not {self.head_dim}: "
+                "the config is damaged"
+            )
+        if self.n_embd % self.qkv_shards:
+            # CodeGen's fused qkv_proj is laid out for model-parallel shards of n_embd / qkv_shards rows each.
+            raise ConfigError(
+                f"n_embd {self.n_embd} is not divisible by {self.qkv_shards} (CodeGen's qkv shard layout)"
+            )
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
             raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and between 2 and head_dim {self.head_dim}")
         if self.activation not in SUPPORTED_ACTIVATIONS:
@@ -103,6 +124,7 @@ class ModelConfig:
             activation=hf.get("activation_function", "gelu_new"),
             bos_token_id=_whole(hf, "bos_token_id", 50256),
             eos_token_id=_whole(hf, "eos_token_id", 50256),
+            qkv_shards=qkv_shards_of(hf),
         )
 
     @classmethod
@@ -142,6 +164,8 @@ class ModelConfig:
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
+            # CodeGen2's configs carry head_dim, which is how their 8-shard qkv layout is recognised.
+            **({"head_dim": self.head_dim} if self.qkv_shards == 8 else {}),
         }
 
     def to_dict(self) -> dict:

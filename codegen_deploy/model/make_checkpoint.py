@@ -31,6 +31,10 @@ SMALL_SHAPES = {
     "demo": ModelConfig(
         n_layer=4, n_embd=256, n_head=8, rotary_dim=16, n_positions=1024, n_inner=1024, vocab_size=2048
     ),
+    # CodeGen2's layout (qkv_proj split for 8 shards, head_dim in config.json) on a small shape.
+    "codegen2-tiny": ModelConfig(
+        n_layer=2, n_embd=256, n_head=2, rotary_dim=64, n_positions=256, n_inner=512, vocab_size=2048, qkv_shards=8
+    ),
 }
 SHAPES = {**SMALL_SHAPES, **PUBLISHED_SHAPES}
 TRAINED_VOCAB = 2048  # the small shapes' embedding rows
@@ -92,14 +96,16 @@ def make_checkpoint(
     tokenizer: str | Path | None = None,
     layout: str = "safetensors",
     max_shard_bytes: int | None = None,
+    config: ModelConfig | None = None,
 ) -> Path:
     """Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer files) into `output`.
 
-    shape: one of SHAPES ("tiny", "demo", "350M", "2B", "6B", "16B"). tokenizer: a folder with
+    shape: one of SHAPES ("tiny", "demo", "codegen2-tiny", "350M", "2B", "6B", "16B"), or `config` a shape of
+    its own (small weights, as the small shapes have). tokenizer: a folder with
     CodeGen tokenizer files to copy (the real one); default: train a small one here. The embedding
     has max(shape's vocab, tokenizer size rounded up to 64) rows and eos is the tokenizer's <|endoftext|>.
     """
-    if shape not in SHAPES:
+    if config is None and shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise InputError(f"the shard size must be at least 1 byte, got {max_shard_bytes}: give a positive size")
@@ -109,7 +115,8 @@ def make_checkpoint(
     hint = "choose another folder or delete it"
     output = check_output(output, hint=hint)
     with staging_folder(output, hint=hint, protect=[tokenizer] if tokenizer else []) as tmp:
-        config = SHAPES[shape]
+        small = config is not None or shape in SMALL_SHAPES
+        config = config or SHAPES[shape]
         if tokenizer is None:  # as many ids as the embedding has rows
             train_tokenizer(config.vocab_size).save(str(tmp / "tokenizer.json"))
             tok = load_tokenizer(tmp)
@@ -119,7 +126,7 @@ def make_checkpoint(
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
         config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         # Weights large enough that logits vary by several units: parity checks then mean something.
-        model = CodeGen.random(config, dtype=dtype, seed=seed, std=0.1 if shape in SMALL_SHAPES else 0.02)
+        model = CodeGen.random(config, dtype=dtype, seed=seed, std=0.1 if small else 0.02)
         save_checkpoint(model, tmp, layout=layout, max_shard_bytes=max_shard_bytes)
         hf_config = json.loads((tmp / "config.json").read_text())
         hf_config["torch_dtype"] = dtype_name(dtype)

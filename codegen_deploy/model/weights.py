@@ -21,8 +21,6 @@ from ..memory import check_fits_in_memory
 from .hub import CHECKPOINT_LAYOUTS, resolve_model
 from .reference import CodeGen
 
-MP_SHARDS = 4  # CodeGen's qkv_proj is laid out for 4 model-parallel shards, each [query | value | key]
-
 # Buffers that published checkpoints carry but that hold no weights (vLLM's strict loader failed on them).
 _KNOWN_BUFFERS = re.compile(r"^transformer\.h\.\d+\.attn\.(causal_mask|masked_bias|bias|scale_attn)$")
 _LAYER_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
@@ -44,18 +42,19 @@ _TOP_MAP = {
 }
 
 
-def unshard_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split CodeGen's fused qkv_proj weight [3E, E] into plain q, k, v weights, each [E, E]."""
+def unshard_qkv(qkv: torch.Tensor, shards: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split CodeGen's fused qkv_proj weight [3E, E], laid out for `shards` model-parallel shards (4: CodeGen1,
+    8: CodeGen2; config.qkv_shards), each [query | value | key], into plain q, k, v weights, each [E, E]."""
     three_e, e = qkv.shape
-    parts = qkv.view(MP_SHARDS, 3, three_e // (3 * MP_SHARDS), e)  # [shard, (q|v|k), E/4, E]
+    parts = qkv.view(shards, 3, three_e // (3 * shards), e)  # [shard, (q|v|k), E/shards, E]
     q, v, k = (parts[:, i].reshape(e, e) for i in range(3))
     return q, k, v
 
 
-def shard_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Inverse of unshard_qkv: plain q, k, v [E, E] -> CodeGen's fused, sharded [3E, E]."""
+def shard_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: int = 4) -> torch.Tensor:
+    """Inverse of unshard_qkv: plain q, k, v [E, E] -> CodeGen's fused [3E, E] laid out for `shards` shards."""
     e = q.shape[0]
-    parts = [w.view(MP_SHARDS, e // MP_SHARDS, e) for w in (q, v, k)]  # each [shard, E/4, E]
+    parts = [w.view(shards, e // shards, e) for w in (q, v, k)]  # each [shard, E/shards, E]
     return torch.stack(parts, dim=1).reshape(3 * e, e)  # [3E, E]
 
 
@@ -73,14 +72,15 @@ def map_key(hf_key: str) -> str | None:
     raise CheckpointError(f"unknown tensor {hf_key!r} in the checkpoint: is this a CodeGen model?")
 
 
-def convert_tensor(hf_key: str, tensor: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One checkpoint tensor -> our parameters (one, or three for qkv), cast to dtype."""
+def convert_tensor(hf_key: str, tensor: torch.Tensor, dtype: torch.dtype, shards: int = 4) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor -> our parameters (one, or three for qkv, un-sharded from `shards` shards), cast
+    to dtype."""
     name = map_key(hf_key)
     if name is None:
         return {}
     if name.endswith("qkv_proj.weight"):
         prefix = name.removesuffix("qkv_proj.weight")
-        q, k, v = unshard_qkv(tensor)
+        q, k, v = unshard_qkv(tensor, shards)
         return {
             prefix + "q_proj.weight": q.to(dtype),
             prefix + "k_proj.weight": k.to(dtype),
@@ -90,7 +90,7 @@ def convert_tensor(hf_key: str, tensor: torch.Tensor, dtype: torch.dtype) -> dic
 
 
 def to_hf_state_dict(model: CodeGen) -> dict[str, torch.Tensor]:
-    """Our model's weights in the Hugging Face CodeGen layout (fused, sharded qkv_proj)."""
+    """Our model's weights in the Hugging Face CodeGen layout (fused qkv_proj, sharded as its config says)."""
     sd = model.state_dict()
     out = {hf: sd[ours].contiguous() for hf, ours in _TOP_MAP.items()}
     for i in range(model.config.n_layer):
@@ -98,7 +98,7 @@ def to_hf_state_dict(model: CodeGen) -> dict[str, torch.Tensor]:
             out[f"transformer.h.{i}.{hf}"] = sd[f"blocks.{i}.{ours}"].contiguous()
         a = f"blocks.{i}.attn."
         out[f"transformer.h.{i}.attn.qkv_proj.weight"] = shard_qkv(
-            sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]
+            sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], model.config.qkv_shards
         )
     return out
 
@@ -178,7 +178,7 @@ def load_checkpoint(path_or_id: str | Path, dtype: torch.dtype = torch.float32, 
     loaded: set[str] = set()
     for path in weight_files(folder):
         for hf_key, tensor in iter_tensors(path):
-            converted = convert_tensor(hf_key, tensor, dtype)
+            converted = convert_tensor(hf_key, tensor, dtype, config.qkv_shards)
             for name, value in converted.items():
                 if name not in expected:
                     raise CheckpointError(
