@@ -617,16 +617,18 @@ class Batcher:
     def _record(self, row: Row, tokens: list[int]) -> None:
         """Chosen tokens of one row (a speculative round's): send its updates; a finished row leaves."""
         for token in tokens:
-            now = time.perf_counter()
-            update = row.record(token)
-            if self.metrics is not None:
-                self.metrics.token(now - (row.last_token_at or row.submitted), first=row.last_token_at is None)
-            row.last_token_at = now
-            if update is not None:
-                self._send(row, update)
+            self._sent(row, row.record(token), time.perf_counter())
             if row.finished:
                 self._leave([row], row.finish_reason)
                 return
+
+    def _sent(self, row: Row, update: RowUpdate | None, now: float) -> None:
+        """A token of `row` was chosen at `now`: count it, send the update it made, if any."""
+        if self.metrics is not None:
+            self.metrics.token(now - (row.last_token_at or row.submitted), first=row.last_token_at is None)
+        row.last_token_at = now
+        if update is not None:
+            self._send(row, update)
 
     def _measure_prefill(self, seconds: float, appends: int, tokens: int, budget: int | None) -> None:
         """Learn an append's cost per token beyond the step-like cost of running the weights once."""
@@ -648,12 +650,7 @@ class Batcher:
             if row.cancelled:
                 cancelled.append(row)
                 continue
-            update = row.accept(row_logits)
-            if self.metrics is not None:
-                self.metrics.token(now - (row.last_token_at or row.submitted), first=row.last_token_at is None)
-            row.last_token_at = now
-            if update is not None:
-                self._send(row, update)
+            self._sent(row, row.accept(row_logits), now)
             if row.finished:
                 done.append(row)
         self._leave(cancelled, "cancelled")

@@ -3,65 +3,26 @@ what the whole sequence computes at once, on every slot backend, shape and dtype
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import InputError
-from codegen_deploy.export.fused import fused_support, write_fused_graph
 from codegen_deploy.model.reference import CodeGen
-from codegen_deploy.runtime.backends.torch import TorchSession
 from codegen_deploy.verify.tolerance import tolerance_for
-from tests.conftest import TEST_CONFIGS
+from tests.runtime.conftest import slot_cases
 
-# odd-head: head_dim 20, which GroupQueryAttention refuses (torch only); wide: head_dim 256 as in 6B and 16B.
-CONFIGS = {
-    "tiny": TEST_CONFIGS["tiny"],
-    "odd-head": TEST_CONFIGS["odd-head"],
-    "wide": ModelConfig(n_layer=2, n_embd=512, n_head=2, rotary_dim=64, n_positions=64, n_inner=128, vocab_size=300),
-}
 SEQUENCE = 40
 CHUNKS = [(0, 7), (7, 8), (8, 21), (21, SEQUENCE)]  # [start, end) pieces: one token, several, the rest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cases():
-    for name, config in CONFIGS.items():
-        for dtype in ("float32", "float16"):
-            yield pytest.param((name, dtype, "torch"), id=f"{name}-{dtype}-torch")
-            if fused_support(config) is None:
-                yield pytest.param((name, dtype, "onnxruntime-fused"), id=f"{name}-{dtype}-fused")
-
-
-@pytest.fixture(scope="module", params=list(_cases()))
-def case(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=slot_cases())
+def case(request, slot_session):
     """(reference model, a slot session over it with 3 slots, dtype)."""
-    name, dtype, backend = request.param
-    config = CONFIGS[name]
-    model = CodeGen.random(config, seed=11, std=0.1, dtype=getattr(torch, dtype))
-    if backend == "torch":
-        session = TorchSession(model)
-    else:
-        pytest.importorskip("onnxruntime")
-        from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
-
-        folder = tmp_path_factory.mktemp(f"chunks-{name}-{dtype}")
-        write_fused_graph(model, folder)
-        (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
-        session = FusedOrtSession(folder, threads=1)
+    model, session, _ = slot_session(request.param, seed=11)
     session.open_slots(3)
     with session:
-        yield model, session, dtype
+        yield model, session, request.param[1]
 
 
 def _reference(model: CodeGen, ids: np.ndarray) -> np.ndarray:

@@ -3,18 +3,11 @@ slot backend, shape and dtype, whatever the drafter proposes."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import torch
 
-from codegen_deploy.config import ModelConfig
 from codegen_deploy.errors import InputError
-from codegen_deploy.export.fused import fused_support, write_fused_graph
-from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.runtime import generate
-from codegen_deploy.runtime.backends.torch import TorchSession
 from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.speculate import (
@@ -27,13 +20,7 @@ from codegen_deploy.runtime.speculate import (
     StepCosts,
     check_speculation,
 )
-from tests.conftest import TEST_CONFIGS
-
-CONFIGS = {
-    "tiny": TEST_CONFIGS["tiny"],
-    "odd-head": TEST_CONFIGS["odd-head"],
-    "wide": ModelConfig(n_layer=2, n_embd=512, n_head=2, rotary_dim=64, n_positions=96, n_inner=128, vocab_size=300),
-}
+from tests.runtime.conftest import slot_cases
 
 
 class NoText:
@@ -67,39 +54,10 @@ class Scripted:
         pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cases():
-    for name, config in CONFIGS.items():
-        for dtype in ("float32", "float16"):
-            yield pytest.param((name, dtype, "torch"), id=f"{name}-{dtype}-torch")
-            if fused_support(config) is None:
-                yield pytest.param((name, dtype, "fused"), id=f"{name}-{dtype}-fused")
-
-
-@pytest.fixture(scope="module", params=list(_cases()))
-def session(request, tmp_path_factory):
-    name, dtype, backend = request.param
-    config = CONFIGS[name]
-    model = CodeGen.random(config, seed=21, std=0.1, dtype=getattr(torch, dtype))
-    if backend == "torch":
-        s = TorchSession(model)
-        s.twin = lambda: TorchSession(model)
-    else:
-        pytest.importorskip("onnxruntime")
-        from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
-
-        folder = tmp_path_factory.mktemp(f"spec-{name}-{dtype}")
-        write_fused_graph(model, folder)
-        (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
-        s = FusedOrtSession(folder, threads=1)
-        s.twin = lambda: FusedOrtSession(folder, threads=1)
+@pytest.fixture(scope="module", params=slot_cases())
+def session(request, slot_session):
+    _, s, twin = slot_session(request.param, seed=21)
+    s.twin = twin
     with s:
         yield s
 
