@@ -45,7 +45,9 @@ class Oracle:
     """Drafts the tokens a previous greedy run produced after the same context (an upper bound)."""
 
     name = "oracle"
-    seconds_per_token = 0.0
+
+    def cost_ratio(self, step_seconds):
+        return 0.0
 
     def __init__(self, tokens: list[int], prompt_length: int, max_draft: int):
         self.tokens, self.offset, self.max_draft = tokens, prompt_length, max_draft
@@ -262,7 +264,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, open_session("onnxruntime", target, threads=args.threads) as session:
         draft_folder = truncated_draft(target, args.draft_layers, Path(tmp))
         draft_session = FusedOrtSession(draft_folder, threads=args.threads)  # a bare graph and config.json
-        draft = DraftModel(draft_session)
+        ratio = draft_session.config.num_parameters() / session.config.num_parameters()
+        draft = DraftModel(draft_session, relative_cost=ratio)
         drafters = {
             "oracle K=4": lambda plain, prompt: _oracle(plain, 4),
             "oracle K=8": lambda plain, prompt: _oracle(plain, 8),

@@ -42,7 +42,6 @@ class PromptLookup:
     max_ngram down to min_ngram) in its prompt and output: prompt-lookup decoding. Costs no model run."""
 
     name = "lookup"
-    seconds_per_token = 0.0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -63,47 +62,68 @@ class PromptLookup:
                 return context[start : start + k].tolist()
         return []
 
+    def cost_ratio(self, step_seconds: float | None) -> float:
+        """A drafted token's cost in steps of the model: nothing, no model runs."""
+        return 0.0
+
     def close(self) -> None:
         pass
 
 
+# A draft model reads at most this many tokens of a row's context to catch up before a draft (the start of a
+# long prompt is left out): what a row pays before it knows whether the draft model's tokens are accepted.
+DRAFT_WINDOW = 64
+
+
 class DraftModel:
     """Drafts greedily with a smaller model that shares the tokenizer (its own Session with row slots, one per
-    row). Its cache follows each row: what it holds beyond the row's accepted tokens is cut before the next
-    draft, so a round costs the new accepted tokens plus k draft steps."""
+    row). Its cache follows each row over a window of the row's context: what it holds beyond the row's
+    accepted tokens is cut before the next draft, and when catching up would mean reading more than
+    DRAFT_WINDOW tokens it starts again from the last DRAFT_WINDOW (drafts need the recent context; an exact
+    result never depends on them). relative_cost: a draft step's cost in steps of the model it drafts for,
+    until measured (make_drafter sets it from the parameter counts)."""
 
     name = "draft"
 
-    def __init__(self, session: Session, rows: int = 1):
+    def __init__(self, session: Session, rows: int = 1, relative_cost: float = 1.0):
         if not session.supports_slots:
             raise InputError(f"the draft model's {session.name} session has no row slots: use an ONNX export on CPU")
         session.open_slots(rows)
         self.session = session
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.seconds_per_token = 0.0  # a draft step's cost, measured (moving average)
+        self.ids: list[list[int]] = [[] for _ in range(rows)]  # what each slot holds: context[start:]
+        self.start = [0] * rows  # where in the row's context the slot's window begins
+        self.relative_cost = relative_cost
+        self.seconds_per_token: float | None = None  # a drafted token's cost, measured (moving average)
+
+    def cost_ratio(self, step_seconds: float | None) -> float:
+        """A drafted token's cost in steps of the model (measured when both are, else relative_cost)."""
+        if self.seconds_per_token is None or not step_seconds:
+            return self.relative_cost
+        return self.seconds_per_token / step_seconds
 
     def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
-        """k greedy tokens of the draft model after `ids`."""
+        """k greedy tokens of the draft model after `ids` (a row's whole context)."""
         if k == 0:
             return []
         if max(ids) >= self.session.config.vocab_size:
             return []  # a token the draft model does not know: no draft
-        start = time.perf_counter()
-        held = self.ids[row]
-        shared = min(common_prefix(held, ids), len(ids) - 1)
+        begin = time.perf_counter()
+        held, start = self.ids[row], self.start[row]
+        shared = min(common_prefix(held, ids[start:]), len(ids) - start - 1) if len(ids) > start else 0
+        room = self.session.max_context - k - 1
+        if len(ids) - start - shared > DRAFT_WINDOW or len(ids) - start > room:
+            start, shared = max(0, len(ids) - min(DRAFT_WINDOW, room)), 0  # a new window over the recent context
+            self.start[row] = start
         self.session.truncate_slot(row, shared)
         del held[shared:]
-        logits = self.session.append_slot(row, list(ids[shared:]))
-        held.extend(ids[shared:])
+        logits = self.session.append_slot(row, list(ids[start + shared :]))
+        held.extend(ids[start + shared :])
         drafts = [int(logits.argmax())]
-        room = self.session.max_context - len(held)
-        while len(drafts) < min(k, room):
+        while len(drafts) < k:
             logits = self.session.step_slots([row], [drafts[-1]])[0]
             held.append(drafts[-1])
             drafts.append(int(logits.argmax()))
-        self.seconds_per_token = moving_average(
-            self.seconds_per_token or None, (time.perf_counter() - start) / len(drafts)
-        )
+        self.seconds_per_token = moving_average(self.seconds_per_token, (time.perf_counter() - begin) / len(drafts))
         return drafts
 
     def close(self) -> None:
@@ -154,13 +174,13 @@ class Acceptance:
             self.rejected = FORGET * self.rejected + (accepted < drafted)
             self.probe_gap = PROBE_EVERY if accepted else min(2 * self.probe_gap, PROBE_MAX)
 
-    def choose(self, costs: StepCosts, draft_seconds: float, limit: int, plain_cost: float = 1.0) -> int:
+    def choose(self, costs: StepCosts, draft_ratio: float, limit: int, plain_cost: float = 1.0) -> int:
         """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
-        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones, if that beats a
-        plain token, which costs `plain_cost` one-row steps (less than 1 when the row steps with others);
-        a probe of 1 now and then while none pays (further apart while probes find nothing)."""
-        a, one = min(self.rate, 0.999), costs.seconds.get(1)
-        draft_ratio = draft_seconds / one if one else 0.0
+        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones (each draft_ratio
+        steps), if that beats a plain token, which costs `plain_cost` one-row steps (less than 1 when the row
+        steps with others); a probe of 1 now and then while none pays (further apart while probes find
+        nothing)."""
+        a = min(self.rate, 0.999)
         best, best_speed = 0, 1.0 / plain_cost
         for k in range(1, min(self.max_draft, limit) + 1):
             speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio)
@@ -231,7 +251,8 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
             f"the draft model {draft} has {vocab} token ids, the model {session.config.vocab_size}: a draft model "
             "must share the tokenizer (e.g. codegen-350M drafting for codegen-2B of the same family)"
         )
-    return DraftModel(draft_session, rows)
+    ratio = draft_session.config.num_parameters() / session.config.num_parameters()
+    return DraftModel(draft_session, rows, relative_cost=ratio)
 
 
 def check_speculation(session: Session | None, sampling) -> None:
@@ -299,7 +320,7 @@ def speculative_tokens(
     yield token
     while produced < max_new_tokens:
         limit = min(max_new_tokens - produced - 1, session.max_context - session.slot_length(0) - 1)
-        k = acceptance.choose(costs, drafter.seconds_per_token, limit)
+        k = acceptance.choose(costs, drafter.cost_ratio(costs.seconds.get(1)), limit)
         drafts = drafter.propose(context, k) if k else []
         t = time.perf_counter()
         n, token = verify(session, 0, context[-1], drafts, adjust)

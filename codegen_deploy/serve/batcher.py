@@ -601,7 +601,8 @@ class Batcher:
             return False
         room = self.session.max_context - self.session.slot_length(row.slot) - 1
         limit = min(row.spec.max_tokens - len(row.text.ids) - 1, room)
-        k = row.acceptance.choose(self._costs, self.drafter.seconds_per_token, limit, plain_cost)
+        draft_ratio = self.drafter.cost_ratio(self._costs.seconds.get(1))
+        k = row.acceptance.choose(self._costs, draft_ratio, limit, plain_cost)
         drafts = self.drafter.propose([*row.spec.prompt_ids, *row.text.ids], k, row=row.slot) if k else []
         if not drafts:
             return False

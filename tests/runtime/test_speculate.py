@@ -40,7 +40,9 @@ class Scripted:
     noise: every draft wrong); counts what it was asked."""
 
     name = "scripted"
-    seconds_per_token = 0.0
+
+    def cost_ratio(self, step_seconds):
+        return 0.0
 
     def __init__(self, tokens: list[int], offset: int):
         self.tokens, self.offset, self.asked = tokens, offset, 0
@@ -138,7 +140,7 @@ def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
     bad.update(1, 1)  # a probe that is accepted: probing as often as at first
     assert bad.probe_gap == PROBE_EVERY
     slow_drafter = Acceptance()  # drafts accepted half the time from a drafter as slow as the model: no gain
-    assert slow_drafter.choose(costs, 0.050, limit=100) == 0
+    assert slow_drafter.choose(costs, 1.0, limit=100) == 0
 
 
 def test_what_speculation_refuses(session):
@@ -152,3 +154,21 @@ def test_what_speculation_refuses(session):
     assert generate(session, TOKENIZER, [prompt], biased, drafter=PromptLookup()).ids == (
         generate(session, TOKENIZER, [prompt], biased).ids
     )
+
+
+def test_a_draft_model_reads_at_most_a_window_of_the_context(session):
+    """Before its tokens are known to be accepted, a draft model pays at most DRAFT_WINDOW tokens of reading;
+    later rounds read only what the row added."""
+    from codegen_deploy.runtime.speculate import DRAFT_WINDOW
+
+    vocab = session.config.vocab_size
+    drafter = DraftModel(session.twin())
+    appended = []
+    append = drafter.session.append_slot
+    drafter.session.append_slot = lambda slot, ids: appended.append(len(ids)) or append(slot, ids)
+    context = np.random.default_rng(9).integers(0, vocab, min(90, session.max_context - 10)).tolist()
+    drafts = drafter.propose(context, 3)
+    assert len(drafts) == 3 and appended == [min(DRAFT_WINDOW, len(context))]
+    drafter.propose([*context, drafts[0], 7], 2)  # one draft accepted, then the model's own token
+    assert appended[-1] == 1  # the accepted draft is already in its cache: only the model's token is read
+    drafter.close()
