@@ -35,29 +35,24 @@ import numpy as np
 from codegen_deploy.runtime import generate, open_session
 from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
 from codegen_deploy.runtime.generate import GenerationConfig
-from codegen_deploy.runtime.speculate import DraftModel, PromptLookup
+from codegen_deploy.runtime.speculate import Drafter, DraftModel, PromptLookup
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-class Oracle:
+class Oracle(Drafter):
     """Drafts the tokens a previous greedy run produced after the same context (an upper bound)."""
 
     name = "oracle"
 
-    def cost_ratio(self, step_seconds):
-        return 0.0
-
     def __init__(self, tokens: list[int], prompt_length: int, max_draft: int):
+        super().__init__()
         self.tokens, self.offset, self.max_draft = tokens, prompt_length, max_draft
 
     def propose(self, ids, k, row=0):
         at = len(ids) - self.offset
         return list(self.tokens[at : at + min(k, self.max_draft)])
-
-    def close(self):
-        pass
 
 
 def cost_model(session, contexts=(128, 1024), ks=(1, 2, 4, 8), batches=(1, 4), repeats=5) -> list[dict]:
@@ -203,24 +198,30 @@ def logit_bias_free(eos: int):
     return SamplingConfig(logit_bias=((eos, -100.0),))
 
 
-def crossover(session, tokenizer, prompts: list[str], new_tokens: int, levels=(1, 2, 4, 8)) -> list[dict]:
-    """Tokens/s through the scheduler at each concurrency: no drafting, each row drafting as if alone (blind to
-    the load), and the default (a row drafts only when it beats its share of a plain step over every row);
-    outputs checked equal."""
+def crossover(
+    session, tokenizer, prompts: list[str], new_tokens: int, draft_session, ratio: float, levels=(1, 2, 4, 8)
+) -> list[dict]:
+    """Tokens/s through the scheduler at each concurrency: no drafting, prompt lookup with each row drafting as
+    if alone (blind to the load), prompt lookup by the default rule (a row drafts only when it beats its share
+    of a plain step over every row), and the draft model by the default rule (a server of its own: a new
+    DraftModel); outputs checked equal."""
     rows = []
     for c in levels:
         work = (prompts * c)[: max(c, len(prompts))]
         plain = served(session, tokenizer, work, new_tokens, c, None, False)
         forced = served(session, tokenizer, work, new_tokens, c, PromptLookup(), True)
         default = served(session, tokenizer, work, new_tokens, c, PromptLookup(), False)
+        draft = served(session, tokenizer, work, new_tokens, c, DraftModel(draft_session, c, ratio), False)
         rows.append(
             {
                 "concurrency": c,
                 "plain_tok_s": plain["tok_s"],
                 "always_x": forced["tok_s"] / plain["tok_s"],
                 "default_x": default["tok_s"] / plain["tok_s"],
+                "draft_x": draft["tok_s"] / plain["tok_s"],
                 "acceptance": forced["accepted"] / forced["drafted"] if forced["drafted"] else 0.0,
-                "identical": plain["ids"] == forced["ids"] == default["ids"],
+                "draft_acceptance": draft["accepted"] / draft["drafted"] if draft["drafted"] else 0.0,
+                "identical": plain["ids"] == forced["ids"] == default["ids"] == draft["ids"],
             }
         )
         print(f"[crossover] concurrency {c} done", file=sys.stderr, flush=True)
@@ -275,8 +276,10 @@ def main() -> None:
         for name, prompts in (("HumanEval", humaneval(args.prompts)), ("edited file", edited_file(tokenizer))):
             results["workloads"][name] = workload(session, tokenizer, prompts, args.new_tokens, drafters)
             print(f"[workload] {name} done", file=sys.stderr, flush=True)
+        results["crossover"] = crossover(
+            session, tokenizer, edited_file(tokenizer) * 4, args.new_tokens // 2, draft_session, ratio
+        )
         draft.close()
-        results["crossover"] = crossover(session, tokenizer, edited_file(tokenizer) * 4, args.new_tokens // 2)
     costs = results["costs"][target.name]
     results["predicted_at_0.7"] = dict(zip(("k", "speedup"), predicted_speedup(costs, 0.7), strict=True))
     results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -311,12 +314,15 @@ def print_tables(results: dict) -> None:
                     f"| {name} | {drafter} | {s['acceptance']:.2f} | {s['tokens_per_run']:.2f} | {s['tok_s']:.1f} | "
                     f"{s['speedup']:.2f}x | {w['identical']} |"
                 )
-    print("\n| concurrency | plain tok/s | each row as if alone | default (load-aware) | acceptance | identical |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| concurrency | plain tok/s | lookup, each row as if alone | lookup, default (load-aware) | acceptance "
+        "| draft model, default | its acceptance | identical |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["crossover"]:
         print(
             f"| {r['concurrency']} | {r['plain_tok_s']:.1f} | {r['always_x']:.2f}x | {r['default_x']:.2f}x | "
-            f"{r['acceptance']:.2f} | {r['identical']} |"
+            f"{r['acceptance']:.2f} | {r['draft_x']:.2f}x | {r['draft_acceptance']:.2f} | {r['identical']} |"
         )
     pred = results["predicted_at_0.7"]
     print(f"\ncost model at acceptance 0.7 (batch 1, 128 context): draft {pred['k']}, {pred['speedup']:.2f}x")

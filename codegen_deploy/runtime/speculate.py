@@ -11,8 +11,11 @@ Drafters: PromptLookup (the continuation of the row's latest n-gram where it occ
 identifiers, signatures and lines) and DraftModel (a smaller model with the same tokenizer, greedy).
 
 Never slower: each row keeps an estimate of how often a drafted token is accepted (Acceptance), the
-session's measured cost of a run with j new tokens (StepCosts) and the drafter's cost per token; a round
-drafts the k that maximises expected tokens per second, and none when plain decoding is expected faster.
+session's measured cost of a run with j new tokens (StepCosts), the drafter's cost per token and what it
+must read before it drafts (a draft model catching up on the row's context); a round drafts the k that
+maximises expected tokens per second, and none when plain decoding is expected faster. While none pays, a
+probe of one token now and then finds out whether drafting pays again; probes are spaced so that they cost
+at most PROBE_SHARE of the decode.
 """
 
 from __future__ import annotations
@@ -35,15 +38,49 @@ PRIOR_ACCEPTANCE, PRIOR_WEIGHT, FORGET = 0.5, 2.0, 0.9
 # now); the gap doubles after each probe that finds nothing, up to PROBE_MAX, so a drafter that never agrees
 # costs a handful of probes over a long decode.
 PROBE_EVERY, PROBE_MAX = 16, 256
+# The most of a decode's time that probes may cost: a probe that costs c steps more than a plain step waits at
+# least c / PROBE_SHARE rounds after the last draft (a draft model catching up on 64 tokens waits ~60 rounds).
+PROBE_SHARE = 0.02
+# A token appended to a cache costs this fraction of a step beyond the step itself until measured (measured on
+# this CPU: fp32 60 ms per step + 2.1 ms per token, int8 27 ms + 0.7 ms).
+APPEND_TOKEN_COST = 0.035
 
 
-class PromptLookup:
+class Drafter:
+    """What every drafter does: propose up to k tokens after a row's context, say what a drafted token costs
+    and what it reads before drafting (in steps of the model), and keep `history`, how often its drafts were
+    accepted over all rows (a new row starts from it: a drafter that is never right does not try again on
+    every request)."""
+
+    name = "drafter"
+
+    def __init__(self):
+        self.history = Acceptance()
+
+    def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
+        """Up to k tokens to follow `ids` (a row's prompt and output so far) in row slot `row`."""
+        raise NotImplementedError
+
+    def cost_ratio(self, step_seconds: float | None) -> float:
+        """A drafted token's cost in steps of the model (step_seconds: a step's, when measured)."""
+        return 0.0
+
+    def catch_up_cost(self, ids: Sequence[int], row: int, step_seconds: float | None) -> float:
+        """What drafting after `ids` costs before the first drafted token, in steps of the model."""
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+class PromptLookup(Drafter):
     """Drafts the tokens that followed the latest earlier occurrence of the row's last n tokens (n from
     max_ngram down to min_ngram) in its prompt and output: prompt-lookup decoding. Costs no model run."""
 
     name = "lookup"
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        super().__init__()
         if not 1 <= min_ngram <= max_ngram:
             raise InputError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram} and {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -62,20 +99,13 @@ class PromptLookup:
                 return context[start : start + k].tolist()
         return []
 
-    def cost_ratio(self, step_seconds: float | None) -> float:
-        """A drafted token's cost in steps of the model: nothing, no model runs."""
-        return 0.0
-
-    def close(self) -> None:
-        pass
-
 
 # A draft model reads at most this many tokens of a row's context to catch up before a draft (the start of a
 # long prompt is left out): what a row pays before it knows whether the draft model's tokens are accepted.
 DRAFT_WINDOW = 64
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """Drafts greedily with a smaller model that shares the tokenizer (its own Session with row slots, one per
     row). Its cache follows each row over a window of the row's context: what it holds beyond the row's
     accepted tokens is cut before the next draft, and when catching up would mean reading more than
@@ -88,18 +118,40 @@ class DraftModel:
     def __init__(self, session: Session, rows: int = 1, relative_cost: float = 1.0):
         if not session.supports_slots:
             raise InputError(f"the draft model's {session.name} session has no row slots: use an ONNX export on CPU")
+        super().__init__()
         session.open_slots(rows)
         self.session = session
         self.ids: list[list[int]] = [[] for _ in range(rows)]  # what each slot holds: context[start:]
         self.start = [0] * rows  # where in the row's context the slot's window begins
         self.relative_cost = relative_cost
-        self.seconds_per_token: float | None = None  # a drafted token's cost, measured (moving average)
+        self.step_seconds: float | None = None  # a draft step's cost, measured (moving average)
+        self.token_seconds: float | None = None  # an appended token's cost beyond a step, measured
 
     def cost_ratio(self, step_seconds: float | None) -> float:
         """A drafted token's cost in steps of the model (measured when both are, else relative_cost)."""
-        if self.seconds_per_token is None or not step_seconds:
+        if self.step_seconds is None or not step_seconds:
             return self.relative_cost
-        return self.seconds_per_token / step_seconds
+        return self.step_seconds / step_seconds
+
+    def catch_up_cost(self, ids: Sequence[int], row: int, step_seconds: float | None) -> float:
+        """What the draft model reads of `ids` before its first draft, beyond one draft step, in steps of the
+        model: little while it drafts every round, a window of the context after it has not for a while."""
+        start, shared = self._window(ids, row, 1)
+        behind = len(ids) - start - shared
+        if self.token_seconds is None or self.step_seconds is None or not step_seconds:
+            return (behind - 1) * APPEND_TOKEN_COST * self.relative_cost
+        return (behind - 1) * self.token_seconds / step_seconds
+
+    def _window(self, ids: Sequence[int], row: int, k: int) -> tuple[int, int]:
+        """Where the slot's window over `ids` begins and how much of what it holds stays (the rest is read)."""
+        held, start = self.ids[row], self.start[row]
+        room = self.session.max_context - k - 1
+        if len(ids) <= start:  # another row's context, shorter than where this slot's window began
+            return max(0, len(ids) - min(DRAFT_WINDOW, room)), 0
+        shared = min(common_prefix(held, ids[start:]), len(ids) - start - 1)
+        if len(ids) - start - shared > DRAFT_WINDOW or len(ids) - start > room:
+            return max(0, len(ids) - min(DRAFT_WINDOW, room)), 0  # a new window over the recent context
+        return start, shared
 
     def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
         """k greedy tokens of the draft model after `ids` (a row's whole context)."""
@@ -107,23 +159,27 @@ class DraftModel:
             return []
         if max(ids) >= self.session.config.vocab_size:
             return []  # a token the draft model does not know: no draft
-        begin = time.perf_counter()
-        held, start = self.ids[row], self.start[row]
-        shared = min(common_prefix(held, ids[start:]), len(ids) - start - 1) if len(ids) > start else 0
-        room = self.session.max_context - k - 1
-        if len(ids) - start - shared > DRAFT_WINDOW or len(ids) - start > room:
-            start, shared = max(0, len(ids) - min(DRAFT_WINDOW, room)), 0  # a new window over the recent context
-            self.start[row] = start
+        start, shared = self._window(ids, row, k)
+        self.start[row], held = start, self.ids[row]
         self.session.truncate_slot(row, shared)
         del held[shared:]
-        logits = self.session.append_slot(row, list(ids[start + shared :]))
-        held.extend(ids[start + shared :])
+        new = list(ids[start + shared :])
+        begin = time.perf_counter()
+        logits = self.session.append_slot(row, new)
+        appended = time.perf_counter() - begin
+        held.extend(new)
         drafts = [int(logits.argmax())]
         while len(drafts) < k:
+            begin = time.perf_counter()
             logits = self.session.step_slots([row], [drafts[-1]])[0]
+            self.step_seconds = moving_average(self.step_seconds, time.perf_counter() - begin)
             held.append(drafts[-1])
             drafts.append(int(logits.argmax()))
-        self.seconds_per_token = moving_average(self.seconds_per_token, (time.perf_counter() - begin) / len(drafts))
+        if len(new) == 1:
+            self.step_seconds = moving_average(self.step_seconds, appended)
+        elif self.step_seconds is not None:
+            extra = max(appended - self.step_seconds, 0.0) / (len(new) - 1)
+            self.token_seconds = moving_average(self.token_seconds, extra)
         return drafts
 
     def close(self) -> None:
@@ -156,11 +212,13 @@ class StepCosts:
 
 class Acceptance:
     """How often a row's drafted tokens are accepted: accepted tokens against the first rejection of each
-    round (the geometric model's estimate), with older rounds forgotten, and the k it pays to draft."""
+    round (the geometric model's estimate), with older rounds forgotten, and the k it pays to draft. A row
+    starts from its drafter's history (what the drafter's drafts did on earlier rows), which it updates."""
 
-    def __init__(self, max_draft: int = MAX_DRAFT):
-        self.max_draft = max_draft
-        self.accepted, self.rejected = PRIOR_ACCEPTANCE * PRIOR_WEIGHT, (1 - PRIOR_ACCEPTANCE) * PRIOR_WEIGHT
+    def __init__(self, max_draft: int = MAX_DRAFT, history: Acceptance | None = None):
+        self.max_draft, self.history = max_draft, history
+        prior = PRIOR_ACCEPTANCE if history is None else history.rate
+        self.accepted, self.rejected = prior * PRIOR_WEIGHT, (1 - prior) * PRIOR_WEIGHT
         self.idle = 0  # rounds since the last draft
         self.probe_gap = PROBE_EVERY
 
@@ -173,21 +231,27 @@ class Acceptance:
             self.accepted = FORGET * self.accepted + accepted
             self.rejected = FORGET * self.rejected + (accepted < drafted)
             self.probe_gap = PROBE_EVERY if accepted else min(2 * self.probe_gap, PROBE_MAX)
+            if self.history is not None:
+                self.history.update(drafted, accepted)
 
-    def choose(self, costs: StepCosts, draft_ratio: float, limit: int, plain_cost: float = 1.0) -> int:
+    def choose(
+        self, costs: StepCosts, draft_ratio: float, limit: int, plain_cost: float = 1.0, catch_up: float = 0.0
+    ) -> int:
         """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
-        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens and k drafted ones (each draft_ratio
-        steps), if that beats a plain token, which costs `plain_cost` one-row steps (less than 1 when the row
-        steps with others); a probe of 1 now and then while none pays (further apart while probes find
-        nothing)."""
+        E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens, k drafted ones (each draft_ratio
+        steps) and what the drafter reads before it drafts (catch_up steps), if that beats a plain token, which
+        costs `plain_cost` one-row steps (less than 1 when the row steps with others). While none pays, a
+        probe of 1 now and then: further apart while probes find nothing, and never costing more than
+        PROBE_SHARE of the rounds in between."""
         a = min(self.rate, 0.999)
         best, best_speed = 0, 1.0 / plain_cost
         for k in range(1, min(self.max_draft, limit) + 1):
-            speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio)
+            speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio + catch_up)
             if speed > best_speed:
                 best, best_speed = k, speed
         self.idle = 0 if best else self.idle + 1
-        if not best and self.idle >= self.probe_gap and limit >= 1:
+        probe_cost = costs.ratio(2) + draft_ratio + catch_up - plain_cost  # beyond the plain step it replaces
+        if not best and self.idle >= max(self.probe_gap, probe_cost / PROBE_SHARE) and limit >= 1:
             self.idle = 0
             return 1
         return best
@@ -308,7 +372,7 @@ def speculative_tokens(
     stats = stats if stats is not None else SpeculationStats()
     if session.slot_count == 0:
         session.open_slots(1)
-    costs, acceptance = StepCosts(), Acceptance(max_draft)
+    costs, acceptance = StepCosts(), Acceptance(max_draft, drafter.history)
     start = time.perf_counter()
     token = int(adjust(session.prefill_slot(0, prompt)[None, :]).argmax())
     context = [*prompt, token]
@@ -320,7 +384,8 @@ def speculative_tokens(
     yield token
     while produced < max_new_tokens:
         limit = min(max_new_tokens - produced - 1, session.max_context - session.slot_length(0) - 1)
-        k = acceptance.choose(costs, drafter.cost_ratio(costs.seconds.get(1)), limit)
+        step = costs.seconds.get(1)
+        k = acceptance.choose(costs, drafter.cost_ratio(step), limit, catch_up=drafter.catch_up_cost(context, 0, step))
         drafts = drafter.propose(context, k) if k else []
         t = time.perf_counter()
         n, token = verify(session, 0, context[-1], drafts, adjust)

@@ -507,6 +507,9 @@ class Batcher:
     def submit(self, specs: list[RowSpec], sinks: list[Callable[[RowUpdate], None]]) -> list[Row]:
         """Queue rows (all or none); raises QueueFull when they do not fit in the queue."""
         rows = [Row(spec, sink, self.tokenizer, self.eos) for spec, sink in zip(specs, sinks, strict=True)]
+        if self.drafter is not None:
+            for row in rows:
+                row.acceptance = Acceptance(history=self.drafter.history)
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -601,9 +604,11 @@ class Batcher:
             return False
         room = self.session.max_context - self.session.slot_length(row.slot) - 1
         limit = min(row.spec.max_tokens - len(row.text.ids) - 1, room)
-        draft_ratio = self.drafter.cost_ratio(self._costs.seconds.get(1))
-        k = row.acceptance.choose(self._costs, draft_ratio, limit, plain_cost)
-        drafts = self.drafter.propose([*row.spec.prompt_ids, *row.text.ids], k, row=row.slot) if k else []
+        step = self._costs.seconds.get(1)
+        context = [*row.spec.prompt_ids, *row.text.ids]
+        catch_up = self.drafter.catch_up_cost(context, row.slot, step)
+        k = row.acceptance.choose(self._costs, self.drafter.cost_ratio(step), limit, plain_cost, catch_up)
+        drafts = self.drafter.propose(context, k, row=row.slot) if k else []
         if not drafts:
             return False
         start = time.perf_counter()

@@ -13,14 +13,16 @@ from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.speculate import (
     PROBE_EVERY,
     PROBE_MAX,
+    PROBE_SHARE,
     Acceptance,
+    Drafter,
     DraftModel,
     PromptLookup,
     SpeculationStats,
     StepCosts,
     check_speculation,
 )
-from tests.runtime.conftest import slot_cases
+from tests.runtime.conftest import FreeDraft, slot_cases
 
 
 class NoText:
@@ -35,25 +37,20 @@ class NoText:
 TOKENIZER = NoText()
 
 
-class Scripted:
+class Scripted(Drafter):
     """A drafter that proposes from a fixed list of tokens (the previous greedy run: every draft right; or
     noise: every draft wrong); counts what it was asked."""
 
     name = "scripted"
 
-    def cost_ratio(self, step_seconds):
-        return 0.0
-
     def __init__(self, tokens: list[int], offset: int):
+        super().__init__()
         self.tokens, self.offset, self.asked = tokens, offset, 0
 
     def propose(self, ids, k, row=0):
         self.asked += 1
         at = len(ids) - self.offset
         return list(self.tokens[at : at + k])
-
-    def close(self):
-        pass
 
 
 @pytest.fixture(scope="module", params=slot_cases())
@@ -100,7 +97,7 @@ def test_greedy_tokens_are_those_of_plain_decoding(session, drafter):
         elif drafter == "wrong":
             d = Scripted([(t + 1) % vocab for t in plain], len(prompt))
         else:
-            d = DraftModel(session.twin())  # the same weights: every draft agrees
+            d = FreeDraft(session.twin())  # the same weights: every draft agrees
         result = generate(session, TOKENIZER, [prompt], config, drafter=d)
         assert result.ids == plain
         for key in ("drafted", "accepted", "runs", "tokens"):
@@ -171,4 +168,53 @@ def test_a_draft_model_reads_at_most_a_window_of_the_context(session):
     assert len(drafts) == 3 and appended == [min(DRAFT_WINDOW, len(context))]
     drafter.propose([*context, drafts[0], 7], 2)  # one draft accepted, then the model's own token
     assert appended[-1] == 1  # the accepted draft is already in its cache: only the model's token is read
+    # The slot's next row, shorter than where the window began (a short context: the window began at 0 and
+    # the first 4 tokens are in the cache).
+    assert len(drafter.propose(context[:5], 2)) == 2
+    assert appended[-1] == (5 if len(context) > DRAFT_WINDOW else 1)
     drafter.close()
+
+
+def test_a_draft_model_counts_what_it_must_read_before_drafting(session):
+    """Catching up on a window of the context is priced before a round drafts; once the draft model follows
+    the row, only the tokens it has not seen are."""
+    from codegen_deploy.runtime.speculate import APPEND_TOKEN_COST, DRAFT_WINDOW
+
+    drafter = DraftModel(session.twin(), relative_cost=0.5)
+    context = np.random.default_rng(3).integers(0, session.config.vocab_size, min(80, session.max_context - 10))
+    context = context.tolist()
+    window = min(DRAFT_WINDOW, len(context))
+    assert drafter.catch_up_cost(context, 0, None) == pytest.approx((window - 1) * APPEND_TOKEN_COST * 0.5)
+    drafts = drafter.propose(context, 2)
+    assert drafter.catch_up_cost([*context, drafts[0], 5], 0, None) == 0.0  # one token to read: a draft step
+    assert drafter.catch_up_cost([*context, 9, 9, 9], 0, None) == pytest.approx(2 * APPEND_TOKEN_COST * 0.5)
+    drafter.close()
+
+
+def test_probes_cost_at_most_their_share_of_the_decode():
+    costs = StepCosts()
+    costs.record(1, 0.050)
+    costs.record(2, 0.055)
+    for catch_up in (0.0, 1.0, 8.0):
+        bad = Acceptance(history=Acceptance())
+        for _ in range(20):
+            bad.update(1, 0)
+        probes = [r for r in range(1, 2000) if bad.choose(costs, 0.2, limit=100, catch_up=catch_up)]
+        cost = costs.ratio(2) + 0.2 + catch_up - 1.0  # what a probe costs beyond the plain step it replaces
+        gaps = np.diff([0, *probes])
+        assert len(probes) >= 3 and gaps.min() >= max(PROBE_MAX, cost / PROBE_SHARE) - 1
+        assert cost * len(probes) / 2000 <= PROBE_SHARE  # all probes together
+
+
+def test_a_row_starts_from_what_its_drafter_did_before():
+    costs = StepCosts()
+    costs.record(1, 0.050)
+    costs.record(2, 0.052)
+    wrong, right = Drafter(), Drafter()
+    for _ in range(30):
+        Acceptance(history=wrong.history).update(2, 0)
+        Acceptance(history=right.history).update(2, 2)
+    assert wrong.history.rate < 0.05 and right.history.rate > 0.95
+    assert Acceptance(history=wrong.history).choose(costs, 0.1, limit=100, catch_up=0.5) == 0  # waits for a probe
+    assert Acceptance(history=right.history).choose(costs, 0.1, limit=100, catch_up=0.5) > 1  # drafts at once
+    assert Acceptance().rate == pytest.approx(0.5)  # no history: the prior

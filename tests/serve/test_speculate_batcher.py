@@ -11,9 +11,10 @@ from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate, open_session
 from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.sampling import SamplingConfig
-from codegen_deploy.runtime.speculate import DraftModel, PromptLookup
+from codegen_deploy.runtime.speculate import PromptLookup
 from codegen_deploy.serve.batcher import Batcher, RowSpec
 from codegen_deploy.serve.metrics import Metrics
+from tests.runtime.conftest import FreeDraft, trust
 
 
 class Collector:
@@ -66,7 +67,12 @@ def test_drafting_rows_give_the_tokens_of_plain_decoding(session, tokenizer, tin
     ]
     metrics = Metrics()
     # A draft model with the target's own weights: its drafts always agree.
-    d = PromptLookup() if drafter == "lookup" else DraftModel(open_session("torch", tiny_checkpoint, threads=1), rows=8)
+    # Both trusted from the start, so that rows draft while another steps plainly.
+    d = (
+        trust(PromptLookup())
+        if drafter == "lookup"
+        else FreeDraft(open_session("torch", tiny_checkpoint, threads=1), rows=8)
+    )
     batcher = Batcher(session, tokenizer, max_batch=2, metrics=metrics, drafter=d)
     sinks = _run(batcher, specs)
     assert [s.tokens for s in sinks] == expected
