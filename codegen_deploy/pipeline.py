@@ -319,6 +319,7 @@ def _write(
         progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
     write_tokenizer_config(tmp, config)
     write_genai_config(tmp, config)
+    fim = _fill_in_the_middle(tmp, config)
 
     summary = graphs.summary
     cache_dtype = summary["dtypes"][io_spec.present_name(0, "key")]
@@ -334,6 +335,7 @@ def _write(
         "data_file": io_spec.DATA_FILE if graphs.keep_external else None,
         "inputs": [s.to_dict() for s in io_spec.decoder_inputs(*spec_args, cache_dtype)],
         "outputs": [s.to_dict() for s in io_spec.decoder_outputs(*spec_args, config.vocab_size, cache_dtype)],
+        "fill_in_the_middle": fim,
         **({"trace_dims": _trace_dims()} if entries["method"] == "trace" else {}),
         "versions": versions(),
         **entries,
@@ -342,6 +344,15 @@ def _write(
     }
     write_manifest(tmp, {**body, "timings_s": stages.seconds})
     stages.done("write", f"tokenizer, config.json, {io_spec.GENAI_CONFIG_FILE}, manifest.json")
+
+
+def _fill_in_the_middle(folder: Path, config: ModelConfig) -> dict | None:
+    """CodeGen2's fill-in-the-middle tokens of the export's tokenizer (their ids), or None: no tokenizer, a
+    tokenizer without them (CodeGen1), or ids past the embedding's rows."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    fim = load_tokenizer(folder).fim_for(config.vocab_size)
+    return None if fim is None else fim.to_dict()
 
 
 def _trace_dims() -> dict:

@@ -103,6 +103,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def codegen2_checkpoint(tmp_path_factory) -> Path:
+    """A random checkpoint in CodeGen2's layout ('codegen2-tiny': 8 qkv shards) whose trained tokenizer has
+    CodeGen2's fill-in-the-middle tokens."""
+    from codegen_deploy.model.make_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "codegen2-tiny", shape="codegen2-tiny", seed=2)
+
+
+@pytest.fixture(scope="session")
+def codegen2_export(codegen2_checkpoint, tmp_path_factory) -> Path:
+    """The CodeGen2 checkpoint exported in float32 (validated, with the fused graph)."""
+    from codegen_deploy.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "codegen2-fp32"
+    return export_model(codegen2_checkpoint, out, progress=lambda line: None)
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     """An fp32 ONNX export folder of the tiny checkpoint, not validated, with the plain graph only
     (runtime tests that want the fused graph add it to a copy)."""

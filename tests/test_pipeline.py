@@ -86,6 +86,7 @@ def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
     manifest = read_manifest(fp32_export, verify="sha256")
     config = ModelConfig.from_file(fp32_export)
     assert manifest["model_config"] == config.to_dict()
+    assert manifest["fill_in_the_middle"] is None  # CodeGen1's tokenizer has no fill-in-the-middle tokens
     assert manifest["dtype"] == manifest["cache_dtype"] == manifest["logits_dtype"] == "float32"
     assert [(s["name"], s["dtype"], s["shape"]) for s in manifest["inputs"] + manifest["outputs"]] == spec_io(
         config, "float32"

@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="?", help="the prompt (default: --file, else standard input)")
     p.add_argument("--file", help="read the prompt from this file")
     p.add_argument(
+        "--suffix",
+        help="the code after the gap: fill in the middle between the prompt and it (a model with CodeGen2's "
+        "fill-in-the-middle tokens); the middle ends at <eom>",
+    )
+    p.add_argument("--suffix-file", metavar="FILE", help="read the suffix from this file")
+    p.add_argument(
         "--backend",
         choices=BACKENDS,
         help="default: onnxruntime for an export folder, tensorrt for an engine, torch for a checkpoint",
@@ -107,6 +113,22 @@ def read_prompt(args: argparse.Namespace, context: int | None = None) -> str:
     return _decode(stdin.read(limit + 1), limit, "standard input")
 
 
+def read_suffix(args: argparse.Namespace, context: int | None = None) -> str | None:
+    """The suffix: --suffix or --suffix-file (read bounded as the prompt is), or None."""
+    if args.suffix is not None and args.suffix_file is not None:
+        raise InputError("give the suffix with --suffix or --suffix-file, not both")
+    if args.suffix is not None:
+        return _argument_text(args.suffix, "the suffix argument", "--suffix-file")
+    if args.suffix_file is None:
+        return None
+    limit = (context or LIMITS["n_positions"]) * PROMPT_BYTES_PER_TOKEN
+    try:
+        with open(args.suffix_file, "rb") as f:
+            return _decode(f.read(limit + 1), limit, f"the suffix file {args.suffix_file}")
+    except OSError as e:
+        raise InputError(f"cannot read the suffix file {args.suffix_file} ({e.strerror}): check the path") from e
+
+
 def _decode(data: bytes | str, limit: int, source: str) -> str:
     """`data` read from `source` as text; one line when it is longer than `limit` bytes or not UTF-8."""
     if len(data) > limit:
@@ -118,9 +140,9 @@ def _decode(data: bytes | str, limit: int, source: str) -> str:
         raise InputError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _argument_text(text: str) -> str:
-    """The prompt argument, refused in one line when it is not UTF-8 (bytes the shell passed that are not, or a
-    lone surrogate: the tokenizer takes neither)."""
+def _argument_text(text: str, what: str = "the prompt argument", instead: str = "--file") -> str:
+    """A text argument (the prompt's, by default), refused in one line when it is not UTF-8 (bytes the shell
+    passed that are not, or a lone surrogate: the tokenizer takes neither)."""
     try:
         text.encode("utf-8")
         return text
@@ -132,7 +154,7 @@ def _argument_text(text: str) -> str:
             pass
         except UnicodeDecodeError as d:
             detail = f"{d.reason} at byte {d.start}"
-        raise InputError(f"the prompt argument is not UTF-8 text ({detail}): pass UTF-8, or use --file") from None
+        raise InputError(f"{what} is not UTF-8 text ({detail}): pass UTF-8, or use {instead}") from None
 
 
 def unescape(text: str) -> str:
@@ -162,6 +184,7 @@ def command(argv: list[str] | None) -> int:
     from ..runtime.speculate import SpeculationStats, check_speculation, make_drafter
 
     prompt = read_prompt(args, context_of(args.path))
+    suffix = read_suffix(args, context_of(args.path))
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(
@@ -183,7 +206,8 @@ def command(argv: list[str] | None) -> int:
     options = session_options(args, backend, dtype=torch_dtype(args.dtype) if args.dtype else None)
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)
-    check_prompt_fits(tokenizer.encode(prompt), config.max_new_tokens, context_of(target))
+    ids = tokenizer.encode(prompt) if suffix is None else tokenizer.infill(prompt, suffix)  # refused on CodeGen1
+    check_prompt_fits(ids, config.max_new_tokens, context_of(target))
     session = open_session(backend, target, **options)
     print(f"[{session.name}] opened {target} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if tokenizer.vocab_size < session.config.vocab_size // 2:  # CodeGen's own: 50295 of 51200
@@ -197,7 +221,7 @@ def command(argv: list[str] | None) -> int:
     stats = SpeculationStats() if drafter is not None else None
     with session:
         if args.json:
-            result = generate(session, tokenizer, prompt, config, drafter=drafter)
+            result = generate(session, tokenizer, prompt, config, drafter=drafter, suffix=suffix)
             if drafter is not None:
                 drafter.close()
             c = result.completions[0]
@@ -205,6 +229,7 @@ def command(argv: list[str] | None) -> int:
                 "backend": session.name,
                 "path": str(target),
                 "prompt": prompt,
+                **({"suffix": suffix} if suffix is not None else {}),
                 **c.to_dict(),
                 "sampling": config.sampling.to_dict(),
                 "timings": result.timings.to_dict(),
@@ -218,10 +243,13 @@ def command(argv: list[str] | None) -> int:
             if args.echo:
                 sys.stdout.write(prompt)
                 wrote = bool(prompt)
-            for piece in stream(session, tokenizer, prompt, config, timings=timings, drafter=drafter, stats=stats):
+            pieces = stream(session, tokenizer, prompt, config, timings, drafter, stats, suffix=suffix)
+            for piece in pieces:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 wrote = wrote or bool(piece)
+            if args.echo and suffix:  # the whole file: before the gap, the middle, after it
+                sys.stdout.write(suffix)
         except BaseException:
             if wrote:  # interrupted mid-line: end it, so the error line and the shell's prompt start their own
                 sys.stdout.write("\n")

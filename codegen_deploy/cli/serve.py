@@ -105,8 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--suffix",
         choices=("ignore", "error"),
         default="ignore",
-        help="a request's `suffix` (CodeGen1 cannot fill in the middle): ignore it and continue the prompt, as "
-        "FauxPilot does (default), or answer vLLM's 400 'suffix is not currently supported'",
+        help="a request's `suffix` on a model that cannot fill in the middle (CodeGen1; CodeGen2 fills it in): "
+        "ignore it and continue the prompt, as FauxPilot does (default), or answer vLLM's 400 'suffix is not "
+        "currently supported' (and 501 on /infill, as llama.cpp)",
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_device_options(p)

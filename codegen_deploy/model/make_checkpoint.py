@@ -22,7 +22,7 @@ from ..dtypes import dtype_name
 from ..errors import InputError, TokenizerError
 from .hub import TOKENIZER_FILES
 from .reference import CodeGen
-from .tokenizer import EOS_TOKEN, load_tokenizer
+from .tokenizer import EOS_TOKEN, FIM_EOM, FIM_MASK, FIM_SEP, load_tokenizer
 from .weights import save_checkpoint
 
 # Small shapes for demos and tests; the published shapes come from config.PUBLISHED_SHAPES.
@@ -39,6 +39,7 @@ SMALL_SHAPES = {
 SHAPES = {**SMALL_SHAPES, **PUBLISHED_SHAPES}
 TRAINED_VOCAB = 2048  # the small shapes' embedding rows
 
+FIM_SPECIALS = (FIM_MASK, FIM_SEP, FIM_EOM)
 # CodeGen's added tokens: runs of 31..2 spaces, then 9..2 tabs (Salesforce's tokenizer recipe).
 WHITESPACE_RUNS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 
@@ -59,11 +60,11 @@ _CORPUS_MODULES = (
 )
 
 
-def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
+def train_tokenizer(vocab_size: int = TRAINED_VOCAB, fim: bool = False):
     """A byte-level BPE tokenizer trained on Python's own source, laid out like CodeGen's, with exactly
-    `vocab_size` ids: BPE tokens as far as the corpus has merges for, CodeGen's whitespace runs, then (for
-    vocabularies the corpus cannot fill, e.g. the published shapes' 51200) `<|extra_N|>` tokens, so every id a
-    model of that many rows samples decodes to text."""
+    `vocab_size` ids: BPE tokens as far as the corpus has merges for, CodeGen's whitespace runs, CodeGen2's
+    fill-in-the-middle tokens if `fim`, then (for vocabularies the corpus cannot fill, e.g. the published
+    shapes' 51200) `<|extra_N|>` tokens, so every id a model of that many rows samples decodes to text."""
     import importlib
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,16 +77,26 @@ def train_tokenizer(vocab_size: int = TRAINED_VOCAB):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(WHITESPACE_RUNS),
+        vocab_size=vocab_size - len(WHITESPACE_RUNS) - (len(FIM_SPECIALS) if fim else 0),
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens([AddedToken(run, normalized=True, special=False) for run in WHITESPACE_RUNS])
+    if fim:
+        add_fim_tokens(tok)
     extra = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     tok.add_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=False) for i in range(extra)])
     return tok
+
+
+def add_fim_tokens(backend) -> None:
+    """Add CodeGen2's fill-in-the-middle tokens to a `tokenizers` Tokenizer as special tokens (as CodeGen2's
+    tokenizer has them: never split, decoded as written)."""
+    from tokenizers import AddedToken
+
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in FIM_SPECIALS])
 
 
 def make_checkpoint(
@@ -97,13 +108,16 @@ def make_checkpoint(
     layout: str = "safetensors",
     max_shard_bytes: int | None = None,
     config: ModelConfig | None = None,
+    fim: bool | None = None,
 ) -> Path:
     """Write a random-weight CodeGen checkpoint (config.json, weights, tokenizer files) into `output`.
 
     shape: one of SHAPES ("tiny", "demo", "codegen2-tiny", "350M", "2B", "6B", "16B"), or `config` a shape of
     its own (small weights, as the small shapes have). tokenizer: a folder with
-    CodeGen tokenizer files to copy (the real one); default: train a small one here. The embedding
-    has max(shape's vocab, tokenizer size rounded up to 64) rows and eos is the tokenizer's <|endoftext|>.
+    CodeGen tokenizer files to copy (the real one); default: train a small one here. fim: give the tokenizer
+    CodeGen2's fill-in-the-middle tokens (default: for CodeGen2's layout, 8 qkv shards), added to a copied
+    one as CodeGen2 adds them to CodeGen's. The embedding has max(shape's vocab, tokenizer size rounded up to
+    64) rows and eos is the tokenizer's <|endoftext|>.
     """
     if config is None and shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
@@ -117,12 +131,17 @@ def make_checkpoint(
     with staging_folder(output, hint=hint, protect=[tokenizer] if tokenizer else []) as tmp:
         small = config is not None or shape in SMALL_SHAPES
         config = config or SHAPES[shape]
+        fim = config.qkv_shards == 8 if fim is None else fim
         if tokenizer is None:  # as many ids as the embedding has rows
-            train_tokenizer(config.vocab_size).save(str(tmp / "tokenizer.json"))
+            train_tokenizer(config.vocab_size, fim=fim).save(str(tmp / "tokenizer.json"))
             tok = load_tokenizer(tmp)
         else:
             for path in tokenizer_files:
                 shutil.copyfile(path, tmp / path.name)
+            if fim and tok.fim is None:
+                add_fim_tokens(tok._tok)
+                tok._tok.save(str(tmp / "tokenizer.json"))  # read before vocab.json + merges.txt
+                tok = load_tokenizer(tmp)
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
         config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         # Weights large enough that logits vary by several units: parity checks then mean something.

@@ -1,31 +1,84 @@
-"""CodeGen's tokenizer on the `tokenizers` library: GPT-2 byte-level BPE plus CodeGen's whitespace-run tokens."""
+"""CodeGen's tokenizer on the `tokenizers` library: GPT-2 byte-level BPE plus CodeGen's whitespace-run tokens,
+and CodeGen2's fill-in-the-middle tokens where the tokenizer has them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TokenizerError
+from ..errors import InputError, TokenizerError
 
 EOS_TOKEN = "<|endoftext|>"
+# CodeGen2's fill-in-the-middle (its model card): the prompt is prefix <mask_1> suffix <|endoftext|> <sep>
+# <mask_1>, and the model writes the middle after it, ending it with <eom>.
+FIM_MASK, FIM_SEP, FIM_EOM = "<mask_1>", "<sep>", "<eom>"
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """The ids of CodeGen2's fill-in-the-middle tokens in a tokenizer."""
+
+    mask: int
+    sep: int
+    eom: int
+
+    def to_dict(self) -> dict:
+        return {"format": "codegen2", FIM_MASK: self.mask, FIM_SEP: self.sep, FIM_EOM: self.eom}
 
 
 class Tokenizer:
-    """Encodes text to ids and back; `eos_token_id` ends generation."""
+    """Encodes text to ids and back; `end_ids` end generation (`eos_token_id`, and <eom> on a tokenizer that
+    can fill in the middle: `fim`)."""
 
     def __init__(self, backend, eos_token_id: int):
         self._tok = backend
         self.eos_token_id = eos_token_id
+        ids = [backend.token_to_id(t) for t in (FIM_MASK, FIM_SEP, FIM_EOM)]
+        self.fim = FimTokens(*ids) if None not in ids else None
+
+    def fim_for(self, vocab_size: int) -> FimTokens | None:
+        """`fim` where a model of `vocab_size` token ids has rows for the tokens, else None."""
+        if self.fim is None or max(self.fim.mask, self.fim.sep, self.fim.eom) >= vocab_size:
+            return None
+        return self.fim
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids that end a row: <|endoftext|>, and <eom> (the end of a filled-in middle) where there is one."""
+        return (self.eos_token_id,) if self.fim is None else (self.eos_token_id, self.fim.eom)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def infill(self, prefix: str, suffix: str, middle: str = "") -> list[int]:
+        """The fill-in-the-middle prompt of prefix, suffix and what is already typed of the middle (infill_ids).
+        Each text is encoded alone, so a prefix encodes the same whatever follows it (its cache is reused while
+        the suffix changes); this is what encoding the whole text gives, since special tokens split the text
+        first."""
+        self._check_fim()
+        return self.infill_ids(self.encode(prefix), self.encode(suffix), self.encode(middle))
+
+    def infill_ids(self, prefix: list[int], suffix: list[int], middle: list[int] = ()) -> list[int]:
+        """The one fill-in-the-middle layout, CodeGen2's: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>
+        middle, as token ids. InputError on a tokenizer without the tokens (CodeGen1)."""
+        self._check_fim()
+        mask, sep = self.fim.mask, self.fim.sep
+        return [*prefix, mask, *suffix, self.eos_token_id, sep, mask, *middle]
+
+    def _check_fim(self) -> None:
+        if self.fim is None:
+            raise InputError(
+                f"this model cannot fill in the middle: its tokenizer has no {FIM_MASK}, {FIM_SEP} and {FIM_EOM} "
+                "tokens (CodeGen2 has them, CodeGen1 does not): leave out the suffix, or use a CodeGen2 model"
+            )
 
 
 def load_tokenizer(path_or_id: str | Path) -> Tokenizer:

@@ -28,7 +28,8 @@ REPLACEMENT_CHAR = "\ufffd"
 class GenerationConfig:
     """When to stop and how to pick tokens.
 
-    eos_token_ids: ids that end a row (default: the tokenizer's <|endoftext|>). stop: strings that
+    eos_token_ids: ids that end a row (default: the tokenizer's end_ids, <|endoftext|> and CodeGen2's <eom>
+    where it has one). stop: strings that
     end a row; the output text is cut before the first one. pad_token_id: fed for left padding and
     for finished rows (default: the first eos id).
     """
@@ -323,8 +324,19 @@ def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> Gen
     elif overrides:
         raise InputError(f"give either a GenerationConfig or options, not both (got {', '.join(overrides)})")
     if config.eos_token_ids is None:
-        config = replace(config, eos_token_ids=(tokenizer.eos_token_id,))
+        config = replace(config, eos_token_ids=tuple(tokenizer.end_ids))
     return config
+
+
+def _prompt_rows(tokenizer, prompts, suffix: str | None) -> list[list[int]]:
+    """The token ids of each prompt; with a suffix, the one prompt is the text before the gap and the row is
+    the tokenizer's fill-in-the-middle prompt (Tokenizer.infill)."""
+    if suffix is None:
+        prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
+        return encode_prompts(tokenizer, prompt_list)
+    if not isinstance(prompts, str):
+        raise InputError("a suffix goes with one text prompt (the code before the gap): give the prompt as a string")
+    return [tokenizer.infill(prompts, suffix)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +349,7 @@ def generate(
     prompts: str | Sequence[str] | Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
     drafter=None,
+    suffix: str | None = None,
     **options,
 ) -> GenerationResult:
     """Generate from one prompt or a batch of prompts (strings or token id lists).
@@ -345,10 +358,11 @@ def generate(
     presence_penalty, frequency_penalty, logit_bias ((token id, bias) pairs), seed, stop, eos_token_ids,
     pad_token_id. drafter: a speculate.PromptLookup or speculate.DraftModel to decode greedily and
     speculatively, each prompt in turn (the same tokens as without; the result's `speculation` counts them).
+    suffix: the code after the gap, on a model that fills in the middle (CodeGen2): the one string prompt is
+    the code before it, and the text is the middle (it ends at <eom>).
     """
     config = _resolve(tokenizer, config, dict(options))
-    prompt_list = [prompts] if isinstance(prompts, str) or _is_id_list(prompts) else list(prompts)
-    prompt_rows = encode_prompts(tokenizer, prompt_list)
+    prompt_rows = _prompt_rows(tokenizer, prompts, suffix)
     eos = set(config.eos_token_ids)
     rows = [RowText(tokenizer, r, eos, config.stop) for r in prompt_rows]
     timings = Timings()
@@ -397,6 +411,7 @@ def stream(
     timings: Timings | None = None,
     drafter=None,
     stats: SpeculationStats | None = None,
+    suffix: str | None = None,
     **options,
 ) -> Iterator[str]:
     """Generate from one prompt, yielding text pieces as soon as they decode cleanly.
@@ -404,10 +419,11 @@ def stream(
     A piece is released only when the text decodes without a trailing U+FFFD (a multi-byte character
     split across tokens) and cannot be the start of a stop sequence, so the pieces joined equal
     generate()'s text. Options as for generate(); `timings`, when given, is filled in as it runs; with a
-    drafter, decoding is speculative (greedy) and `stats`, when given, counts its drafts.
+    drafter, decoding is speculative (greedy) and `stats`, when given, counts its drafts; with a suffix, the
+    middle between prompt and suffix (as generate()).
     """
     config = _resolve(tokenizer, config, dict(options))
-    prompt_rows = encode_prompts(tokenizer, [prompt])
+    prompt_rows = _prompt_rows(tokenizer, prompt if suffix is not None else [prompt], suffix)
     eos = set(config.eos_token_ids)
     row = RowText(tokenizer, prompt_rows[0], eos, config.stop)
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .completions import create_completion
 from .dialects import check_suffix_mode
+from .infill import InfillRequest, create_infill
 from .metrics import Metrics
 from .schemas import CompletionRequest, OpenAIError, error_body
 from .settings import ServeSettings, check_served_name
@@ -74,13 +75,13 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
         return Response(m.render(), media_type=m.content_type)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(settings)]}
+    async def models(request: Request):
+        return {"object": "list", "data": [_model_card(settings, request.app.state.server)]}
 
     @app.get("/v1/models/{model:path}")
-    async def model(model: str):
+    async def model(model: str, request: Request):
         check_served_name(settings, model)  # the one name /v1/models lists, whatever --model-name allows
-        return _model_card(settings)
+        return _model_card(settings, request.app.state.server)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -90,18 +91,23 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
     async def engine_completions(engine: str, body: CompletionRequest, request: Request):
         return await create_completion(request, body, engine, "engine")
 
+    @app.post("/infill")
+    async def infill(body: InfillRequest, request: Request):
+        return await create_infill(request, body)
+
     return app
 
 
-def _model_card(settings: ServeSettings) -> dict:
-    # CodeGen1 has no fill-in-the-middle: say what a request's `suffix` gets (see dialects.py).
+def _model_card(settings: ServeSettings, state: ServerState) -> dict:
+    # Whether the model fills in the middle, and what a request's `suffix` gets (see dialects.py).
+    fim = state.fim is not None
     return {
         "id": settings.served_name,
         "object": "model",
         "created": 0,
         "owned_by": "codegen-deploy",
-        "fill_in_the_middle": False,
-        "suffix": "ignored" if settings.suffix == "ignore" else "refused",
+        "fill_in_the_middle": fim,
+        "suffix": "filled in" if fim else "ignored" if settings.suffix == "ignore" else "refused",
     }
 
 
@@ -155,7 +161,7 @@ class _RequestCounter:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = "completions" if path.endswith("/completions") else "models" if "/models" in path else "other"
-        if path in ("/metrics", "/health"):
+        if path in ("/metrics", "/health", "/infill"):
             endpoint = path[1:]
 
         async def counting_send(message):

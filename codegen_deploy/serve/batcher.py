@@ -414,7 +414,7 @@ class Batcher:
             max_batch = min(max_batch, session.max_batch)  # a larger batch would fail every row it holds
         self.session = session
         self.tokenizer = tokenizer
-        self.eos = {tokenizer.eos_token_id}
+        self.eos = set(tokenizer.end_ids)  # <|endoftext|>, and <eom> on a model that fills in the middle
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import CodegenDeployError
 from .batcher import QueueFull, RowSpec, RowUpdate
-from .dialects import handle_suffix, prompt_prefix
+from .dialects import handle_suffix, infill_parts, prompt_prefix
 from .schemas import CompletionRequest, OpenAIError, bad_request, check_text, error_body
 from .settings import check_model
 from .state import SHUTTING_DOWN, ServerState
@@ -58,13 +58,15 @@ def shutting_down() -> OpenAIError:
 
 def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
     """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order. A request's
-    suffix and the FIM wrapping of a string prompt go through dialects.py (CodeGen1 cannot fill in the middle).
+    suffix and the FIM wrapping of a string prompt go through dialects.py: filled in on a model with CodeGen2's
+    tokens (Tokenizer.infill), the prompt continued or the request refused on CodeGen1 (--suffix).
 
     Everything that can be refused without tokenizing is checked first: the fields, the number of rows, and
     each string prompt's length against what the context can hold at most (state.max_token_chars characters a
     token), so a prompt of megabytes is refused at once rather than tokenized."""
     body.check()
-    handle_suffix(state.settings.suffix, body.suffix)
+    if state.fim is None:
+        handle_suffix(state.settings.suffix, body.suffix)
     texts = body.prompts()
     n = body.n or 1
     holds = state.batcher.max_queue + state.batcher.max_batch
@@ -78,11 +80,15 @@ def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[in
     context = state.session.max_context
     prompts = []
     for i, p in enumerate(texts):
+        gap = None  # (before, after) of a prompt filled in the middle
         if isinstance(p, str):
             check_text(p, f"prompt {i}", "prompt")
-            p = prompt_prefix(p)
+            if state.fim is not None:
+                gap = infill_parts(p, body.suffix)
+            else:
+                p = prompt_prefix(p)
             most = max(context - max_tokens, 0) * state.max_token_chars
-            if len(p) > most:
+            if len(p) + len(body.suffix or "") > most:
                 raise bad_request(
                     f"This model's maximum context length is {context} tokens, however you requested "
                     f"{max_tokens} tokens for the completion and a prompt of {len(p)} characters, more than the "
@@ -91,7 +97,13 @@ def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[in
                     "prompt",
                     "context_length_exceeded",
                 )
-        ids = encode_text(state.tokenizer, p) if isinstance(p, str) else list(p)
+        elif state.fim is not None and body.suffix is not None:
+            raise bad_request("a suffix goes with text prompts: send the prompt as a string", "suffix")
+        if gap is not None:
+            check_text(gap[1], "suffix", "suffix")
+            ids = state.tokenizer.infill(*gap)
+        else:
+            ids = encode_text(state.tokenizer, p) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
         if min(ids) < 0 or max(ids) >= state.vocab_size:
@@ -141,6 +153,7 @@ class _Choice:
     tokens: int = 0
     logprobs: dict | None = None
     cached_tokens: int = 0
+    first_token_at: float | None = None  # perf_counter() when its first tokens arrived
 
 
 class CompletionRun:
@@ -200,6 +213,8 @@ class CompletionRun:
     def apply(self, index: int, update: RowUpdate) -> dict | None:
         """Book one row update into its choice (text, tokens, offsets, finish); return its logprobs piece."""
         c = self.choices[index]
+        if c.first_token_at is None and update.tokens:
+            c.first_token_at = time.perf_counter()
         c.text += update.text
         c.tokens += len(update.tokens)
         if update.cached_tokens is not None:

@@ -1,12 +1,16 @@
-"""Editors' dialects: what codegen-serve does with fill-in-the-middle requests, which CodeGen1 cannot serve.
+"""Editors' dialects: what codegen-serve does with fill-in-the-middle requests.
 
 Two ways editors ask for fill-in-the-middle:
 - a `suffix` field next to the prompt (Copilot-style clients on FauxPilot's engine path, Tabby's
-  `openai/completion` kind send it on every request). By default it is ignored, as FauxPilot does; with
-  `--suffix error` it is refused with vLLM's words, which some clients detect to fall back to prefix-only.
+  `openai/completion` kind send it on every request).
 - a prompt wrapped in a model's FIM sentinels (Continue's autocomplete template for an unknown model is
   StarCoder's `<fim_prefix>...<fim_suffix>...<fim_middle>`; llama.vscode's OpenAI mode defaults to Qwen's).
-  strip_fim() keeps the text before the cursor when the whole prompt has one of the layouts below.
+  split_fim() finds the text before and after the cursor when the whole prompt has one of the layouts below.
+
+A model with CodeGen2's fill-in-the-middle tokens fills in the middle in both cases (infill_parts() gives the
+two texts; the tokenizer lays them out). CodeGen1 cannot: a suffix is ignored by default, as FauxPilot does
+(with `--suffix error` it is refused with vLLM's words, which some clients detect to fall back to prefix-only),
+and a wrapped prompt is cut to the text before the cursor (prompt_prefix()).
 
 Each is said once in the server log (per layout for wrapped prompts), never per request.
 """
@@ -45,6 +49,17 @@ FIM_LAYOUTS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class FimParts:
+    """A prompt in a fill-in-the-middle layout, taken apart: the text before the layout (other files, a header),
+    before the cursor and after it."""
+
+    layout: str
+    context: str
+    prefix: str
+    suffix: str
+
+
+@dataclass(frozen=True)
 class _Layout:
     name: str
     pattern: re.Pattern[str]
@@ -54,10 +69,8 @@ class _Layout:
 def _compile(name: str, template: str) -> _Layout:
     regex, sentinels = "", []
     for piece in re.split(r"(\{\w+\})", template):
-        if piece in ("{context}", "{suffix}"):
-            regex += ".*"
-        elif piece == "{prefix}":
-            regex += "(?P<prefix>.*)"
+        if piece in ("{context}", "{prefix}", "{suffix}"):
+            regex += f"(?P<{piece[1:-1]}>.*)"
         elif piece:
             regex += re.escape(piece)
             sentinels.append(piece.strip())
@@ -67,18 +80,42 @@ def _compile(name: str, template: str) -> _Layout:
 _LAYOUTS = [_compile(name, template) for name, template in FIM_LAYOUTS.items()]
 
 
-def strip_fim(prompt: str) -> tuple[str, str | None]:
-    """(the text before the cursor, the layout's name) when the whole prompt is a fill-in-the-middle layout
-    of FIM_LAYOUTS with each of its sentinels exactly once; else (prompt, None), the prompt unchanged.
-
-    Requiring the whole layout keeps ordinary code that mentions a sentinel intact."""
+def split_fim(prompt: str) -> FimParts | None:
+    """The parts of a prompt that is, whole, a fill-in-the-middle layout of FIM_LAYOUTS with each of its
+    sentinels exactly once; else None. Requiring the whole layout keeps ordinary code that mentions a sentinel
+    intact."""
     for layout in _LAYOUTS:
         if not all(prompt.count(s) == 1 for s in layout.sentinels):
             continue
         match = layout.pattern.fullmatch(prompt)
         if match:
-            return match["prefix"], layout.name
-    return prompt, None
+            parts = match.groupdict()
+            return FimParts(layout.name, parts.get("context") or "", parts["prefix"], parts.get("suffix") or "")
+    return None
+
+
+def strip_fim(prompt: str) -> tuple[str, str | None]:
+    """(the text before the cursor, the layout's name) when the whole prompt is a fill-in-the-middle layout
+    (split_fim); else (prompt, None), the prompt unchanged."""
+    parts = split_fim(prompt)
+    return (prompt, None) if parts is None else (parts.prefix, parts.layout)
+
+
+def infill_parts(prompt: str, suffix: str | None) -> tuple[str, str] | None:
+    """For a model that fills in the middle: (the text before the gap, the text after it) of a request's
+    prompt and suffix field, or of a prompt in one of FIM_LAYOUTS (the text before its layout, other files,
+    goes before the prefix); None when the request asks for no infill."""
+    if suffix is not None:
+        return prompt, suffix
+    parts = split_fim(prompt)
+    if parts is None:
+        return None
+    note_once(
+        f"infill:{parts.layout}",
+        f"codegen-serve: prompts come wrapped in the {parts.layout} fill-in-the-middle layout; they are filled "
+        "in with this model's own layout (said once per layout)",
+    )
+    return parts.context + parts.prefix, parts.suffix
 
 
 def check_suffix_mode(mode: str) -> None:

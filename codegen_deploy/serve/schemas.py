@@ -90,7 +90,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
-    suffix: str | None = None  # CodeGen1 cannot fill in the middle: dialects.handle_suffix() decides
+    suffix: str | None = None  # filled in on CodeGen2; on CodeGen1 dialects.handle_suffix() decides
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0

@@ -40,6 +40,7 @@ class ServerState:
             options["max_context"] = settings.max_context
         self.session = open_session(backend, settings.path, **options)
         self.vocab_size = self.session.config.vocab_size
+        self.fim = self.tokenizer.fim_for(self.vocab_size)  # None: the model cannot fill in the middle
         self.max_token_chars = longest_token(self.tokenizer)
         self.runs: weakref.WeakSet = weakref.WeakSet()
         self.draining = False

@@ -80,3 +80,33 @@ def test_an_interrupted_stream_ends_its_line(tiny_export, capsys, monkeypatch):
     assert generate_cli.main([str(tiny_export), "def", "--verify", "size"]) == 130
     out, err = capsys.readouterr()
     assert out == "def f\n" and err.strip().splitlines()[-1] == "error: interrupted"
+
+
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+
+
+def test_a_suffix_fills_in_the_middle(codegen2_export, tmp_path, capsys):
+    import json
+
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    argv = [str(codegen2_export), PREFIX, "--max-new-tokens", "4", "--json"]
+    assert generate_cli.main([*argv, "--suffix", SUFFIX]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["suffix"] == SUFFIX and body["prompt_ids"] == load_tokenizer(codegen2_export).infill(PREFIX, SUFFIX)
+    suffix_file = tmp_path / "after.py"
+    suffix_file.write_text(SUFFIX)
+    assert generate_cli.main([*argv, "--suffix-file", str(suffix_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == body["ids"]
+    # --echo prints the whole file: before the gap, the middle, after it.
+    assert generate_cli.main([str(codegen2_export), PREFIX, "--max-new-tokens", "4", "--suffix", SUFFIX, "--echo"]) == 0
+    assert capsys.readouterr().out == PREFIX + body["text"] + SUFFIX + "\n"
+
+
+def test_a_suffix_that_cannot_be_used_is_one_line(tiny_export, codegen2_export, tmp_path, capsys, no_model_load):
+    code, line = error_line(capsys, [str(tiny_export), PREFIX, "--suffix", SUFFIX])
+    assert code == 2 and "cannot fill in the middle" in line and "CodeGen2" in line
+    code, line = error_line(capsys, [str(codegen2_export), PREFIX, "--suffix", SUFFIX, "--suffix-file", "x"])
+    assert code == 2 and "not both" in line
+    code, line = error_line(capsys, [str(codegen2_export), PREFIX, "--suffix-file", str(tmp_path / "missing")])
+    assert code == 2 and "cannot read the suffix file" in line

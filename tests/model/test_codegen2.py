@@ -18,6 +18,7 @@ import torch
 from codegen_deploy.config import ModelConfig, qkv_shards_of
 from codegen_deploy.errors import ConfigError
 from codegen_deploy.model.make_checkpoint import make_checkpoint
+from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.model.weights import load_checkpoint
 
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -120,6 +121,13 @@ def test_exports_of_the_codegen2_layout_match_the_reference(codegen2, tmp_path, 
     out = export_model(checkpoint, tmp_path / "export", dtype=dtype, progress=lambda line: None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model_config"]["qkv_shards"] == 8  # stated in the manifest
+    fim = load_tokenizer(checkpoint).fim  # and that it fills in the middle, with which ids
+    assert manifest["fill_in_the_middle"] == {
+        "format": "codegen2",
+        "<mask_1>": fim.mask,
+        "<sep>": fim.sep,
+        "<eom>": fim.eom,
+    }
     model = load_checkpoint(checkpoint)
     ids = list(range(5, 17))
     config = GenerationConfig(max_new_tokens=8, eos_token_ids=(-1,))
@@ -132,6 +140,7 @@ def test_exports_of_the_codegen2_layout_match_the_reference(codegen2, tmp_path, 
 
 class _NoText:
     eos_token_id = -1
+    end_ids = (-1,)
 
     def decode(self, ids):
         return ""

@@ -82,3 +82,53 @@ def test_added_tokens_with_wrong_ids_are_refused(vocab_merges_dir, tmp_path):
     (tmp_path / "added_tokens.json").write_text(json.dumps({"  ": 60000}))
     with pytest.raises(TokenizerError, match="should have id 60000"):
         load_tokenizer(tmp_path)
+
+
+# CodeGen2's fill-in-the-middle prompt as its model card writes it, around HumanEval-like gaps.
+FIM_GAPS = [
+    ("def hello_world():\n    ", "    return name", ""),
+    ('def add(a, b):\n    """Add two numbers."""\n', "\n\nprint(add(1, 2))\n", "    return"),
+    ("", "x = 1\n", ""),  # at the start of a file
+    ("import os\n\n", "", "def "),  # at its end, part of the line typed
+    ("s = 'héllo ✓'\n\tif s:\n", "\t\treturn s  # end\n", "\t\t"),
+]
+
+
+@pytest.fixture(scope="module")
+def codegen2_tokenizer_dir(real_tokenizer_dir, tmp_path_factory):
+    """CodeGen's real tokenizer with CodeGen2's fill-in-the-middle tokens added, as CodeGen2's has them."""
+    from codegen_deploy.model.make_checkpoint import add_fim_tokens
+
+    folder = tmp_path_factory.mktemp("codegen2-tokenizer")
+    backend = load_tokenizer(real_tokenizer_dir)._tok
+    add_fim_tokens(backend)
+    backend.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.parametrize(("prefix", "suffix", "middle"), FIM_GAPS)
+def test_the_fim_prompt_is_the_model_cards_token_for_token(codegen2_tokenizer_dir, prefix, suffix, middle):
+    """Tokenizer.infill against transformers' tokenizer with the same special tokens, on the model card's text."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the tokenizer oracle")
+    oracle = transformers.AutoTokenizer.from_pretrained(str(codegen2_tokenizer_dir))
+    oracle.add_special_tokens({"additional_special_tokens": ["<mask_1>", "<sep>", "<eom>"]})
+    ours = load_tokenizer(codegen2_tokenizer_dir)
+    text = prefix + "<mask_1>" + suffix + "<|endoftext|>" + "<sep>" + "<mask_1>" + middle
+    ids = ours.infill(prefix, suffix, middle)
+    assert ids == oracle(text)["input_ids"]
+    assert ours.decode(ids) == text
+    fim = ours.fim
+    assert [ids.count(t) for t in (fim.mask, fim.sep, fim.eom, ours.eos_token_id)] == [2, 1, 0, 1]
+    assert ours.end_ids == (ours.eos_token_id, fim.eom)
+
+
+def test_codegen1_cannot_fill_in_the_middle(real_tokenizer_dir, codegen2_tokenizer_dir):
+    from codegen_deploy.errors import InputError
+
+    codegen1 = load_tokenizer(real_tokenizer_dir)
+    assert codegen1.fim is None and codegen1.end_ids == (50256,)
+    with pytest.raises(InputError, match="cannot fill in the middle.*CodeGen2"):
+        codegen1.infill("def f():\n", "\n")
+    codegen2 = load_tokenizer(codegen2_tokenizer_dir)
+    assert codegen2.fim_for(51200) == codegen2.fim  # CodeGen's embedding has rows for them
+    assert codegen2.fim_for(50295) is None  # a model without rows for the tokens cannot use them

@@ -195,3 +195,39 @@ def test_logit_bias_and_penalties_change_greedy_tokens(session, tiny_tokenizer):
         assert len(set(penalised.ids)) > len(set(plain.ids))
     with pytest.raises(InputError, match="outside the vocabulary"):
         generate(session, tiny_tokenizer, prompt, max_new_tokens=2, logit_bias=((10**6, 1.0),))
+
+
+FIM_PREFIX, FIM_SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def codegen2(codegen2_checkpoint):
+    from codegen_deploy.model.tokenizer import load_tokenizer
+    from codegen_deploy.runtime import open_session
+
+    with open_session("torch", codegen2_checkpoint, threads=1) as session:
+        yield session, load_tokenizer(codegen2_checkpoint)
+
+
+def test_a_suffix_fills_in_the_middle(codegen2):
+    session, tokenizer = codegen2
+    ids = tokenizer.infill(FIM_PREFIX, FIM_SUFFIX)
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=(-1,))  # as long as asked: the tokens compare
+    result = generate(session, tokenizer, FIM_PREFIX, config, suffix=FIM_SUFFIX)
+    assert result.completions[0].prompt_ids == ids
+    assert result.ids == generate(session, tokenizer, [ids], config).ids
+    text = "".join(stream(session, tokenizer, FIM_PREFIX, config, suffix=FIM_SUFFIX))
+    assert text == result.text
+    # The middle ends at <eom>, which is not part of its text; the default end ids hold it.
+    eom = tokenizer.fim.eom
+    result = generate(session, tokenizer, FIM_PREFIX, suffix=FIM_SUFFIX, max_new_tokens=6, logit_bias=((eom, 100.0),))
+    completion = result.completions[0]
+    assert completion.ids == [eom] and completion.finish_reason == "eos" and completion.text == ""
+
+
+def test_a_suffix_is_refused_where_it_cannot_be_filled_in(codegen2, session, tiny_tokenizer):
+    with pytest.raises(InputError, match="cannot fill in the middle"):
+        generate(session, tiny_tokenizer, FIM_PREFIX, suffix=FIM_SUFFIX, max_new_tokens=2)
+    codegen2_session, tokenizer = codegen2
+    with pytest.raises(InputError, match="one text prompt"):
+        generate(codegen2_session, tokenizer, [FIM_PREFIX, FIM_PREFIX], suffix=FIM_SUFFIX, max_new_tokens=2)

@@ -29,6 +29,7 @@ class NoText:
     """Token ids only: these tests compare ids (random weights' ids mean no text)."""
 
     eos_token_id = -1
+    end_ids = (-1,)
 
     def decode(self, ids):
         return ""

@@ -1,0 +1,190 @@
+"""POST /infill in llama.cpp's server dialect, so llama.vscode and llama.vim (which post there) work unchanged.
+
+A request carries the text before the cursor's line (`input_prefix`), after it (`input_suffix`), what is typed
+of the cursor's line (`prompt`), other files as context (`input_extra`: [{filename, text}]) and `n_predict`
+(0: a warm-up that only reads the context into the prefix cache). The context goes before the prefix, each
+file as `--- FILENAME ---` and its text, then the tokenizer's fill-in-the-middle prompt (Tokenizer.infill),
+with `prompt` as the start of the middle. When it does not fit, the start of the context goes first, then the
+start of the prefix, then the end of the suffix, as llama.cpp does ("truncated": true).
+
+The rows are the completions endpoint's (its queue, prefix cache, cancellation and drain); the answer is
+llama.cpp's JSON: `content`, `tokens_cached`, `timings`, `truncated`, `stop`, and only `response_fields` when
+asked (llama.vim asks for "timings/prompt_n" and the like, answered under those names). Neither client streams,
+so neither does this endpoint. A model without fill-in-the-middle tokens (CodeGen1) continues the context,
+prefix and typed line with `--suffix ignore` (the default), and answers 501 with `--suffix error`, as
+llama.cpp answers for a model it cannot infill with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import CodegenDeployError
+from .completions import CompletionRun, row_specs, shutting_down
+from .dialects import note_once
+from .schemas import CompletionRequest, OpenAIError, bad_request, check_text
+from .state import ServerState
+
+# Tokens left for the answer when a request gives n_predict -1 (no limit): the prompt is cut to leave them.
+OPEN_PREDICT = 256
+
+
+class ExtraFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    filename: str = ""
+    text: str = ""
+
+
+class InfillRequest(BaseModel):
+    """The body of POST /infill: llama.cpp's fields (and defaults) that matter here; the rest (samplers,
+    cache_prompt, t_max_*_ms, n_indent, id_slot, lora, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraFile] = []
+    prompt: str = ""
+    n_predict: int = -1
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = -1
+    stop: list[str] = []
+    stream: bool = False
+    response_fields: list[str] | None = None
+
+    def check(self) -> None:
+        if self.stream:
+            raise bad_request("stream is not supported on /infill: send stream false (llama.vim and llama.vscode do)")
+        if self.n_predict < -1:
+            raise bad_request(f"n_predict must be -1 (no limit), 0 (read only) or more, got {self.n_predict}")
+        for name in ("input_prefix", "input_suffix", "prompt"):
+            check_text(getattr(self, name), name, name)
+        for i, extra in enumerate(self.input_extra):
+            check_text(extra.text, f"input_extra[{i}].text", "input_extra")
+            check_text(extra.filename, f"input_extra[{i}].filename", "input_extra")
+
+
+def context_text(extra: list[ExtraFile]) -> str:
+    """The other files as one text before the prefix."""
+    return "".join(f"--- {e.filename} ---\n{e.text}\n\n" if e.filename else f"{e.text}\n\n" for e in extra)
+
+
+def infill_ids(state: ServerState, body: InfillRequest, room: int) -> tuple[list[int], bool]:
+    """The prompt's token ids, at most `room` of them, and whether anything was cut to fit."""
+    tokenizer = state.tokenizer
+    context = tokenizer.encode(context_text(body.input_extra)) if body.input_extra else []
+    if state.fim is None:  # CodeGen1: the text before the cursor, continued
+        note_once(
+            "infill-prefix",
+            "codegen-serve: /infill requests on a model that cannot fill in the middle: the text after the cursor "
+            "is ignored (--suffix error answers 501 instead) (said once)",
+        )
+        ids = [*context, *tokenizer.encode(body.input_prefix + body.prompt)]
+        return ids[-room:], len(ids) > room
+    prefix, suffix = tokenizer.encode(body.input_prefix), tokenizer.encode(body.input_suffix)
+    middle = tokenizer.encode(body.prompt)
+    budget = room - len(tokenizer.infill_ids([], [], middle))  # the layout and the typed line: always kept
+    if budget < 0:
+        raise bad_request("the typed line (prompt) is longer than the context holds with the answer: shorten it")
+    # The suffix keeps its start, up to a quarter of the room; the prefix its end; the context what is left.
+    suffix_kept = suffix[: max(budget // 4, budget - len(prefix))]
+    prefix_kept = prefix[max(0, len(prefix) - (budget - len(suffix_kept))) :]
+    context_kept = context[max(0, len(context) - (budget - len(suffix_kept) - len(prefix_kept))) :]
+    truncated = (len(suffix_kept), len(prefix_kept), len(context_kept)) != (len(suffix), len(prefix), len(context))
+    return tokenizer.infill_ids([*context_kept, *prefix_kept], suffix_kept, middle), truncated
+
+
+async def create_infill(request: Request, body: InfillRequest):
+    """Answer one /infill request with llama.cpp's JSON."""
+    state: ServerState = request.app.state.server
+    if state.draining:
+        raise shutting_down()
+    body.check()
+    if state.fim is None and state.settings.suffix == "error":
+        raise OpenAIError(
+            501,
+            "Infill is not supported by this model: it has no fill-in-the-middle tokens (CodeGen1); serve a CodeGen2 "
+            "export, or start codegen-serve with --suffix ignore to continue the text before the cursor",
+            type="not_supported_error",
+        )
+    context = state.session.max_context
+    predict = body.n_predict if body.n_predict > 0 else OPEN_PREDICT if body.n_predict < 0 else 1
+    predict = min(predict, context - 1)
+    ids, truncated = await asyncio.to_thread(infill_ids, state, body, context - predict)
+    completion = CompletionRequest(
+        prompt=ids or [0],
+        max_tokens=predict if body.n_predict != -1 else context - len(ids),
+        temperature=max(body.temperature, 0.0),
+        top_k=max(body.top_k, 0),
+        top_p=body.top_p if 0 < body.top_p <= 1 else 1.0,
+        seed=None if body.seed < 0 else body.seed,
+        stop=body.stop or None,
+    )
+    start = time.perf_counter()
+    content, predicted, cached, first = "", 0, 0, start
+    if ids:  # (CodeGen1 with nothing before the cursor: nothing to read)
+        try:
+            prompts, specs = row_specs(state, completion)
+        except CodegenDeployError as e:
+            raise bad_request(str(e)) from e
+        run = CompletionRun(state, completion, prompts, specs)
+        answer = await run.collect(request)
+        if answer.status_code != 200:
+            return answer
+        choice = run.choices[0]
+        if body.n_predict != 0:  # a warm-up's one token is not the client's
+            content, predicted = json.loads(answer.body)["choices"][0]["text"], choice.tokens
+        cached, first = choice.cached_tokens, choice.first_token_at or time.perf_counter()
+    done = time.perf_counter()
+    prompt_n = len(ids) - cached
+    prompt_ms, predicted_ms = (first - start) * 1e3, (done - first) * 1e3
+    result = {
+        "index": 0,
+        "content": content,
+        "tokens": [],
+        "id_slot": -1,
+        "stop": True,
+        "model": state.settings.served_name,
+        "tokens_predicted": predicted,
+        "tokens_evaluated": len(ids),
+        "tokens_cached": len(ids) + predicted,
+        "truncated": truncated,
+        "has_new_line": "\n" in content,
+        "timings": {
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / max(prompt_n, 1),
+            "prompt_per_second": prompt_n / max(prompt_ms / 1e3, 1e-9),
+            "predicted_n": predicted,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / max(predicted, 1),
+            "predicted_per_second": predicted / max(predicted_ms / 1e3, 1e-9),
+        },
+    }
+    if body.response_fields is not None:
+        result = pick_fields(result, body.response_fields)
+    return JSONResponse(result)
+
+
+def pick_fields(result: dict, paths: list[str]) -> dict:
+    """llama.cpp's response_fields: each path ("content", "timings/prompt_n") that names a value, answered
+    under that path as one key; paths that name nothing are left out."""
+    picked = {}
+    for path in paths:
+        value = result
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            picked[path] = value
+    return picked
