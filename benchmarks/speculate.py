@@ -199,33 +199,57 @@ def logit_bias_free(eos: int):
 
 
 def crossover(
-    session, tokenizer, prompts: list[str], new_tokens: int, draft_session, ratio: float, levels=(1, 2, 4, 8)
+    session,
+    tokenizer,
+    prompts: list[str],
+    new_tokens: int,
+    draft_session,
+    ratio: float,
+    levels=(1, 2, 4, 8),
+    rounds: int = 2,
 ) -> list[dict]:
     """Tokens/s through the scheduler at each concurrency: no drafting, prompt lookup with each row drafting as
     if alone (blind to the load), prompt lookup by the default rule (a row drafts only when it beats its share
     of a plain step over every row), and the draft model by the default rule (a server of its own: a new
-    DraftModel); outputs checked equal."""
+    DraftModel); `rounds` rounds of the four in turn, medians of the speedups; outputs checked equal."""
     rows = []
     for c in levels:
         work = (prompts * c)[: max(c, len(prompts))]
-        plain = served(session, tokenizer, work, new_tokens, c, None, False)
-        forced = served(session, tokenizer, work, new_tokens, c, PromptLookup(), True)
-        default = served(session, tokenizer, work, new_tokens, c, PromptLookup(), False)
-        draft = served(session, tokenizer, work, new_tokens, c, DraftModel(draft_session, c, ratio), False)
+        runs: dict[str, list[dict]] = {"plain": [], "forced": [], "default": [], "draft": []}
+        for _ in range(rounds):
+            runs["plain"].append(served(session, tokenizer, work, new_tokens, c, None, False))
+            runs["forced"].append(served(session, tokenizer, work, new_tokens, c, PromptLookup(), True))
+            runs["default"].append(served(session, tokenizer, work, new_tokens, c, PromptLookup(), False))
+            draft = DraftModel(draft_session, c, ratio)
+            runs["draft"].append(served(session, tokenizer, work, new_tokens, c, draft, False))
+
+        ids = [r["ids"] for name in runs for r in runs[name]]
         rows.append(
             {
                 "concurrency": c,
-                "plain_tok_s": plain["tok_s"],
-                "always_x": forced["tok_s"] / plain["tok_s"],
-                "default_x": default["tok_s"] / plain["tok_s"],
-                "draft_x": draft["tok_s"] / plain["tok_s"],
-                "acceptance": forced["accepted"] / forced["drafted"] if forced["drafted"] else 0.0,
-                "draft_acceptance": draft["accepted"] / draft["drafted"] if draft["drafted"] else 0.0,
-                "identical": plain["ids"] == forced["ids"] == default["ids"] == draft["ids"],
+                "rounds": rounds,
+                "plain_tok_s": statistics.median(r["tok_s"] for r in runs["plain"]),
+                "always_x": _speedup(runs, "forced"),
+                "default_x": _speedup(runs, "default"),
+                "draft_x": _speedup(runs, "draft"),
+                "acceptance": _acceptance(runs["forced"]),
+                "draft_drafted": sum(r["drafted"] for r in runs["draft"]) / rounds,
+                "draft_acceptance": _acceptance(runs["draft"]),
+                "identical": all(i == ids[0] for i in ids),
             }
         )
         print(f"[crossover] concurrency {c} done", file=sys.stderr, flush=True)
     return rows
+
+
+def _speedup(runs: dict[str, list[dict]], name: str) -> float:
+    """The median over rounds of a drafter's tokens/s against plain decoding's in the same round."""
+    return statistics.median(r["tok_s"] / p["tok_s"] for r, p in zip(runs[name], runs["plain"], strict=True))
+
+
+def _acceptance(runs: list[dict]) -> float:
+    drafted = sum(r["drafted"] for r in runs)
+    return sum(r["accepted"] for r in runs) / drafted if drafted else 0.0
 
 
 def truncated_draft(export: Path, layers: int, folder: Path) -> Path:
@@ -250,14 +274,23 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--draft-layers", type=int, default=4, help="blocks of the target kept in the draft model")
+    p.add_argument(
+        "--parts",
+        default="costs,workloads,crossover",
+        help="what to run (default: all); the others keep their results from the last run in --json",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the scheduler runs at each concurrency")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "speculate.json")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "codegen-350M-mono-tokenizer")
     args = p.parse_args()
     from codegen_deploy.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    results: dict = {"costs": {}, "workloads": {}}
-    for export in args.exports:
+    # A run of some parts keeps the other parts' results from the last run.
+    results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results.setdefault("costs", {})
+    results.setdefault("workloads", {})
+    for export in args.exports if "costs" in args.parts else []:
         with open_session("onnxruntime", export, threads=args.threads) as session:
             results["costs"][export.name] = cost_model(session)
         print(f"[cost model] {export.name} done", file=sys.stderr, flush=True)
@@ -274,11 +307,19 @@ def main() -> None:
             "draft": lambda plain, prompt: draft,
         }
         for name, prompts in (("HumanEval", humaneval(args.prompts)), ("edited file", edited_file(tokenizer))):
-            results["workloads"][name] = workload(session, tokenizer, prompts, args.new_tokens, drafters)
-            print(f"[workload] {name} done", file=sys.stderr, flush=True)
-        results["crossover"] = crossover(
-            session, tokenizer, edited_file(tokenizer) * 4, args.new_tokens // 2, draft_session, ratio
-        )
+            if "workloads" in args.parts:
+                results["workloads"][name] = workload(session, tokenizer, prompts, args.new_tokens, drafters)
+                print(f"[workload] {name} done", file=sys.stderr, flush=True)
+        if "crossover" in args.parts:
+            results["crossover"] = crossover(
+                session,
+                tokenizer,
+                edited_file(tokenizer) * 4,
+                args.new_tokens // 2,
+                draft_session,
+                ratio,
+                rounds=args.rounds,
+            )
         draft.close()
     costs = results["costs"][target.name]
     results["predicted_at_0.7"] = dict(zip(("k", "speedup"), predicted_speedup(costs, 0.7), strict=True))
@@ -316,13 +357,14 @@ def print_tables(results: dict) -> None:
                 )
     print(
         "\n| concurrency | plain tok/s | lookup, each row as if alone | lookup, default (load-aware) | acceptance "
-        "| draft model, default | its acceptance | identical |"
+        "| draft model, default | its drafted tokens per run | its acceptance | identical |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["crossover"]:
         print(
             f"| {r['concurrency']} | {r['plain_tok_s']:.1f} | {r['always_x']:.2f}x | {r['default_x']:.2f}x | "
-            f"{r['acceptance']:.2f} | {r['draft_x']:.2f}x | {r['draft_acceptance']:.2f} | {r['identical']} |"
+            f"{r['acceptance']:.2f} | {r['draft_x']:.2f}x | {r.get('draft_drafted', 0):.0f} | "
+            f"{r['draft_acceptance']:.2f} | {r['identical']} |"
         )
     pred = results["predicted_at_0.7"]
     print(f"\ncost model at acceptance 0.7 (batch 1, 128 context): draft {pred['k']}, {pred['speedup']:.2f}x")

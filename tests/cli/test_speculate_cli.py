@@ -27,7 +27,9 @@ def test_speculation_gives_the_tokens_of_plain_decoding(fp32_export, capsys, mod
     spec = got["speculation"]
     assert spec["tokens"] == len(got["ids"]) and spec["runs"] <= spec["tokens"]
     if mode == "draft":
-        assert spec["drafted"] > 0 and spec["accepted"] == spec["drafted"]
+        # The model drafting for itself: every draft agrees, but a draft costs a whole step, so it drafts only
+        # when it probes (whether it drafts at all is the runtime tests' matter).
+        assert spec["accepted"] == spec["drafted"] and spec["drafted"] <= 2
 
 
 def test_speculation_refusals_are_one_line(fp32_export, tiny_export, capsys):
