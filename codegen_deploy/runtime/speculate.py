@@ -213,7 +213,9 @@ class StepCosts:
 class Acceptance:
     """How often a row's drafted tokens are accepted: accepted tokens against the first rejection of each
     round (the geometric model's estimate), with older rounds forgotten, and the k it pays to draft. A row
-    starts from its drafter's history (what the drafter's drafts did on earlier rows), which it updates."""
+    starts from its drafter's history (what the drafter's drafts did on earlier rows), which it updates, and
+    probes on the history's clock: rounds of every row count, so a drafter whose probes are dear still probes
+    when each request is shorter than the gap between two probes."""
 
     def __init__(self, max_draft: int = MAX_DRAFT, history: Acceptance | None = None):
         self.max_draft, self.history = max_draft, history
@@ -249,10 +251,11 @@ class Acceptance:
             speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio + catch_up)
             if speed > best_speed:
                 best, best_speed = k, speed
-        self.idle = 0 if best else self.idle + 1
+        clock = self.history if self.history is not None else self
+        clock.idle = 0 if best else clock.idle + 1
         probe_cost = costs.ratio(2) + draft_ratio + catch_up - plain_cost  # beyond the plain step it replaces
-        if not best and self.idle >= max(self.probe_gap, probe_cost / PROBE_SHARE) and limit >= 1:
-            self.idle = 0
+        if not best and clock.idle >= max(clock.probe_gap, probe_cost / PROBE_SHARE) and limit >= 1:
+            clock.idle = 0
             return 1
         return best
 

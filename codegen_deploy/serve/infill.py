@@ -31,7 +31,8 @@ from .dialects import note_once
 from .schemas import CompletionRequest, OpenAIError, bad_request, check_text
 from .state import ServerState
 
-# Tokens left for the answer when a request gives n_predict -1 (no limit): the prompt is cut to leave them.
+# Tokens the prompt is cut to leave for the answer (at most half the context) when a request gives n_predict -1
+# (no limit: the answer then goes on until the middle ends or the context is full).
 OPEN_PREDICT = 256
 
 
@@ -117,21 +118,22 @@ async def create_infill(request: Request, body: InfillRequest):
             type="not_supported_error",
         )
     context = state.session.max_context
-    predict = body.n_predict if body.n_predict > 0 else OPEN_PREDICT if body.n_predict < 0 else 1
-    predict = min(predict, context - 1)
-    ids, truncated = await asyncio.to_thread(infill_ids, state, body, context - predict)
-    completion = CompletionRequest(
-        prompt=ids or [0],
-        max_tokens=predict if body.n_predict != -1 else context - len(ids),
-        temperature=max(body.temperature, 0.0),
-        top_k=max(body.top_k, 0),
-        top_p=body.top_p if 0 < body.top_p <= 1 else 1.0,
-        seed=None if body.seed < 0 else body.seed,
-        stop=body.stop or None,
-    )
+    # The prompt is cut to leave the answer what it asks for, but keeps at least half the context; an answer
+    # that asks for more than is left goes on until the context is full, as llama.cpp's.
+    reserve = OPEN_PREDICT if body.n_predict == -1 else max(body.n_predict, 1)
+    ids, truncated = await asyncio.to_thread(infill_ids, state, body, context - min(reserve, context // 2))
     start = time.perf_counter()
     content, predicted, cached, first = "", 0, 0, start
     if ids:  # (CodeGen1 with nothing before the cursor: nothing to read)
+        completion = CompletionRequest(
+            prompt=ids,
+            max_tokens=context - len(ids) if body.n_predict == -1 else min(reserve, context - len(ids)),
+            temperature=max(body.temperature, 0.0),
+            top_k=max(body.top_k, 0),
+            top_p=body.top_p if 0 < body.top_p <= 1 else 1.0,
+            seed=None if body.seed < 0 else body.seed,
+            stop=body.stop or None,
+        )
         try:
             prompts, specs = row_specs(state, completion)
         except CodegenDeployError as e:

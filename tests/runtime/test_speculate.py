@@ -219,3 +219,23 @@ def test_a_row_starts_from_what_its_drafter_did_before():
     assert Acceptance(history=wrong.history).choose(costs, 0.1, limit=100, catch_up=0.5) == 0  # waits for a probe
     assert Acceptance(history=right.history).choose(costs, 0.1, limit=100, catch_up=0.5) > 1  # drafts at once
     assert Acceptance().rate == pytest.approx(0.5)  # no history: the prior
+
+
+def test_rows_shorter_than_the_probe_gap_still_probe_on_their_drafters_clock():
+    """A dear drafter (probes ~70 rounds apart) serving requests of 20 tokens: its rows count rounds together,
+    so it still finds out whether it pays, and no more often than its share."""
+    costs = StepCosts()
+    costs.record(1, 0.050)
+    costs.record(2, 0.055)
+    drafter = Drafter()
+    for _ in range(20):
+        Acceptance(history=drafter.history).update(2, 0)  # it was never right before
+    probes, rounds = 0, 0
+    for _request in range(30):
+        row = Acceptance(history=drafter.history)
+        for _ in range(20):
+            rounds += 1
+            if row.choose(costs, 0.3, limit=100, catch_up=1.0):
+                probes += 1
+                row.update(1, 0)
+    assert probes >= 2 and (costs.ratio(2) + 0.3 + 1.0 - 1.0) * probes / rounds <= PROBE_SHARE

@@ -224,6 +224,12 @@ def test_what_does_not_fit_is_cut_from_the_far_ends(fim_server, tokenizer):
     assert served["truncated"] is True and served["tokens_evaluated"] == 256 - 8
 
 
+def test_n_predict_minus_one_goes_on_until_the_middle_ends_or_the_context_is_full(fim_server):
+    body = post(fim_server, "/infill", {**LLAMA_VSCODE, "n_predict": -1, "temperature": 0})
+    # Greedy, this random model's middle never reaches <eom> or <|endoftext|>: it fills the 256-token context.
+    assert body["tokens_predicted"] > 100 and body["tokens_cached"] == 256
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
