@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -246,11 +246,16 @@ class CompletionRun:
             row.cancel()
         self.state.runs.discard(self)
 
-    async def collect(self, request: Request) -> JSONResponse:
-        """Wait for every row to end (cancelling them all if the client goes away); answer one JSON body."""
+    async def collect(self, request: Request, enough: Callable[[], bool] | None = None) -> JSONResponse:
+        """Wait for every row to end (cancelling them all if the client goes away, or once `enough()` says the
+        text so far will do: those rows end with finish_reason "length"); answer one JSON body."""
         checked = time.monotonic()
         try:
             while self.remaining:
+                if enough is not None and enough():
+                    for c in self.choices:
+                        c.finish_reason = c.finish_reason or "length"
+                    break
                 # Updates may arrive every few ms: look at the connection on a clock, not only when idle.
                 if time.monotonic() - checked > DISCONNECT_POLL_S:
                     if await request.is_disconnected():

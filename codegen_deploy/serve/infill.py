@@ -1,10 +1,11 @@
 """POST /infill in llama.cpp's server dialect, so llama.vscode and llama.vim (which post there) work unchanged.
 
 A request carries the text before the cursor's line (`input_prefix`), after it (`input_suffix`), what is typed
-of the cursor's line (`prompt`), other files as context (`input_extra`: [{filename, text}]) and `n_predict`
-(0: a warm-up that only reads the context into the prefix cache). The context goes before the prefix, each
-file as `--- FILENAME ---` and its text, then the tokenizer's fill-in-the-middle prompt (Tokenizer.infill),
-with `prompt` as the start of the middle. When it does not fit, the start of the context goes first, then the
+of the cursor's line (`prompt`), other files as context (`input_extra`: [{filename, text}]), `n_predict` (0: a
+warm-up that only reads the context into the prefix cache) and `t_max_predict_ms` (past it, the answer ends
+once it holds a new line). The context goes before the prefix, each file as `--- FILENAME ---` and its text,
+then the tokenizer's fill-in-the-middle layout (Tokenizer.infill_ids), with `prompt` as the start of the
+middle. When it does not fit, the start of the context goes first, then the
 start of the prefix, then the end of the suffix, as llama.cpp does ("truncated": true).
 
 The rows are the completions endpoint's (its queue, prefix cache, cancellation and drain); the answer is
@@ -45,7 +46,7 @@ class ExtraFile(BaseModel):
 
 class InfillRequest(BaseModel):
     """The body of POST /infill: llama.cpp's fields (and defaults) that matter here; the rest (samplers,
-    cache_prompt, t_max_*_ms, n_indent, id_slot, lora, ...) are accepted and ignored."""
+    cache_prompt, t_max_prompt_ms, n_indent, id_slot, lora, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -61,6 +62,7 @@ class InfillRequest(BaseModel):
     stop: list[str] = []
     stream: bool = False
     response_fields: list[str] | None = None
+    t_max_predict_ms: float = 0
 
     def check(self) -> None:
         if self.stream:
@@ -139,7 +141,7 @@ async def create_infill(request: Request, body: InfillRequest):
         except CodegenDeployError as e:
             raise bad_request(str(e)) from e
         run = CompletionRun(state, completion, prompts, specs)
-        answer = await run.collect(request)
+        answer = await run.collect(request, lambda: over_time(run.choices[0], body.t_max_predict_ms))
         if answer.status_code != 200:
             return answer
         choice = run.choices[0]
@@ -175,6 +177,15 @@ async def create_infill(request: Request, body: InfillRequest):
     if body.response_fields is not None:
         result = pick_fields(result, body.response_fields)
     return JSONResponse(result)
+
+
+def over_time(choice, limit_ms: float) -> bool:
+    """llama.cpp's t_max_predict_ms: the answer ends once it has taken more than `limit_ms` since its first
+    token and holds a new line (an editor shows a whole line now rather than more lines later); 0: no limit."""
+    started = choice.first_token_at
+    return (
+        limit_ms > 0 and started is not None and "\n" in choice.text and time.perf_counter() - started > limit_ms / 1e3
+    )
 
 
 def pick_fields(result: dict, paths: list[str]) -> dict:

@@ -68,6 +68,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # OpenAI takes 4 stop sequences; editors send more (Continue's autocomplete sends its template's list, 10 for
 # an unknown model), and vLLM and llama.cpp take any number.
 MAX_STOP = 32
+# The longest stop sequence: the worker looks for each stop in the tail of every row's text after each token, so
+# a bound keeps that look small (an editor's stops are a few characters).
+MAX_STOP_CHARS = 1000
 # The largest seed, as OpenAI's (a signed 64-bit integer, here without negatives: numpy seeds are >= 0).
 MAX_SEED = 2**63 - 1
 # A logit_bias key: a token id in decimal ASCII digits (a sign is allowed, and refused later as out of range).
@@ -140,6 +143,11 @@ class CompletionRequest(BaseModel):
                 raise bad_request(f"stop takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
             if any(not s for s in stops):
                 raise bad_request("a stop sequence is empty: give non-empty strings", "stop")
+            if any(len(s) > MAX_STOP_CHARS for s in stops):
+                longest = max(len(s) for s in stops)
+                raise bad_request(
+                    f"a stop sequence has {longest} characters, more than {MAX_STOP_CHARS}: send shorter ones", "stop"
+                )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise bad_request(f"seed must be between 0 and 2**63 - 1, got {self.seed}", "seed")
         for key, value in (self.logit_bias or {}).items():

@@ -15,7 +15,7 @@ from openai.types import Completion
 from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate, open_session
 from codegen_deploy.runtime.sampling import log_softmax
-from codegen_deploy.serve.schemas import MAX_STOP
+from codegen_deploy.serve.schemas import MAX_STOP, MAX_STOP_CHARS
 
 PROMPT = "def fibonacci(n):\n    "
 PROMPTS = [
@@ -164,6 +164,7 @@ ERRORS = [
     ({"prompt": "x " * 400}, openai.BadRequestError, "maximum context length"),
     ({"max_tokens": 100000}, openai.BadRequestError, "maximum context length"),
     ({"stop": [f"s{i}" for i in range(MAX_STOP + 1)]}, openai.BadRequestError, "stop takes at most"),
+    ({"stop": ["\n", "x" * (MAX_STOP_CHARS + 1)]}, openai.BadRequestError, "more than 1000"),
     ({"echo": True, "logprobs": 1}, openai.BadRequestError, "echo with logprobs"),
     ({"best_of": 3}, openai.BadRequestError, "best_of"),
     ({"model": "gpt-3.5-turbo-instruct"}, openai.NotFoundError, "does not exist"),

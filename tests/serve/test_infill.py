@@ -260,3 +260,18 @@ def test_codegen1_with_suffix_error_answers_501(fp32_export, tmp_path_factory, s
         assert status == 501 and "Infill is not supported by this model" in json.loads(body)["error"]["message"]
     finally:
         s.stop()
+
+
+def test_t_max_predict_ms_ends_the_answer_after_a_new_line(fim_server, tokenizer):
+    """llama.cpp's time limit, which llama.vim and llama.vscode send: past it, the answer ends once it holds a new
+    line. Greedy, this random model writes a new line early after one of these typed lines."""
+    base = {**LLAMA_VSCODE, "input_extra": [], "temperature": 0, "n_predict": 64, "t_max_predict_ms": 0}
+    for middle in ("", "    ", "    x", "    return", "        if", "  # "):
+        full = post(fim_server, "/infill", {**base, "prompt": middle})
+        if "\n" in full["content"][:-1]:
+            break
+    else:
+        pytest.fail("no greedy answer with a new line before its end: choose other typed lines")
+    cut = post(fim_server, "/infill", {**base, "prompt": middle, "t_max_predict_ms": 1})
+    assert "\n" in cut["content"] and full["content"].startswith(cut["content"])
+    assert cut["tokens_predicted"] < full["tokens_predicted"]
