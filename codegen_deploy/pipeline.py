@@ -146,7 +146,7 @@ def export_model(
     output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
     check_output(output, force, protect=local_sources(model))
     stages = _Stages(progress)
-    folder, config = _resolve(model, size, data, stages)
+    folder, config, tokenizer = _resolve(model, size, data, stages)
     with staging_folder(output, replace=force, protect=[folder]) as tmp:
         reference = _load(folder, config, dtype, stages)
         graphs = _build(reference, tmp, options, stages, progress)
@@ -154,7 +154,7 @@ def export_model(
         del reference  # validation freed its weights; without validation this is the last reference
         source = source_id(model, size=size, data=data)
         entries = {"source": source, "dtype": dtype, "method": method, "validation": None, **checks}
-        _write(tmp, folder, config, graphs, entries, stages, progress)
+        _write(tmp, folder, config, tokenizer, graphs, entries, stages, progress)
     if dtype == "bfloat16":  # it runs on fewer machines than the other dtypes: say where
         progress(f"note: {output} is a bfloat16 export: {BFLOAT16_RUNS}")
     return output
@@ -216,14 +216,16 @@ def _check_options(options: _Options, dtype: str) -> None:
         )
 
 
-def _resolve(model: str | Path | None, size: str | None, data: str, stages: _Stages) -> tuple[Path, ModelConfig]:
-    """The local checkpoint folder (downloaded if it is a hub id) and its config."""
+def _resolve(model: str | Path | None, size: str | None, data: str, stages: _Stages):
+    """The local checkpoint folder (downloaded if it is a hub id), its config and its tokenizer (None without
+    tokenizer files)."""
     folder = resolve_model(model, size=size, data=data)
     config = ModelConfig.from_file(folder)
+    tokenizer = None
     if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "merges.txt")):
-        load_tokenizer(folder)  # as every command will load the export's copy: a broken one is refused now
+        tokenizer = load_tokenizer(folder)  # as every command will load the export's copy: a broken one is refused now
     stages.done("resolve", str(folder))
-    return folder, config
+    return folder, config, tokenizer
 
 
 def _load(folder: Path, config: ModelConfig, dtype: str, stages: _Stages):
@@ -302,7 +304,7 @@ def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
 
 
 def _write(
-    tmp: Path, folder: Path, config: ModelConfig, graphs: _Graphs, entries: dict, stages: _Stages, progress
+    tmp: Path, folder: Path, config: ModelConfig, tokenizer, graphs: _Graphs, entries: dict, stages: _Stages, progress
 ) -> None:
     """Finish the export folder: weights inline under 2 GB, config.json and tokenizer files, the genai and
     tokenizer configs, then the manifest."""
@@ -319,7 +321,9 @@ def _write(
         progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
     write_tokenizer_config(tmp, config)
     write_genai_config(tmp, config)
-    fim = _fill_in_the_middle(tmp, config)
+    # CodeGen2's fill-in-the-middle tokens (their ids), or None: no tokenizer, one without them, or ids past the
+    # embedding's rows.
+    fim = tokenizer.fim_for(config.vocab_size) if tokenizer is not None else None
 
     summary = graphs.summary
     cache_dtype = summary["dtypes"][io_spec.present_name(0, "key")]
@@ -335,7 +339,7 @@ def _write(
         "data_file": io_spec.DATA_FILE if graphs.keep_external else None,
         "inputs": [s.to_dict() for s in io_spec.decoder_inputs(*spec_args, cache_dtype)],
         "outputs": [s.to_dict() for s in io_spec.decoder_outputs(*spec_args, config.vocab_size, cache_dtype)],
-        "fill_in_the_middle": fim,
+        "fill_in_the_middle": None if fim is None else fim.to_dict(),
         **({"trace_dims": _trace_dims()} if entries["method"] == "trace" else {}),
         "versions": versions(),
         **entries,
@@ -344,15 +348,6 @@ def _write(
     }
     write_manifest(tmp, {**body, "timings_s": stages.seconds})
     stages.done("write", f"tokenizer, config.json, {io_spec.GENAI_CONFIG_FILE}, manifest.json")
-
-
-def _fill_in_the_middle(folder: Path, config: ModelConfig) -> dict | None:
-    """CodeGen2's fill-in-the-middle tokens of the export's tokenizer (their ids), or None: no tokenizer, a
-    tokenizer without them (CodeGen1), or ids past the embedding's rows."""
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        return None
-    fim = load_tokenizer(folder).fim_for(config.vocab_size)
-    return None if fim is None else fim.to_dict()
 
 
 def _trace_dims() -> dict:

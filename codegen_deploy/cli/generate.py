@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -102,11 +103,7 @@ def read_prompt(args: argparse.Namespace, context: int | None = None) -> str:
         return _argument_text(args.prompt)
     limit = (context or LIMITS["n_positions"]) * PROMPT_BYTES_PER_TOKEN
     if args.file is not None:
-        try:
-            with open(args.file, "rb") as f:
-                return _decode(f.read(limit + 1), limit, f"the prompt file {args.file}")
-        except OSError as e:
-            raise InputError(f"cannot read the prompt file {args.file} ({e.strerror}): check the path") from e
+        return _read_text_file(args.file, limit, "prompt")
     if sys.stdin.isatty():
         raise InputError("no prompt: give it as an argument, with --file, or on standard input")
     stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes, so a bad byte is an error of ours, not a traceback
@@ -121,12 +118,16 @@ def read_suffix(args: argparse.Namespace, context: int | None = None) -> str | N
         return _argument_text(args.suffix, "the suffix argument", "--suffix-file")
     if args.suffix_file is None:
         return None
-    limit = (context or LIMITS["n_positions"]) * PROMPT_BYTES_PER_TOKEN
+    return _read_text_file(args.suffix_file, (context or LIMITS["n_positions"]) * PROMPT_BYTES_PER_TOKEN, "suffix")
+
+
+def _read_text_file(path: str, limit: int, what: str) -> str:
+    """The text of the `what` file at `path`, at most `limit` bytes read; one line when it cannot be read."""
     try:
-        with open(args.suffix_file, "rb") as f:
-            return _decode(f.read(limit + 1), limit, f"the suffix file {args.suffix_file}")
+        with open(path, "rb") as f:
+            return _decode(f.read(limit + 1), limit, f"the {what} file {path}")
     except OSError as e:
-        raise InputError(f"cannot read the suffix file {args.suffix_file} ({e.strerror}): check the path") from e
+        raise InputError(f"cannot read the {what} file {path} ({e.strerror}): check the path") from e
 
 
 def _decode(data: bytes | str, limit: int, source: str) -> str:
@@ -183,8 +184,8 @@ def command(argv: list[str] | None) -> int:
     from ..runtime.sampling import SamplingConfig
     from ..runtime.speculate import SpeculationStats, check_speculation, make_drafter
 
-    prompt = read_prompt(args, context_of(args.path))
-    suffix = read_suffix(args, context_of(args.path))
+    context = context_of(args.path)
+    prompt, suffix = read_prompt(args, context), read_suffix(args, context)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(
@@ -207,7 +208,7 @@ def command(argv: list[str] | None) -> int:
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.path)
     ids = tokenizer.encode(prompt) if suffix is None else tokenizer.infill(prompt, suffix)  # refused on CodeGen1
-    check_prompt_fits(ids, config.max_new_tokens, context_of(target))
+    check_prompt_fits(ids, config.max_new_tokens, context if target == args.path else context_of(target))
     session = open_session(backend, target, **options)
     print(f"[{session.name}] opened {target} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if tokenizer.vocab_size < session.config.vocab_size // 2:  # CodeGen's own: 50295 of 51200
@@ -219,11 +220,10 @@ def command(argv: list[str] | None) -> int:
     draft_options = {"threads": args.threads, "verify": args.verify}
     drafter = make_drafter(args.speculate, session, config.sampling, args.draft, **draft_options)
     stats = SpeculationStats() if drafter is not None else None
-    with session:
+    # The prompt goes in as `ids`, tokenized once above (with a suffix: the fill-in-the-middle layout).
+    with session, contextlib.closing(drafter) if drafter is not None else contextlib.nullcontext():
         if args.json:
-            result = generate(session, tokenizer, prompt, config, drafter=drafter, suffix=suffix)
-            if drafter is not None:
-                drafter.close()
+            result = generate(session, tokenizer, ids, config, drafter=drafter)
             c = result.completions[0]
             body = {
                 "backend": session.name,
@@ -243,7 +243,7 @@ def command(argv: list[str] | None) -> int:
             if args.echo:
                 sys.stdout.write(prompt)
                 wrote = bool(prompt)
-            pieces = stream(session, tokenizer, prompt, config, timings, drafter, stats, suffix=suffix)
+            pieces = stream(session, tokenizer, ids, config, timings, drafter, stats)
             for piece in pieces:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -256,8 +256,6 @@ def command(argv: list[str] | None) -> int:
                 sys.stdout.flush()
             raise
         sys.stdout.write("\n")
-        if drafter is not None:
-            drafter.close()
     print(
         f"[{session.name}] {timings.decode_steps + 1} tokens; first token {timings.time_to_first_token_s:.3f} s; "
         f"decode {timings.decode_tokens_per_s:.1f} tokens/s",

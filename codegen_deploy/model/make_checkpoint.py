@@ -22,7 +22,7 @@ from ..dtypes import dtype_name
 from ..errors import InputError, TokenizerError
 from .hub import TOKENIZER_FILES
 from .reference import CodeGen
-from .tokenizer import EOS_TOKEN, FIM_EOM, FIM_MASK, FIM_SEP, load_tokenizer
+from .tokenizer import EOS_TOKEN, FIM_EOM, FIM_MASK, FIM_SEP, Tokenizer, load_tokenizer
 from .weights import save_checkpoint
 
 # Small shapes for demos and tests; the published shapes come from config.PUBLISHED_SHAPES.
@@ -141,7 +141,7 @@ def make_checkpoint(
             if fim and tok.fim is None:
                 add_fim_tokens(tok._tok)
                 tok._tok.save(str(tmp / "tokenizer.json"))  # read before vocab.json + merges.txt
-                tok = load_tokenizer(tmp)
+                tok = Tokenizer(tok._tok, tok.eos_token_id)  # the same backend, its new tokens found
         vocab = max(config.vocab_size, -(-tok.vocab_size // 64) * 64)
         config = replace(config, vocab_size=vocab, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         # Weights large enough that logits vary by several units: parity checks then mean something.
