@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,25 @@ LIMITS = {
     "n_inner": 262144,
     "vocab_size": 1048576,
 }
+
+
+def max_threads() -> int:
+    """The most intra-op threads a session takes: the logical cores this process may run on. More threads than
+    cores only wait for each other, and a mistyped number (100000) would start tens of thousands of threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> int | None:
+    """`threads` if it is unset or between 1 and max_threads(), else a ConfigError that says the range."""
+    if threads is None:
+        return None
+    high = max_threads()
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= high:
+        raise ConfigError(f"threads must be a whole number from 1 to {high} (the cores this machine has), not {threads!r}")
+    return int(threads)
 
 
 def hub_id(size: str, data: str = "mono") -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..errors import CodegenDeployError, InputError
 from ..runtime.speculate import SPECULATE_MODES
-from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run
+from ..config import max_threads
+from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run, threads_type
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int_at_least(1), default=3, help="runs per backend; medians are reported (default 3)"
     )
     p.add_argument(
-        "--threads", type=int_at_least(0), default=2, help="intra-op threads (default 2; 0 = the runtime's choice)"
+        "--threads",
+        type=lambda text: 0 if text.strip() == "0" else threads_type(text),
+        default=min(2, max_threads()),
+        help="intra-op threads (default 2; 0 = the runtime's choice; at most the cores this machine has)",
     )
     p.add_argument("--reference", help="checkpoint for the torch backend when PATH is an export folder")
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")

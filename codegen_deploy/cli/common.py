@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 from ..artifacts.manifest import VERIFY_MODES
+from ..config import max_threads
 from ..errors import CodegenDeployError
 
 
@@ -145,6 +146,15 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def threads_type(text: str) -> int:
+    """An argparse type: intra-op threads, from 1 to the cores this machine has."""
+    high = max_threads()
+    value = int_at_least(1)(text)
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high} (the cores this machine has), got {value}")
+    return value
 
 
 def float_in(low: float, high: float = math.inf) -> Callable[[str], float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ...config import check_threads
 from ...errors import InputError
 from ..session import Session
 
@@ -84,7 +85,7 @@ def backend_options(
         "tensorrt": (),
     }
     given = {
-        "threads": threads,
+        "threads": check_threads(threads),
         "providers": providers,
         "dtype": dtype,
         "graph": graph,
