@@ -27,11 +27,13 @@ DEFAULT_EXPORTS = [WORK / "codegen-350M-random-onnx", WORK / "codegen-350M-rando
 
 
 def python_worker(args: dict) -> dict:
-    """The Python runtime's loop (runtime/generate.py generate_tokens) over FusedOrtSession, its ONNX Runtime
-    Run calls timed by a wrapper around the session's InferenceSession."""
+    """The Python runtime's engine (runtime/engine.py, as generate() drives it) over FusedOrtSession, its ONNX
+    Runtime Run calls timed by a wrapper around the session's InferenceSession."""
     sys.path.insert(0, str(REPO))
     from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
-    from codegen_deploy.runtime.generate import GenerationConfig, Timings, generate_tokens
+    from codegen_deploy.runtime.engine import BatchEngine, Row, RowSpec
+    from codegen_deploy.runtime.generate import Timings, drive
+    from codegen_deploy.runtime.text import NoText
 
     class TimedRuns:
         """The InferenceSession, with the seconds spent in run_with_iobinding added up."""
@@ -51,12 +53,12 @@ def python_worker(args: dict) -> dict:
 
     session = FusedOrtSession(args["export"], threads=args["threads"], verify="size")
     timed = session._session = TimedRuns(session._session)
-    # eos_token_ids=(): never stop early, as the C++ side's --ignore-eos.
-    config = GenerationConfig(max_new_tokens=args["new_tokens"], eos_token_ids=())
+    # No eos: never stop early, as the C++ side's --ignore-eos.
+    row = Row(RowSpec(tuple(args["prompt_ids"]), args["new_tokens"]), NoText(), set())
     timings = Timings()
     run_before = None
-    for n, _ in enumerate(generate_tokens(session, [args["prompt_ids"]], config, timings=timings)):
-        if n == 0:
+    for _ in drive(BatchEngine(session, 1, 0), [row], timings):
+        if run_before is None:
             run_before = timed.seconds  # the prompt's run is not a decode step's
     return {
         "prefill_s": timings.prefill_s,

@@ -42,7 +42,9 @@ def check_threads(threads: int | None) -> int | None:
         return None
     high = max_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= high:
-        raise ConfigError(f"threads must be a whole number from 1 to {high} (the cores this machine has), not {threads!r}")
+        raise ConfigError(
+            f"threads must be a whole number from 1 to {high} (the cores this machine has), not {threads!r}"
+        )
     return int(threads)
 
 

@@ -7,10 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import max_threads
 from ..errors import CodegenDeployError, InputError
 from ..runtime.speculate import SPECULATE_MODES
-from ..config import max_threads
-from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run, threads_type
+from .common import (
+    VERIFY_CHOICES,
+    VERIFY_HELP,
+    ArgumentParser,
+    add_device_options,
+    device_options,
+    int_at_least,
+    run,
+    threads_type,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

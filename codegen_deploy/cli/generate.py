@@ -15,7 +15,16 @@ from ..dtypes import DTYPES, torch_dtype
 from ..errors import InputError
 from ..runtime.backends import BACKENDS, GRAPHS
 from ..runtime.speculate import SPECULATE_MODES
-from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, int_at_least, run, session_options, threads_type
+from .common import (
+    VERIFY_CHOICES,
+    VERIFY_HELP,
+    ArgumentParser,
+    add_device_options,
+    int_at_least,
+    run,
+    session_options,
+    threads_type,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,7 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "measured costs and acceptance say pays",
     )
     p.add_argument("--draft", metavar="EXPORT", help="a smaller export with the same tokenizer to draft tokens")
-    p.add_argument("--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)")
+    p.add_argument(
+        "--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)"
+    )
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu (default: what is installed)")
     p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
     add_device_options(p)

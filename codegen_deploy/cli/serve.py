@@ -14,9 +14,18 @@ from pathlib import Path
 
 from ..errors import InputError, MissingDependencyError
 from ..runtime.backends import BACKENDS
+from ..runtime.engine import GAP_STEPS
 from ..runtime.speculate import SPECULATE_MODES
-from ..serve.batcher import GAP_STEPS
-from .common import ArgumentParser, Terminated, add_device_options, device_options, float_in, int_at_least, run, threads_type
+from .common import (
+    ArgumentParser,
+    Terminated,
+    add_device_options,
+    device_options,
+    float_in,
+    int_at_least,
+    run,
+    threads_type,
+)
 
 # The API key's environment variable: unlike --api-key, it does not show in `ps`.
 API_KEY_ENV = "CODEGEN_SERVE_API_KEY"
@@ -95,7 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="on SIGTERM or Ctrl-C, stop accepting and give running requests this long to finish; streams still "
         "running then end with an error event (default: 10)",
     )
-    p.add_argument("--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)")
+    p.add_argument(
+        "--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)"
+    )
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument(
         "--max-context", type=int_at_least(1), help="tokens per row (prompt + completion; default: the model's)"

@@ -62,19 +62,29 @@ def random_prompt(vocab_size: int, batch: int, tokens: int, seed: int = 0) -> np
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, tokens), dtype=np.int64)
 
 
-def time_generation(session: Session, prompt: np.ndarray, new_tokens: int) -> dict:
-    """One greedy run of `new_tokens` tokens; seconds for the prompt, the first token and every step."""
-    start = time.perf_counter()
-    logits = session.prefill(prompt)
-    prefill_s = time.perf_counter() - start
-    token = logits.argmax(-1)
-    ttft_s = time.perf_counter() - start
-    steps = []
-    for _ in range(new_tokens - 1):
-        t = time.perf_counter()
-        token = session.step(token).argmax(-1)
-        steps.append(time.perf_counter() - t)
-    return {"prefill_s": prefill_s, "ttft_s": ttft_s, "step_s": steps}
+def time_generation(session: Session, prompt: np.ndarray, new_tokens: int, drafter=None, stats=None) -> dict:
+    """One greedy run of `new_tokens` tokens for each row of prompt [B, T], through the engine (speculatively,
+    one row, with a drafter; stats then counts its drafts): seconds to the first token (prefill_s, ttft_s: the
+    prompt's run and its argmax) and of each later token (step_s; tokens that one run checked come 0 s apart)."""
+    from .engine import BatchEngine, Row, RowSpec, SlotEngine
+    from .generate import drive
+    from .text import NoText
+
+    rows = [Row(RowSpec(tuple(r.tolist()), new_tokens), NoText(), set()) for r in prompt]
+    engine = SlotEngine(session, 1, drafter=drafter) if drafter is not None else BatchEngine(session, len(rows), 0)
+    start = last = time.perf_counter()
+    ttft, steps, step = None, [], -1
+    for p in drive(engine, rows, stats=stats):
+        now = time.perf_counter()
+        if engine.steps_taken != step:  # the first row's progress in each step
+            step = engine.steps_taken
+            if ttft is None:
+                ttft = now - start
+                steps.extend([0.0] * (p.chosen - 1))
+            else:
+                steps.extend([now - last] + [0.0] * (p.chosen - 1))
+            last = now
+    return {"prefill_s": ttft, "ttft_s": ttft, "step_s": steps}
 
 
 def summarize(runs: list[dict], batch: int) -> dict:
@@ -95,25 +105,19 @@ def measure_session(session: Session, spec: BenchSpec) -> dict:
     if spec.speculate == "off":
         runs = [time_generation(session, prompt, spec.new_tokens) for _ in range(spec.repeats)]
         return summarize(runs, spec.batch)
-    return measure_speculative(session, spec, prompt[0].tolist())
+    return measure_speculative(session, spec, prompt)
 
 
-def measure_speculative(session: Session, spec: BenchSpec, prompt: list[int]) -> dict:
+def measure_speculative(session: Session, spec: BenchSpec, prompt: np.ndarray) -> dict:
     """The workload decoded greedily and speculatively (batch 1): the same summary, and the drafts' counts."""
     from .sampling import SamplingConfig
-    from .speculate import SpeculationStats, make_drafter, speculative_tokens
+    from .speculate import SpeculationStats, make_drafter
 
     drafter = make_drafter(spec.speculate, session, SamplingConfig(), spec.draft, threads=spec.threads)
     if drafter is None:
         raise InputError(f"the {session.name} session cannot decode speculatively: use --speculate off")
-    runs, stats = [], SpeculationStats()
-    for _ in range(spec.repeats):
-        start, stamps = time.perf_counter(), []
-        for _token in speculative_tokens(session, prompt, spec.new_tokens, drafter, lambda x: x, stats):
-            stamps.append(time.perf_counter())
-        # The first token ends the prompt; later ones come several to a run: their mean spacing is the step.
-        steps = np.diff(stamps).tolist()
-        runs.append({"prefill_s": stamps[0] - start, "ttft_s": stamps[0] - start, "step_s": steps})
+    stats = SpeculationStats()
+    runs = [time_generation(session, prompt[:1], spec.new_tokens, drafter, stats) for _ in range(spec.repeats)]
     drafter.close()
     return {**summarize(runs, 1), "speculation": stats.to_dict()}
 

@@ -1,11 +1,9 @@
-"""The one generation loop for every backend: encode, left-pad, prefill, step, sample, stop.
+"""generate() and stream(): prompts in, text out, on every backend, by driving the one engine (runtime/engine.py).
 
-Small functions in the order they run (gpt-fast style). The loop sees a Session only through
-prefill(ids, mask) and step(ids), so the same code drives PyTorch, ONNX Runtime and TensorRT.
-
-Rows of a batch are independent: left padding with real position ids (the Session counts them from
-the mask), one random generator per row seeded alike, and finished rows keep feeding the pad token
-until every row is done, so each row's tokens equal running its prompt alone.
+Plain decoding runs the prompts as one batch through the session's batch API (BatchEngine: every backend has
+it): left padding with real position ids (the Session counts them from the mask), one random generator per
+row seeded alike, and rows that ended fed the pad token until every row is done, so each row's tokens equal
+running its prompt alone. Speculative decoding (a drafter) runs each prompt in a row slot (SlotEngine).
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from ..errors import InputError
-from .sampling import SamplingConfig, adjust_logits, make_generators, sample
+from .engine import BatchEngine, Engine, Progress, Row, RowSpec, SlotEngine
+from .sampling import SamplingConfig
 from .session import Session
-from .speculate import SpeculationStats, check_speculation, speculative_tokens
-
-REPLACEMENT_CHAR = "\ufffd"
+from .speculate import SpeculationStats, check_speculation
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps of the loop
+# Checks and inputs
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -133,17 +130,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]) 
     if not rows:
         raise InputError("no prompts given: give at least one prompt")
     return rows
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of different lengths -> ids [B, T] and mask [B, T] (0 on the padding at the left)."""
-    t = max(len(r) for r in rows)
-    ids = np.full((len(rows), t), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(rows), t), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r) :] = r
-        mask[i, t - len(r) :] = 1
-    return ids, mask
 
 
 def check_context(session: Session, prompt_len: int, max_new_tokens: int) -> None:
@@ -173,135 +159,6 @@ def check_logit_bias(session: Session, sampling: SamplingConfig) -> None:
     vocab = session.config.vocab_size
     if any(not 0 <= token < vocab for token, _ in sampling.logit_bias):
         raise InputError(f"a logit_bias token is outside the vocabulary 0..{vocab - 1}: give ids below {vocab}")
-
-
-def find_stop(text: str, stop: Sequence[str]) -> int:
-    """Index of the earliest stop sequence in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def generate_tokens(
-    session: Session,
-    rows: list[list[int]],
-    config: GenerationConfig,
-    finished: np.ndarray | None = None,
-    timings: Timings | None = None,
-) -> Iterator[np.ndarray]:
-    """Prefill the rows, then yield one sampled token per row [B] per step, up to max_new_tokens steps.
-
-    Stopping is the caller's business: it sets finished[i] (a [B] bool array it owns) for rows that are
-    done, so they are fed the pad token from then on, and closes the iterator when every row is done.
-    timings, when given, is filled in as the loop runs.
-    """
-    eos = config.eos_token_ids or ()
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    ids, mask = left_pad(rows, pad)
-    check_context(session, ids.shape[1], config.max_new_tokens)
-    sampling = config.sampling
-    check_logit_bias(session, sampling)
-    generators = None if sampling.greedy else make_generators(sampling, len(rows))
-    t0 = time.perf_counter()
-    logits = session.prefill(ids, mask)
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = np.zeros(logits.shape, dtype=bool)  # [B, V]
-        for i, r in enumerate(rows):
-            seen[i, [t for t in r if t < logits.shape[-1]]] = True
-    counts = np.zeros(logits.shape, np.float32) if sampling.presence_penalty or sampling.frequency_penalty else None
-    token = sample(adjust_logits(logits, sampling, counts), sampling, generators, seen)
-    if timings is not None:
-        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - t0
-    decode_start = time.perf_counter()
-    for n in range(1, config.max_new_tokens + 1):
-        yield token
-        if n == config.max_new_tokens:
-            break
-        if finished is not None:
-            token = np.where(finished, pad, token)
-        if seen is not None:
-            seen[np.arange(len(rows)), token] = True
-        if counts is not None:  # OpenAI's penalties count generated tokens only
-            counts[np.arange(len(rows)), token] += 1
-        logits = session.step(token)
-        token = sample(adjust_logits(logits, sampling, counts), sampling, generators, seen)
-        if timings is not None:
-            timings.decode_steps = n
-            timings.decode_s = time.perf_counter() - decode_start
-
-
-class RowText:
-    """One row's new tokens turned into text while it generates: it ends at an eos id or a stop string
-    (found across token boundaries), and releases streaming pieces that are safe to show.
-
-    push() each sampled token; piece() returns the new text that decodes cleanly (no multi-byte character
-    split across tokens) and cannot be the start of a stop string; once done, rest() returns the last
-    piece, so all pieces joined equal final_text(). finish_reason: "eos", "stop", or None while running.
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int], eos: set[int], stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.prompt_ids = prompt_ids
-        self.eos = eos
-        self.stop = tuple(stop)
-        self.ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.emitted = 0  # characters of the text already released by piece()
-        # A character takes at most 4 byte tokens, so this many last tokens hold the longest stop sequence.
-        self._window = 4 * max((len(s) for s in self.stop), default=0) + 4
-        self._clean_ids = 0  # ids[:_clean_ids] decode to _clean_text, which ends on a whole character
-        self._clean_text = ""
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def push(self, token: int) -> None:
-        """Append a sampled token (ignored once the row is done) and check for eos and stop strings."""
-        if self.done:
-            return
-        self.ids.append(token)
-        if token in self.eos:
-            self.finish_reason = "eos"
-        elif self.stop and find_stop(self.tokenizer.decode(self.ids[-self._window :]), self.stop) >= 0:
-            self.finish_reason = "stop"
-
-    def text(self) -> str:
-        """The decode of all ids, decoding only those after the last clean point (constant work per step).
-
-        Byte-level BPE decodes to the bytes of its tokens joined, so text that ends on a whole character
-        (no trailing U+FFFD) is a prefix of every longer decode and can be kept as is.
-        """
-        text = self._clean_text + self.tokenizer.decode(self.ids[self._clean_ids :])
-        if not text.endswith(REPLACEMENT_CHAR):
-            self._clean_ids, self._clean_text = len(self.ids), text
-        return text
-
-    def piece(self) -> str:
-        """New text that is safe to stream now ("" if none): whole characters, no possible stop start."""
-        if self.done:
-            return ""
-        text = self.text()
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""
-        safe = len(text) - _held_back(text, self.stop)
-        if safe <= self.emitted:
-            return ""
-        piece, self.emitted = text[self.emitted : safe], safe
-        return piece
-
-    def final_text(self) -> str:
-        """The text of all new ids, an ending eos left out, cut before the first stop string."""
-        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.eos else self.ids
-        text = self.tokenizer.decode(ids)
-        cut = find_stop(text, self.stop) if self.stop else -1
-        return text if cut < 0 else text[:cut]
-
-    def rest(self) -> str:
-        """The final text not yet released by piece() (call once the row is done or stopped)."""
-        text = self.final_text()
-        piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
-        return piece
 
 
 def _resolve(tokenizer, config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
@@ -339,6 +196,58 @@ def _prompt_rows(tokenizer, prompts, suffix: str | None) -> list[list[int]]:
     return [tokenizer.infill(prompts, suffix)]
 
 
+def _engine(session: Session, config: GenerationConfig, drafter, rows: int) -> Engine:
+    """The engine for `rows` prompts: a row slot with the drafter when decoding speculatively, else one batch."""
+    if drafter is not None:
+        check_speculation(session, config.sampling)
+        return SlotEngine(session, rows=1, drafter=drafter)
+    eos = config.eos_token_ids or ()
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    return BatchEngine(session, rows, pad)
+
+
+def _rows(session: Session, tokenizer, prompt_rows: list[list[int]], config: GenerationConfig) -> list[Row]:
+    """One engine Row per prompt, after the checks: the prompts fit the context (left padding makes every row
+    as long as the longest), the logit bias is inside the vocabulary."""
+    check_context(session, max(len(r) for r in prompt_rows), config.max_new_tokens)
+    check_logit_bias(session, config.sampling)
+    eos = set(config.eos_token_ids)
+    return [
+        Row(RowSpec(tuple(r), config.max_new_tokens, config.sampling, config.stop), tokenizer, eos) for r in prompt_rows
+    ]
+
+
+def drive(engine: Engine, rows: list[Row], timings: Timings | None = None, stats=None) -> Iterator[Progress]:
+    """Add `rows` to `engine` and step it until they have ended, yielding each row's progress of each step.
+
+    timings (a Timings), when given, is filled in as it runs: the first step's time is the prompt's, the rest
+    decoding (decode_steps: tokens after the first, per row); stats (a SpeculationStats) counts drafts, decode
+    runs and tokens.
+    """
+    for row in rows:
+        if not engine.add(row):
+            raise InputError(f"the engine took {len(engine.rows)} rows at once: give at most that many prompts")
+    start = time.perf_counter()
+    decode_start = None
+    while engine.has_work():
+        progress = engine.step()
+        now = time.perf_counter()
+        if timings is not None:
+            if decode_start is None and any(p.chosen for p in progress):
+                decode_start = now
+                timings.prefill_s = timings.time_to_first_token_s = now - start
+            elif decode_start is not None:
+                timings.decode_steps = max(r.generated for r in rows) - 1
+                timings.decode_s = now - decode_start
+        if stats is not None:
+            for p in progress:
+                stats.drafted += p.drafted
+                stats.accepted += p.accepted
+                stats.runs += p.decoded
+                stats.tokens += p.chosen
+        yield from progress
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -363,44 +272,21 @@ def generate(
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_rows = _prompt_rows(tokenizer, prompts, suffix)
-    eos = set(config.eos_token_ids)
-    rows = [RowText(tokenizer, r, eos, config.stop) for r in prompt_rows]
+    rows = _rows(session, tokenizer, prompt_rows, config)
     timings = Timings()
     start = time.perf_counter()
-    stats = None
-    if drafter is not None:
-        stats = SpeculationStats()
-        for row in rows:
-            row_timings = Timings()
-            for token in _speculative(session, row.prompt_ids, config, drafter, stats, row_timings):
-                row.push(token)
-                if row.done:
-                    break
-            timings.add(row_timings)
-    else:
-        finished = np.zeros(len(rows), dtype=bool)
-        tokens = generate_tokens(session, prompt_rows, config, finished, timings)
-        for token in tokens:
-            for row, t in zip(rows, token.tolist(), strict=True):
-                row.push(t)
-            finished[:] = [r.done for r in rows]
-            if finished.all():
-                tokens.close()
-                break
+    stats = SpeculationStats() if drafter is not None else None
+    groups = [[row] for row in rows] if drafter is not None else [rows]  # speculation: each prompt in turn
+    for group in groups:
+        group_timings = Timings()
+        for _ in drive(_engine(session, config, drafter, len(group)), group, group_timings, stats):
+            pass
+        timings.add(group_timings)
     timings.total_s = time.perf_counter() - start
-    completions = [Completion(r.prompt_ids, r.ids, r.final_text(), r.finish_reason or "length") for r in rows]
+    completions = [
+        Completion(r.text.prompt_ids, r.text.ids, r.text.final_text(), r.text.finish_reason or "length") for r in rows
+    ]
     return GenerationResult(completions, timings, stats)
-
-
-def _speculative(session: Session, prompt: list[int], config: GenerationConfig, drafter, stats, timings):
-    """speculative_tokens() for one prompt, after the checks generate_tokens() makes."""
-    check_speculation(session, config.sampling)
-    check_context(session, len(prompt), config.max_new_tokens)
-    check_logit_bias(session, config.sampling)
-    sampling = config.sampling
-    return speculative_tokens(
-        session, prompt, config.max_new_tokens, drafter, lambda logits: adjust_logits(logits, sampling), stats, timings
-    )
 
 
 def stream(
@@ -424,39 +310,15 @@ def stream(
     """
     config = _resolve(tokenizer, config, dict(options))
     prompt_rows = _prompt_rows(tokenizer, prompt if suffix is not None else [prompt], suffix)
-    eos = set(config.eos_token_ids)
-    row = RowText(tokenizer, prompt_rows[0], eos, config.stop)
+    rows = _rows(session, tokenizer, prompt_rows, config)
     start = time.perf_counter()
-    if drafter is not None:
-        tokens = _speculative(session, prompt_rows[0], config, drafter, stats, timings)
-    else:
-        tokens = (int(t[0]) for t in generate_tokens(session, prompt_rows, config, timings=timings))
     try:
-        for token in tokens:
-            row.push(token)
-            if row.done:
-                break
-            piece = row.piece()
-            if piece:
-                yield piece
+        for p in drive(_engine(session, config, drafter, 1), rows, timings, stats):
+            if p.update is not None and p.update.text:
+                yield p.update.text
     finally:
-        tokens.close()
         if timings is not None:
             timings.total_s = time.perf_counter() - start
-    piece = row.rest()
-    if piece:
-        yield piece
-
-
-def _held_back(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop sequence."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if s.startswith(text[-n:]):
-                longest = n
-                break
-    return longest
 
 
 def _is_id_list(prompts) -> bool:

@@ -10,9 +10,9 @@ on the tokens generated so far (repetition, presence and frequency penalties), a
 Drafters: PromptLookup (the continuation of the row's latest n-gram where it occurred before: code repeats
 identifiers, signatures and lines) and DraftModel (a smaller model with the same tokenizer, greedy).
 
-Never slower: each row keeps an estimate of how often a drafted token is accepted (Acceptance), the
-session's measured cost of a run with j new tokens (StepCosts), the drafter's cost per token and what it
-must read before it drafts (a draft model catching up on the row's context); a round drafts the k that
+Never slower: each row keeps an estimate of how often a drafted token is accepted (Acceptance); with the
+session's measured cost of a run with j new tokens (costs.CostModel), the drafter's cost per token and what it
+must read before it drafts (a draft model catching up on the row's context), a round drafts the k that
 maximises expected tokens per second, and none when plain decoding is expected faster. While none pays, a
 probe of one token now and then finds out whether drafting pays again; probes are spaced so that they cost
 at most PROBE_SHARE of the decode.
@@ -21,12 +21,13 @@ at most PROBE_SHARE of the decode.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import InputError
+from .costs import APPEND_TOKEN_COST, CostModel
 from .session import Session, common_prefix
 
 # Drafted tokens per round at most: beyond 8 a run's cost grows faster than a typical draft is accepted.
@@ -41,16 +42,14 @@ PROBE_EVERY, PROBE_MAX = 16, 256
 # The most of a decode's time that probes may cost: a probe that costs c steps more than a plain step waits at
 # least c / PROBE_SHARE rounds after the last draft (a draft model catching up on 64 tokens waits ~60 rounds).
 PROBE_SHARE = 0.02
-# A token appended to a cache costs this fraction of a step beyond the step itself until measured (measured on
-# this CPU: fp32 60 ms per step + 2.1 ms per token, int8 27 ms + 0.7 ms).
-APPEND_TOKEN_COST = 0.035
 
 
 class Drafter:
-    """What every drafter does: propose up to k tokens after a row's context, say what a drafted token costs
-    and what it reads before drafting (in steps of the model), and keep `history`, how often its drafts were
-    accepted over all rows (a new row starts from it: a drafter that is never right does not try again on
-    every request)."""
+    """What every drafter does: propose up to k tokens after a row's ids, learn which of them were accepted
+    (accept: it is told, it does not compare contexts), meet a new row in a slot (admit), say what a drafted
+    token costs and what it reads before drafting (in steps of the model), and keep `history`, how often its
+    drafts were accepted over all rows (a new row starts from it: a drafter that is never right does not try
+    again on every request)."""
 
     name = "drafter"
 
@@ -60,6 +59,13 @@ class Drafter:
     def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
         """Up to k tokens to follow `ids` (a row's prompt and output so far) in row slot `row`."""
         raise NotImplementedError
+
+    def admit(self, row: int, ids: Sequence[int]) -> None:
+        """A new row, whose ids so far are `ids`, starts in slot `row`."""
+
+    def accept(self, row: int, n: int) -> None:
+        """The first n tokens of the last proposal for slot `row` were accepted (the row then holds them and
+        the model's own next token)."""
 
     def cost_ratio(self, step_seconds: float | None) -> float:
         """A drafted token's cost in steps of the model (step_seconds: a step's, when measured)."""
@@ -107,11 +113,11 @@ DRAFT_WINDOW = 64
 
 class DraftModel(Drafter):
     """Drafts greedily with a smaller model that shares the tokenizer (its own Session with row slots, one per
-    row). Its cache follows each row over a window of the row's context: what it holds beyond the row's
-    accepted tokens is cut before the next draft, and when catching up would mean reading more than
-    DRAFT_WINDOW tokens it starts again from the last DRAFT_WINDOW (drafts need the recent context; an exact
-    result never depends on them). relative_cost: a draft step's cost in steps of the model it drafts for,
-    until measured (make_drafter sets it from the parameter counts)."""
+    row). Its cache follows each row over a window of the row's context: admit() keeps what a slot's cache
+    shares with a new row's prompt, accept() cuts the drafts the model did not agree with, and when catching
+    up would mean reading more than DRAFT_WINDOW tokens it starts again from the last DRAFT_WINDOW (drafts need
+    the recent context; an exact result never depends on them). relative_cost: a draft step's cost in steps of
+    the model it drafts for, until measured (make_drafter sets it from the parameter counts)."""
 
     name = "draft"
 
@@ -121,93 +127,80 @@ class DraftModel(Drafter):
         super().__init__()
         session.open_slots(rows)
         self.session = session
-        self.ids: list[list[int]] = [[] for _ in range(rows)]  # what each slot holds: context[start:]
-        self.start = [0] * rows  # where in the row's context the slot's window begins
+        self.held: list[list[int]] = [[] for _ in range(rows)]  # what each slot holds: the row's ids[start:]
+        self.start = [0] * rows  # where in the row's ids the slot's window begins
+        self.fed = [(0, 0)] * rows  # the last proposal: the slot's length before its drafts, drafts fed
         self.relative_cost = relative_cost
-        self.step_seconds: float | None = None  # a draft step's cost, measured (moving average)
-        self.token_seconds: float | None = None  # an appended token's cost beyond a step, measured
+        self.costs = CostModel()  # the draft model's own runs
+
+    def admit(self, row: int, ids: Sequence[int]) -> None:
+        """A new row in slot `row`: keep what the slot's cache shares with its ids (a window that began past
+        the start of the old row's ids shares nothing with the new one's start)."""
+        shared = common_prefix(self.held[row], ids) if self.start[row] == 0 else 0
+        self._keep(row, 0, shared)
+
+    def accept(self, row: int, n: int) -> None:
+        """Of the last proposal for slot `row`, the first n drafts were accepted: the rest leave its cache."""
+        before, fed = self.fed[row]
+        self._keep(row, self.start[row], before + min(n, fed))
+
+    def _keep(self, row: int, start: int, length: int) -> None:
+        self.start[row] = start
+        del self.held[row][length:]
+        self.session.truncate_slot(row, length)
 
     def cost_ratio(self, step_seconds: float | None) -> float:
         """A drafted token's cost in steps of the model (measured when both are, else relative_cost)."""
-        if self.step_seconds is None or not step_seconds:
+        own = self.costs.steps.get(1)
+        if own is None or not step_seconds:
             return self.relative_cost
-        return self.step_seconds / step_seconds
+        return own / step_seconds
 
     def catch_up_cost(self, ids: Sequence[int], row: int, step_seconds: float | None) -> float:
         """What the draft model reads of `ids` before its first draft, beyond one draft step, in steps of the
         model: little while it drafts every round, a window of the context after it has not for a while."""
         start, shared = self._window(ids, row, 1)
         behind = len(ids) - start - shared
-        if self.token_seconds is None or self.step_seconds is None or not step_seconds:
+        if self.costs.token_s is None or self.costs.steps.get(1) is None or not step_seconds:
             return (behind - 1) * APPEND_TOKEN_COST * self.relative_cost
-        return (behind - 1) * self.token_seconds / step_seconds
+        return (behind - 1) * self.costs.token_s / step_seconds
 
     def _window(self, ids: Sequence[int], row: int, k: int) -> tuple[int, int]:
         """Where the slot's window over `ids` begins and how much of what it holds stays (the rest is read)."""
-        held, start = self.ids[row], self.start[row]
+        start, held = self.start[row], len(self.held[row])
         room = self.session.max_context - k - 1
-        if len(ids) <= start:  # another row's context, shorter than where this slot's window began
-            return max(0, len(ids) - min(DRAFT_WINDOW, room)), 0
-        shared = min(common_prefix(held, ids[start:]), len(ids) - start - 1)
+        shared = min(held, len(ids) - start - 1)
         if len(ids) - start - shared > DRAFT_WINDOW or len(ids) - start > room:
             return max(0, len(ids) - min(DRAFT_WINDOW, room)), 0  # a new window over the recent context
         return start, shared
 
     def propose(self, ids: Sequence[int], k: int, row: int = 0) -> list[int]:
-        """k greedy tokens of the draft model after `ids` (a row's whole context)."""
+        """k greedy tokens of the draft model after `ids` (a row's whole context, of which the slot holds
+        what admit() and accept() told it)."""
         if k == 0:
             return []
-        if max(ids) >= self.session.config.vocab_size:
-            return []  # a token the draft model does not know: no draft
         start, shared = self._window(ids, row, k)
-        self.start[row], held = start, self.ids[row]
-        self.session.truncate_slot(row, shared)
-        del held[shared:]
         new = list(ids[start + shared :])
+        if max(new) >= self.session.config.vocab_size:
+            return []  # a token the draft model does not know: no draft
+        self._keep(row, start, shared)
+        held = self.held[row]
         begin = time.perf_counter()
         logits = self.session.append_slot(row, new)
-        appended = time.perf_counter() - begin
+        self.costs.record_run(len(new), time.perf_counter() - begin)
         held.extend(new)
         drafts = [int(logits.argmax())]
+        self.fed[row] = (len(held), k - 1)
         while len(drafts) < k:
             begin = time.perf_counter()
             logits = self.session.step_slots([row], [drafts[-1]])[0]
-            self.step_seconds = moving_average(self.step_seconds, time.perf_counter() - begin)
+            self.costs.record_step(1, time.perf_counter() - begin)
             held.append(drafts[-1])
             drafts.append(int(logits.argmax()))
-        if len(new) == 1:
-            self.step_seconds = moving_average(self.step_seconds, appended)
-        elif self.step_seconds is not None:
-            extra = max(appended - self.step_seconds, 0.0) / (len(new) - 1)
-            self.token_seconds = moving_average(self.token_seconds, extra)
         return drafts
 
     def close(self) -> None:
         self.session.close()
-
-
-class StepCosts:
-    """Seconds of one run of the model with j new tokens for a row (j = 1: a plain step), moving averages
-    measured while decoding; j not measured yet is interpolated, first assumed barely dearer than a step."""
-
-    def __init__(self):
-        self.seconds: dict[int, float] = {}
-
-    def record(self, tokens: int, seconds: float) -> None:
-        self.seconds[tokens] = moving_average(self.seconds.get(tokens), seconds)
-
-    def ratio(self, tokens: int) -> float:
-        """cost(tokens) / cost(1)."""
-        one = self.seconds.get(1)
-        if one is None or tokens == 1:
-            return 1.0 + 0.05 * (tokens - 1)
-        if tokens in self.seconds:
-            return self.seconds[tokens] / one
-        known = sorted(j for j in self.seconds if j > 1)
-        if not known:
-            return 1.0 + 0.05 * (tokens - 1)
-        j = min(known, key=lambda j: abs(j - tokens))  # scale the nearest measured run's cost per extra token
-        return 1.0 + (self.seconds[j] / one - 1.0) * (tokens - 1) / (j - 1)
 
 
 class Acceptance:
@@ -237,7 +230,7 @@ class Acceptance:
                 self.history.update(drafted, accepted)
 
     def choose(
-        self, costs: StepCosts, draft_ratio: float, limit: int, plain_cost: float = 1.0, catch_up: float = 0.0
+        self, costs: CostModel, draft_ratio: float, limit: int, plain_cost: float = 1.0, catch_up: float = 0.0
     ) -> int:
         """Tokens to draft this round (0: a plain step): the k that maximises expected tokens per second,
         E(k) = (1 - a^(k+1)) / (1 - a) tokens for a run of k + 1 tokens, k drafted ones (each draft_ratio
@@ -248,12 +241,12 @@ class Acceptance:
         a = min(self.rate, 0.999)
         best, best_speed = 0, 1.0 / plain_cost
         for k in range(1, min(self.max_draft, limit) + 1):
-            speed = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft_ratio + catch_up)
+            speed = (1 - a ** (k + 1)) / (1 - a) / (costs.run(k + 1) + k * draft_ratio + catch_up)
             if speed > best_speed:
                 best, best_speed = k, speed
         clock = self.history if self.history is not None else self
         clock.idle = 0 if best else clock.idle + 1
-        probe_cost = costs.ratio(2) + draft_ratio + catch_up - plain_cost  # beyond the plain step it replaces
+        probe_cost = costs.run(2) + draft_ratio + catch_up - plain_cost  # beyond the plain step it replaces
         if not best and clock.idle >= max(clock.probe_gap, probe_cost / PROBE_SHARE) and limit >= 1:
             clock.idle = 0
             return 1
@@ -284,13 +277,17 @@ class SpeculationStats:
 SPECULATE_MODES = ("auto", "lookup", "draft", "off")
 
 
-def can_speculate(session: Session, sampling) -> bool:
-    """Whether speculative decoding runs exactly for this session and sampling (check_speculation's cases)."""
-    try:
-        check_speculation(session, sampling)
-    except InputError:
-        return False
-    return True
+def exact_greedy(sampling, logprobs: int | None = None) -> bool:
+    """Whether a row's tokens can be checked exactly against drafts: greedy, no penalties (they depend on the
+    tokens chosen so far), no logprobs to report (a checked run yields no distribution per token)."""
+    s = sampling
+    plain = s.repetition_penalty == 1.0 and not s.presence_penalty and not s.frequency_penalty
+    return s.greedy and plain and logprobs is None
+
+
+def runs_several_tokens(session: Session) -> bool:
+    """Whether a session can check drafts: row slots whose runs take several tokens per slot."""
+    return session.supports_slots and session.multi_token_steps
 
 
 def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, rows: int = 1, **options):
@@ -301,7 +298,7 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
 
     if mode not in SPECULATE_MODES:
         raise InputError(f"unknown speculation {mode!r}: choose one of {', '.join(SPECULATE_MODES)}")
-    if mode == "off" or (mode == "auto" and not can_speculate(session, sampling)):
+    if mode == "off" or (mode == "auto" and not (exact_greedy(sampling) and runs_several_tokens(session))):
         return None
     check_speculation(session, sampling)
     if mode == "lookup" or (mode == "auto" and draft is None):
@@ -324,91 +321,19 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
 
 def check_speculation(session: Session | None, sampling) -> None:
     """Refuse in one line what speculative decoding cannot do exactly here (session None: the sampling only,
-    before a model is loaded)."""
-    if not sampling.greedy or sampling.repetition_penalty != 1.0 or sampling.presence_penalty:
-        raise InputError("speculative decoding is exact for greedy decoding only: use temperature 0 or --speculate off")
-    if sampling.frequency_penalty:
-        raise InputError("speculative decoding is exact for greedy decoding only: drop the frequency penalty")
-    if session is None:
+    before a model is loaded): exact_greedy() and runs_several_tokens(), with the remedy."""
+    if not exact_greedy(sampling):
+        only_frequency = exact_greedy(replace(sampling, frequency_penalty=0.0))
+        fix = "drop the frequency penalty" if only_frequency else "use temperature 0 or --speculate off"
+        raise InputError(f"speculative decoding is exact for greedy decoding only: {fix}")
+    if session is None or runs_several_tokens(session):
         return
-    if session.supports_slots and not session.multi_token_steps:
+    if session.supports_slots:
         raise InputError(
             "speculative decoding needs a fused graph that checks several tokens per run; this one was exported "
             "before that existed: export it again with codegen-export, or use --speculate off"
         )
-    if not session.supports_slots:
-        raise InputError(
-            f"speculative decoding needs a session with multi-token row steps (the fused ONNX Runtime graph on the "
-            f"CPU, or torch), not {session.name}: use --speculate off or another backend/export"
-        )
-
-
-def verify(session: Session, slot: int, token: int, drafts: list[int], adjust) -> tuple[int, int]:
-    """Run `token` and the drafts after `slot`'s cache in one run; keep the drafts the model agrees with.
-    Returns (drafts accepted, the model's next token); the slot then holds token and the accepted drafts.
-    adjust(logits [j, V]) -> logits: the row's static logit settings (logit bias)."""
-    before = session.slot_length(slot)
-    logits = adjust(session.extend_slots([slot], [[token, *drafts]])[0])  # [k + 1, V]
-    predicted = logits.argmax(-1)
-    n = 0
-    while n < len(drafts) and predicted[n] == drafts[n]:
-        n += 1
-    session.truncate_slot(slot, before + 1 + n)
-    return n, int(predicted[n])
-
-
-def speculative_tokens(
-    session: Session,
-    prompt: list[int],
-    max_new_tokens: int,
-    drafter,
-    adjust,
-    stats: SpeculationStats | None = None,
-    timings=None,
-    max_draft: int = MAX_DRAFT,
-) -> Iterator[int]:
-    """Greedy tokens of one prompt, yielded one by one, decoded speculatively in row slot 0 of `session`.
-
-    adjust(logits [j, V]) -> logits applies the row's static settings (logit bias); timings (a Timings) is
-    filled in as it runs; stats counts drafts and runs.
-    """
-    stats = stats if stats is not None else SpeculationStats()
-    if session.slot_count == 0:
-        session.open_slots(1)
-    costs, acceptance = StepCosts(), Acceptance(max_draft, drafter.history)
-    start = time.perf_counter()
-    token = int(adjust(session.prefill_slot(0, prompt)[None, :]).argmax())
-    context = [*prompt, token]
-    if timings is not None:
-        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
-    decode_start = time.perf_counter()
-    produced = 1
-    stats.tokens += 1
-    yield token
-    while produced < max_new_tokens:
-        limit = min(max_new_tokens - produced - 1, session.max_context - session.slot_length(0) - 1)
-        step = costs.seconds.get(1)
-        k = acceptance.choose(costs, drafter.cost_ratio(step), limit, catch_up=drafter.catch_up_cost(context, 0, step))
-        drafts = drafter.propose(context, k) if k else []
-        t = time.perf_counter()
-        n, token = verify(session, 0, context[-1], drafts, adjust)
-        costs.record(len(drafts) + 1, time.perf_counter() - t)
-        acceptance.update(len(drafts), n)
-        stats.drafted += len(drafts)
-        stats.accepted += n
-        stats.runs += 1
-        for new in [*drafts[:n], token]:
-            context.append(new)
-            produced += 1
-            stats.tokens += 1
-            if timings is not None:
-                timings.decode_steps = produced - 1
-                timings.decode_s = time.perf_counter() - decode_start
-            yield new
-            if produced >= max_new_tokens:
-                return
-
-
-def moving_average(old: float | None, new: float, weight: float = 0.2) -> float:
-    """`new` blended into `old` with `weight` (the first value as it is): the timings the schedulers adapt to."""
-    return new if old is None else (1 - weight) * old + weight * new
+    raise InputError(
+        f"speculative decoding needs a session with multi-token row steps (the fused ONNX Runtime graph on the "
+        f"CPU, or torch), not {session.name}: use --speculate off or another backend/export"
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from codegen_deploy.errors import InputError
 from codegen_deploy.runtime import generate
+from codegen_deploy.runtime.costs import APPEND_TOKEN_COST, CostModel
 from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.speculate import (
@@ -19,7 +20,6 @@ from codegen_deploy.runtime.speculate import (
     DraftModel,
     PromptLookup,
     SpeculationStats,
-    StepCosts,
     check_speculation,
 )
 from tests.runtime.conftest import FreeDraft, slot_cases
@@ -114,10 +114,10 @@ def test_greedy_tokens_are_those_of_plain_decoding(session, drafter):
 
 
 def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
-    costs = StepCosts()
-    costs.record(1, 0.050)
+    costs = CostModel()
+    costs.record_run(1, 0.050)
     for k in range(2, 10):
-        costs.record(k, 0.050 + 0.002 * (k - 1))  # a run of k tokens: a step plus 2 ms per extra token
+        costs.record_run(k, 0.050 + 0.002 * (k - 1))  # a run of k tokens: a step plus 2 ms per extra token
     good = Acceptance()
     for _ in range(20):
         good.update(8, 8)
@@ -167,10 +167,12 @@ def test_a_draft_model_reads_at_most_a_window_of_the_context(session):
     context = np.random.default_rng(9).integers(0, vocab, min(90, session.max_context - 10)).tolist()
     drafts = drafter.propose(context, 3)
     assert len(drafts) == 3 and appended == [min(DRAFT_WINDOW, len(context))]
-    drafter.propose([*context, drafts[0], 7], 2)  # one draft accepted, then the model's own token
+    drafter.accept(0, 1)  # one draft accepted, then the model's own token
+    drafter.propose([*context, drafts[0], 7], 2)
     assert appended[-1] == 1  # the accepted draft is already in its cache: only the model's token is read
     # The slot's next row, shorter than where the window began (a short context: the window began at 0 and
     # the first 4 tokens are in the cache).
+    drafter.admit(0, context[:5])
     assert len(drafter.propose(context[:5], 2)) == 2
     assert appended[-1] == (5 if len(context) > DRAFT_WINDOW else 1)
     drafter.close()
@@ -179,7 +181,7 @@ def test_a_draft_model_reads_at_most_a_window_of_the_context(session):
 def test_a_draft_model_counts_what_it_must_read_before_drafting(session):
     """Catching up on a window of the context is priced before a round drafts; once the draft model follows
     the row, only the tokens it has not seen are."""
-    from codegen_deploy.runtime.speculate import APPEND_TOKEN_COST, DRAFT_WINDOW
+    from codegen_deploy.runtime.speculate import DRAFT_WINDOW
 
     drafter = DraftModel(session.twin(), relative_cost=0.5)
     context = np.random.default_rng(3).integers(0, session.config.vocab_size, min(80, session.max_context - 10))
@@ -187,30 +189,32 @@ def test_a_draft_model_counts_what_it_must_read_before_drafting(session):
     window = min(DRAFT_WINDOW, len(context))
     assert drafter.catch_up_cost(context, 0, None) == pytest.approx((window - 1) * APPEND_TOKEN_COST * 0.5)
     drafts = drafter.propose(context, 2)
+    drafter.accept(0, 1)
     assert drafter.catch_up_cost([*context, drafts[0], 5], 0, None) == 0.0  # one token to read: a draft step
+    drafter.accept(0, 0)  # (as if) the draft was rejected: the model's token and two more are new to it
     assert drafter.catch_up_cost([*context, 9, 9, 9], 0, None) == pytest.approx(2 * APPEND_TOKEN_COST * 0.5)
     drafter.close()
 
 
 def test_probes_cost_at_most_their_share_of_the_decode():
-    costs = StepCosts()
-    costs.record(1, 0.050)
-    costs.record(2, 0.055)
+    costs = CostModel()
+    costs.record_run(1, 0.050)
+    costs.record_run(2, 0.055)
     for catch_up in (0.0, 1.0, 8.0):
         bad = Acceptance(history=Acceptance())
         for _ in range(20):
             bad.update(1, 0)
         probes = [r for r in range(1, 2000) if bad.choose(costs, 0.2, limit=100, catch_up=catch_up)]
-        cost = costs.ratio(2) + 0.2 + catch_up - 1.0  # what a probe costs beyond the plain step it replaces
+        cost = costs.run(2) + 0.2 + catch_up - 1.0  # what a probe costs beyond the plain step it replaces
         gaps = np.diff([0, *probes])
         assert len(probes) >= 3 and gaps.min() >= max(PROBE_MAX, cost / PROBE_SHARE) - 1
         assert cost * len(probes) / 2000 <= PROBE_SHARE  # all probes together
 
 
 def test_a_row_starts_from_what_its_drafter_did_before():
-    costs = StepCosts()
-    costs.record(1, 0.050)
-    costs.record(2, 0.052)
+    costs = CostModel()
+    costs.record_run(1, 0.050)
+    costs.record_run(2, 0.052)
     wrong, right = Drafter(), Drafter()
     for _ in range(30):
         Acceptance(history=wrong.history).update(2, 0)
@@ -224,9 +228,9 @@ def test_a_row_starts_from_what_its_drafter_did_before():
 def test_rows_shorter_than_the_probe_gap_still_probe_on_their_drafters_clock():
     """A dear drafter (probes ~70 rounds apart) serving requests of 20 tokens: its rows count rounds together,
     so it still finds out whether it pays, and no more often than its share."""
-    costs = StepCosts()
-    costs.record(1, 0.050)
-    costs.record(2, 0.055)
+    costs = CostModel()
+    costs.record_run(1, 0.050)
+    costs.record_run(2, 0.055)
     drafter = Drafter()
     for _ in range(20):
         Acceptance(history=drafter.history).update(2, 0)  # it was never right before
@@ -238,4 +242,4 @@ def test_rows_shorter_than_the_probe_gap_still_probe_on_their_drafters_clock():
             if row.choose(costs, 0.3, limit=100, catch_up=1.0):
                 probes += 1
                 row.update(1, 0)
-    assert probes >= 2 and (costs.ratio(2) + 0.3 + 1.0 - 1.0) * probes / rounds <= PROBE_SHARE
+    assert probes >= 2 and (costs.run(2) + 0.3 + 1.0 - 1.0) * probes / rounds <= PROBE_SHARE

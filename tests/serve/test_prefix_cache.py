@@ -11,20 +11,23 @@ import pytest
 
 from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate, open_session
-from codegen_deploy.runtime.generate import GenerationConfig
-from codegen_deploy.runtime.sampling import SamplingConfig
-from codegen_deploy.runtime.session import common_prefix
-from codegen_deploy.serve.batcher import (
+from codegen_deploy.runtime.engine import (
     FIRST_CHUNK,
     GAP_STEPS,
     IDLE_CHUNK,
     MIN_CHUNK,
-    Batcher,
+    Plan,
     Row,
     RowSpec,
     SlotEngine,
+    admit,
     take_turns,
 )
+from codegen_deploy.runtime.generate import GenerationConfig
+from codegen_deploy.runtime.sampling import SamplingConfig
+from codegen_deploy.runtime.session import common_prefix
+from codegen_deploy.runtime.text import NoText
+from codegen_deploy.serve.batcher import Batcher
 from codegen_deploy.serve.metrics import Metrics
 
 
@@ -66,9 +69,13 @@ class Recording:
         return [c[2] for c in self.calls if c[0] == "append"]
 
 
-@pytest.fixture
-def session(tiny_checkpoint):
-    with open_session("torch", tiny_checkpoint, threads=1) as s:
+@pytest.fixture(params=["torch", "onnxruntime-fused"])
+def session(request, tiny_checkpoint, fp32_export):
+    if request.param == "torch":
+        s = open_session("torch", tiny_checkpoint, threads=1)
+    else:
+        s = open_session("onnxruntime", fp32_export, threads=1)
+    with s:
         yield s
 
 
@@ -78,7 +85,7 @@ def tokenizer(tiny_checkpoint):
 
 
 def _row(ids, max_tokens=4) -> Row:
-    return Row(RowSpec(tuple(ids), max_tokens), lambda update: None, None, {0})
+    return Row(RowSpec(tuple(ids), max_tokens), NoText(), {0})
 
 
 def test_common_prefix_and_turns():
@@ -98,19 +105,19 @@ def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(sess
     file = rng.integers(0, 300, 40).tolist()
     other = rng.integers(0, 300, 30).tolist()
     a, b = _row(file), _row(other)
-    assert engine.take(deque([a, b])) == [a, b] and (a.slot, b.slot) == (0, 1)
+    assert admit(engine, deque([a, b])) == [a, b] and (a.slot, b.slot) == (0, 1)
     assert a.cached_tokens == b.cached_tokens == 0
-    engine.prefill([a, b], None)
-    engine.release(a)
-    engine.release(b)
+    engine.step()  # whole prompts (prefill_chunk 0), and a first token each
+    engine.remove(a)
+    engine.remove(b)
     assert engine.cached() == (2, 70)
     # The same file with a few more tokens typed goes to slot 0 and computes only the new tokens.
     typed = _row([*file, 7, 8, 9])
-    engine.take(deque([typed]))
+    admit(engine, deque([typed]))
     assert typed.slot == 0 and typed.cached_tokens == 40 and session.slot_length(0) == 40
     # The identical prompt reuses all but its last token (whose logits give the first new token).
     again = _row(other)
-    engine.take(deque([again]))
+    admit(engine, deque([again]))
     assert again.slot == 1 and again.cached_tokens == 29 and session.slot_length(1) == 29
 
 
@@ -118,11 +125,11 @@ def test_a_few_shared_tokens_never_cost_another_prompts_cache(session):
     engine = SlotEngine(session, rows=2, cache_slots=2)
     file = list(range(1, 41))
     a = _row(file)
-    engine.take(deque([a]))
-    engine.prefill([a], None)
-    engine.release(a)
+    admit(engine, deque([a]))
+    engine.step()
+    engine.remove(a)
     stranger = _row(file[:3] + [200] * 20)  # shares 3 of slot 0's 40 tokens: goes to the empty slot
-    engine.take(deque([stranger]))
+    admit(engine, deque([stranger]))
     assert stranger.slot == 1 and stranger.cached_tokens == 0
     assert session.slot_length(0) == 40
 
@@ -132,32 +139,30 @@ def test_a_long_completion_does_not_hide_its_prompt(session):
     longer) still reuses it."""
     engine = SlotEngine(session, rows=2, cache_slots=2)
     prompt = list(range(1, 21))
-    row = _row(prompt)
-    engine.take(deque([row]))
-    engine.prefill([row], None)
-    for token in range(60):  # a 60-token completion stays in the slot's cache
-        row.next_token = 200 + token
-        engine.step([row])
-    engine.release(row)
+    row = _row(prompt, max_tokens=61)
+    admit(engine, deque([row]))
+    for _ in range(61):  # the prompt, then a 60-token completion that stays in the slot's cache
+        engine.step()
+    assert not engine.has_work() and engine.cached() == (1, 80)
     again = _row([*prompt, 7, 7])
-    engine.take(deque([again]))
+    admit(engine, deque([again]))
     assert again.slot == 0 and again.cached_tokens == 20
 
 
 def test_least_recently_used_caches_are_dropped_beyond_cache_slots(session):
     engine = SlotEngine(session, rows=3, cache_slots=1)
     rows = [_row([i + 1] * 10) for i in range(3)]
-    engine.take(deque(rows))
-    engine.prefill(rows, None)
+    admit(engine, deque(rows))
+    engine.step()
     for r in (rows[1], rows[0], rows[2]):
-        engine.release(r)
+        engine.remove(r)
     assert engine.cached() == (1, 10)
     assert [session.slot_length(i) for i in range(3)] == [0, 0, 10]  # the last released keeps its cache
     off = SlotEngine(session, rows=3, cache_slots=0)  # reuse off: nothing is kept
     r = _row([1] * 10)
-    off.take(deque([r]))
-    off.prefill([r], None)
-    off.release(r)
+    admit(off, deque([r]))
+    off.step()
+    off.remove(r)
     assert off.cached() == (0, 0)
 
 
@@ -166,13 +171,13 @@ def test_more_cache_slots_than_rows_keep_more_prompts(session):
     assert session.slot_count == 3
     for i in range(3):
         r = _row([i + 1] * 8)
-        engine.take(deque([r]))
+        admit(engine, deque([r]))
         assert engine.capacity() == 0  # one row at a time
-        engine.prefill([r], None)
-        engine.release(r)
+        engine.step()
+        engine.remove(r)
     assert engine.cached() == (3, 24)
     back = _row([1] * 8 + [5])
-    engine.take(deque([back]))
+    admit(engine, deque([back]))
     assert back.cached_tokens == 8
 
 
@@ -181,16 +186,17 @@ def test_a_prompt_cut_off_mid_way_leaves_what_it_computed(session):
     engine = SlotEngine(session, rows=1, cache_slots=1)
     prompt = list(range(1, 31))
     first = _row(prompt)
-    engine.take(deque([first]))
-    done, _, appends = engine.prefill([first], 12)
-    assert appends == 1
-    assert done == [] and first.prompt_done == 12
-    engine.release(first)  # cancelled
+    admit(engine, deque([first]))
+    plan = Plan(reads=((first, 12),), budget=12)
+    progress = engine.commit(plan, engine.run(plan))
+    assert [p.chosen for p in progress] == [0] and first.computed == 12 and first.reading
+    engine.remove(first)  # cancelled
     second = _row(prompt)
-    engine.take(deque([second]))
+    admit(engine, deque([second]))
     assert second.cached_tokens == 12
-    done, logits, _ = engine.prefill([second], None)
-    assert done == [second] and logits.shape == (1, session.config.vocab_size)
+    assert engine.plan() == Plan(reads=((second, 18),))
+    (progress,) = engine.step()
+    assert progress.chosen == 1 and second.computed == 30 and not second.reading
 
 
 def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session, tokenizer):
@@ -226,7 +232,7 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
     assert all(sum(n for _, n in r) <= chunk for r in reading)
     slots = [r[0][0] for r in reading[:6]]
     assert slots == [1, 2, 1, 2, 1, 2]  # turns
-    assert batcher.chunk_budget(generating=True) == chunk
+    assert batcher.engine.budget(generating=1) == chunk
     for spec, sink in zip(specs, sinks, strict=True):
         alone = generate(session, tokenizer, list(spec.prompt_ids), max_new_tokens=spec.max_tokens)
         assert sink.tokens == alone.ids
@@ -234,17 +240,20 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
 
 def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
     batcher = Batcher(session, tokenizer, max_batch=2)
-    assert batcher.chunk_budget(generating=True) == FIRST_CHUNK
-    assert batcher.chunk_budget(generating=False) == (session.prompt_chunk or IDLE_CHUNK)
-    batcher._step_s, batcher._token_s = 0.050, 0.002  # a 50 ms step, 2 ms per prompt token
-    assert batcher.chunk_budget(generating=True) == int((GAP_STEPS - 2) * 0.050 / 0.002)
-    batcher._token_s = 1.0  # a very slow prompt path: never below MIN_CHUNK
-    assert batcher.chunk_budget(generating=True) == MIN_CHUNK
-    assert Batcher(session, tokenizer, prefill_chunk=0).chunk_budget(generating=True) is None
+    engine = batcher.engine
+    assert engine.budget(generating=1) == FIRST_CHUNK
+    assert engine.budget(generating=0) == (session.prompt_chunk or IDLE_CHUNK)
+    engine.costs.record_step(1, 0.050)  # a 50 ms step, 2 ms per prompt token
+    engine.costs.token_s = 0.002
+    assert engine.budget(generating=1) == int((GAP_STEPS - 2) * 0.050 / 0.002)
+    engine.costs.token_s = 1.0  # a very slow prompt path: never below MIN_CHUNK
+    assert engine.budget(generating=1) == MIN_CHUNK
+    assert Batcher(session, tokenizer, prefill_chunk=0).engine.budget(generating=1) is None
     # Measured while serving: after a long prompt next to a stream, both costs are known.
     sinks = [Collector(), Collector()]
     batcher.submit([RowSpec((1, 2, 3), 40)], sinks[:1])
-    batcher._step_s = batcher._token_s = None
+    engine.costs.steps.clear()
+    engine.costs.token_s = None
     batcher.start()
     try:
         while not sinks[0].tokens:
@@ -254,8 +263,8 @@ def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
             assert s.done.wait(60)
     finally:
         batcher.stop()
-    assert batcher._step_s > 0 and batcher._token_s > 0
-    assert MIN_CHUNK <= batcher.chunk_budget(generating=True) <= (session.prompt_chunk or IDLE_CHUNK)
+    assert engine.costs.steps[1] > 0 and engine.costs.token_s > 0
+    assert MIN_CHUNK <= engine.budget(generating=1) <= (session.prompt_chunk or IDLE_CHUNK)
 
 
 def test_reuse_and_chunks_never_change_a_result(session, tokenizer):

@@ -1,5 +1,6 @@
 """Speculative decoding in the scheduler: rows that draft and rows that step together in one server, the
-same tokens as plain decoding, drafting only up to speculate_rows generating rows."""
+same tokens as plain decoding; sampled rows step plainly. When a row drafts is tested on the plan
+(tests/runtime/test_engine.py)."""
 
 from __future__ import annotations
 
@@ -84,34 +85,24 @@ def test_drafting_rows_give_the_tokens_of_plain_decoding(session, tokenizer, tin
     d.close()
 
 
-def test_no_drafts_beyond_speculate_rows_and_sampled_rows_step_plainly(session, tokenizer):
+def test_rows_drafting_next_to_each_other_and_sampled_rows_give_the_tokens_of_plain_decoding(session, tokenizer):
     ids = [tuple(tokenizer.encode(p)) for p in PROMPTS]
     greedy = [RowSpec(i, 12) for i in ids]
-    metrics = Metrics()
-    batcher = Batcher(session, tokenizer, max_batch=3, metrics=metrics, drafter=PromptLookup(), speculate_rows=2)
-    sinks = _run(batcher, greedy)  # three rows generate together: above speculate_rows
+    batcher = Batcher(session, tokenizer, max_batch=3, drafter=trust(PromptLookup()))
+    sinks = _run(batcher, greedy)  # three rows generate together
     assert [s.tokens for s in sinks] == [
         generate(session, tokenizer, list(i), GenerationConfig(max_new_tokens=12)).ids for i in ids
     ]
-    # The three rows start together; drafting can only begin once one of them has left.
     sampled = RowSpec(ids[0], 12, SamplingConfig(temperature=0.8, seed=3))
     alone = Batcher(session, tokenizer, max_batch=1)
     reference = _run(alone, [sampled])[0].tokens
     metrics = Metrics()
-    batcher = Batcher(session, tokenizer, max_batch=1, metrics=metrics, drafter=PromptLookup())
+    batcher = Batcher(session, tokenizer, max_batch=1, metrics=metrics, drafter=trust(PromptLookup()))
     assert _run(batcher, [sampled])[0].tokens == reference
-    assert metrics.speculative_tokens.labels(kind="drafted")._value.get() == 0
+    assert metrics.speculative_tokens.labels(kind="drafted")._value.get() == 0  # a sampled row never drafts
 
 
 def test_an_old_fused_graph_is_refused_for_speculation(session, tokenizer):
     session.multi_token_steps = False
     with pytest.raises(Exception, match="multi-token"):
         Batcher(session, tokenizer, drafter=PromptLookup())
-
-
-def test_a_row_drafts_only_when_it_beats_its_share_of_a_plain_step(session, tokenizer):
-    batcher = Batcher(session, tokenizer, max_batch=4, drafter=PromptLookup())
-    assert batcher._plain_cost(1) == 1.0
-    assert batcher._plain_cost(4) == 0.25  # not measured yet: plain steps are taken to be as cheap as can be
-    batcher._step_rows.update({1: 0.050, 4: 0.080})  # measured: four rows step in 80 ms, one in 50
-    assert batcher._plain_cost(4) == pytest.approx(0.080 / 4 / 0.050)
