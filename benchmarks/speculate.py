@@ -165,7 +165,7 @@ def served(session, tokenizer, prompts: list[str], new_tokens: int, concurrency:
         cache_slots=0,
     )
     if alone:
-        batcher._plain_cost = lambda rows: 1.0
+        batcher.engine.costs.share = lambda rows: 1.0  # a row decides as if it stepped alone
     tokenizer_eos = tokenizer.eos_token_id
     done = [threading.Event() for _ in prompts]
     ids: list[list[int]] = [[] for _ in prompts]

@@ -232,6 +232,8 @@ class Engine(ABC):
     the step as plan -> run -> commit, and the commit itself."""
 
     joins_running: bool  # whether a row may join while others run
+    cache_slots = 0  # free slots that keep their cache for the next prompt (prefix reuse)
+    prefill_chunk: int | None = 0  # prompt tokens read per step while rows generate (None: auto, 0: whole)
 
     def __init__(self, session: Session):
         self.session = session
@@ -382,6 +384,8 @@ class SlotEngine(Engine):
         self.max_rows, self.cache_slots = rows, cache_slots
         self.prefill_chunk = prefill_chunk
         self.drafter, self.max_draft = drafter, max_draft
+        if drafter is not None:
+            drafter.open(slots)
         self.slots = [_Slot() for _ in range(slots)]
         self._clock = 0
 
@@ -558,7 +562,6 @@ class BatchEngine(Engine):
         most_new = max([row.spec.max_tokens, *(r.spec.max_tokens for r in self.batch)])
         if self.batch and longest + most_new > self.session.max_context:
             return False
-        row.slot = len(self.batch)
         self.batch.append(row)
         self.rows.append(row)
         return True
@@ -580,13 +583,13 @@ class BatchEngine(Engine):
             ids, mask = left_pad([list(r.spec.prompt_ids) for r in self.batch], self.pad)
             logits = self.session.prefill(ids, mask)
             self.started = True
-            out.read = [(r, logits[r.slot]) for r, _ in plan.reads]
+            out.read = [(r, logits[self.batch.index(r)]) for r, _ in plan.reads]
         if plan.steps:
+            places = [self.batch.index(r) for r in plan.steps]  # rows that ended keep their place, fed the pad
             tokens = np.full(len(self.batch), self.pad, np.int64)
-            for r in plan.steps:
-                tokens[r.slot] = r.ids[-1]
+            tokens[places] = [r.ids[-1] for r in plan.steps]
             out.stepped = list(plan.steps)
-            out.step_logits = self.session.step(tokens)[[r.slot for r in plan.steps]]
+            out.step_logits = self.session.step(tokens)[places]
         return out
 
 

@@ -60,6 +60,9 @@ class Drafter:
         """Up to k tokens to follow `ids` (a row's prompt and output so far) in row slot `row`."""
         raise NotImplementedError
 
+    def open(self, slots: int) -> None:
+        """Have a place for each of `slots` row slots (the engine's count: a row drafts in its own slot's)."""
+
     def admit(self, row: int, ids: Sequence[int]) -> None:
         """A new row, whose ids so far are `ids`, starts in slot `row`."""
 
@@ -125,13 +128,19 @@ class DraftModel(Drafter):
         if not session.supports_slots:
             raise InputError(f"the draft model's {session.name} session has no row slots: use an ONNX export on CPU")
         super().__init__()
-        session.open_slots(rows)
         self.session = session
-        self.held: list[list[int]] = [[] for _ in range(rows)]  # what each slot holds: the row's ids[start:]
-        self.start = [0] * rows  # where in the row's ids the slot's window begins
-        self.fed = [(0, 0)] * rows  # the last proposal: the slot's length before its drafts, drafts fed
         self.relative_cost = relative_cost
         self.costs = CostModel()  # the draft model's own runs
+        self.open(rows)
+
+    def open(self, slots: int) -> None:
+        """Row slots in the draft model's session, as many as the engine it drafts for has (more kept)."""
+        if self.session.slot_count >= slots:
+            return
+        self.session.open_slots(slots)
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # what each slot holds: the row's ids[start:]
+        self.start = [0] * slots  # where in the row's ids the slot's window begins
+        self.fed = [(0, 0)] * slots  # the last proposal: the slot's length before its drafts, drafts fed
 
     def admit(self, row: int, ids: Sequence[int]) -> None:
         """A new row in slot `row`: keep what the slot's cache shares with its ids (a window that began past
@@ -290,10 +299,11 @@ def runs_several_tokens(session: Session) -> bool:
     return session.supports_slots and session.multi_token_steps
 
 
-def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, rows: int = 1, **options):
+def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, **options):
     """The drafter a command asks for: "off" (None), "lookup", "draft" (a DraftModel over the export `draft`,
     opened with onnxruntime `options`), or "auto": the draft model when one is given, else prompt lookup,
-    wherever speculation is exact (greedy, a session with multi-token steps), else None. rows: row slots."""
+    wherever speculation is exact (greedy, a session with multi-token steps), else None. The engine it drafts
+    for opens its row slots (Drafter.open)."""
     from .backends import open_session
 
     if mode not in SPECULATE_MODES:
@@ -316,7 +326,7 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
             "must share the tokenizer (e.g. codegen-350M drafting for codegen-2B of the same family)"
         )
     ratio = draft_session.config.num_parameters() / session.config.num_parameters()
-    return DraftModel(draft_session, rows, relative_cost=ratio)
+    return DraftModel(draft_session, relative_cost=ratio)
 
 
 def check_speculation(session: Session | None, sampling) -> None:

@@ -104,7 +104,7 @@ class Batcher:
 
     @property
     def cache_slots(self) -> int:
-        return self.engine.cache_slots if isinstance(self.engine, SlotEngine) else 0
+        return self.engine.cache_slots
 
     def describe_cache(self) -> str:
         """One line for the server's start-up: how many caches are kept and the KV memory they may take."""
@@ -121,7 +121,7 @@ class Batcher:
 
     def describe_chunks(self) -> str:
         """One line for the server's start-up: how prompts are split while other rows generate."""
-        chunk = getattr(self.engine, "prefill_chunk", 0)
+        chunk = self.engine.prefill_chunk
         if chunk == 0:
             return "prompts: read whole"
         if chunk is None:

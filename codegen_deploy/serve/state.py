@@ -45,12 +45,8 @@ class ServerState:
         self.runs: weakref.WeakSet = weakref.WeakSet()
         self.draining = False
         self._grace_timer: asyncio.TimerHandle | None = None
-        # The draft model keeps a row slot for each of the session's (max_batch, or more to keep caches).
-        rows = max(settings.max_batch, settings.max_batch if settings.cache_slots is None else settings.cache_slots)
         draft_options = {"threads": settings.threads}
-        self.drafter = make_drafter(
-            settings.speculate, self.session, SamplingConfig(), settings.draft, rows, **draft_options
-        )
+        self.drafter = make_drafter(settings.speculate, self.session, SamplingConfig(), settings.draft, **draft_options)
         self.batcher = Batcher(
             self.session,
             self.tokenizer,

@@ -25,7 +25,8 @@ def test_speculation_gives_the_tokens_of_plain_decoding(fp32_export, capsys, mod
     got = _json([*base, "--speculate", mode, *extra], capsys)
     assert got["ids"] == plain["ids"] and got["text"] == plain["text"]
     spec = got["speculation"]
-    assert spec["tokens"] == len(got["ids"]) and spec["runs"] <= spec["tokens"]
+    # The first token comes from the prompt; each decode run adds its accepted drafts and the model's own token.
+    assert spec["tokens"] == len(got["ids"]) == 1 + spec["runs"] + spec["accepted"]
     if mode == "draft":
         # The model drafting for itself: every draft agrees, but a draft costs a whole step, so it drafts only
         # when it probes (whether it drafts at all is the runtime tests' matter).

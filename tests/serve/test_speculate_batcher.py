@@ -69,11 +69,7 @@ def test_drafting_rows_give_the_tokens_of_plain_decoding(session, tokenizer, tin
     metrics = Metrics()
     # A draft model with the target's own weights: its drafts always agree.
     # Both trusted from the start, so that rows draft while another steps plainly.
-    d = (
-        trust(PromptLookup())
-        if drafter == "lookup"
-        else FreeDraft(open_session("torch", tiny_checkpoint, threads=1), rows=8)
-    )
+    d = trust(PromptLookup()) if drafter == "lookup" else FreeDraft(open_session("torch", tiny_checkpoint, threads=1))
     batcher = Batcher(session, tokenizer, max_batch=2, metrics=metrics, drafter=d)
     sinks = _run(batcher, specs)
     assert [s.tokens for s in sinks] == expected
