@@ -136,3 +136,16 @@ def async_client(server):
 def start_server():
     """Server(argv, log, timeout): start another codegen-serve (the test stops it)."""
     return Server
+
+
+@pytest.fixture(params=["torch", "onnxruntime-fused"])
+def slot_session(request, fp32_export, tiny_checkpoint):
+    """A session with row slots over the tiny checkpoint: torch, and the export's fused ONNX Runtime graph."""
+    from codegen_deploy.runtime import open_session
+
+    if request.param == "torch":
+        s = open_session("torch", tiny_checkpoint, threads=1)
+    else:
+        s = open_session("onnxruntime", fp32_export, threads=1)
+    with s:
+        yield s

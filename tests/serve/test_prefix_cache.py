@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from codegen_deploy.model.tokenizer import load_tokenizer
-from codegen_deploy.runtime import generate, open_session
+from codegen_deploy.runtime import generate
 from codegen_deploy.runtime.engine import (
     FIRST_CHUNK,
     GAP_STEPS,
@@ -69,14 +69,9 @@ class Recording:
         return [c[2] for c in self.calls if c[0] == "append"]
 
 
-@pytest.fixture(params=["torch", "onnxruntime-fused"])
-def session(request, tiny_checkpoint, fp32_export):
-    if request.param == "torch":
-        s = open_session("torch", tiny_checkpoint, threads=1)
-    else:
-        s = open_session("onnxruntime", fp32_export, threads=1)
-    with s:
-        yield s
+@pytest.fixture
+def session(slot_session):
+    return slot_session
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,9 @@ class Collector:
             self.done.set()
 
 
-@pytest.fixture(params=["torch", "onnxruntime-fused"])
-def session(request, fp32_export, tiny_checkpoint):
-    if request.param == "torch":
-        s = open_session("torch", tiny_checkpoint, threads=1)
-    else:
-        s = open_session("onnxruntime", fp32_export, threads=1)
-    with s:
-        yield s
+@pytest.fixture
+def session(slot_session):
+    return slot_session
 
 
 @pytest.fixture(scope="module")
