@@ -35,7 +35,6 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -610,8 +609,3 @@ def admit(engine: Engine, waiting: deque) -> list[Row]:
     while waiting and engine.add(waiting[0]):
         taken.append(waiting.popleft())
     return taken
-
-
-def rows_of(specs: Sequence[RowSpec], tokenizer, eos: set[int]) -> list[Row]:
-    """A Row for each spec."""
-    return [Row(spec, tokenizer, eos) for spec in specs]
