@@ -41,6 +41,17 @@ def _chunk(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
 
 
+def _port(text: str) -> int:
+    """--port's value: a TCP port, 0 asking the system for a free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free port), got {port}")
+    return port
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="codegen-serve",
@@ -49,7 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("path", help="export folder, engine folder or checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int_at_least(1), default=8000, help="default: 8000")
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="default: 8000; 0: a free port the system chooses (the port bound is printed at start-up)",
+    )
     p.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -119,6 +135,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a request's `suffix` on a model that cannot fill in the middle (CodeGen1; CodeGen2 fills it in): "
         "ignore it and continue the prompt, as FauxPilot does (default), or answer vLLM's 400 'suffix is not "
         "currently supported' (and 501 on /infill, as llama.cpp)",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a JSON file of how /v1/chat/completions writes messages as a prompt for this base model (keys "
+        "system, user, assistant, comment, answer, stop; see the README); default: instructions as comments",
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_device_options(p)
@@ -211,6 +233,13 @@ def warn_exposure(host: str, port: int, key: str | None) -> None:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from ..runtime.speculate import check_draft, check_draft_tokenizer
+    from .common import check_paths
+
+    check_paths(args)  # a missing PATH or --tokenizer: one line before anything is imported or loaded
+    check_draft(args.speculate, args.draft)  # unused or missing
+    if args.draft is not None:
+        check_draft_tokenizer(args.draft, args.tokenizer or args.path)
     try:
         return _serve(args)
     # A requested stop, while loading or serving: the exit code says which (130 Ctrl-C, 143 SIGTERM), no error.
@@ -227,10 +256,12 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise MissingDependencyError(f'{e.name} is not installed: pip install "codegen-deploy[serve]"') from e
     from ..serve.app import ServerState, ServeSettings, create_app
+    from ..serve.chat_template import load_chat_template
     from ..serve.metrics import Metrics
     from ..serve.server import CLOSE_MARGIN_S, DrainingServer
 
     key = api_key(args)
+    chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
     settings = ServeSettings(
         path=args.path,
         backend=args.backend,
@@ -249,33 +280,37 @@ def _serve(args: argparse.Namespace) -> int:
         draft=args.draft,
         max_body_mb=args.max_body_mb,
         shutdown_grace=args.shutdown_grace,
+        chat_template=chat_template,
         device_options={k: v for k, v in device_options(args).items() if v is not None},
     )
     sock = listen_socket(args.host, args.port)  # before loading: a busy port is said at once
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
     if args.ray:
         sock.close()  # Ray Serve's proxy binds it
-    warn_exposure(args.host, args.port, key)
+    warn_exposure(args.host, port, key)
     if args.ray:
         from ..serve.ray import serve_with_ray
 
         return serve_with_ray(
             settings,
             host=args.host,
-            port=args.port,
+            port=port,
             replicas=args.replicas,
             max_replicas=args.max_replicas,
             replica_cpus=args.replica_cpus,
             replica_gpus=args.replica_gpus,
             node_ip=args.ray_node_ip,
         )
+    where = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{port}"
     try:
-        print(f"codegen-serve: loading {args.path}", file=sys.stderr)
+        # The address first: with --port 0 a script learns the port here, and connections made while the model
+        # loads wait for it.
+        print(f"codegen-serve: loading {args.path}; listening on {where}", file=sys.stderr, flush=True)
         state = ServerState(settings, Metrics())  # opened here, so a bad path or export is one error line
         print(f"codegen-serve: {state.batcher.describe_cache()}", file=sys.stderr)
         print(f"codegen-serve: {state.batcher.describe_chunks()}", file=sys.stderr)
         print(f"codegen-serve: {state.batcher.describe_speculation()}", file=sys.stderr)
-        where = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"codegen-serve: {state.session.name} session; serving on http://{where}:{args.port}/v1", file=sys.stderr)
+        print(f"codegen-serve: {state.session.name} session; serving on {where}/v1", file=sys.stderr, flush=True)
         config = uvicorn.Config(
             create_app(settings, state=state),
             log_level=args.log_level,

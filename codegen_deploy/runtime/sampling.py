@@ -106,6 +106,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def scale(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """logits [B, V] / temperature in float64, each row's largest value first taken away (softmax does not
+    change). Dividing first would overflow a tiny temperature (1e-320) to +inf and make inf - inf = NaN in
+    softmax; shifted, the largest logit is 0 whatever the temperature and the others go to -inf at worst, which
+    is the T -> 0 limit of softmax(logits / T): the argmax (ties shared)."""
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # a difference / a tiny T overflowing to -inf is the intended limit
+        return (x - x.max(axis=-1, keepdims=True)) / temperature
+
+
 def make_generators(config: SamplingConfig, batch: int) -> list[np.random.Generator]:
     """One Generator per row, each seeded with config.seed, so a row's tokens do not depend on its batch.
 
@@ -135,7 +145,7 @@ def sample(
         return logits.argmax(axis=-1).astype(np.int64)
     if generators is None or len(generators) != logits.shape[0]:
         raise InputError("sampling needs one random generator per row: use make_generators(config, batch)")
-    scaled = logits.astype(np.float64) / config.temperature
+    scaled = scale(logits, config.temperature)
     scaled = filter_top_p(filter_top_k(scaled, int(config.top_k)), config.top_p)
     probs = softmax(scaled)
     cdf = np.cumsum(probs, axis=-1)  # [B, V]

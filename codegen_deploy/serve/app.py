@@ -1,11 +1,13 @@
-"""The HTTP server: OpenAI legacy Completions (and FauxPilot's engine path) over continuous batching.
+"""The HTTP server: OpenAI legacy Completions (and FauxPilot's engine path), Chat Completions and llama.cpp's
+/infill over continuous batching.
 
 create_app(settings) returns a FastAPI app that opens the model when it starts (its lifespan), so the
 same app runs under uvicorn (codegen-serve) and as a Ray Serve ingress deployment (serve/ray.py).
 
 This module holds the routes, error handlers, the gate in front of them (API key, body size) and request
 counting only: settings.py has ServeSettings, state.py the ServerState (and the drain when it stops),
-completions.py the completion requests' work (both re-exported here).
+completions.py the completion core and the Completions API, chat.py the Chat Completions API, infill.py
+/infill (ServeSettings and ServerState re-exported here).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .chat import create_chat_completion
 from .completions import create_completion
 from .dialects import check_suffix_mode
 from .infill import InfillRequest, create_infill
 from .metrics import Metrics
-from .schemas import CompletionRequest, OpenAIError, error_body
+from .schemas import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from .settings import ServeSettings, check_served_name
 from .state import ServerState
 
@@ -91,6 +94,10 @@ def create_app(settings: ServeSettings, metrics: Metrics | None = None, state: S
     async def engine_completions(engine: str, body: CompletionRequest, request: Request):
         return await create_completion(request, body, engine, "engine")
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(request, body)
+
     @app.post("/infill")
     async def infill(body: InfillRequest, request: Request):
         return await create_infill(request, body)
@@ -124,12 +131,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(_not_json(first, e.body)), status_code=400)
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc) or "the body"
         message = f"Invalid value for {where}: {first.get('msg', 'not valid')}"
-        if first.get("type") == "json_invalid":
-            message = "The body is not valid JSON: send a JSON object"
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -138,6 +145,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"Unknown request URL: {request.method} {request.url.path}"
         elif e.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
+        elif isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+            bad = e.__cause__
+            message = (
+                f"The body is not UTF-8 text (byte 0x{bad.object[bad.start]:02x} at position {bad.start}): send "
+                "the JSON body encoded in UTF-8"
+            )
         else:
             message = str(e.detail)
         return JSONResponse(error_body(message), status_code=e.status_code, headers=getattr(e, "headers", None))
@@ -149,8 +162,51 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def _not_json(error: dict, body) -> str:
+    """The message of a body that is not JSON: what the parser said and where (line, column), and what to send.
+    FastAPI puts the character position where a field name goes (`loc`), so no `param` is named."""
+    loc = error.get("loc", ())
+    position = loc[-1] if loc and isinstance(loc[-1], int) else None
+    reason = (error.get("ctx") or {}).get("error", "not valid JSON")
+    where = ""
+    if position is not None and isinstance(body, str):  # the text json.loads read
+        line = body.count("\n", 0, position) + 1
+        column = position - (body.rfind("\n", 0, position) + 1) + 1
+        where = f" at line {line}, column {column}"
+    elif position is not None:
+        where = f" at offset {position}"
+    return f"The body is not valid JSON ({reason}{where}): send one JSON object, encoded in UTF-8"
+
+
+# The `endpoint` label of codegen_requests_total, by path; the FauxPilot engine path counts as completions and
+# /v1/models/{name} as models; any other path (a 404) is "unknown", so a client probing for routes this server
+# lacks never shows as traffic of one it has.
+_ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat_completions",
+    "/infill": "infill",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+    "/openapi.json": "openapi",
+}
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label a request to `path` is counted under."""
+    if path in _ENDPOINTS:
+        return _ENDPOINTS[path]
+    parts = path.split("/")  # "", "v1", "engines", ENGINE, "completions"
+    if len(parts) == 5 and parts[1:3] == ["v1", "engines"] and parts[3] and parts[4] == "completions":
+        return "completions"
+    if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+        return "models"
+    return "unknown"
+
+
 class _RequestCounter:
-    """ASGI middleware counting HTTP requests by endpoint and status (streams count when their status is sent)."""
+    """ASGI middleware counting HTTP requests by endpoint (endpoint_label) and status (streams count when their
+    status is sent)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -159,10 +215,7 @@ class _RequestCounter:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        endpoint = "completions" if path.endswith("/completions") else "models" if "/models" in path else "other"
-        if path in ("/metrics", "/health", "/infill"):
-            endpoint = path[1:]
+        endpoint = endpoint_label(scope.get("path", ""))
 
         async def counting_send(message):
             if message["type"] == "http.response.start":

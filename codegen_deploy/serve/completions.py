@@ -1,14 +1,19 @@
-"""The Completions endpoint's work: a request becomes rows for the batcher, their updates become OpenAI's
-JSON body or its Server-Sent Events stream.
+"""The completion core that /v1/completions, /v1/chat/completions and /infill share, and the Completions API's
+own work.
 
-row_specs() encodes and checks the prompts (one RowSpec per prompt and choice); a CompletionRun submits
-them and keeps, once for both answers, each choice's text, token count, logprobs and text offsets.
+An endpoint turns its request into token-id prompts (row_specs() here for /v1/completions, chat.py, infill.py),
+checked against the context (check_chars() before tokenizing, check_fits() after) and tokenized off the event
+loop (encode_texts); make_rows() makes one RowSpec per prompt and choice. A CompletionRun submits them and
+collects, once for every dialect, each choice's text, token count, logprobs and how it ended. Rendering is
+separate: completion_json() / completion_stream() here write OpenAI's legacy Completions answer, chat.py the
+Chat Completions answer, infill.py llama.cpp's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import CodegenDeployError
 from .batcher import QueueFull, RowSpec, RowUpdate
 from .dialects import handle_suffix, infill_parts, prompt_prefix
-from .schemas import CompletionRequest, OpenAIError, bad_request, check_text, error_body
+from .schemas import CompletionRequest, OpenAIError, SamplingFields, bad_request, check_text, error_body
 from .settings import check_model
 from .state import SHUTTING_DOWN, ServerState
 
@@ -35,20 +40,27 @@ async def create_completion(request: Request, body: CompletionRequest, model: st
     check_model(state.settings, model, param)
     if state.draining:
         raise shutting_down()
+    prompts, specs = await off_loop(row_specs, state, body)
+    # echo returns the prompt as the client sent it: a string prompt itself (not the text before the cursor of
+    # a FIM-wrapped one, nor CodeGen2's layout), token ids as their text.
+    echo = None
+    if body.echo:
+        echo = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompts()]
+    run = CompletionRun(state, body, prompts, specs, echo)
+    if body.stream:
+        return sse_response(completion_stream(run))
+    if not await run.collect(request):
+        return disconnected()
+    return JSONResponse(completion_json(run))
+
+
+async def off_loop(fn: Callable, *args):
+    """fn(*args) in a worker thread, its CodegenDeployError (a value the runtime refused) a 400: checking and
+    tokenizing a long prompt takes a while, and the event loop goes on answering meanwhile."""
     try:
-        # Tokenizing a long prompt takes a while: off the event loop, which goes on answering (encode_text
-        # releases the GIL).
-        prompts, specs = await asyncio.to_thread(row_specs, state, body)
+        return await asyncio.to_thread(fn, *args)
     except CodegenDeployError as e:
         raise bad_request(str(e)) from e
-    run = CompletionRun(state, body, prompts, specs)
-    if body.stream:
-        return StreamingResponse(
-            run.stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    return await run.collect(request)
 
 
 def shutting_down() -> OpenAIError:
@@ -56,89 +68,181 @@ def shutting_down() -> OpenAIError:
     return OpenAIError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
 
 
+def disconnected() -> JSONResponse:
+    """The answer to a client that went away (nobody reads it; the access log shows 499, as nginx's)."""
+    return JSONResponse(error_body("the client disconnected"), status_code=499)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts -> rows
+
+
 def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[RowSpec]]:
-    """Encode the prompts and make one RowSpec per (prompt, choice), in OpenAI's index order. A request's
-    suffix and the FIM wrapping of a string prompt go through dialects.py: filled in on a model with CodeGen2's
-    tokens (Tokenizer.infill), the prompt continued or the request refused on CodeGen1 (--suffix).
+    """The token ids of a Completions request's prompts and one RowSpec per (prompt, choice), in OpenAI's index
+    order. A request's suffix and the FIM wrapping of a string prompt go through dialects.py: filled in on a
+    model with CodeGen2's tokens, the prompt continued or the request refused on CodeGen1 (--suffix).
 
     Everything that can be refused without tokenizing is checked first: the fields, the number of rows, and
-    each string prompt's length against what the context can hold at most (state.max_token_chars characters a
-    token), so a prompt of megabytes is refused at once rather than tokenized."""
+    each string prompt's length in characters against what the context can hold (check_chars), so a prompt of
+    megabytes is refused at once rather than tokenized."""
     body.check()
     if state.fim is None:
         handle_suffix(state.settings.suffix, body.suffix)
     texts = body.prompts()
-    n = body.n or 1
+    check_rows(state, len(texts), body.n or 1)
+    max_tokens = body.max_tokens or 16
+    prompts = [_prompt_ids(state, i, p, body.suffix, max_tokens) for i, p in enumerate(texts)]
+    return prompts, make_rows(state, body, prompts, max_tokens, logprobs=body.logprobs)
+
+
+def _prompt_ids(state: ServerState, i: int, prompt: str | list[int], suffix: str | None, max_tokens: int) -> list[int]:
+    """The token ids of prompt `i` of a Completions request (its suffix, on a model that fills in the middle,
+    laid out with it)."""
+    if not isinstance(prompt, str):
+        if state.fim is not None and suffix is not None:
+            raise bad_request("a suffix goes with text prompts: send the prompt as a string", "suffix")
+        ids = list(prompt)
+        if ids and (min(ids) < 0 or max(ids) >= state.vocab_size):
+            raise bad_request(f"prompt {i} has a token id outside 0..{state.vocab_size - 1}", "prompt")
+        counts = [("prompt", len(ids))]
+    else:
+        check_text(prompt, f"prompt {i}", "prompt")
+        gap = infill_parts(prompt, suffix) if state.fim is not None else None
+        if gap is None:
+            text = prompt if state.fim is not None else prompt_prefix(prompt)
+            check_chars(state, [("prompt", text)], max_tokens)
+            ids = encode_text(state.tokenizer, text)
+            counts = [("prompt", len(ids))]
+        else:
+            # The suffix field is blamed for its own length; a FIM-wrapped prompt's suffix is the prompt's.
+            texts = [("prompt", gap[0]), ("suffix" if suffix is not None else "prompt", gap[1])]
+            check_chars(state, texts, max_tokens)
+            before, after = encode_texts(state.tokenizer, list(gap))
+            ids = state.tokenizer.infill_ids(before, after)
+            # CodeGen2's layout tokens count with the prompt.
+            counts = [("prompt", len(ids) - len(after)), (texts[1][0], len(after))]
+    if not ids:
+        raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
+    check_fits(state, counts, max_tokens)
+    return ids
+
+
+def check_rows(state: ServerState, prompts: int, n: int) -> None:
+    """Refuse a request of more rows (prompts x n) than the server ever holds, before anything is tokenized."""
     holds = state.batcher.max_queue + state.batcher.max_batch
-    if len(texts) * n > holds:
+    if prompts * n > holds:
         raise bad_request(
-            f"{len(texts)} prompts x n={n} make {len(texts) * n} rows, more than this server ever holds "
+            f"{prompts} prompts x n={n} make {prompts * n} rows, more than this server ever holds "
             f"({holds}): send fewer prompts or a smaller n",
             "n",
         )
-    max_tokens = body.max_tokens or 16
+
+
+def context_exceeded(message: str, param: str) -> OpenAIError:
+    """OpenAI's 400 for a request that does not fit the context (its wording, then what to do)."""
+    return bad_request(message, param, "context_length_exceeded")
+
+
+def check_chars(state: ServerState, texts: list[tuple[str, str]], max_tokens: int) -> None:
+    """Refuse, before tokenizing, texts ((param, text) pairs, together one prompt) that cannot fit what the
+    context leaves for them with the answer's `max_tokens`, whatever their tokens: no token covers more than
+    state.max_token_chars characters, so C characters are at least C / max_token_chars tokens. The field with
+    the most characters is blamed."""
     context = state.session.max_context
-    prompts = []
-    for i, p in enumerate(texts):
-        gap = None  # (before, after) of a prompt filled in the middle
-        if isinstance(p, str):
-            check_text(p, f"prompt {i}", "prompt")
-            if state.fim is not None:
-                gap = infill_parts(p, body.suffix)
-            else:
-                p = prompt_prefix(p)
-            most = max(context - max_tokens, 0) * state.max_token_chars
-            if len(p) + len(body.suffix or "") > most:
-                raise bad_request(
-                    f"This model's maximum context length is {context} tokens, however you requested "
-                    f"{max_tokens} tokens for the completion and a prompt of {len(p)} characters, more than the "
-                    f"{max(context - max_tokens, 0)} tokens left can hold. Please reduce your prompt; or completion "
-                    "length.",
-                    "prompt",
-                    "context_length_exceeded",
-                )
-        elif state.fim is not None and body.suffix is not None:
-            raise bad_request("a suffix goes with text prompts: send the prompt as a string", "suffix")
-        if gap is not None:
-            check_text(gap[1], "suffix", "suffix")
-            ids = state.tokenizer.infill(*gap)
-        else:
-            ids = encode_text(state.tokenizer, p) if isinstance(p, str) else list(p)
-        if not ids:
-            raise bad_request(f"prompt {i} is empty: give at least one character or token", "prompt")
-        if min(ids) < 0 or max(ids) >= state.vocab_size:
-            raise bad_request(f"prompt {i} has a token id outside 0..{state.vocab_size - 1}", "prompt")
-        if len(ids) + max_tokens > context:
-            raise bad_request(
-                f"This model's maximum context length is {context} tokens, however you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the completion). "
-                "Please reduce your prompt; or completion length.",
-                "prompt",
-                "context_length_exceeded",
-            )
-        prompts.append(ids)
+    left = context - max_tokens
+    if left < 1:
+        raise context_exceeded(
+            f"This model's maximum context length is {context} tokens, however you requested {max_tokens} tokens "
+            f"for the completion, which leaves no room for the prompt. Please reduce your completion length "
+            f"(max_tokens below {context}).",
+            "max_tokens",
+        )
+    chars = sum(len(text) for _, text in texts)
+    least = math.ceil(chars / state.max_token_chars)
+    if least > left:
+        raise context_exceeded(
+            f"This model's maximum context length is {context} tokens, however you requested {max_tokens} tokens "
+            f"for the completion and {_described(texts)}: at least {least:,} tokens (a token is "
+            f"at most {state.max_token_chars} characters), more than the {left:,} tokens left. Please reduce your "
+            f"{_names(texts)}; or completion length.",
+            _most(texts),
+        )
+
+
+def check_fits(state: ServerState, counts: list[tuple[str, int]], max_tokens: int) -> None:
+    """Refuse a prompt whose tokens ((param, count) pairs) and the answer's `max_tokens` exceed the context, in
+    OpenAI's words; the field with the most tokens is blamed."""
+    context = state.session.max_context
+    total = sum(n for _, n in counts)
+    if total + max_tokens > context:
+        detail = ", ".join(f"{n} in your {param}" for param, n in _merged(counts))
+        raise context_exceeded(
+            f"This model's maximum context length is {context} tokens, however you requested "
+            f"{total + max_tokens} tokens ({detail}; {max_tokens} for the completion). Please reduce your "
+            f"{_names(counts)}; or completion length.",
+            _most(counts),
+        )
+
+
+def _merged(pairs: list[tuple[str, str | int]]) -> list[tuple[str, int]]:
+    """(param, total size) per param, in first-seen order; a size is a text's length or a count."""
+    sizes: dict[str, int] = {}
+    for param, value in pairs:
+        sizes[param] = sizes.get(param, 0) + (value if isinstance(value, int) else len(value))
+    return list(sizes.items())
+
+
+def _described(texts: list[tuple[str, str]]) -> str:
+    return " and ".join(f"a {param} of {n:,} characters" for param, n in _merged(texts))
+
+
+def _names(pairs: list[tuple[str, str | int]]) -> str:
+    return " and ".join(param for param, _ in _merged(pairs))
+
+
+def _most(pairs: list[tuple[str, str | int]]) -> str:
+    """The param with the most characters or tokens (the first of equals)."""
+    return max(_merged(pairs), key=lambda p: p[1])[0]
+
+
+def make_rows(
+    state: ServerState,
+    fields: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens: int,
+    logprobs: int | None = None,
+    stop: tuple[str, ...] = (),
+) -> list[RowSpec]:
+    """One RowSpec per (prompt, choice) in OpenAI's index order, every prompt already checked against the
+    context (check_fits) and the number of rows against the server (check_rows). `stop`: sequences added to
+    the request's own (a chat template's)."""
     # The choices of one prompt differ only in their seeds: n configs serve every prompt.
-    samplings = [body.sampling(j, state.vocab_size) for j in range(n)]
-    specs = [
-        RowSpec(tuple(ids), max_tokens, sampling, body.stop_strings, body.logprobs)
-        for ids in prompts
-        for sampling in samplings
-    ]
-    return prompts, specs
+    samplings = [fields.sampling(j, state.vocab_size) for j in range(fields.n or 1)]
+    stops = fields.stop_strings + tuple(s for s in stop if s not in fields.stop_strings)
+    return [RowSpec(tuple(ids), max_tokens, sampling, stops, logprobs) for ids in prompts for sampling in samplings]
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """[tokenizer.encode(t) for t in texts], through the `tokenizers` backend's batch call where it has one:
+    that call releases the GIL while it works, a single encode holds it (0.6 s for 800,000 characters of
+    code), so the event loop goes on answering while another thread tokenizes a long prompt."""
+    batch = getattr(getattr(tokenizer, "_tok", None), "encode_batch", None)
+    if batch is None:
+        return [tokenizer.encode(t) for t in texts]
+    return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """tokenizer.encode(text), through the `tokenizers` backend's batch call where it has one: that call
-    releases the GIL while it works, a single encode holds it (0.6 s for 800,000 characters of code), so the
-    event loop goes on answering while another thread tokenizes a long prompt."""
-    batch = getattr(getattr(tokenizer, "_tok", None), "encode_batch", None)
-    if batch is None:
-        return tokenizer.encode(text)
-    return batch([text], add_special_tokens=False)[0].ids
+    """encode_texts() of one text."""
+    return encode_texts(tokenizer, [text])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collecting
 
 
 @dataclass
-class _Choice:
+class Choice:
     """One choice being assembled: its prompt, text so far, tokens and logprobs, and how it ended.
 
     offset: where its next token's text starts in the answered text (after the echoed prompt), for
@@ -157,15 +261,24 @@ class _Choice:
 
 
 class CompletionRun:
-    """The rows of one completion request, submitted at construction, and the bookkeeping of their choices.
+    """The rows of one request, submitted at construction, and the bookkeeping of their choices, the same for
+    every endpoint.
 
-    Answer with collect() (one JSON body) or stream() (SSE); either cancels the rows it leaves unfinished.
-    Raises a 429 OpenAIError when the batcher's queue cannot take the rows.
+    Wait for the whole answer with collect(), or take the updates one by one with next() (a stream); either
+    way, cancel() the rows left unfinished (collect() does). Raises a 429 OpenAIError when the batcher's queue
+    cannot take the rows. echo: per prompt, the text the answer starts with (Completions' echo), or None.
     """
 
-    def __init__(self, state: ServerState, body: CompletionRequest, prompts: list[list[int]], specs: list[RowSpec]):
+    def __init__(
+        self,
+        state: ServerState,
+        fields: SamplingFields,
+        prompts: list[list[int]],
+        specs: list[RowSpec],
+        echo: list[str] | None = None,
+    ):
         self.state = state
-        n = body.n or 1
+        n = fields.n or 1
         loop = asyncio.get_running_loop()
         self.updates: asyncio.Queue[tuple[int, RowUpdate]] = asyncio.Queue()
 
@@ -186,18 +299,15 @@ class CompletionRun:
                 headers={"Retry-After": "1"},
             ) from e
         state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * n)
-        self.echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
-        self.meta = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": state.settings.served_name,
-        }
-        self.choices = [_Choice(i, i // n) for i in range(len(specs))]
+        self.echo = echo
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = state.settings.served_name
+        self.choices = [Choice(i, i // n) for i in range(len(specs))]
         for c in self.choices:
             c.offset = len(self.prefix(c))
         self.usage_prompt = sum(len(p) for p in prompts)
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.include_usage = fields.include_usage
         self.remaining = len(self.choices)
         state.runs.add(self)  # until it is answered: a shutdown's grace period ends the runs still there
 
@@ -206,7 +316,7 @@ class CompletionRun:
         answer is a 503; its rows are cancelled."""
         self.updates.put_nowait((-1, RowUpdate("", [], error=message)))
 
-    def prefix(self, choice: _Choice) -> str:
+    def prefix(self, choice: Choice) -> str:
         """The echoed prompt of a choice ("" without echo)."""
         return self.echo[choice.prompt_index] if self.echo else ""
 
@@ -246,9 +356,27 @@ class CompletionRun:
             row.cancel()
         self.state.runs.discard(self)
 
-    async def collect(self, request: Request, enough: Callable[[], bool] | None = None) -> JSONResponse:
-        """Wait for every row to end (cancelling them all if the client goes away, or once `enough()` says the
-        text so far will do: those rows end with finish_reason "length"); answer one JSON body."""
+    def failure(self, message: str) -> OpenAIError:
+        """The error of a run that a row's error ended: a 503 while the server stops, else a 500."""
+        return shutting_down() if self.state.draining else OpenAIError(500, message, type="server_error")
+
+    def error_event(self, message: str) -> bytes:
+        """The SSE event that ends a stream a row's error (or the end of a shutdown's grace) ended."""
+        code = "server_shutting_down" if self.state.draining else None
+        return sse(error_body(message, type="server_error", code=code))
+
+    async def next(self) -> tuple[Choice | None, RowUpdate, dict | None]:
+        """The next row update, booked: (its choice, the update, its logprobs piece); an update with `error`
+        is not booked (choice None): the run is over."""
+        index, update = await self.updates.get()
+        if update.error:
+            return None, update, None
+        return self.choices[index], update, self.apply(index, update)
+
+    async def collect(self, request: Request, enough: Callable[[], bool] | None = None) -> bool:
+        """Wait for every row to end, or until `enough()` says the text so far will do (those rows end with
+        finish_reason "length"); False when the client went away first. Raises failure() on a row's error.
+        Every row is cancelled on the way out."""
         checked = time.monotonic()
         try:
             while self.remaining:
@@ -259,58 +387,70 @@ class CompletionRun:
                 # Updates may arrive every few ms: look at the connection on a clock, not only when idle.
                 if time.monotonic() - checked > DISCONNECT_POLL_S:
                     if await request.is_disconnected():
-                        return JSONResponse(error_body("the client disconnected"), status_code=499)
+                        return False
                     checked = time.monotonic()
                 try:
-                    index, update = await asyncio.wait_for(self.updates.get(), DISCONNECT_POLL_S)
+                    choice, update, piece = await asyncio.wait_for(self.next(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     continue
-                if update.error and self.state.draining:
-                    raise shutting_down()
                 if update.error:
-                    raise OpenAIError(500, update.error, type="server_error")
-                c = self.choices[index]
-                c.logprobs = _merge_logprobs(c.logprobs, self.apply(index, update))
+                    raise self.failure(update.error)
+                choice.logprobs = _merge_logprobs(choice.logprobs, piece)
+            return True
         finally:
             self.cancel()
-        choices = [
-            {
-                "index": c.index,
-                "text": self.prefix(c) + c.text,
-                "logprobs": c.logprobs,
-                "finish_reason": c.finish_reason,
-            }
-            for c in self.choices
-        ]
-        return JSONResponse({**self.meta, "choices": choices, "usage": self.usage()})
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """Server-Sent Events: a chunk per new piece of text, finish_reason on each choice's last chunk, the
-        usage chunk when asked, then [DONE]. A client that goes away cancels its rows (finally below)."""
-        extra = {"usage": None} if self.include_usage else {}
 
-        def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> bytes:
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-            return _sse({**self.meta, "choices": [choice], **extra})
+# ---------------------------------------------------------------------------------------------------------
+# The Completions API's answers
 
-        try:
-            if self.echo:
-                for c in self.choices:
-                    yield chunk(c.index, self.prefix(c), None)
-            while self.remaining:
-                index, update = await self.updates.get()
-                if update.error:
-                    code = "server_shutting_down" if self.state.draining else None
-                    yield _sse(error_body(update.error, type="server_error", code=code))
-                    return
-                piece = self.apply(index, update)
-                if update.text or update.finish_reason or piece:
-                    yield chunk(index, update.text, update.finish_reason, piece)
-            if self.include_usage:
-                yield _sse({**self.meta, "choices": [], "usage": self.usage()})
-            yield _sse("[DONE]")
-        finally:
-            self.cancel()
+
+def completion_json(run: CompletionRun) -> dict:
+    """OpenAI's text_completion body of a collected run."""
+    choices = [
+        {"index": c.index, "text": run.prefix(c) + c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+        for c in run.choices
+    ]
+    return {**_meta(run), "choices": choices, "usage": run.usage()}
+
+
+async def completion_stream(run: CompletionRun) -> AsyncIterator[bytes]:
+    """Server-Sent Events: a chunk per new piece of text, finish_reason on each choice's last chunk, the usage
+    chunk when asked, then [DONE]. A client that goes away cancels its rows (finally below)."""
+    meta = _meta(run)
+    extra = {"usage": None} if run.include_usage else {}
+
+    def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**meta, "choices": [choice], **extra})
+
+    try:
+        if run.echo:
+            for c in run.choices:
+                yield chunk(c.index, run.prefix(c), None)
+        while run.remaining:
+            choice, update, piece = await run.next()
+            if update.error:
+                yield run.error_event(update.error)
+                return
+            if update.text or update.finish_reason or piece:
+                yield chunk(choice.index, update.text, update.finish_reason, piece)
+        if run.include_usage:
+            yield sse({**meta, "choices": [], "usage": run.usage()})
+        yield sse("[DONE]")
+    finally:
+        run.cancel()
+
+
+def _meta(run: CompletionRun) -> dict:
+    return {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": run.model}
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """A Server-Sent Events response of `events`, not cached or buffered by proxies."""
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _logprobs_piece(state: ServerState, update: RowUpdate, offset: int) -> dict | None:
@@ -337,6 +477,7 @@ def _merge_logprobs(into: dict | None, piece: dict | None) -> dict | None:
     return into
 
 
-def _sse(payload: dict | str) -> bytes:
+def sse(payload: dict | str) -> bytes:
+    """One Server-Sent Event: `data: ` and compact JSON (or a bare string: [DONE])."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()

@@ -1,4 +1,5 @@
-"""The OpenAI legacy Completions API: the request body, its checks, and OpenAI's error envelope.
+"""The request bodies of the OpenAI legacy Completions and Chat Completions APIs, their checks, and OpenAI's error
+envelope.
 
 Unknown fields are ignored (editors send their own); known fields with bad values are a 400 in
 OpenAI's shape, never FastAPI's 422.
@@ -83,17 +84,14 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions (and the FauxPilot engine path). Defaults are OpenAI's.
-
-    top_k is an extension (vLLM's name); every other field is OpenAI's. Fields not listed are ignored.
-    """
+class SamplingFields(BaseModel):
+    """The fields every completion endpoint shares (/v1/completions, /v1/chat/completions; /infill maps its own
+    onto them): the model's name, the answer's length, sampling, stop sequences, streaming. Defaults are
+    OpenAI's; top_k is an extension (vLLM's name). Fields not listed are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
-    suffix: str | None = None  # filled in on CodeGen2; on CodeGen1 dialects.handle_suffix() decides
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -101,12 +99,9 @@ class CompletionRequest(BaseModel):
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool | None = False
     stop: str | list[str] | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None
@@ -123,31 +118,12 @@ class CompletionRequest(BaseModel):
             raise bad_request(f"top_k must be >= 0 (0 = off), got {self.top_k}", "top_k")
         if self.n is not None and not 1 <= self.n <= 128:
             raise bad_request(f"n must be between 1 and 128, got {self.n}", "n")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise bad_request("best_of other than n is not supported: leave best_of out", "best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
-            raise bad_request(f"logprobs must be between 0 and 5, got {self.logprobs}", "logprobs")
-        if self.logprobs is not None and self.echo:
-            raise bad_request(
-                "echo with logprobs is not supported: the prompt's log-probabilities are not computed; "
-                "drop one of them",
-                "logprobs",
-            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None and not -2 <= value <= 2:
                 raise bad_request(f"{name} must be between -2 and 2, got {value}", name)
         if self.stop is not None:
-            stops = [self.stop] if isinstance(self.stop, str) else self.stop
-            if len(stops) > MAX_STOP:
-                raise bad_request(f"stop takes at most {MAX_STOP} sequences, got {len(stops)}", "stop")
-            if any(not s for s in stops):
-                raise bad_request("a stop sequence is empty: give non-empty strings", "stop")
-            if any(len(s) > MAX_STOP_CHARS for s in stops):
-                longest = max(len(s) for s in stops)
-                raise bad_request(
-                    f"a stop sequence has {longest} characters, more than {MAX_STOP_CHARS}: send shorter ones", "stop"
-                )
+            check_stops([self.stop] if isinstance(self.stop, str) else self.stop, "stop")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise bad_request(f"seed must be between 0 and 2**63 - 1, got {self.seed}", "seed")
         for key, value in (self.logit_bias or {}).items():
@@ -162,6 +138,11 @@ class CompletionRequest(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling(self, choice_index: int, vocab_size: int) -> SamplingConfig:
         """The sampling settings of one row: choice `choice_index` (0..n-1) of its prompt, for a model of
@@ -183,6 +164,46 @@ class CompletionRequest(BaseModel):
             logit_bias=tuple(bias),
         )
 
+
+def check_stops(stops: list[str], param: str) -> None:
+    """Raise a 400 for stop sequences the server does not take: too many, empty or too long."""
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"{param} takes at most {MAX_STOP} sequences, got {len(stops)}", param)
+    if any(not s for s in stops):
+        raise bad_request(f"a {param} sequence is empty: give non-empty strings", param)
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        longest = max(len(s) for s in stops)
+        raise bad_request(
+            f"a {param} sequence has {longest} characters, more than {MAX_STOP_CHARS}: send shorter ones", param
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """The body of POST /v1/completions (and the FauxPilot engine path): the shared fields, and the prompt,
+    suffix, echo, logprobs and best_of."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
+    suffix: str | None = None  # filled in on CodeGen2; on CodeGen1 dialects.handle_suffix() decides
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+
+    def check(self) -> None:
+        """Raise a 400 OpenAIError for values the API refuses (ranges from OpenAI's reference)."""
+        super().check()
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise bad_request("best_of other than n is not supported: leave best_of out", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise bad_request(f"logprobs must be between 0 and 5, got {self.logprobs}", "logprobs")
+        if self.logprobs is not None and self.echo:
+            raise bad_request(
+                "echo with logprobs is not supported: the prompt's log-probabilities are not computed; "
+                "drop one of them",
+                "logprobs",
+            )
+        if self.suffix is not None:
+            check_text(self.suffix, "suffix", "suffix")
+
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
         p = self.prompt
@@ -193,3 +214,86 @@ class CompletionRequest(BaseModel):
         if isinstance(p[0], int):
             return [list(p)]
         return list(p)
+
+
+# The roles a chat message may have; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content given as a list: only {"type": "text", "text": ...} parts are taken."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self, where: str) -> str:
+        """The message's text (text parts joined by new lines, as vLLM joins them); a 400 naming `where` for a
+        role or part this server cannot take."""
+        if self.role not in CHAT_ROLES:
+            raise bad_request(
+                f"{where}.role is {self.role!r}: this server takes {', '.join(CHAT_ROLES)} messages (no tools)",
+                "messages",
+            )
+        if self.content is None or isinstance(self.content, str):
+            text = self.content or ""
+        else:
+            for j, part in enumerate(self.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"{where}.content[{j}] is a {part.type!r} part: this server takes text parts only "
+                        '({"type": "text", "text": ...})',
+                        "messages",
+                    )
+            text = "\n".join(part.text for part in self.content)
+        check_text(text, f"{where}.content", "messages")
+        return text
+
+
+class ChatCompletionRequest(SamplingFields):
+    """The body of POST /v1/chat/completions: the shared fields and `messages`. max_tokens (or
+    max_completion_tokens) defaults to the rest of the context, as OpenAI's; llama.cpp's `n_predict` is taken
+    where neither is given (0: read the prompt into the prefix cache only, as llama.vim's warm-up asks)."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n_predict: int | None = None
+    logprobs: bool | None = None
+
+    def check(self) -> None:
+        """Raise a 400 OpenAIError for values the API refuses."""
+        super().check()
+        if not self.messages:
+            raise bad_request("messages is empty: send at least one message", "messages")
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            raise bad_request(
+                f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}", "max_completion_tokens"
+            )
+        if self.n_predict is not None and self.n_predict < -1:
+            raise bad_request(
+                f"n_predict must be -1 (no limit), 0 (read only) or more, got {self.n_predict}", "n_predict"
+            )
+        if self.logprobs:
+            raise bad_request(
+                "logprobs is not supported on /v1/chat/completions: leave it out (or ask /v1/completions, which "
+                "reports logprobs 0-5)",
+                "logprobs",
+            )
+
+    @property
+    def answer_limit(self) -> int | None:
+        """The most tokens the answer may have: None for the rest of the context, 0 for a warm-up."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return None if self.n_predict in (None, -1) else self.n_predict

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat_template import ChatTemplate
 from .schemas import OpenAIError
 
 
@@ -44,6 +45,7 @@ class ServeSettings:
     shutdown_grace: float = 10.0
     speculate: str = "auto"
     draft: str | None = None
+    chat_template: ChatTemplate | None = None
 
     @property
     def served_name(self) -> str:

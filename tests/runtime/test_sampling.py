@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,31 @@ def test_rows_of_a_batch_draw_like_alone():
         batch = sample(logits, config, batch_gens)
         alone = sample(logits[1:2], config, alone_gens)
         assert batch[1] == alone[0]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-320, 1e-300, 1e-30])
+@pytest.mark.parametrize("filters", [{}, {"top_p": 0.9}, {"top_k": 2}])
+def test_a_tiny_temperature_samples_the_argmax_never_nan(temperature, filters):
+    """softmax(logits / T) tends to the argmax as T -> 0: a tiny positive T (inside the API's 0..2) must not
+    overflow logits / T to inf (inf - inf = NaN, which made every draw the last token)."""
+    logits = np.array([[1.0, 3.0, 2.0, -4.0], [0.5, -1.0, 0.25, 0.0], [2.0, 7.0, 7.0, 1.0]], np.float32)
+    config = SamplingConfig(temperature=temperature, seed=0, **filters)
+    generators = make_generators(config, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warning from numpy either
+        draws = [sample(logits, config, generators).tolist() for _ in range(60)]
+    assert {d[0] for d in draws} == {1} and {d[1] for d in draws} == {0}
+    assert {d[2] for d in draws} == {1, 2}  # a tie at the top: both, as the limit shares it
+
+
+def test_a_small_temperature_still_samples_softmax_over_t():
+    """Logits 1e-3 apart at T = 1e-3 are softmax([0, 1]): the shift that keeps tiny temperatures finite leaves
+    the distribution as it was."""
+    logits = np.array([[0.0, 1e-3]], np.float32)
+    config = SamplingConfig(temperature=float(logits[0, 1]), seed=3)  # exactly the float32 gap: probs e / (1 + e)
+    generators = make_generators(config, 1)
+    ones = sum(int(sample(logits, config, generators)[0]) for _ in range(4000))
+    assert ones / 4000 == pytest.approx(np.e / (1 + np.e), abs=0.03)
 
 
 def test_top_k_keeps_k_largest():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import socket
 import time
 
@@ -186,7 +188,8 @@ RAW_ERRORS = [
     ("POST", "/v1/completions", {"prompt": {"text": "x"}}, 400, "prompt"),
     ("POST", "/v1/completions", b"{not json", 400, "JSON"),
     ("POST", "/v1/completions", [1, 2], 400, "body"),
-    ("POST", "/v1/chat/completions", {"messages": []}, 404, "Unknown request URL"),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages is empty"),
+    ("POST", "/v1/embeddings", {"input": "x"}, 404, "Unknown request URL"),
     ("GET", "/v1/completions", None, 405, "not allowed"),
     ("POST", "/v1/engines/codex/completions", {"prompt": "x"}, 404, "does not exist"),
 ]
@@ -198,6 +201,77 @@ def test_raw_mistakes_are_openai_errors_never_422(server, method, path, body, st
     assert got == status
     error = json.loads(text)["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_body_that_is_not_json_says_where_and_what_to_send(server):
+    # Invalid JSON: the parser's reason and where, and no `param` (FastAPI puts the position where a field goes).
+    status, _, text = server.request("POST", "/v1/completions", b'{"prompt": "x",\n "n": }')
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] is None, error
+    assert error["message"] == (
+        "The body is not valid JSON (Expecting value at line 2, column 7): send one JSON object, encoded in UTF-8"
+    )
+    # Not UTF-8 (Latin-1 here): said as such, with the remedy, instead of "There was an error parsing the body".
+    status, _, text = server.request("POST", "/v1/completions", '{"prompt": "café"}'.encode("latin-1"))
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] is None, error
+    assert error["message"] == (
+        "The body is not UTF-8 text (byte 0xe9 at position 15): send the JSON body encoded in UTF-8"
+    )
+
+
+def test_echo_returns_the_prompt_as_sent(client, tokenizer):
+    """echo gives back the prompt the client sent, not what the server made of it: here a FIM-wrapped prompt, of
+    which CodeGen1 reads only the text before the cursor."""
+    wrapped = f"<fim_prefix>{PROMPT}<fim_suffix>\n    return x\n<fim_middle>"
+    plain = client.completions.create(model="tiny", prompt=wrapped, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model="tiny", prompt=wrapped, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == wrapped + plain.choices[0].text
+    streamed = client.completions.create(
+        model="tiny", prompt=wrapped, max_tokens=3, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+    # Token ids are echoed as their text.
+    ids = client.completions.create(model="tiny", prompt=tokenizer.encode(PROMPT), max_tokens=1, echo=True)
+    assert ids.choices[0].text.startswith(PROMPT)
+
+
+def test_the_context_error_counts_in_one_unit(server):
+    """A prompt refused before tokenizing is measured in characters and said in tokens ("at least N tokens"),
+    never "N characters, more than M tokens"; an answer that takes the whole context blames max_tokens."""
+    status, _, text = server.request("POST", "/v1/completions", {"prompt": "y" * 200_000, "max_tokens": 8})
+    error = json.loads(text)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    pattern = r"a prompt of 200,000 characters: at least ([\d,]+) tokens \(a token is at most (\d+) characters\)"
+    match = re.search(pattern, error["message"])
+    assert match and int(match[1].replace(",", "")) == math.ceil(200_000 / int(match[2])), error["message"]
+    assert "more than the 248 tokens left" in error["message"]  # a 256-token context, 8 for the answer
+    status, _, text = server.request("POST", "/v1/completions", {"prompt": "123456789", "max_tokens": 256})
+    error = json.loads(text)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    assert "leaves no room for the prompt" in error["message"] and "characters" not in error["message"]
+
+
+def test_a_suffix_codegen1_ignores_is_not_counted_against_the_context(server):
+    status, _, text = server.request(
+        "POST", "/v1/completions", {"prompt": PROMPT, "suffix": "z" * 100_000, "max_tokens": 2}
+    )
+    assert status == 200, text
+
+
+def test_unknown_routes_are_counted_as_unknown_not_completions(server):
+    completions_404 = 'codegen_requests_total{endpoint="completions",status="404"}'
+    unknown_404 = 'codegen_requests_total{endpoint="unknown",status="404"}'
+    before, unknown_before = server.metric(completions_404), server.metric(unknown_404)
+    for path in ("/v2/completions", "/v1/engines/a/b/completions", "/completions"):
+        assert server.request("POST", path, {"prompt": "x"})[0] == 404
+    assert server.metric(unknown_404) == unknown_before + 3
+    assert server.metric(completions_404) == before
+    ok = 'codegen_requests_total{endpoint="chat_completions",status="200"}'
+    chat_before = server.metric(ok)
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert server.request("POST", "/v1/chat/completions", body)[0] == 200
+    assert server.metric(ok) == chat_before + 1
 
 
 def test_models_health_and_metrics(server, client):

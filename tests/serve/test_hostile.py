@@ -178,6 +178,106 @@ def test_no_body_gets_a_server_error(server):
     assert post(server, {"model": "tiny", "prompt": PROMPT, "max_tokens": 2})[0] == 200
 
 
+def _anything():
+    from hypothesis import strategies as st
+
+    any_text = st.text(st.characters(exclude_categories=()), max_size=12)
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
+        max_leaves=6,
+    )
+
+
+def _chat_and_infill_bodies():
+    """(path, body) pairs for /v1/chat/completions and /infill: valid bodies with any field's value replaced by any
+    JSON value, messages and parts of any shape, and llama.cpp's fields with edge values."""
+    from hypothesis import strategies as st
+
+    anything, text = _anything(), st.text(max_size=12)
+    part = st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url", ""])}, optional={"text": text | anything}
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", ""]) | anything},
+        optional={"content": text | st.lists(part, max_size=2) | anything},
+    )
+    counts = st.integers(-2, 6) | st.sampled_from([10**30, 2**63])
+    chat = st.fixed_dictionaries(
+        {"messages": st.lists(message, max_size=3) | anything},
+        optional={
+            name: value | anything
+            for name, value in {
+                "max_tokens": counts,
+                "max_completion_tokens": counts,
+                "n_predict": counts,
+                "n": st.integers(0, 3),
+                "temperature": st.floats(),
+                "stream": st.booleans(),
+                "stop": text | st.lists(text, max_size=3),
+                "logprobs": st.booleans(),
+                "seed": st.integers(),
+                "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+            }.items()
+        },
+    )
+    infill = st.fixed_dictionaries(
+        {},
+        optional={
+            name: value | anything
+            for name, value in {
+                "input_prefix": text,
+                "input_suffix": text,
+                "prompt": text,
+                "input_extra": st.lists(st.fixed_dictionaries({}, optional={"filename": text, "text": text})),
+                "n_predict": counts,
+                "temperature": st.floats(),
+                "top_k": st.integers(),
+                "top_p": st.floats(),
+                "seed": st.integers(),
+                "stop": st.lists(text, max_size=3),
+                "t_max_predict_ms": st.floats(),
+                "response_fields": st.lists(st.sampled_from(["content", "timings/prompt_n", "", "x/y"])),
+                "stream": st.booleans(),
+            }.items()
+        },
+    )
+    plain = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
+    valid_chat = st.fixed_dictionaries(
+        {"messages": st.lists(plain, min_size=1, max_size=3)},
+        optional={"max_tokens": st.integers(1, 4), "stream": st.booleans(), "n": st.integers(1, 2)},
+    )
+    return st.tuples(st.just("/v1/chat/completions"), valid_chat | chat) | st.tuples(st.just("/infill"), infill)
+
+
+def test_no_chat_or_infill_body_gets_a_server_error(server):
+    """200 or a 4xx in OpenAI's envelope for any chat or infill body (hypothesis, against the real server)."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    seen: dict[tuple[str, int], int] = {}
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=_chat_and_infill_bodies())
+    def check(request):
+        path, body = request
+        status, answer = post(server, body, path)
+        seen[path, status] = seen.get((path, status), 0) + 1
+        assert status < 500 and status != 422, (path, status, answer)
+        if status != 200:
+            assert set(answer["error"]) == ENVELOPE, answer
+        elif isinstance(answer, list):
+            assert answer[-1] == "[DONE]" and all("error" not in json.loads(e) for e in answer[:-1]), answer
+
+    check()
+    for path in ("/v1/chat/completions", "/infill"):
+        assert seen.get((path, 200), 0) > 5 and seen.get((path, 400), 0) > 5, seen
+    assert (
+        post(server, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}, "/v1/chat/completions")[0]
+        == 200
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Large bodies and prompts
 

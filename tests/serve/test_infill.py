@@ -11,7 +11,12 @@ apart.
 
 from __future__ import annotations
 
+import http.client
+import itertools
 import json
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -197,8 +202,9 @@ def test_what_does_not_fit_is_cut_from_the_far_ends(fim_server, tokenizer):
     from types import SimpleNamespace
 
     from codegen_deploy.serve.infill import InfillRequest, infill_ids
+    from codegen_deploy.serve.state import longest_token
 
-    state = SimpleNamespace(tokenizer=tokenizer, fim=tokenizer.fim)
+    state = SimpleNamespace(tokenizer=tokenizer, fim=tokenizer.fim, max_token_chars=longest_token(tokenizer))
     extra = [{"filename": f"f{i}.py", "text": "y = 2\n" * 60} for i in range(4)]  # more than a context holds
     body = InfillRequest(**{**LLAMA_VSCODE, "input_extra": extra})
     context, prefix = tokenizer.encode(context_text(body.input_extra)), tokenizer.encode(PREFIX)
@@ -231,16 +237,131 @@ def test_n_predict_minus_one_goes_on_until_the_middle_ends_or_the_context_is_ful
 
 
 @pytest.mark.parametrize(
-    ("payload", "message"),
+    ("payload", "message", "param"),
     [
-        ({**LLAMA_VSCODE, "stream": True}, "stream is not supported"),
-        ({**LLAMA_VSCODE, "n_predict": -2}, "n_predict"),
-        ({**LLAMA_VSCODE, "prompt": "x = '\ud800'"}, "lone surrogate"),
+        ({**LLAMA_VSCODE, "stream": True}, "stream is not supported", "stream"),
+        ({**LLAMA_VSCODE, "n_predict": -2}, "n_predict", "n_predict"),
+        ({**LLAMA_VSCODE, "prompt": "x = '\ud800'"}, "lone surrogate", "prompt"),
+        ({**LLAMA_VSCODE, "input_suffix": "\udfff"}, "lone surrogate", "input_suffix"),
+        ({**LLAMA_VSCODE, "temperature": 5}, "temperature", "temperature"),
+        ({**LLAMA_VSCODE, "stop": [""]}, "stop sequence is empty", "stop"),
+        ({**LLAMA_VSCODE, "prompt": "    x = 1 + 2" * 400}, "typed line (prompt)", "prompt"),  # fits in characters
     ],
 )
-def test_bad_infill_requests_are_400s(fim_server, payload, message):
+def test_bad_infill_requests_are_400s_naming_the_field(fim_server, payload, message, param):
     status, _, body = fim_server.request("POST", "/infill", payload)
-    assert status == 400 and message in json.loads(body)["error"]["message"]
+    error = json.loads(body)["error"]
+    assert status == 400 and message in error["message"] and error["param"] == param, error
+
+
+def test_an_over_long_typed_line_is_refused_before_tokenizing(fim_server):
+    start = time.monotonic()
+    status, _, body = fim_server.request("POST", "/infill", {**LLAMA_VSCODE, "prompt": "z" * 1_000_000})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "prompt" and "1,000,000 characters" in error["message"], error
+    assert time.monotonic() - start < 5  # never tokenized (its million tokens, one a character here, would be)
+
+
+def test_the_answer_is_compact_json_as_llama_vim_reads_it(fim_server):
+    """llama.vim takes a response as an answer only if its raw text has `"content":"` (no space after the colon):
+    the bytes, not only the parsed body."""
+    for payload in (LLAMA_VIM, {**LLAMA_VIM, "response_fields": None}, LLAMA_VSCODE):
+        status, _, raw = fim_server.request("POST", "/infill", {**payload, "temperature": 0})
+        assert status == 200 and raw.lstrip().startswith("{") and '"content":"' in raw, raw[:200]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+# Texts that repeat a unit: cut anywhere far from their kept end (or start), they give the same tokens there.
+EXTRA_UNIT = "def helper_{0}(items):\n    return [item * 2 for item in items]\n\n"
+PREFIX_UNIT = "class Node:\n    def __init__(self, value):\n        self.value = value\n\n"
+SUFFIX_UNIT = "\n    def walk(self):\n        yield self.value\n"
+
+
+def big_infill(repeat: int) -> dict:
+    extra = "".join(EXTRA_UNIT.format(i % 10) for i in range(repeat))
+    return {
+        **LLAMA_VSCODE,
+        "input_extra": [{"filename": "helpers.py", "text": extra}],
+        "input_prefix": PREFIX_UNIT * repeat,
+        "input_suffix": SUFFIX_UNIT * repeat,
+        "temperature": 0,
+    }
+
+
+def test_a_large_infill_body_stops_nobody_and_is_cut_right(fim_server):
+    """A body of 3.6 MB (under the 4 MB default limit, no key needed on loopback) while another client streams:
+    its texts are cut in characters before tokenizing, off the event loop, so /health and the stream go on
+    answering, the server grows by little, and the answer is that of the same texts cut short by the client."""
+    big = big_infill(20_000)
+    size = len(json.dumps(big).encode())
+    assert 3.4 * 2**20 < size < 4 * 2**20, size
+    small = big_infill(200)  # thousands of tokens of each text: still far more than the 256-token context
+    expected = post(fim_server, "/infill", small)
+    assert expected["truncated"] is True
+    pid = fim_server.process.pid
+    rss_before = rss_mb(pid)
+
+    stream_times: list[float] = []
+
+    def stream() -> None:
+        payload = {"prompt": "x", "max_tokens": 200, "temperature": 0, "stream": True}
+        data = json.dumps(payload).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", fim_server.port, timeout=120)
+        conn.request("POST", "/v1/completions", data, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        while response.read1(65536):
+            stream_times.append(time.monotonic())
+        conn.close()
+
+    answers: list[dict] = []
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    while not stream_times and streaming.is_alive():
+        time.sleep(0.01)
+    sending = threading.Thread(target=lambda: answers.append(post(fim_server, "/infill", big)))
+    sending.start()
+    health: list[float] = []
+    while sending.is_alive():
+        start = time.monotonic()
+        assert fim_server.request("GET", "/health", timeout=30)[0] == 200
+        health.append(time.monotonic() - start)
+        time.sleep(0.05)
+    sending.join()
+    streaming.join()
+    (answer,) = answers
+    assert answer["truncated"] is True and answer["content"] == expected["content"]
+    assert answer["tokens_evaluated"] == expected["tokens_evaluated"] == 256 - 8
+    # Generous bounds for a busy 2-core machine: tokenizing the whole body here held the event loop for seconds
+    # and grew the server by hundreds of MB.
+    assert max(health) < 1.5, health
+    gaps = [b - a for a, b in itertools.pairwise(stream_times)]
+    assert max(gaps) < 1.5, max(gaps)
+    assert rss_mb(pid) - rss_before < 150, (rss_before, rss_mb(pid))
+
+
+def test_a_suffix_is_blamed_for_its_own_length(fim_server):
+    # Refused in characters, before tokenizing...
+    status, _, body = fim_server.request("POST", "/v1/completions", {"prompt": "x", "suffix": "y" * 100_000})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "suffix" and "a suffix of 100,000 characters" in error["message"]
+    # ... and in tokens, after.
+    payload = {"prompt": "def f():\n", "suffix": "    return g(1, 2)\n" * 60, "max_tokens": 4}
+    status, _, body = fim_server.request("POST", "/v1/completions", payload)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "suffix" and "in your suffix" in error["message"], error
+
+
+def test_echo_returns_the_prompt_not_the_fim_layout(fim_server):
+    payload = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 4, "temperature": 0}
+    plain = post(fim_server, "/v1/completions", payload)["choices"][0]["text"]
+    echoed = post(fim_server, "/v1/completions", {**payload, "echo": True})["choices"][0]["text"]
+    assert echoed == PREFIX + plain
 
 
 def test_codegen1_continues_the_text_before_the_cursor(server, fp32_export):

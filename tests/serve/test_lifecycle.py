@@ -1,11 +1,13 @@
-"""codegen-serve's start and stop: a busy port, the API key's sources, serving beyond this machine, and a stop
-(SIGTERM, Ctrl-C) that drains the requests in flight and exits 143 / 130 without an error line."""
+"""codegen-serve's start and stop: a busy port, --port 0, the API key's sources, the chat template file, serving
+beyond this machine, and a stop (SIGTERM, Ctrl-C) that drains the requests in flight and exits 143 / 130 without
+an error line."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +43,72 @@ def test_a_busy_port_is_one_line_and_exit_2_before_loading(fp32_export):
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()  # said before the model is loaded: nothing else printed
     assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in line
+
+
+def test_port_0_binds_a_free_port_and_prints_it_before_loading(fp32_export, tmp_path):
+    """--port 0 asks the system for a free port; the first line says which, before the model is loaded, and the
+    server answers there."""
+    environ = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-m", "codegen_deploy.cli.serve", str(fp32_export), "--port", "0", "--threads", "1"]
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ)
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := re.search(r"listening on http://127\.0\.0\.1:(\d+)\n", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(match[1])
+        assert port != 0 and log.read_text().splitlines()[0].startswith("codegen-serve: loading")
+        while True:  # connections made while the model loads wait for it
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("GET", "/health")
+                assert conn.getresponse().status == 200
+                conn.close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        assert f"serving on http://127.0.0.1:{port}/v1" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_chat_template_file_is_served(fp32_export, tmp_path, start_server):
+    """--chat-template FILE: /v1/chat/completions writes the messages with it (here a docstring to fill in)."""
+    import openai
+
+    path = tmp_path / "template.json"
+    path.write_text('{"user": "def f():\\n    \\"\\"\\"{content}\\"\\"\\"\\n", "stop": ["\\ndef "]}')
+    server = start_server([str(fp32_export), "--chat-template", str(path), "--threads", "1"], tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=30)
+        user = "Add two numbers."
+        r = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": user}], max_tokens=10, temperature=0
+        )
+        # The same prompt through /v1/completions, with the template's stop.
+        plain = client.completions.create(
+            model="m", prompt=f'def f():\n    """{user}"""\n', max_tokens=10, temperature=0, stop=["\ndef "]
+        )
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (
+            plain.choices[0].text,
+            plain.choices[0].finish_reason,
+        )
+    finally:
+        server.stop()
+
+
+def test_a_bad_chat_template_is_one_line_and_exit_2_before_loading(tmp_path):
+    path = tmp_path / "template.json"
+    path.write_text('{"usr": "{content}"}')
+    result = serve_cli(str(tmp_path), "--chat-template", str(path), "--port", "0")  # tmp_path: not a model
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --chat-template {path} has an unknown key 'usr'"), line
 
 
 def test_serving_beyond_this_machine_without_a_key_warns(tmp_path):

@@ -4,6 +4,7 @@
 #include "codegen/error.hpp"
 #include "codegen/export.hpp"
 #include "codegen/generate.hpp"
+#include "codegen/limits.hpp"
 #include "codegen/session.hpp"
 #include "codegen/tokenizer.hpp"
 #ifdef CODEGEN_WITH_TENSORRT
@@ -12,12 +13,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <cstdio>
-#include <fstream>
+#include <cstdlib>
+#include <cstring>
 #include <iostream>
-#include <iterator>
+#include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -36,8 +42,8 @@ PATH is an export folder written by codegen-export. The prompt is PROMPT, --file
   --max-new-tokens N         default 128
   --temperature T            0 (default) is greedy
   --top-k K, --top-p P       sampling filters (0 and 1: off)
-  --seed N                   the same seed gives the same sampled tokens (default: a random seed)
-  --threads N                ONNX Runtime intra-op threads
+  --seed N                   the same seed (>= 0) gives the same sampled tokens (default: a random seed)
+  --threads N                ONNX Runtime intra-op threads, 1 to the cores this machine has
   --max-context N            cache capacity in tokens (default: the model's)
   --tokenizer DIR            tokenizer files (default: PATH)
   --ignore-eos               always generate --max-new-tokens tokens (for benchmarks)
@@ -55,12 +61,32 @@ struct Args
     uint64_t seed = 0;
 };
 
+// A whole number in [low, high] as `flag`'s value: "-1", "2.5" or "99999999999999999999" is one line that says the
+// range (`range` when given, e.g. the cores behind --threads), not wrapped, truncated or taken silently.
 template <typename T>
-T number(std::string const& flag, std::string const& text)
+T whole(std::string const& flag, std::string const& text, T low, T high = std::numeric_limits<T>::max(),
+    std::string range = "")
 {
-    std::istringstream in(text);
     T value{};
-    if (!(in >> value) || !in.eof())
+    auto const [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error != std::errc() || end != text.data() + text.size() || value < low || value > high)
+    {
+        if (range.empty())
+        {
+            range = high == std::numeric_limits<T>::max() ? ">= " + std::to_string(low)
+                                                          : "from " + std::to_string(low) + " to " + std::to_string(high);
+        }
+        throw Error(flag + " must be a whole number " + range + ", not '" + text + "'");
+    }
+    return value;
+}
+
+// A number as `flag`'s value (its range is checked where it is used: codegen::Sampler for the sampling options).
+double real(std::string const& flag, std::string const& text)
+{
+    char* end = nullptr;
+    double const value = text.empty() ? 0 : std::strtod(text.c_str(), &end);  // 1e-320 too: tiny is not wrong
+    if (text.empty() || end != text.c_str() + text.size())
     {
         throw Error(flag + " needs a number, got '" + text + "'");
     }
@@ -71,6 +97,7 @@ Args parse(int argc, char** argv)
 {
     Args a;
     std::vector<std::string> positional;
+    int const cores = codegen::limits::max_threads();
     for (int i = 1; i < argc; ++i)
     {
         std::string const arg = argv[i];
@@ -91,13 +118,15 @@ Args parse(int argc, char** argv)
         else if (arg == "--file") a.file = value();
         else if (arg == "--tokenizer") a.tokenizer = value();
         else if (arg == "--backend") a.backend = value();
-        else if (arg == "--max-new-tokens") a.max_new_tokens = number<int>(arg, value());
-        else if (arg == "--temperature") a.temperature = number<double>(arg, value());
-        else if (arg == "--top-k") a.top_k = number<int>(arg, value());
-        else if (arg == "--top-p") a.top_p = number<double>(arg, value());
-        else if (arg == "--seed") a.seed = number<uint64_t>(arg, value()), a.has_seed = true;
-        else if (arg == "--threads") a.threads = number<int>(arg, value());
-        else if (arg == "--max-context") a.max_context = number<int64_t>(arg, value());
+        else if (arg == "--max-new-tokens") a.max_new_tokens = whole<int>(arg, value(), 1);
+        else if (arg == "--temperature") a.temperature = real(arg, value());
+        else if (arg == "--top-k") a.top_k = whole<int>(arg, value(), 0);
+        else if (arg == "--top-p") a.top_p = real(arg, value());
+        else if (arg == "--seed") a.seed = whole<uint64_t>(arg, value(), 0), a.has_seed = true;
+        else if (arg == "--threads")
+            a.threads = whole<int>(arg, value(), 1, cores,
+                "from 1 to " + std::to_string(cores) + " (the cores this machine has)");
+        else if (arg == "--max-context") a.max_context = whole<int64_t>(arg, value(), 1, codegen::limits::n_positions);
         else if (arg == "--ignore-eos") a.ignore_eos = true;
         else if (arg == "--json") a.json = true;
         else if (arg.rfind("--", 0) == 0) throw Error("unknown option " + arg + " (see --help)");
@@ -117,6 +146,7 @@ Args parse(int argc, char** argv)
     {
         throw Error("give the prompt once: as PROMPT, --file or --ids");
     }
+    codegen::Sampler{{a.temperature, a.top_k, a.top_p, 0}};  // one line now for a bad sampling option, not later
     return a;
 }
 
@@ -127,9 +157,60 @@ std::vector<int64_t> parse_ids(std::string const& text)
     std::string part;
     while (std::getline(in, part, ','))
     {
-        ids.push_back(number<int64_t>("--ids", part));
+        ids.push_back(whole<int64_t>("--ids", part, 0, std::numeric_limits<int64_t>::max(),
+            "(token ids >= 0, separated by commas)"));
     }
     return ids;
+}
+
+// The prompt from `fd` (a file or standard input), at most `limit` bytes read (cli/generate.py read_prompt): one
+// byte more tells a longer prompt, which is refused, so /dev/zero or a 64 MB pipe costs `limit` bytes, not all
+// memory. `source` names it in messages.
+std::string read_bounded(int fd, int64_t limit, std::string const& source)
+{
+    std::string text;
+    char buffer[1 << 16];
+    while (static_cast<int64_t>(text.size()) <= limit)
+    {
+        size_t const want = std::min<size_t>(sizeof buffer, static_cast<size_t>(limit + 1) - text.size());
+        ssize_t const n = ::read(fd, buffer, want);
+        if (n < 0 && errno == EINTR)
+        {
+            continue;
+        }
+        if (n < 0)
+        {
+            throw Error("cannot read " + source + " (" + std::strerror(errno) + "): check the path");
+        }
+        if (n == 0)
+        {
+            return text;
+        }
+        text.append(buffer, static_cast<size_t>(n));
+    }
+    throw Error(source + " has more than " + std::to_string(limit) + " bytes, more than a "
+        + std::to_string(limit / codegen::limits::prompt_bytes_per_token) + "-token context holds: shorten it");
+}
+
+std::string read_prompt_file(std::string const& path, int64_t limit)
+{
+    std::string const source = "the prompt file " + path;
+    int const fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+    {
+        throw Error("cannot read " + source + " (" + std::strerror(errno) + "): check the path");
+    }
+    try
+    {
+        std::string text = read_bounded(fd, limit, source);
+        ::close(fd);
+        return text;
+    }
+    catch (...)
+    {
+        ::close(fd);
+        throw;
+    }
 }
 
 bool ends_with_replacement(std::string const& s)
@@ -139,13 +220,55 @@ bool ends_with_replacement(std::string const& s)
 
 int run(Args const& a)
 {
-    std::unique_ptr<codegen::Session> session;
-    int64_t eos = -1;
+    // The export's manifest first (cheap, and it bounds the prompt), then the prompt, then the session: a bad
+    // export or prompt is refused before a graph is loaded.
+    std::optional<codegen::Export> exp;
+    int64_t context = a.max_context > 0 ? a.max_context : codegen::limits::n_positions;
     if (a.backend == "onnxruntime")
     {
-        codegen::Export const exp = codegen::Export::open(a.path);
-        session = codegen::open_onnxruntime(exp, {a.threads, a.graph, a.max_context});
-        eos = exp.config().eos_token_id;
+        exp = codegen::Export::open(a.path);
+        context = std::min<int64_t>(context, exp->config().n_positions);
+    }
+    // The tokenizer: needed for text; with --ids only used when there is one (for the text out).
+    std::optional<codegen::Tokenizer> tokenizer;
+    std::filesystem::path const tok_dir = a.tokenizer.empty() ? a.path : a.tokenizer;
+    std::error_code ec;
+    if (a.ids.empty() || !a.tokenizer.empty() || std::filesystem::exists(tok_dir / "tokenizer.json", ec)
+        || std::filesystem::exists(tok_dir / "vocab.json", ec))
+    {
+        tokenizer = codegen::Tokenizer::load(tok_dir);
+    }
+
+    std::vector<int64_t> prompt;
+    if (!a.ids.empty())
+    {
+        prompt = parse_ids(a.ids);
+    }
+    else
+    {
+        std::string text = a.prompt;
+        int64_t const limit = context * codegen::limits::prompt_bytes_per_token;
+        if (!a.file.empty())
+        {
+            text = read_prompt_file(a.file, limit);
+        }
+        else if (!a.has_prompt)
+        {
+            if (isatty(STDIN_FILENO))
+            {
+                throw Error("no prompt: give PROMPT, --file, --ids, or pipe it into standard input");
+            }
+            text = read_bounded(STDIN_FILENO, limit, "standard input");
+        }
+        prompt = tokenizer->encode(text);
+    }
+
+    std::unique_ptr<codegen::Session> session;
+    int64_t eos = -1;
+    if (exp)
+    {
+        session = codegen::open_onnxruntime(*exp, {a.threads, a.graph, a.max_context});
+        eos = exp->config().eos_token_id;
     }
 #ifdef CODEGEN_WITH_TENSORRT
     else if (a.backend == "tensorrt")
@@ -165,45 +288,9 @@ int run(Args const& a)
 #endif
         );
     }
-    // The tokenizer: needed for text; with --ids only used when there is one (for the text out).
-    std::optional<codegen::Tokenizer> tokenizer;
-    std::filesystem::path const tok_dir = a.tokenizer.empty() ? a.path : a.tokenizer;
-    if (a.ids.empty() || !a.tokenizer.empty() || std::filesystem::exists(tok_dir / "tokenizer.json")
-        || std::filesystem::exists(tok_dir / "vocab.json"))
-    {
-        tokenizer = codegen::Tokenizer::load(tok_dir);
-    }
     if (tokenizer)
     {
         eos = tokenizer->eos_token_id();  // as the Python loop: the tokenizer's <|endoftext|>
-    }
-
-    std::vector<int64_t> prompt;
-    if (!a.ids.empty())
-    {
-        prompt = parse_ids(a.ids);
-    }
-    else
-    {
-        std::string text = a.prompt;
-        if (!a.file.empty())
-        {
-            std::ifstream f(a.file, std::ios::binary);
-            if (!f)
-            {
-                throw Error("cannot read the prompt file " + a.file);
-            }
-            text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-        }
-        else if (!a.has_prompt)
-        {
-            if (isatty(STDIN_FILENO))
-            {
-                throw Error("no prompt: give PROMPT, --file, --ids, or pipe it into standard input");
-            }
-            text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
-        }
-        prompt = tokenizer->encode(text);
     }
     for (int64_t id : prompt)
     {
@@ -292,6 +379,16 @@ int run(Args const& a)
 
 } // namespace
 
+// `message` on one line: a name from a manifest or a path may hold a newline or other control characters.
+std::string one_line(std::string message)
+{
+    for (char& ch : message)
+    {
+        ch = static_cast<unsigned char>(ch) < 0x20 ? ' ' : ch;
+    }
+    return message;
+}
+
 int main(int argc, char** argv)
 {
     try
@@ -300,12 +397,20 @@ int main(int argc, char** argv)
     }
     catch (Error const& e)
     {
-        std::cerr << "error: " << e.what() << "\n";
+        std::cerr << "error: " << one_line(e.what()) << "\n";
+        return 2;
+    }
+    catch (std::filesystem::filesystem_error const& e)
+    {
+        // A path given on the command line that cannot be looked at (a name too long, no permission).
+        std::cerr << "error: cannot read " << one_line(e.path1().string()) << " (" << e.code().message()
+                  << "): check the path\n";
         return 2;
     }
     catch (std::exception const& e)
     {
-        std::cerr << "error: " << e.what() << "\n";  // ONNX Runtime failing while running: not the user's doing
+        // ONNX Runtime failing while running, or memory running out: not the user's doing.
+        std::cerr << "error: " << one_line(e.what()) << "\n";
         return 1;
     }
 }

@@ -1,10 +1,13 @@
 #include "codegen/export.hpp"
 
 #include "codegen/error.hpp"
+#include "codegen/limits.hpp"
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdint>
 #include <fstream>
 
 namespace codegen
@@ -17,6 +20,9 @@ using nlohmann::json;
 
 constexpr int kFormatVersion = 1;  // artifacts/manifest.py FORMAT_VERSION
 constexpr char const* kKinds[] = {"key", "value"};
+// artifacts/manifest.py FILE_KEYS: the entries besides "files" that name a file of the export.
+constexpr char const* kFileKeys[] = {"graph_file", "data_file", "fused_graph_file", "fused_data_file",
+    "fused_shared_data_file"};
 
 std::vector<std::string> cache_names(int n_layer, bool present)
 {
@@ -45,6 +51,98 @@ std::string few(std::vector<std::string> const& names)
     return out;
 }
 
+// A filesystem query that never throws: a name too long or a loop of links reads as "not there", and the
+// caller says what that means for the export in one line.
+fs::file_status status_of(fs::path const& p)
+{
+    std::error_code ec;
+    return fs::status(p, ec);
+}
+
+bool lexists(fs::path const& p)
+{
+    std::error_code ec;
+    return fs::exists(fs::symlink_status(p, ec));
+}
+
+// Whether `real` (a resolved path) is `root` or below it.
+bool inside(fs::path const& real, fs::path const& root)
+{
+    return std::mismatch(root.begin(), root.end(), real.begin(), real.end()).first == root.end();
+}
+
+// artifacts/manifest.py check_file_name: a plain relative name inside the export folder (no absolute name, drive,
+// backslash, NUL, or '', '.', '..' part). Checked before any file is touched, so a crafted manifest cannot make
+// this program read, or report the size of, a file elsewhere.
+void check_file_name(json const& rel, std::string const& where, std::string const& key)
+{
+    bool plain = rel.is_string();
+    if (plain)
+    {
+        std::string const& name = rel.get_ref<std::string const&>();
+        bool const drive = name.size() >= 2 && name[1] == ':' && std::isalpha(static_cast<unsigned char>(name[0]));
+        plain = !name.empty() && name[0] != '/' && !drive && name.find('\\') == std::string::npos
+            && name.find('\0') == std::string::npos;
+        for (size_t start = 0; plain;)
+        {
+            size_t const slash = name.find('/', start);
+            std::string const part = name.substr(start, slash == std::string::npos ? slash : slash - start);
+            plain = part != "" && part != "." && part != "..";
+            if (slash == std::string::npos)
+            {
+                break;
+            }
+            start = slash + 1;
+        }
+    }
+    if (!plain)
+    {
+        std::string const entry = key == "files" ? "a file entry" : "its " + key + " entry";
+        throw Error(where + ": " + entry + " names " + rel.dump() + ", not a plain file name inside the export "
+            "folder (absolute, or with '..'): the manifest is damaged or made to read other files, export again");
+    }
+}
+
+// The string entry `key` of `manifest`, `fallback` when it is absent or null; one line when it is something else.
+std::string string_entry(json const& manifest, char const* key, std::string const& fallback, std::string const& where)
+{
+    json const& v = manifest.contains(key) ? manifest[key] : json();
+    if (v.is_null())
+    {
+        return fallback;
+    }
+    if (!v.is_string())
+    {
+        throw Error(where + ": '" + key + "' is " + v.dump() + ", not a string: the manifest is damaged, export again");
+    }
+    return v.get<std::string>();
+}
+
+// A whole number of model_config in [low, high] (config.py LIMITS): 2.5, true or 10^8 layers are refused, not
+// truncated or allocated for.
+int64_t config_number(json const& c, char const* key, int64_t low, int64_t high, std::string const& where)
+{
+    std::string const fix = "): the manifest is damaged, export again";
+    if (!c.contains(key))
+    {
+        throw Error(where + " has an invalid model_config (no " + key + fix);
+    }
+    json const& v = c[key];
+    if (!v.is_number_integer())
+    {
+        throw Error(where + " has an invalid model_config (" + key + " is " + v.dump() + ", not a whole number" + fix);
+    }
+    bool const fits = v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(high) : true;
+    if (!fits || v.get<int64_t>() < low || v.get<int64_t>() > high)
+    {
+        std::string const range = high == INT64_MAX ? ">= " + std::to_string(low)
+                                                    : std::to_string(low) + " to " + std::to_string(high);
+        throw Error(where + " has an invalid model_config (" + key + " " + v.dump() + " is out of range (" + range + ")"
+            + fix);
+    }
+    return v.get<int64_t>();
+}
+
 // The names and the cache dtype of one graph's entries ("inputs"/"outputs" or "fused_inputs"/...).
 GraphInfo read_graph(json const& manifest, fs::path const& file, char const* inputs, char const* outputs,
     std::string const& where)
@@ -66,7 +164,8 @@ GraphInfo read_graph(json const& manifest, fs::path const& file, char const* inp
             names->push_back(e["name"].get<std::string>());
             if (key == inputs && e["name"] == past_name(0, "key"))
             {
-                g.cache_dtype = e.value("dtype", "");
+                json const& dtype = e.contains("dtype") ? e["dtype"] : json();  // refused below unless a float type
+                g.cache_dtype = dtype.is_string() ? dtype.get<std::string>() : dtype.dump();
             }
         }
     }
@@ -153,19 +252,50 @@ void check_names(std::vector<std::string> const& got, std::vector<std::string> c
 
 Export Export::open(fs::path const& folder)
 {
-    if (!fs::is_directory(folder))
+    try
+    {
+        return open_checked(folder);
+    }
+    catch (json::exception const& e)
+    {
+        // open_checked checks the type of every entry it reads; this is the net under those checks: one line.
+        throw Error((folder / "manifest.json").string() + " is damaged (" + e.what() + "): export again");
+    }
+}
+
+Export Export::open_checked(fs::path const& folder)
+{
+    if (!fs::is_directory(status_of(folder)))
     {
         throw Error(folder.string() + " is not a folder: give an export folder written by codegen-export");
     }
     fs::path const path = folder / "manifest.json";
     std::string const where = path.string();
-    if (!fs::is_regular_file(path))
+    if (!fs::is_regular_file(status_of(path)))
     {
-        std::string const hint = fs::is_regular_file(folder / "engine.json")
+        std::string const hint = fs::is_regular_file(status_of(folder / "engine.json"))
             ? " (it holds a TensorRT engine: run it with --backend tensorrt, built with -DCODEGEN_WITH_TENSORRT=ON)"
             : "";
         throw Error(folder.string() + " has no manifest.json: it is not a finished export (run codegen-export again)"
             + hint);
+    }
+    std::error_code ec, ec_manifest;
+    fs::path const root = fs::canonical(folder, ec);
+    fs::path const real_manifest = fs::canonical(path, ec_manifest);
+    if (ec || ec_manifest)
+    {
+        throw Error("cannot resolve " + where + " (" + (ec ? ec : ec_manifest).message() + "): copy the export "
+            "folder again");
+    }
+    if (!inside(real_manifest, root))
+    {
+        throw Error(where + " is a symbolic link to " + real_manifest.string() + ", outside the export folder: copy "
+            "the file itself into it");
+    }
+    if (fs::file_size(path, ec) > static_cast<uintmax_t>(limits::manifest_bytes) || ec)
+    {
+        throw Error(where + " has more than " + std::to_string(limits::manifest_bytes) + " bytes, more than a "
+            "manifest has: it is not a codegen-deploy export manifest, export again");
     }
     json manifest;
     try
@@ -186,44 +316,111 @@ Export Export::open(fs::path const& folder)
 
     Export e;
     e.folder_ = folder;
-    try
+    if (!manifest.contains("model_config") || !manifest["model_config"].is_object())
     {
-        json const& c = manifest.at("model_config");
-        e.config_.n_layer = c.at("n_layer").get<int>();
-        e.config_.n_embd = c.at("n_embd").get<int>();
-        e.config_.n_head = c.at("n_head").get<int>();
-        e.config_.n_positions = c.at("n_positions").get<int>();
-        e.config_.vocab_size = c.at("vocab_size").get<int>();
-        e.config_.eos_token_id = c.value("eos_token_id", int64_t{50256});
+        throw Error(where + " has no valid 'model_config' entry: the manifest is damaged, export again");
     }
-    catch (json::exception const& ex)
+    json const& mc = manifest["model_config"];
+    ModelConfig& c = e.config_;
+    c.n_layer = static_cast<int>(config_number(mc, "n_layer", 1, limits::n_layer, where));
+    c.n_embd = static_cast<int>(config_number(mc, "n_embd", 1, limits::n_embd, where));
+    c.n_head = static_cast<int>(config_number(mc, "n_head", 1, limits::n_head, where));
+    c.n_positions = static_cast<int>(config_number(mc, "n_positions", 1, limits::n_positions, where));
+    c.vocab_size = static_cast<int>(config_number(mc, "vocab_size", 1, limits::vocab_size, where));
+    c.eos_token_id = mc.contains("eos_token_id") ? config_number(mc, "eos_token_id", 0, INT64_MAX, where) : 50256;
+    if (c.n_embd % c.n_head != 0)
     {
-        throw Error(where + " has an invalid model_config (" + ex.what() + "): the manifest is damaged, export again");
-    }
-    ModelConfig const& c = e.config_;
-    if (c.n_layer < 1 || c.n_head < 1 || c.n_embd % c.n_head != 0 || c.n_positions < 2 || c.vocab_size < 1)
-    {
-        throw Error(where + " has an invalid model_config (sizes out of range): the manifest is damaged, export again");
+        throw Error(where + " has an invalid model_config (n_embd " + std::to_string(c.n_embd)
+            + " is not divisible by n_head " + std::to_string(c.n_head) + "): the manifest is damaged, export again");
     }
 
-    // Every listed file present with its recorded size: a truncated copy stops here, not inside ONNX Runtime.
+    // Every file name first (the listed ones, and those the entries name), before any file is touched.
     if (!manifest.contains("files") || !manifest["files"].is_object())
     {
         throw Error(where + " has no valid 'files' entry: the manifest is damaged, export again");
     }
-    for (auto const& [rel, entry] : manifest["files"].items())
+    json const& files = manifest["files"];
+    for (auto const& [rel, entry] : files.items())
+    {
+        check_file_name(rel, where, "files");
+        if (!entry.is_object() || !entry.contains("bytes") || !entry["bytes"].is_number_integer()
+            || !entry.contains("sha256") || !entry["sha256"].is_string())
+        {
+            throw Error(where + ": the entry of " + rel + " lacks bytes or sha256: the manifest is damaged");
+        }
+    }
+    for (char const* key : kFileKeys)
+    {
+        if (manifest.contains(key) && !manifest[key].is_null())
+        {
+            check_file_name(manifest[key], where, key);
+        }
+    }
+    bool const plain = manifest.contains("inputs");
+    std::string const graph_file = string_entry(manifest, "graph_file", "decoder.onnx", where);
+    std::string const fused_file = string_entry(manifest, "fused_graph_file", "", where);
+
+    // Every file this program opens from the folder must be listed, so that its name, its links and its size are
+    // checked (artifacts/manifest.py required_files and check_listed; here the tokenizer's files too, whose
+    // error messages quote them). The graphs' external data ONNX Runtime itself keeps inside the graph's folder.
+    std::vector<std::pair<std::string, std::string>> needed;  // (file, what reads it)
+    auto need = [&](std::string const& rel, char const* what) {
+        if (!rel.empty() && std::none_of(needed.begin(), needed.end(), [&](auto const& n) { return n.first == rel; }))
+        {
+            needed.emplace_back(rel, what);
+        }
+    };
+    if (plain)
+    {
+        need(graph_file, "the plain graph");
+        need(string_entry(manifest, "data_file", "", where), "the plain graph");
+        for (char const* name : {"decoder.onnx", "decoder.onnx.data"})
+        {
+            need(lexists(folder / name) ? name : "", "the plain graph");
+        }
+    }
+    if (!fused_file.empty())
+    {
+        need(fused_file, "the fused graph");
+        need(string_entry(manifest, "fused_data_file", "", where), "the fused graph");
+        need(string_entry(manifest, "fused_shared_data_file", "", where), "the fused graph");
+        need(lexists(folder / "decoder_fused.onnx.data") ? "decoder_fused.onnx.data" : "", "the fused graph");
+    }
+    for (char const* name : {"tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json"})
+    {
+        need(lexists(folder / name) ? name : "", "the tokenizer");
+    }
+    for (auto const& [rel, what] : needed)
+    {
+        if (!files.contains(rel))
+        {
+            throw Error(where + " does not list " + rel + ", which " + what + " reads, so it cannot be checked: the "
+                "manifest was edited or damaged, export again");
+        }
+    }
+
+    // Every listed file inside the folder (a link leaving it is refused), present, with its recorded size: a
+    // truncated copy stops here, not inside ONNX Runtime.
+    for (auto const& [rel, entry] : files.items())
     {
         fs::path const f = folder / rel;
-        if (!entry.is_object() || !entry.contains("bytes") || !entry["bytes"].is_number_integer())
+        fs::path const real = fs::weakly_canonical(f, ec);
+        if (ec)
         {
-            throw Error(where + ": the entry of " + rel + " lacks bytes: the manifest is damaged");
+            throw Error("cannot resolve " + f.string() + " (" + ec.message() + "): copy the export folder again");
         }
-        if (!fs::is_regular_file(f))
+        if (!inside(real, root))
+        {
+            throw Error(f.string() + " is a symbolic link to " + real.string() + ", outside the export folder: a "
+                "runtime reads only files inside it; copy the files themselves into it (cp -L, or hf download "
+                "--local-dir), not links to them");
+        }
+        if (!fs::is_regular_file(status_of(f)))
         {
             throw Error(f.string() + " is missing from the export: copy the whole folder or export again");
         }
-        auto const size = fs::file_size(f);
-        if (size != entry["bytes"].get<uintmax_t>())
+        uintmax_t const size = fs::file_size(f, ec);
+        if (ec || entry["bytes"].get<int64_t>() < 0 || size != entry["bytes"].get<uintmax_t>())
         {
             throw Error(f.string() + " has " + std::to_string(size) + " bytes, the manifest says "
                 + entry["bytes"].dump() + ": the file is truncated or changed, copy it again or export again");
@@ -232,29 +429,24 @@ Export Export::open(fs::path const& folder)
 
     std::string const layers = std::to_string(c.n_layer) + "-layer decoder's ";
     std::string const fix = "the manifest or the graph was changed, export again";
-    if (manifest.contains("inputs"))
+    if (plain)
     {
-        GraphInfo g = read_graph(manifest, folder / manifest.value("graph_file", "decoder.onnx"), "inputs", "outputs",
-            where);
+        GraphInfo g = read_graph(manifest, folder / graph_file, "inputs", "outputs", where);
         check_names(g.inputs, plain_input_names(c.n_layer), layers + "inputs", where + " (inputs)", fix);
         check_names(g.outputs, output_names(c.n_layer), layers + "outputs", where + " (outputs)", fix);
         e.plain_ = std::move(g);
     }
-    if (manifest.value("fused_graph_file", json()).is_string())
+    if (!fused_file.empty())
     {
-        GraphInfo g = read_graph(manifest, folder / manifest["fused_graph_file"].get<std::string>(), "fused_inputs",
-            "fused_outputs", where);
+        GraphInfo g = read_graph(manifest, folder / fused_file, "fused_inputs", "fused_outputs", where);
         // Graphs written before logits_to_keep existed lack it: both are served.
         bool const keep = std::find(g.inputs.begin(), g.inputs.end(), "logits_to_keep") != g.inputs.end();
         check_names(g.inputs, fused_input_names(c.n_layer, keep), layers + "inputs", where + " (fused_inputs)", fix);
         check_names(g.outputs, output_names(c.n_layer), layers + "outputs", where + " (fused_outputs)", fix);
         e.fused_ = std::move(g);
-        e.fused_weights_ = manifest.value("fused_weights", "float");
+        e.fused_weights_ = string_entry(manifest, "fused_weights", "float", where);
     }
-    if (manifest.value("fused_skipped", json()).is_string())
-    {
-        e.fused_skipped_ = manifest["fused_skipped"].get<std::string>();
-    }
+    e.fused_skipped_ = string_entry(manifest, "fused_skipped", "", where);
     for (auto const* g : {&e.plain_, &e.fused_})
     {
         if (*g && (*g)->cache_dtype != "float32" && (*g)->cache_dtype != "float16")

@@ -34,10 +34,14 @@ int64_t Sampler::pick(float const* logits, int64_t vocab)
         return std::max_element(logits, logits + vocab) - logits;  // the first of equal maxima, as numpy
     }
     double const neg_inf = -std::numeric_limits<double>::infinity();
+    // (logit - max) / T: the largest becomes 0 and the rest <= 0, so a tiny T (1e-320) sends the others to -inf
+    // (weight 0) instead of making every logit +-inf and the weights inf - inf = NaN. The same softmax(logits / T),
+    // which as T -> 0 puts all its mass on the largest logits: a tiny T samples as greedy does.
+    double const max_logit = *std::max_element(logits, logits + vocab);
     scaled_.assign(logits, logits + vocab);
     for (double& x : scaled_)
     {
-        x /= s_.temperature;
+        x = (x - max_logit) / s_.temperature;
     }
     if (s_.top_k > 0 && s_.top_k < vocab)
     {

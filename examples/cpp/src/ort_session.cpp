@@ -10,13 +10,16 @@
 // new tokens), which become the next step's past; ONNX Runtime allocates them.
 
 #include "codegen/error.hpp"
+#include "codegen/limits.hpp"
 #include "codegen/session.hpp"
 
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdlib>
+#include <string_view>
 
 namespace codegen
 {
@@ -49,8 +52,27 @@ size_t element_size(std::string const& dtype)
     return dtype == "float16" ? 2 : 4;
 }
 
-// Opens `graph` and checks its input and output names and its cache type against the manifest's entry.
-Ort::Session open_graph(GraphInfo const& graph, SessionOptions const& options)
+// A tensor's shape as the graph declares it (or a value has it): "[batch, 4, past, 16]".
+template <typename Info>
+std::string shape_text(Info const& info)
+{
+    std::vector<int64_t> const dims = info.GetShape();
+    std::vector<char const*> names(dims.size(), "");
+    info.GetSymbolicDimensions(names.data(), names.size());
+    std::string out = "[";
+    for (size_t i = 0; i < dims.size(); ++i)
+    {
+        std::string const name = names[i] && *names[i] ? names[i] : "?";
+        out += (i ? ", " : "") + (dims[i] < 0 ? name : std::to_string(dims[i]));
+    }
+    return out + "]";
+}
+
+// An ONNX Runtime session over `graph`, checked against the manifest: the input and output names it lists, the
+// cache type it says, and the dimensions this program sizes its buffers by (logits columns, cache heads and head
+// width), which are read from the graph itself: a manifest whose vocab_size is larger than the graph's logits
+// would otherwise make every step read past them.
+Ort::Session open_graph(GraphInfo const& graph, ModelConfig const& config, SessionOptions const& options)
 {
     Ort::SessionOptions so;
     if (options.threads > 0)
@@ -82,6 +104,51 @@ Ort::Session open_graph(GraphInfo const& graph, SessionOptions const& options)
         {
             throw Error(path + " has another cache type than the " + graph.cache_dtype + " its manifest says: export again");
         }
+
+        // logits: [batch, seq, vocab] (plain) or [batch * keep, vocab] (fused); every cache tensor:
+        // [batch, heads, length, head_dim].
+        std::string const says = " its manifest says: " + fix;
+        for (size_t i = 0; i < out.size(); ++i)
+        {
+            if (out[i] != "logits")
+            {
+                continue;
+            }
+            Ort::TypeInfo const type_info = session.GetOutputTypeInfo(i);
+            auto const info = type_info.GetTensorTypeAndShapeInfo();
+            if (info.GetShape().empty() || info.GetShape().back() != config.vocab_size)
+            {
+                throw Error(path + " has logits " + shape_text(info) + ", not the " + std::to_string(config.vocab_size)
+                    + " columns (vocab_size)" + says);
+            }
+            if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+            {
+                throw Error(path + " has logits that are not float32 (io_spec.py): " + fix);
+            }
+        }
+        auto check_cache = [&](Ort::TypeInfo const& type_info, std::string const& name) {
+            auto const info = type_info.GetTensorTypeAndShapeInfo();
+            std::vector<int64_t> const dims = info.GetShape();
+            if (dims.size() != 4 || dims[1] != config.n_head || dims[3] != config.head_dim())
+            {
+                throw Error(path + " has " + name + " " + shape_text(info) + ", not the " + std::to_string(config.n_head)
+                    + " heads of " + std::to_string(config.head_dim()) + " (n_head, n_embd / n_head)" + says);
+            }
+        };
+        for (size_t i = 0; i < in.size(); ++i)
+        {
+            if (in[i].rfind("past_key_values.", 0) == 0)
+            {
+                check_cache(session.GetInputTypeInfo(i), in[i]);
+            }
+        }
+        for (size_t i = 0; i < out.size(); ++i)
+        {
+            if (out[i].rfind("present.", 0) == 0)
+            {
+                check_cache(session.GetOutputTypeInfo(i), out[i]);
+            }
+        }
         return session;
     }
     catch (Ort::Exception const& e)
@@ -99,7 +166,7 @@ class FusedSession : public Session
 {
 public:
     FusedSession(Export const& exp, SessionOptions const& options)
-        : graph_(*exp.fused()), session_(open_graph(graph_, options)), binding_(session_),
+        : graph_(*exp.fused()), session_(open_graph(graph_, exp.config(), options)), binding_(session_),
           memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault))
     {
         ModelConfig const& c = exp.config();
@@ -110,7 +177,15 @@ public:
         auto meta = session_.GetModelMetadata().LookupCustomMetadataMapAllocated("max_context", allocator);
         if (meta)
         {
-            max_context_ = std::min<int64_t>(max_context_, std::stoll(meta.get()));
+            std::string_view const text(meta.get());
+            int64_t tokens = 0;
+            auto const [end, error] = std::from_chars(text.data(), text.data() + text.size(), tokens);
+            if (error != std::errc() || end != text.data() + text.size() || tokens < 1)
+            {
+                throw Error(graph_.file.string() + " has max_context metadata '" + std::string(text)
+                    + "', not a whole number >= 1: the graph is damaged, export again");
+            }
+            max_context_ = std::min(max_context_, tokens);
         }
         if (options.max_context > 0)
         {
@@ -221,7 +296,7 @@ class PlainSession : public Session
 {
 public:
     PlainSession(Export const& exp, SessionOptions const& options)
-        : graph_(*exp.plain()), session_(open_graph(graph_, options)),
+        : graph_(*exp.plain()), session_(open_graph(graph_, exp.config(), options)),
           memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)), config_(exp.config())
     {
         vocab_size_ = config_.vocab_size;
@@ -301,6 +376,15 @@ private:
         result_ = session_.Run(run_options_, in_names_.data(), inputs.data(), inputs.size(), out_names_.data(),
             out_names_.size());
         run_s_ += std::chrono::duration<double>(Clock::now() - t0).count();
+        // The graph's declared logits shape was checked when it opened; what it returned is checked too, as the
+        // row read below must lie inside the tensor whatever a graph declares.
+        auto const logits = result_[0].GetTensorTypeAndShapeInfo();
+        if (logits.GetShape() != std::vector<int64_t>{1, seq, vocab_size_}
+            || logits.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        {
+            throw Error(graph_.file.string() + " returned logits " + shape_text(logits) + ", not float32 [1, "
+                + std::to_string(seq) + ", " + std::to_string(vocab_size_) + "]: the graph is damaged, export again");
+        }
         past_.clear();
         for (size_t i = 1; i < result_.size(); ++i)
         {
@@ -327,6 +411,16 @@ private:
 std::unique_ptr<Session> open_onnxruntime(Export const& exp, SessionOptions const& options)
 {
     std::string const folder = exp.folder().string();
+    if (options.threads < 0 || options.threads > limits::max_threads())
+    {
+        throw Error("threads must be a whole number from 1 to " + std::to_string(limits::max_threads())
+            + " (the cores this machine has; 0: ONNX Runtime's default), not " + std::to_string(options.threads));
+    }
+    if (options.max_context < 0)
+    {
+        throw Error("max_context must be a whole number >= 1 (0: the model's), not "
+            + std::to_string(options.max_context));
+    }
     if (options.graph != "auto" && options.graph != "fused" && options.graph != "plain")
     {
         throw Error("unknown graph '" + options.graph + "': choose auto, fused or plain");

@@ -46,8 +46,10 @@ void check_names(std::vector<std::string> const& got, std::vector<std::string> c
 class Export
 {
 public:
-    // Reads and checks manifest.json: format version, model config, graphs' names, file sizes (sha256 is not
-    // checked here: codegen-generate --verify sha256 does that). codegen::Error with one line otherwise.
+    // Reads and checks manifest.json: format version, model config (within config.py's LIMITS), file names (plain
+    // names inside the folder, every file this program reads listed, no link leaving the folder), graphs' names,
+    // file sizes (sha256 is not checked here: codegen-generate --verify sha256 does that). codegen::Error with one
+    // line otherwise.
     static Export open(std::filesystem::path const& folder);
 
     std::filesystem::path const& folder() const { return folder_; }
@@ -58,6 +60,8 @@ public:
     std::string const& fused_weights() const { return fused_weights_; }  // "float", "int8" or "int4"
 
 private:
+    static Export open_checked(std::filesystem::path const& folder);
+
     std::filesystem::path folder_;
     ModelConfig config_;
     std::optional<GraphInfo> plain_, fused_;
