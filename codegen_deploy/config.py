@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 SIZES = ("350M", "2B", "6B", "16B")
+EXPORTS_FOLDER = "exports"  # where codegen-export writes by default: exports/codegen-350M-mono
 DATASETS = ("nl", "multi", "mono")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu", "relu")
 # The largest sizes a config may give: far above any CodeGen (16B: 34 layers, 6144 wide, 24576 inner, 2048
@@ -42,7 +43,9 @@ def check_threads(threads: int | None) -> int | None:
         return None
     high = max_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= high:
-        raise ConfigError(f"threads must be a whole number from 1 to {high} (the cores this machine has), not {threads!r}")
+        raise ConfigError(
+            f"threads must be a whole number from 1 to {high} (the cores this machine has), not {threads!r}"
+        )
     return int(threads)
 
 

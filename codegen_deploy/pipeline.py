@@ -35,7 +35,7 @@ from .artifacts.manifest import (
     write_manifest,
 )
 from .atomic import check_output, staging_folder
-from .config import ModelConfig
+from .config import EXPORTS_FOLDER, ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ExportError
 from .export.fused import fused_support, shared_data_file, write_fused_graph
@@ -68,7 +68,7 @@ def default_output(
 ) -> Path:
     """exports/codegen-350M-mono-fp16 for a published size; exports/<folder or repo name>[-fp16] otherwise."""
     name = f"codegen-{size}-{data}" if size else Path(str(model).rstrip("/")).name
-    return Path("exports") / f"{name}{SUFFIX[dtype]}"
+    return Path(EXPORTS_FOLDER) / f"{name}{SUFFIX[dtype]}"
 
 
 class _Stages:

@@ -7,10 +7,20 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import max_threads
 from ..errors import CodegenDeployError, InputError
 from ..runtime.speculate import SPECULATE_MODES
-from ..config import max_threads
-from .common import VERIFY_CHOICES, VERIFY_HELP, ArgumentParser, add_device_options, device_options, int_at_least, run, threads_type
+from .common import (
+    VERIFY_CHOICES,
+    VERIFY_HELP,
+    ArgumentParser,
+    add_device_options,
+    check_paths,
+    device_options,
+    int_at_least,
+    run,
+    threads_type,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +83,9 @@ def _lengths(text: str) -> list[int]:
 
 
 def main_body(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Every argument is checked before anything is measured: a mistake is one line at once.
+    check_paths(args)
     from ..runtime.backends import backend_options
     from ..runtime.bench import (
         BenchSpec,
@@ -83,8 +96,8 @@ def main_body(argv: list[str] | None = None) -> int:
         plot_results,
         resolve_backend,
     )
+    from ..runtime.speculate import check_draft, check_draft_tokenizer
 
-    args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in bench_backends()]
     if unknown or not backends:
@@ -93,6 +106,9 @@ def main_body(argv: list[str] | None = None) -> int:
         )
     if args.plot is not None:
         check_plot_path(args.plot)
+    check_draft(args.speculate, args.draft)
+    if args.draft is not None:
+        check_draft_tokenizer(args.draft, args.path)
     results, failed = [], {}  # failed: backend -> why it could not be measured (not tried again)
     # Backends take turns at each prompt length, so a drifting machine affects them alike.
     for prompt_tokens in args.prompt_tokens:

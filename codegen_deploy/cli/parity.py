@@ -17,10 +17,12 @@ from .common import (
     VERIFY_HELP,
     ArgumentParser,
     add_device_options,
+    check_paths,
     float_in,
     int_at_least,
     run,
-    session_options, threads_type,
+    session_options,
+    threads_type,
 )
 
 
@@ -63,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="largest logits' error relative to their spread (0 exact, 1 = logits doubled; default: 0.25 for int8,"
         " 0.6 for int4 weights, unchecked otherwise)",
     )
-    p.add_argument("--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)")
+    p.add_argument(
+        "--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)"
+    )
     p.add_argument("--providers", help="onnxruntime execution providers, e.g. cuda,cpu")
     p.add_argument("--graph", choices=GRAPHS, help="onnxruntime graph (default: auto)")
     add_device_options(p)
@@ -95,6 +99,7 @@ def default_tolerance(session, path: str, tf32: bool = False):
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    check_paths(args)  # before anything is loaded: a mistyped path is one line at once
     from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import BACKENDS, open_session
     from ..verify.parity import compare_sessions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -45,3 +46,40 @@ def test_speculation_refusals_are_one_line(fp32_export, tiny_export, capsys):
     assert "multi-token row steps" in capsys.readouterr().err
     assert generate_cli.main([*plain_graph, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["speculation"] is None
+
+
+def _swap_two_tokens(model: dict) -> None:
+    vocab = model["vocab"]
+    a, b = list(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
+
+def _drop_a_merge(model: dict) -> None:
+    model["merges"] = model["merges"][:-1]
+
+
+@pytest.mark.parametrize("change", [_swap_two_tokens, _drop_a_merge])
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(fp32_export, tmp_path, capsys, change):
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    draft = tmp_path / "draft"
+    shutil.copytree(fp32_export, draft)
+    body = json.loads((draft / "tokenizer.json").read_text())
+    change(body["model"])
+    (draft / "tokenizer.json").write_text(json.dumps(body))
+    assert load_tokenizer(draft).vocab_size == load_tokenizer(fp32_export).vocab_size
+    assert generate_cli.main([str(fp32_export), PROMPT, "--draft", str(draft), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the draft model {draft} has another tokenizer than the model")
+
+
+def test_a_draft_model_is_used_or_refused_never_ignored(fp32_export, tiny_export, capsys):
+    # Sampling cannot speculate: with --draft (and the default auto) that is said before the model loads.
+    sampled = [str(fp32_export), PROMPT, "--temperature", "0.7", "--draft", str(fp32_export)]
+    assert generate_cli.main(sampled) == 2
+    err = capsys.readouterr().err
+    assert "greedy" in err and "opened" not in err
+    # The plain graph has no row slots: auto without --draft decodes plainly, with it it is refused.
+    plain_graph = [str(tiny_export), PROMPT, "--max-new-tokens", "4", "--draft", str(fp32_export)]
+    assert generate_cli.main(plain_graph) == 2
+    assert "multi-token row steps" in capsys.readouterr().err

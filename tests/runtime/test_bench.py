@@ -86,8 +86,8 @@ def test_threads_go_only_to_backends_that_take_them(monkeypatch):
     assert opened[1] == ("onnxruntime", {"graph": "fused", "max_context": 8, "threads": 2})
 
 
-def test_unknown_backend_lists_the_aliases_too(capsys):
-    assert bench_main(["/nonexistent", "--backends", "torch,nope"]) == 2
+def test_unknown_backend_lists_the_aliases_too(capsys, tmp_path):
+    assert bench_main([str(tmp_path), "--backends", "torch,nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown backend nope" in err and "onnxruntime-naive" in err and "tensorrt" in err
     assert "measuring" not in err  # refused before anything ran
