@@ -136,10 +136,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def progress_line(line: str) -> None:
+def progress_line(line: str, stderr: bool = False) -> None:
     """Print a progress line: notes and warnings to stderr (where a user looks for them, and out of any
-    output that is parsed), the rest to stdout."""
-    warning = line.startswith(("note:", "warning:"))
+    output that is parsed), the rest to stdout unless `stderr` (a command whose stdout is its results)."""
+    warning = stderr or line.startswith(("note:", "warning:"))
     print(line, file=sys.stderr if warning else sys.stdout, flush=True)
 
 

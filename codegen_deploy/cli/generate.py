@@ -286,11 +286,7 @@ def command(argv: list[str] | None) -> int:
         file=sys.stderr,
     )
     if stats is not None:
-        print(
-            f"[{session.name}] speculation ({drafter.name}): {stats.accepted} of {stats.drafted} drafted tokens "
-            f"accepted, {stats.tokens_per_run:.2f} tokens per run of the model",
-            file=sys.stderr,
-        )
+        print(f"[{session.name}] speculation ({drafter.name}): {stats.describe()}", file=sys.stderr)
     return 0
 
 

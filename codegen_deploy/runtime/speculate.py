@@ -263,7 +263,8 @@ class Acceptance:
 
 @dataclass
 class SpeculationStats:
-    """Counts over a decode: tokens drafted and accepted, runs of the model, tokens produced."""
+    """Counts over a decode: tokens drafted and accepted, runs of the model (the prompt's included), tokens
+    produced. Plain decoding makes one token per run; each accepted draft adds one to a run."""
 
     drafted: int = 0
     accepted: int = 0
@@ -277,6 +278,19 @@ class SpeculationStats:
     @property
     def tokens_per_run(self) -> float:
         return self.tokens / self.runs if self.runs else 0.0
+
+    def describe(self) -> str:
+        """The counts in words for people: what was drafted and accepted, and tokens per run next to plain
+        decoding's 1.00 (a speedup needs more, and drafts that cost little)."""
+        if not self.drafted:
+            return (
+                "no tokens drafted (the drafter found nothing, or drafting was not expected to pay): every token "
+                "came from a plain step"
+            )
+        return (
+            f"{self.accepted} of {self.drafted} drafted tokens accepted ({self.acceptance:.0%}): "
+            f"{self.tokens_per_run:.2f} tokens per run of the model (plain decoding makes 1.00)"
+        )
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "acceptance": self.acceptance, "tokens_per_run": self.tokens_per_run}
@@ -427,6 +441,7 @@ def speculative_tokens(
         timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
     decode_start = time.perf_counter()
     produced = 1
+    stats.runs += 1  # the prompt's run made the first token
     stats.tokens += 1
     yield token
     while produced < max_new_tokens:

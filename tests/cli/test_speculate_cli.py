@@ -83,3 +83,14 @@ def test_a_draft_model_is_used_or_refused_never_ignored(fp32_export, tiny_export
     plain_graph = [str(tiny_export), PROMPT, "--max-new-tokens", "4", "--draft", str(fp32_export)]
     assert generate_cli.main(plain_graph) == 2
     assert "multi-token row steps" in capsys.readouterr().err
+
+
+def test_the_summary_says_when_nothing_was_drafted(fp32_export, capsys):
+    # Two tokens: the prompt's run makes the first, one plain step the last (no room left for a draft).
+    args = [str(fp32_export), PROMPT, "--max-new-tokens", "2", "--speculate", "lookup", "--threads", "1"]
+    assert generate_cli.main(args) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "speculation (lookup)" in x]
+    assert line.endswith(
+        "speculation (lookup): no tokens drafted (the drafter found nothing, or drafting was not "
+        "expected to pay): every token came from a plain step"
+    )
