@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..artifacts.manifest import METHODS, ROTARY_VARIANTS
@@ -141,10 +140,6 @@ def _require_engine_builder() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while they wait take the cores from each other on a busy machine: the
-    # reference's validation steps ran 10x slower (2 shared cores, 350M). Waiting passively costs an export
-    # little. Only effective before torch is imported, as in the codegen-export command.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return run(command, argv)
 
 
