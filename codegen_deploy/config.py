@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 SIZES = ("350M", "2B", "6B", "16B")
+EXPORTS_FOLDER = "exports"  # where codegen-export writes by default: exports/codegen-350M-mono
 DATASETS = ("nl", "multi", "mono")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu", "relu")
 # The largest sizes a config may give: far above any CodeGen (16B: 34 layers, 6144 wide, 24576 inner, 2048
@@ -133,6 +134,14 @@ class ModelConfig:
                 f"model_type is {model_type!r}, not 'codegen': this toolkit handles CodeGen checkpoints only"
             )
         n_embd, n_head = _whole(hf, "n_embd"), _whole(hf, "n_head")
+        head_dim = _whole(hf, "head_dim", None)
+        if head_dim is not None and n_head > 0 and head_dim * n_head != n_embd:
+            # CodeGen's heads are n_embd / n_head wide; head_dim only tells CodeGen2's 8-shard qkv layout apart
+            # (qkv_shards_of), so a disagreeing one would silently pick a layout for a shape it does not describe.
+            raise ConfigError(
+                f"config.json's head_dim {head_dim} disagrees with n_embd / n_head = {n_embd} / {n_head} = "
+                f"{n_embd / n_head:g}: the config is damaged (fix head_dim or n_head, or use the model's own)"
+            )
         rotary_dim = hf.get("rotary_dim") or (n_embd // n_head if n_head > 0 else 0)  # 0: refused as n_head's
         return cls(
             n_layer=_whole(hf, "n_layer"),

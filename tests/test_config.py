@@ -128,3 +128,19 @@ def test_config_in_the_api_is_checked_too():
 def test_memory_counts_weights_and_rotary_tables():
     config = PUBLISHED_SHAPES["16B"]
     assert config.memory_bytes(2) == config.num_parameters() * 2 + 2048 * 64 * 4
+
+
+def test_a_head_dim_that_disagrees_with_the_shape_is_refused():
+    # A hand-edited CodeGen2 config (head_dim 128) whose n_head no longer gives 128-wide heads: read with CodeGen2's
+    # 8-shard layout it would load scrambled weights without a word.
+    with pytest.raises(ConfigError, match=r"head_dim 128 disagrees with n_embd / n_head = 1024 / 16 = 64"):
+        ModelConfig.from_hf_config({**HF_350M_MONO, "head_dim": 128})
+    with pytest.raises(ConfigError, match="head_dim is 64.5, not a whole number"):
+        ModelConfig.from_hf_config({**HF_350M_MONO, "head_dim": 64.5})
+    codegen2 = ModelConfig.from_hf_config({**HF_350M_MONO, "n_head": 8, "head_dim": 128})
+    assert codegen2.head_dim == 128 and codegen2.qkv_shards == 8
+
+
+def test_a_head_dim_that_agrees_but_is_not_codegen2s_keeps_the_4_shard_layout():
+    config = ModelConfig.from_hf_config({**HF_350M_MONO, "head_dim": 64})
+    assert config.head_dim == 64 and config.qkv_shards == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from codegen_deploy.errors import ValidationError
 from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.model.weights import load_checkpoint
-from codegen_deploy.pipeline import add_fused_graph
+from codegen_deploy.pipeline import add_fused_graph, export_model
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -97,6 +98,19 @@ def test_folder_holds_a_complete_checked_export(fp32_export, export_progress):
     for stage in ("resolve", "load", "build", "fused", "validate", "write"):
         assert stage in stages
     assert manifest["method"] == "built" and manifest["ir_version"] == IR_VERSION
+
+
+def test_the_fused_check_names_its_reference_once(fp32_export, export_progress):
+    titles = [table.splitlines()[0] for table in export_progress if table.startswith("parity:")]
+    assert titles == ["parity: onnxruntime-fused against the reference torch (recorded), 4 new tokens, teacher-forced"]
+
+
+def test_the_library_prints_nothing_and_logs_its_progress(tiny_checkpoint, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="codegen_deploy.pipeline")
+    export_model(tiny_checkpoint, tmp_path / "out", validate=False, fused=False)
+    assert capsys.readouterr().out == ""  # stdout belongs to the program that called export_model
+    stages = {r.getMessage().split()[0] for r in caplog.records if r.name == "codegen_deploy.pipeline"}
+    assert {"resolve", "load", "build", "write"} <= stages
 
 
 @pytest.mark.parametrize(("batch", "seq", "past", "pad"), [(1, 1, 0, 0), (3, 2, 6, 2), (2, 5, 0, 3), (1, 1, 9, 4)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..config import max_threads
@@ -15,8 +16,10 @@ from .common import (
     VERIFY_HELP,
     ArgumentParser,
     add_device_options,
+    check_paths,
     device_options,
     int_at_least,
+    progress_line,
     run,
     threads_type,
 )
@@ -82,6 +85,9 @@ def _lengths(text: str) -> list[int]:
 
 
 def main_body(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Every argument is checked before anything is measured: a mistake is one line at once.
+    check_paths(args)
     from ..runtime.backends import backend_options
     from ..runtime.bench import (
         BenchSpec,
@@ -92,8 +98,8 @@ def main_body(argv: list[str] | None = None) -> int:
         plot_results,
         resolve_backend,
     )
+    from ..runtime.speculate import check_draft, check_draft_tokenizer
 
-    args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in bench_backends()]
     if unknown or not backends:
@@ -102,10 +108,15 @@ def main_body(argv: list[str] | None = None) -> int:
         )
     if args.plot is not None:
         check_plot_path(args.plot)
+    check_draft(args.speculate, args.draft)
+    if args.draft is not None:
+        check_draft_tokenizer(args.draft, args.path)
     results, failed = [], {}  # failed: backend -> why it could not be measured (not tried again)
+    total, done, began = len(args.prompt_tokens) * len(backends), 0, time.perf_counter()
     # Backends take turns at each prompt length, so a drifting machine affects them alike.
     for prompt_tokens in args.prompt_tokens:
         for backend in backends:
+            done += 1
             if backend in failed:
                 continue
             path = args.reference if backend == "torch" and args.reference else args.path
@@ -124,11 +135,23 @@ def main_body(argv: list[str] | None = None) -> int:
                 speculate=args.speculate,
                 draft=args.draft,
             )
-            print(f"measuring {backend} at {prompt_tokens} prompt tokens ...", file=sys.stderr, flush=True)
+            progress_line(f"[{done}/{total}] measuring {backend} at {prompt_tokens} prompt tokens ...", stderr=True)
+            start = time.perf_counter()
             try:
                 results.append(measure_in_subprocess(spec))
             except CodegenDeployError as e:  # one backend missing or broken: the others' results still count
                 failed[backend] = e
+                progress_line(
+                    f"[{done}/{total}] {backend} failed after {time.perf_counter() - start:.1f} s", stderr=True
+                )
+                continue
+            r, now = results[-1], time.perf_counter()
+            progress_line(
+                f"[{done}/{total}] {backend} at {prompt_tokens} prompt tokens: time to first token "
+                f"{r['ttft_s'] * 1e3:.0f} ms, decode {r['decode_tok_s']:.1f} tokens/s ({now - start:.1f} s; "
+                f"{now - began:.0f} s in all)",
+                stderr=True,
+            )
     if results:
         print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.plot is not None and results:

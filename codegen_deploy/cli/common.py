@@ -33,6 +33,16 @@ def add_device_options(p, torch_device: bool = True) -> None:
         p.add_argument("--device", help="torch device for the torch backend, e.g. cuda, cuda:1 (default: cpu)")
 
 
+def check_paths(args) -> None:
+    """Refuse in one line, before anything heavy is imported or loaded, a model path that names nothing: PATH,
+    --model, --reference and --tokenizer (each a local folder or a hub id: hub.is_hub_id's rule), where a
+    command has them. (--draft: runtime.speculate.check_draft.)"""
+    from ..model.hub import check_model_path
+
+    for name in ("path", "model", "reference", "tokenizer"):
+        check_model_path(getattr(args, name, None), None if name == "path" else f"--{name}")
+
+
 def device_options(args) -> dict:
     """The backend_options() keywords of add_device_options' arguments (unset ones as None)."""
     return {
@@ -126,10 +136,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def progress_line(line: str) -> None:
+def progress_line(line: str, stderr: bool = False) -> None:
     """Print a progress line: notes and warnings to stderr (where a user looks for them, and out of any
-    output that is parsed), the rest to stdout."""
-    warning = line.startswith(("note:", "warning:"))
+    output that is parsed), the rest to stdout unless `stderr` (a command whose stdout is its results)."""
+    warning = stderr or line.startswith(("note:", "warning:"))
     print(line, file=sys.stderr if warning else sys.stdout, flush=True)
 
 

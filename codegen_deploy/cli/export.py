@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..artifacts.manifest import METHODS, ROTARY_VARIANTS
@@ -11,7 +10,7 @@ from ..config import DATASETS, SIZES
 from ..dtypes import DTYPES
 from ..errors import ConfigError, MissingDependencyError
 from ..export.quantize import QUANTIZED_WEIGHTS
-from .common import ArgumentParser, int_at_least, progress_line, run
+from .common import ArgumentParser, check_paths, int_at_least, progress_line, run
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> bool:
@@ -88,14 +87,21 @@ def resolve_dtype(args: argparse.Namespace) -> str:
 
 def command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from ..atomic import check_output
     from ..config import hub_id
-    from ..pipeline import export_model
+    from ..model.hub import local_sources
 
+    # Every argument is checked before the pipeline (torch, onnx) is imported: a mistake is one line at once.
     dtype = resolve_dtype(args)
     if args.size is not None:
-        hub_id(args.size, args.data)  # one clear line for an unknown size or data, before anything heavy
+        hub_id(args.size, args.data)
+    check_paths(args)
+    if args.output is not None:  # an existing output without --force (export_model checks the default one)
+        check_output(args.output, args.force, protect=local_sources(args.model))
     if args.engine:
         _require_engine_builder()
+    from ..pipeline import export_model
+
     out = export_model(
         args.model,
         args.output,
@@ -134,10 +140,6 @@ def _require_engine_builder() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while they wait take the cores from each other on a busy machine: the
-    # reference's validation steps ran 10x slower (2 shared cores, 350M). Waiting passively costs an export
-    # little. Only effective before torch is imported, as in the codegen-export command.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return run(command, argv)
 
 

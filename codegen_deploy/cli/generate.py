@@ -20,6 +20,7 @@ from .common import (
     VERIFY_HELP,
     ArgumentParser,
     add_device_options,
+    check_paths,
     int_at_least,
     run,
     session_options,
@@ -189,12 +190,22 @@ def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    # Every argument is checked before a model is loaded or torch imported (these imports are light): a mistake
+    # is one line at once.
     from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import context_of, default_backend, open_session
     from ..runtime.generate import GenerationConfig, Timings, check_prompt_fits, generate, stream
     from ..runtime.sampling import SamplingConfig
-    from ..runtime.speculate import SpeculationStats, check_speculation, make_drafter
+    from ..runtime.speculate import (
+        SpeculationStats,
+        check_draft,
+        check_draft_tokenizer,
+        check_speculation,
+        make_drafter,
+    )
 
+    check_paths(args)
+    check_draft(args.speculate, args.draft)  # unused or missing
     context = context_of(args.path)
     prompt, suffix = read_prompt(args, context), read_suffix(args, context)
     config = GenerationConfig(
@@ -211,13 +222,15 @@ def command(argv: list[str] | None) -> int:
         ),
         stop=tuple(args.stop),
     )
-    if args.speculate in ("lookup", "draft"):
+    if args.speculate in ("lookup", "draft") or args.draft is not None:
         check_speculation(None, config.sampling)  # before the model is loaded
+    tokenizer = load_tokenizer(args.tokenizer or args.path)
+    if args.draft is not None:
+        check_draft_tokenizer(args.draft, tokenizer)
     backend = args.backend or default_backend(args.path)
     target = args.reference if backend == "torch" and args.reference else args.path
     options = session_options(args, backend, dtype=torch_dtype(args.dtype) if args.dtype else None)
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer or args.path)
     ids = tokenizer.encode(prompt) if suffix is None else tokenizer.infill(prompt, suffix)  # refused on CodeGen1
     check_prompt_fits(ids, config.max_new_tokens, context if target == args.path else context_of(target))
     session = open_session(backend, target, **options)
@@ -273,11 +286,7 @@ def command(argv: list[str] | None) -> int:
         file=sys.stderr,
     )
     if stats is not None:
-        print(
-            f"[{session.name}] speculation ({drafter.name}): {stats.accepted} of {stats.drafted} drafted tokens "
-            f"accepted, {stats.tokens_per_run:.2f} tokens per run of the model",
-            file=sys.stderr,
-        )
+        print(f"[{session.name}] speculation ({drafter.name}): {stats.describe()}", file=sys.stderr)
     return 0
 
 

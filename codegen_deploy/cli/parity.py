@@ -17,6 +17,7 @@ from .common import (
     VERIFY_HELP,
     ArgumentParser,
     add_device_options,
+    check_paths,
     float_in,
     int_at_least,
     run,
@@ -98,6 +99,7 @@ def default_tolerance(session, path: str, tf32: bool = False):
 
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    check_paths(args)  # before anything is loaded: a mistyped path is one line at once
     from ..model.tokenizer import load_tokenizer
     from ..runtime.backends import BACKENDS, open_session
     from ..verify.parity import compare_sessions

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import hub_id
+from ..config import EXPORTS_FOLDER, hub_id
 from ..errors import CheckpointError
 
 TOKENIZER_FILES = (
@@ -19,7 +19,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer_config.json",
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: one slash, starts with a letter or digit
 
 # Weight layouts in order of preference, each (single file, shard index, shard suffix): safetensors first
 # (no pickle, read one tensor at a time), then PyTorch's .bin.
@@ -60,11 +60,44 @@ def resolve_model(
     if local.is_dir():
         return local
     text = str(model)
-    if local.exists() or not _HUB_ID.match(text):
+    if local.exists():
         raise CheckpointError(
             f"{text} is neither a checkpoint folder nor a hub id like Salesforce/codegen-350M-mono: check the path"
         )
+    check_model_path(text)
     return _download(text, revision)
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether a model argument that is no local file or folder names a hub model rather than a local path.
+
+    The rule: a hub id is owner/name, one slash between two names of letters, digits, '_', '.' and '-' (the
+    owner starting with a letter or digit), whose owner is neither a local file or folder nor EXPORTS_FOLDER
+    (where codegen-export writes). Anything else is a local path: more than one slash, a leading ./ ../ / or
+    ~, a trailing slash, a single name ("codegen-350M"), or a first component that exists here
+    ("exports/codegen-350M-mono" once anything was exported, "models/x" next to a models folder).
+    """
+    if not _HUB_ID.match(text):
+        return False
+    owner, name = text.split("/")
+    return name not in (".", "..") and owner != EXPORTS_FOLDER and not os.path.lexists(owner)
+
+
+def no_such_folder(path: str | Path, option: str | None = None) -> CheckpointError:
+    """The one error for a local path that does not exist, in the same words for every command and option."""
+    given = f" (given to {option})" if option else ""
+    return CheckpointError(
+        f"no such folder: {path}{given}: check the path (codegen-export makes export folders; a hub id is "
+        "owner/name, e.g. Salesforce/codegen-350M-mono)"
+    )
+
+
+def check_model_path(model: str | Path | None, option: str | None = None) -> None:
+    """Refuse, without touching the network or loading anything, a model argument that names a local path
+    (is_hub_id's rule) that does not exist; an existing path, a hub id and None pass."""
+    if model is None or os.path.exists(model) or is_hub_id(str(model)):
+        return
+    raise no_such_folder(model, option)
 
 
 def local_sources(model: str | Path | None) -> list[Path]:

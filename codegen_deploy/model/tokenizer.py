@@ -3,6 +3,8 @@ and CodeGen2's fill-in-the-middle tokens where the tokenizer has them."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,17 @@ class Tokenizer:
     def end_ids(self) -> tuple[int, ...]:
         """The ids that end a row: <|endoftext|>, and <eom> (the end of a filled-in middle) where there is one."""
         return (self.eos_token_id,) if self.fim is None else (self.eos_token_id, self.fim.eom)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of what maps text to ids: the vocabulary with its added tokens and the BPE merges. Two
+        tokenizers with equal fingerprints give a text the same ids, whichever files they were read from
+        (tokenizer.json, or vocab.json + merges.txt); one of the same size with other entries does not."""
+        model = json.loads(self._tok.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]  # both JSON forms
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: (item[1], item[0]))
+        body = json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False)
+        return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,27 +100,40 @@ def summarize(runs: list[dict], batch: int) -> dict:
     }
 
 
-def measure_session(session: Session, spec: BenchSpec) -> dict:
-    """Run the workload `repeats` times on an open session; return the summary (no RSS: see measure())."""
-    prompt = random_prompt(session.config.vocab_size, spec.batch, spec.prompt_tokens, spec.seed)
-    if spec.speculate == "off":
-        runs = [time_generation(session, prompt, spec.new_tokens) for _ in range(spec.repeats)]
-        return summarize(runs, spec.batch)
-    return measure_speculative(session, spec, prompt)
-
-
-def measure_speculative(session: Session, spec: BenchSpec, prompt: np.ndarray) -> dict:
-    """The workload decoded greedily and speculatively (batch 1): the same summary, and the drafts' counts."""
+def measure_session(session: Session, spec: BenchSpec, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the workload `repeats` times on an open session; return the summary (no RSS: see measure()), with
+    the drafts' counts when decoded speculatively (batch 1). progress: called with a line after each run (a
+    long sweep is never silent)."""
     from .sampling import SamplingConfig
     from .speculate import SpeculationStats, make_drafter
 
-    drafter = make_drafter(spec.speculate, session, SamplingConfig(), spec.draft, threads=spec.threads)
-    if drafter is None:
-        raise InputError(f"the {session.name} session cannot decode speculatively: use --speculate off")
-    stats = SpeculationStats()
-    runs = [time_generation(session, prompt[:1], spec.new_tokens, drafter, stats) for _ in range(spec.repeats)]
-    drafter.close()
-    return {**summarize(runs, 1), "speculation": stats.to_dict()}
+    prompt = random_prompt(session.config.vocab_size, spec.batch, spec.prompt_tokens, spec.seed)
+    drafter = stats = None
+    if spec.speculate != "off":
+        drafter = make_drafter(spec.speculate, session, SamplingConfig(), spec.draft, threads=spec.threads)
+        if drafter is None:
+            raise InputError(f"the {session.name} session cannot decode speculatively: use --speculate off")
+        prompt, stats = prompt[:1], SpeculationStats()
+    runs = []
+    try:
+        for i in range(spec.repeats):
+            runs.append(time_generation(session, prompt, spec.new_tokens, drafter, stats))
+            _report_run(progress, spec, i, runs[-1])
+    finally:
+        if drafter is not None:
+            drafter.close()
+    summary = summarize(runs, len(prompt))
+    return summary if stats is None else {**summary, "speculation": stats.to_dict()}
+
+
+def _report_run(progress: Callable[[str], None] | None, spec: BenchSpec, i: int, run: dict) -> None:
+    """A line for run i of spec's repeats: its time to first token and decode speed."""
+    if progress is not None:
+        decode = spec.batch * (len(run["step_s"]) - 1) / sum(run["step_s"][1:])
+        progress(
+            f"  {spec.backend}: run {i + 1} of {spec.repeats}: time to first token {run['ttft_s'] * 1e3:.0f} ms, "
+            f"decode {decode:.1f} tokens/s"
+        )
 
 
 def open_bench_session(spec: BenchSpec) -> Session:
@@ -147,13 +161,18 @@ def resolve_backend(name: str) -> tuple[str, dict]:
     return backend, dict(options)
 
 
-def measure(spec: BenchSpec) -> dict:
-    """Open the session, measure, close; in this process (RSS is this process's peak)."""
+def measure(spec: BenchSpec, progress: Callable[[str], None] | None = None) -> dict:
+    """Open the session, measure, close; in this process (RSS is this process's peak). progress: called with
+    a line when the session is open and after each run."""
     start = time.perf_counter()
     session = open_bench_session(spec)
     load_s = time.perf_counter() - start
+    if progress is not None:
+        progress(
+            f"  {spec.backend}: opened {spec.path} in {load_s:.1f} s; {spec.repeats} runs of {spec.new_tokens} tokens"
+        )
     with session:
-        result = measure_session(session, spec)
+        result = measure_session(session, spec, progress)
     return {**asdict(spec), "load_s": load_s, **result, "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -210,7 +229,17 @@ def format_table(results: list[dict], weight_bytes: int | None = None) -> str:
     for row in rows:
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells))
+    lines += [_speculation_line(r) for r in results if r.get("speculation")]
     return "\n".join(lines)
+
+
+def _speculation_line(result: dict) -> str:
+    """What speculative decoding did in a result, in words (SpeculationStats.describe)."""
+    from .speculate import SpeculationStats
+
+    counts = {k: result["speculation"][k] for k in ("drafted", "accepted", "runs", "tokens")}
+    where = f"{result.get('label', result['backend'])} at {result['prompt_tokens']} prompt tokens"
+    return f"speculation ({result.get('speculate')}), {where}: {SpeculationStats(**counts).describe()}"
 
 
 def check_plot_path(path: Path) -> None:
@@ -279,7 +308,7 @@ def _child_main(spec_json: str) -> None:
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # keep the backends' progress lines out of the JSON channel
     try:
-        result = measure(spec)
+        result = measure(spec, progress=lambda line: print(line, file=sys.stderr, flush=True))  # live, not piped
     except CodegenDeployError as e:
         result = {"error": str(e)}
     sys.stdout = real_stdout

@@ -243,7 +243,7 @@ def drive(engine: Engine, rows: list[Row], timings: Timings | None = None, stats
             for p in progress:
                 stats.drafted += p.drafted
                 stats.accepted += p.accepted
-                stats.runs += p.decoded
+                stats.runs += p.chosen > 0  # a run that made tokens: the prompt's last piece, a step, a check
                 stats.tokens += p.chosen
         yield from progress
 

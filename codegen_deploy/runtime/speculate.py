@@ -23,10 +23,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CodegenDeployError, InputError
 from .costs import APPEND_TOKEN_COST, CostModel
 from .session import Session, common_prefix
 
@@ -264,7 +265,8 @@ class Acceptance:
 
 @dataclass
 class SpeculationStats:
-    """Counts over a decode: tokens drafted and accepted, runs of the model, tokens produced."""
+    """Counts over a decode: tokens drafted and accepted, runs of the model (the prompt's included), tokens
+    produced. Plain decoding makes one token per run; each accepted draft adds one to a run."""
 
     drafted: int = 0
     accepted: int = 0
@@ -278,6 +280,19 @@ class SpeculationStats:
     @property
     def tokens_per_run(self) -> float:
         return self.tokens / self.runs if self.runs else 0.0
+
+    def describe(self) -> str:
+        """The counts in words for people: what was drafted and accepted, and tokens per run next to plain
+        decoding's 1.00 (a speedup needs more, and drafts that cost little)."""
+        if not self.drafted:
+            return (
+                "no tokens drafted (the drafter found nothing, or drafting was not expected to pay): every token "
+                "came from a plain step"
+            )
+        return (
+            f"{self.accepted} of {self.drafted} drafted tokens accepted ({self.acceptance:.0%}): "
+            f"{self.tokens_per_run:.2f} tokens per run of the model (plain decoding makes 1.00)"
+        )
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "acceptance": self.acceptance, "tokens_per_run": self.tokens_per_run}
@@ -299,15 +314,22 @@ def runs_several_tokens(session: Session) -> bool:
     return session.supports_slots and session.multi_token_steps
 
 
-def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, **options):
+def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, tokenizer=None, **options):
     """The drafter a command asks for: "off" (None), "lookup", "draft" (a DraftModel over the export `draft`,
-    opened with onnxruntime `options`), or "auto": the draft model when one is given, else prompt lookup,
-    wherever speculation is exact (greedy, a session with multi-token steps), else None. The engine it drafts
-    for opens its row slots (Drafter.open)."""
+    opened with onnxruntime `options`), or "auto": the draft model when one is given (refused where it cannot
+    run, never ignored), else prompt lookup wherever speculation is exact (greedy, a session with multi-token
+    steps), else None. The engine it drafts for opens its row slots (Drafter.open). tokenizer: the model's (a
+    Tokenizer or a folder), which the draft model's must equal (check_draft_tokenizer); None compares the
+    vocabulary sizes only."""
     from .backends import open_session
 
     if mode not in SPECULATE_MODES:
         raise InputError(f"unknown speculation {mode!r}: choose one of {', '.join(SPECULATE_MODES)}")
+    check_draft(mode, draft)
+    if draft is not None and tokenizer is not None:
+        check_draft_tokenizer(draft, tokenizer)
+    if mode == "auto" and draft is not None:
+        mode = "draft"
     if mode == "off" or (mode == "auto" and not (exact_greedy(sampling) and runs_several_tokens(session))):
         return None
     check_speculation(session, sampling)
@@ -327,6 +349,40 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
         )
     ratio = draft_session.config.num_parameters() / session.config.num_parameters()
     return DraftModel(draft_session, relative_cost=ratio)
+
+
+def check_draft(mode: str, draft: str | Path | None) -> None:
+    """Refuse in one line, before anything is loaded, a draft model (`draft`, an export folder) that would go
+    unused (speculation `mode` off or lookup) or does not exist."""
+    if draft is None:
+        return
+    if mode in ("off", "lookup"):
+        raise InputError(
+            f"--draft is used by --speculate draft or auto, not {mode}: drop --draft, or use --speculate draft"
+        )
+    if not Path(draft).exists():
+        from ..model.hub import no_such_folder
+
+        raise no_such_folder(draft, "--draft")
+
+
+def check_draft_tokenizer(draft: str | Path, tokenizer) -> None:
+    """Refuse in one line a draft model whose tokenizer is not the model's `tokenizer` (a Tokenizer, or a folder
+    or hub id holding one): a tokenizer with other entries gives the same text other ids, even at the same
+    vocabulary size, so its drafts would never be accepted."""
+    from ..model.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
+    try:
+        theirs = load_tokenizer(draft)
+    except CodegenDeployError as e:
+        raise InputError(f"the draft model's tokenizer cannot be compared with the model's: {e}") from e
+    if theirs.fingerprint != ours.fingerprint:
+        raise InputError(
+            f"the draft model {draft} has another tokenizer than the model (its vocabulary or merges differ, "
+            f"{theirs.vocab_size} and {ours.vocab_size} tokens): a draft model must share the tokenizer (e.g. "
+            "codegen-350M-mono drafting for codegen-2B-mono)"
+        )
 
 
 def check_speculation(session: Session | None, sampling) -> None:

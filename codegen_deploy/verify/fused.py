@@ -47,7 +47,7 @@ def record_reference(reference, weights: str = "float") -> list[list]:
 class RecordedSession(Session):
     """Replays recorded reference logits, so parity can compare them with a live session."""
 
-    name = "reference (recorded)"
+    name = "torch (recorded)"  # record_reference's TorchSession, replayed
 
     def __init__(self, config: ModelConfig, recorded: list[list]):
         super().__init__(config)

@@ -88,7 +88,7 @@ def compare_sessions(
         tolerance=tolerance,
         rows=rows,
         kind="prompt",
-        title=f"parity: {name_a} (reference) vs {name_b}, {new_tokens} new tokens, teacher-forced",
+        title=f"parity: {name_b} against the reference {name_a}, {new_tokens} new tokens, teacher-forced",
         info={"backend_a": name_a, "backend_b": name_b, "new_tokens": new_tokens},
         notes=notes,
         advice="check the export (dtype, opset) or loosen --atol/--rtol if the difference is expected",

@@ -196,6 +196,11 @@ class Report:
                 f"logits' error relative to their spread: {self.spread_error:.3g} (bound "
                 f"{self.tolerance.max_spread_error:g}; 0 = exact, 1 = logits doubled or flat)"
             )
+            lines.append(
+                "lossy weights are judged by that error alone: top-1 and greedy agreement are informational "
+                "(rounding flips near-tied tokens, and a greedy run differs from its first flipped token on, so "
+                "greedy 0/N can pass)"
+            )
         lines += self.notes
         lines.append(
             f"tolerance: {self.tolerance.describe()}; max rel = max|a-b| / max|a| (a: {self.reference})"

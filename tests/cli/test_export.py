@@ -31,7 +31,7 @@ def test_unknown_data(capsys, tmp_path):
 
 def test_missing_model_folder(capsys, tmp_path):
     line = one_error_line(capsys, ["--model", str(tmp_path / "no-such-folder"), "--output", str(tmp_path / "o")])
-    assert "neither a checkpoint folder nor a hub id" in line
+    assert line.startswith(f"error: no such folder: {tmp_path / 'no-such-folder'} (given to --model): check the path")
 
 
 def test_size_and_model_together(capsys, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -25,8 +26,8 @@ def test_speculation_gives_the_tokens_of_plain_decoding(fp32_export, capsys, mod
     got = _json([*base, "--speculate", mode, *extra], capsys)
     assert got["ids"] == plain["ids"] and got["text"] == plain["text"]
     spec = got["speculation"]
-    # The first token comes from the prompt; each decode run adds its accepted drafts and the model's own token.
-    assert spec["tokens"] == len(got["ids"]) == 1 + spec["runs"] + spec["accepted"]
+    # Each run of the model (the prompt's first) makes the model's own token and the drafts it accepted.
+    assert spec["tokens"] == len(got["ids"]) == spec["runs"] + spec["accepted"]
     if mode == "draft":
         # The model drafting for itself: every draft agrees, but a draft costs a whole step, so it drafts only
         # when it probes (whether it drafts at all is the runtime tests' matter).
@@ -46,3 +47,51 @@ def test_speculation_refusals_are_one_line(fp32_export, tiny_export, capsys):
     assert "multi-token row steps" in capsys.readouterr().err
     assert generate_cli.main([*plain_graph, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["speculation"] is None
+
+
+def _swap_two_tokens(model: dict) -> None:
+    vocab = model["vocab"]
+    a, b = list(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
+
+def _drop_a_merge(model: dict) -> None:
+    model["merges"] = model["merges"][:-1]
+
+
+@pytest.mark.parametrize("change", [_swap_two_tokens, _drop_a_merge])
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(fp32_export, tmp_path, capsys, change):
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    draft = tmp_path / "draft"
+    shutil.copytree(fp32_export, draft)
+    body = json.loads((draft / "tokenizer.json").read_text())
+    change(body["model"])
+    (draft / "tokenizer.json").write_text(json.dumps(body))
+    assert load_tokenizer(draft).vocab_size == load_tokenizer(fp32_export).vocab_size
+    assert generate_cli.main([str(fp32_export), PROMPT, "--draft", str(draft), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the draft model {draft} has another tokenizer than the model")
+
+
+def test_a_draft_model_is_used_or_refused_never_ignored(fp32_export, tiny_export, capsys):
+    # Sampling cannot speculate: with --draft (and the default auto) that is said before the model loads.
+    sampled = [str(fp32_export), PROMPT, "--temperature", "0.7", "--draft", str(fp32_export)]
+    assert generate_cli.main(sampled) == 2
+    err = capsys.readouterr().err
+    assert "greedy" in err and "opened" not in err
+    # The plain graph has no row slots: auto without --draft decodes plainly, with it it is refused.
+    plain_graph = [str(tiny_export), PROMPT, "--max-new-tokens", "4", "--draft", str(fp32_export)]
+    assert generate_cli.main(plain_graph) == 2
+    assert "multi-token row steps" in capsys.readouterr().err
+
+
+def test_the_summary_says_when_nothing_was_drafted(fp32_export, capsys):
+    # Two tokens: the prompt's run makes the first, one plain step the last (no room left for a draft).
+    args = [str(fp32_export), PROMPT, "--max-new-tokens", "2", "--speculate", "lookup", "--threads", "1"]
+    assert generate_cli.main(args) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "speculation (lookup)" in x]
+    assert line.endswith(
+        "speculation (lookup): no tokens drafted (the drafter found nothing, or drafting was not "
+        "expected to pay): every token came from a plain step"
+    )

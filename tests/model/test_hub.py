@@ -10,7 +10,14 @@ import huggingface_hub
 import pytest
 
 from codegen_deploy.errors import CheckpointError
-from codegen_deploy.model.hub import cached_snapshot, choose_weight_files, resolve_model, source_id
+from codegen_deploy.model.hub import (
+    cached_snapshot,
+    check_model_path,
+    choose_weight_files,
+    is_hub_id,
+    resolve_model,
+    source_id,
+)
 
 SALESFORCE_FILES = [
     ".gitattributes",
@@ -113,8 +120,51 @@ def test_bad_arguments(tmp_path):
         resolve_model(tmp_path, size="350M")
     with pytest.raises(CheckpointError, match="no model given: pass --model"):
         resolve_model()
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
+    with pytest.raises(CheckpointError, match="^no such folder: ./missing/folder/here: check the path"):
         resolve_model("./missing/folder/here")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
+        resolve_model(tmp_path / "weights.bin")  # a file, not a folder
+
+
+@pytest.mark.parametrize(
+    ("text", "hub"),
+    [
+        ("Salesforce/codegen-350M-mono", True),
+        ("someone/my_model.v2", True),
+        ("exports/codegen-350M-mono", False),  # codegen-export's default output folder
+        ("models/codegen-350M-mono", False),  # its first component exists here (made below)
+        ("./codegen-350M-mono", False),
+        ("../codegen-350M-mono", False),
+        ("/abs/codegen-350M-mono", False),
+        ("~/codegen-350M-mono", False),
+        ("a/b/c", False),
+        ("Salesforce/codegen-350M-mono/", False),
+        ("Salesforce/..", False),
+        ("codegen-350M-mono", False),
+    ],
+)
+def test_which_names_are_hub_ids(text, hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert is_hub_id(text) is hub
+
+
+def test_a_missing_path_is_no_such_folder_without_the_network(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("a local path must not be looked up on the hub")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for text in ("exports/codegen-350M-mono", "./x", "x/y/z", "codegen-350M-mono"):
+        with pytest.raises(CheckpointError, match=f"^no such folder: {text}: check the path"):
+            resolve_model(text)
+        with pytest.raises(CheckpointError, match=f"^no such folder: {text} \\(given to --draft\\): check"):
+            check_model_path(text, "--draft")
+    check_model_path("Salesforce/codegen-350M-mono")  # a hub id: the download decides
+    check_model_path(tmp_path)
 
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -27,6 +27,18 @@ def vocab_merges_dir(real_tokenizer_dir, tmp_path_factory):
     return folder
 
 
+def test_the_fingerprint_is_the_mapping_not_the_files(real_tokenizer_dir, vocab_merges_dir, tmp_path):
+    """tokenizer.json and vocab.json + merges.txt of one tokenizer: one fingerprint; one merge fewer (the same
+    size): another."""
+    ours = load_tokenizer(real_tokenizer_dir)
+    assert load_tokenizer(vocab_merges_dir).fingerprint == ours.fingerprint
+    body = json.loads((real_tokenizer_dir / "tokenizer.json").read_text())
+    body["model"]["merges"] = body["model"]["merges"][:-1]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(body))
+    other = load_tokenizer(tmp_path)
+    assert other.vocab_size == ours.vocab_size and other.fingerprint != ours.fingerprint
+
+
 @pytest.mark.parametrize("source", ["tokenizer.json", "vocab+merges"])
 def test_ids_equal_transformers_on_humaneval(real_tokenizer_dir, vocab_merges_dir, humaneval_prompts, source):
     transformers = pytest.importorskip("transformers", reason="transformers is the tokenizer oracle")

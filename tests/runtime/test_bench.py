@@ -86,8 +86,8 @@ def test_threads_go_only_to_backends_that_take_them(monkeypatch):
     assert opened[1] == ("onnxruntime", {"graph": "fused", "max_context": 8, "threads": 2})
 
 
-def test_unknown_backend_lists_the_aliases_too(capsys):
-    assert bench_main(["/nonexistent", "--backends", "torch,nope"]) == 2
+def test_unknown_backend_lists_the_aliases_too(capsys, tmp_path):
+    assert bench_main([str(tmp_path), "--backends", "torch,nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown backend nope" in err and "onnxruntime-naive" in err and "tensorrt" in err
     assert "measuring" not in err  # refused before anything ran
@@ -174,3 +174,30 @@ def test_a_speculative_measurement_reports_its_drafts(fused_export, capsys):
     assert spec["tokens"] == 12 and spec["runs"] <= 12 and result["decode_tok_s"] > 0
     with pytest.raises(InputError, match="batch 1"):
         BenchSpec(backend="onnxruntime-fused", path="x", batch=2, speculate="lookup")
+
+
+def test_a_sweep_says_what_it_measures_as_it_goes(fused_export, capfd):
+    argv = [str(fused_export), "--backends", "onnxruntime-fused,onnxruntime-naive", "--prompt-tokens", "3,4"]
+    assert bench_main([*argv, "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert len(json.loads(out)) == 4  # stdout holds the results only; progress goes to stderr
+    order = [(b, n) for n in (3, 4) for b in ("onnxruntime-fused", "onnxruntime-naive")]
+    for i, (backend, prompt) in enumerate(order, 1):
+        assert f"[{i}/4] measuring {backend} at {prompt} prompt tokens ..." in err
+        assert f"[{i}/4] {backend} at {prompt} prompt tokens: time to first token" in err
+    for backend in ("onnxruntime-fused", "onnxruntime-naive"):  # from each measuring child, as it runs
+        assert err.count(f"  {backend}: opened {fused_export} in ") == 2
+        assert err.count(f"  {backend}: run 2 of 2: time to first token") == 2
+
+
+def test_the_table_says_what_speculation_did():
+    base = {"backend": "onnxruntime-fused", "new_tokens": 12, "batch": 1, "load_s": 0.1, "prefill_s": 0.01}
+    base |= {"ttft_s": 0.01, "decode_tok_s": 50.0, "peak_rss_bytes": 1e8, "speculate": "lookup"}
+    none = {**base, "prompt_tokens": 6, "speculation": {"drafted": 0, "accepted": 0, "runs": 12, "tokens": 12}}
+    some = {**base, "prompt_tokens": 7, "speculation": {"drafted": 8, "accepted": 6, "runs": 6, "tokens": 12}}
+    lines = format_table([none, some]).splitlines()
+    assert lines[-2].startswith("speculation (lookup), onnxruntime-fused at 6 prompt tokens: no tokens drafted")
+    assert lines[-1] == (
+        "speculation (lookup), onnxruntime-fused at 7 prompt tokens: 6 of 8 drafted tokens accepted (75%): 2.00 "
+        "tokens per run of the model (plain decoding makes 1.00)"
+    )

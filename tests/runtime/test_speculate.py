@@ -243,3 +243,27 @@ def test_rows_shorter_than_the_probe_gap_still_probe_on_their_drafters_clock():
                 probes += 1
                 row.update(1, 0)
     assert probes >= 2 and (costs.run(2) + 0.3 + 1.0 - 1.0) * probes / rounds <= PROBE_SHARE
+
+
+class Silent(Drafter):
+    """A drafter that never finds anything to propose."""
+
+    name = "silent"
+
+    def propose(self, ids, k, row=0):
+        return []
+
+
+def test_a_decode_without_drafts_makes_one_token_per_run_and_says_so(session):
+    result = generate(session, TOKENIZER, [[1, 2, 3, 4]], GenerationConfig(max_new_tokens=8), drafter=Silent())
+    stats = result.speculation
+    assert (stats.drafted, stats.tokens, stats.runs) == (0, 8, 8)  # the prompt's run made the first token
+    assert stats.tokens_per_run == 1.0
+    assert stats.describe().startswith("no tokens drafted")
+
+
+def test_speculation_in_words():
+    stats = SpeculationStats(drafted=8, accepted=6, runs=6, tokens=12)
+    assert stats.describe() == (
+        "6 of 8 drafted tokens accepted (75%): 2.00 tokens per run of the model (plain decoding makes 1.00)"
+    )

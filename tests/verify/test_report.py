@@ -90,3 +90,15 @@ def test_spread_error_is_zero_exact_one_for_doubled_or_flat_logits_and_decides_w
     assert "max_spread_error" not in report(a, TOL).to_dict()["tolerance"]  # float rows keep their three bounds
     assert "logits' error relative to their spread: 1" in doubled.table()
     assert math.isnan(report(np.full_like(a, np.nan)).spread_error) and not report(np.full_like(a, np.nan)).passed
+
+
+def test_a_lossy_check_says_why_greedy_disagreement_passes():
+    int8 = Tolerance(atol=1.0, rtol=0.5, min_top1=0.0, max_spread_error=0.25)
+    row = Row("prompt 0")
+    row.add(np.array([[5.0, 4.9, 0.0]]), np.array([[4.9, 5.0, 0.0]]), int8, top1=True)  # a near-tie flipped
+    row.greedy = (0, 4)
+    lossy = Report("int8", "torch", int8, [row])
+    table = lossy.table()
+    assert lossy.passed and table.endswith("PASSED")
+    assert "0/4" in table and "top-1 and greedy agreement are informational" in table
+    assert "informational" not in Report("fp32", "torch", TOL, [Row("prompt 0")]).table()

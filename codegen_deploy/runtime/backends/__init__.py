@@ -108,11 +108,19 @@ def open_session(backend: str, path, **options) -> Session:
     provider, unless graph="plain". verify: "sha256" (default: every file hashed while the session loads),
     "size" or "none".
     tensorrt: an engine file or a folder holding one (options: max_batch, max_context).
+    A thread count beyond max_threads() and a local path that does not exist are refused before anything loads.
     """
+    from ...model.hub import check_model_path, no_such_folder
+
+    check_threads(options.get("threads"))
     if backend == "torch":
+        if isinstance(path, str | Path):
+            check_model_path(path)  # a hub id passes: the checkpoint loader downloads it
         from .torch import TorchSession
 
         return TorchSession(path, **options)
+    if backend in ("onnxruntime", "tensorrt") and not Path(path).exists():
+        raise no_such_folder(path)
     if backend == "onnxruntime":
         return _open_onnxruntime(Path(path), **options)
     if backend == "tensorrt":
