@@ -13,9 +13,11 @@ from __future__ import annotations
 APPEND_TOKEN_COST = 0.035
 # Weight of the newest measurement in the moving averages the schedulers adapt to (the machine's load drifts).
 NEWEST = 0.2
-# A run of fewer tokens than this teaches nothing about the per-token cost: its time is mostly the step's, and
-# the difference of two noisy times.
-MIN_TOKENS_MEASURED = 8
+# A run of fewer tokens than this teaches nothing about the per-token cost: its time is mostly the step's (the
+# difference of two noisy times), and its few extra tokens cost less than a prompt piece's do at a long context
+# (measured in the editor trace: learnt from a drafting stream's 9-token checks, the first prompt piece next to
+# that stream came out 3x the gap it was sized for). So prompt pieces teach it, speculative checks do not.
+MIN_TOKENS_MEASURED = 16
 
 
 def moving_average(old: float | None, new: float, weight: float = NEWEST) -> float:
@@ -36,19 +38,15 @@ class CostModel:
         self.steps[rows] = moving_average(self.steps.get(rows), seconds)
 
     def record_run(self, tokens: int, seconds: float) -> None:
-        """A run of `tokens` tokens for one row took `seconds`: a step when tokens is 1, else a step plus the
-        extra tokens' cost (learnt once a step's cost is known)."""
+        """A run of `tokens` tokens for one row took `seconds`: a step when tokens is 1; with at least
+        MIN_TOKENS_MEASURED tokens (a prompt piece), a step plus the extra tokens' cost, which it learns once a
+        step's cost is known."""
         if tokens == 1:
             self.record_step(1, seconds)
             return
         step = self.step_seconds(1)
-        if step is not None:
+        if step is not None and tokens >= MIN_TOKENS_MEASURED:
             self.token_s = moving_average(self.token_s, max(seconds - step, 0.0) / (tokens - 1) + 1e-7)
-
-    def record_piece(self, tokens: int, seconds: float) -> None:
-        """A prompt piece of `tokens` tokens took `seconds` (learns the per-token cost from pieces long enough)."""
-        if tokens >= MIN_TOKENS_MEASURED:
-            self.record_run(tokens, seconds)
 
     def step_seconds(self, rows: int) -> float | None:
         """A step over `rows` rows, measured (the nearest measured row count when that one is not yet)."""

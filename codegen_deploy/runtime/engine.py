@@ -508,7 +508,7 @@ class SlotEngine(Engine):
         for row, n in plan.reads:
             start = time.perf_counter()
             logits = self.session.append_slot(row.slot, row.ids[row.computed : row.computed + n])
-            self.costs.record_piece(n, time.perf_counter() - start)
+            self.costs.record_run(n, time.perf_counter() - start)
             if row.computed + n == row.prompt_len:
                 out.read.append((row, logits))
         proposals = [(row, self.drafter.propose(row.ids, k, row.slot)) for row, k in plan.drafts]

@@ -1,0 +1,32 @@
+"""The one cost model: what teaches it, and the costs and piece sizes it gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from codegen_deploy.runtime.costs import APPEND_TOKEN_COST, MIN_TOKENS_MEASURED, CostModel
+
+
+def test_prompt_pieces_teach_the_per_token_cost_and_short_checks_do_not():
+    costs = CostModel()
+    assert costs.run(9) == pytest.approx(1 + 8 * APPEND_TOKEN_COST)  # the prior
+    costs.record_run(MIN_TOKENS_MEASURED, 0.100)  # no step measured yet: nothing to subtract
+    assert costs.token_s is None
+    costs.record_run(1, 0.050)
+    costs.record_run(9, 0.051)  # a speculative check: nearly a step, and not what a prompt piece costs
+    assert costs.token_s is None
+    costs.record_run(65, 0.050 + 64 * 0.003)  # a prompt piece: 3 ms a token beyond the step
+    assert costs.token_s == pytest.approx(0.003, rel=1e-3)
+    assert costs.run(9) == pytest.approx(1 + 8 * 0.003 / 0.050, rel=1e-3)
+
+
+def test_a_rows_share_and_the_piece_that_keeps_a_streams_gap():
+    costs = CostModel()
+    assert costs.share(4) == 0.25  # unmeasured: plain steps taken as cheap as can be
+    assert costs.piece_tokens(1, 3.5) is None
+    costs.record_step(1, 0.050)
+    costs.record_step(4, 0.080)
+    assert costs.share(4) == pytest.approx(0.080 / 4 / 0.050)
+    costs.token_s = 0.002
+    assert costs.piece_tokens(4, 3.5) == int(1.5 * 0.080 / 0.002)  # piece + step over 4 rows = 3.5 steps
+    assert costs.piece_tokens(3, 3.5) == int(1.5 * 0.080 / 0.002)  # the nearest measured row count
