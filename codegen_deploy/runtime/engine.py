@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -413,13 +412,13 @@ class SlotEngine(Engine):
             best = empty[0]  # the lowest: keeps steps small
         else:
             best = min(free, key=lambda i: self.slots[i].used)
+        if self.drafter is not None and row.speculates:  # first: a drafter that fails leaves the engine as it was
+            self.drafter.admit(best, row.ids)
+            row.acceptance = Acceptance(self.max_draft, self.drafter.history)
         slot, keep = self.slots[best], shared[best]
         self.session.truncate_slot(best, keep)
         slot.row, slot.cached, slot.prompt = row, [], len(prompt)
         row.slot, row.computed, row.cached_tokens = best, keep, keep
-        if self.drafter is not None and row.speculates:
-            row.acceptance = Acceptance(self.max_draft, self.drafter.history)
-            self.drafter.admit(best, row.ids)
         self.rows.append(row)
         return True
 
@@ -601,11 +600,3 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.n
         ids[i, t - len(r) :] = r
         mask[i, t - len(r) :] = 1
     return ids, mask
-
-
-def admit(engine: Engine, waiting: deque) -> list[Row]:
-    """Move rows from the front of `waiting` into `engine` while it takes them; return those it took."""
-    taken = []
-    while waiting and engine.add(waiting[0]):
-        taken.append(waiting.popleft())
-    return taken

@@ -132,16 +132,22 @@ class DraftModel(Drafter):
         self.session = session
         self.relative_cost = relative_cost
         self.costs = CostModel()  # the draft model's own runs
+        self.held: list[list[int]] = []  # what each slot holds: the row's ids[start:]
+        self.start: list[int] = []  # where in the row's ids each slot's window begins
+        self.fed: list[tuple[int, int]] = []  # each slot's last proposal: its length before the drafts, drafts fed
         self.open(rows)
 
     def open(self, slots: int) -> None:
-        """Row slots in the draft model's session, as many as the engine it drafts for has (more kept)."""
-        if self.session.slot_count >= slots:
+        """Row slots in the draft model's session, as many as the engine it drafts for has (more kept). Slots
+        the session had before (another drafter's) start empty: what they hold is not known here."""
+        if len(self.held) >= slots:
             return
-        self.session.open_slots(slots)
-        self.held: list[list[int]] = [[] for _ in range(slots)]  # what each slot holds: the row's ids[start:]
-        self.start = [0] * slots  # where in the row's ids the slot's window begins
-        self.fed = [(0, 0)] * slots  # the last proposal: the slot's length before its drafts, drafts fed
+        if self.session.slot_count < slots:
+            self.session.open_slots(slots)
+        for i in range(self.session.slot_count):
+            self.session.truncate_slot(i, 0)
+        count = self.session.slot_count
+        self.held, self.start, self.fed = [[] for _ in range(count)], [0] * count, [(0, 0)] * count
 
     def admit(self, row: int, ids: Sequence[int]) -> None:
         """A new row in slot `row`: keep what the slot's cache shares with its ids (a window that began past

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import CodegenDeployError, InputError
-from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine, admit
+from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine
 from ..runtime.session import Session
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
@@ -186,14 +186,13 @@ class Batcher:
                     self._ended(row, "cancelled")
                 for row in [r for r in self.engine.rows if r.cancelled]:
                     self._leave(row, "cancelled")
-                admitted = admit(self.engine, self._waiting)
+                admitted = self._admit()
             try:
                 self._count_cache(admitted)
                 if self.engine.has_work():
                     self._report(self.engine.step())
             except Exception as e:  # a backend failure fails the rows it touched; the server goes on
-                message = str(e) if isinstance(e, CodegenDeployError) else f"{type(e).__name__}: {e}"
-                self._fail(f"generation failed: {message}")
+                self._fail(f"generation failed: {_describe(e)}")
                 self.engine.reset()
             self._gauges()
         with self._cond:
@@ -201,6 +200,23 @@ class Batcher:
         for row in waiting:
             self._send(row, RowUpdate("", [], error="the server is shutting down"))
         self._fail("the server is shutting down")
+
+    def _admit(self) -> list[Request]:
+        """Move waiting rows into the engine while it takes them (call holding the lock); a row the engine fails
+        to take gets the error and leaves, and the worker goes on with the next."""
+        taken = []
+        while self._waiting:
+            row = self._waiting[0]
+            try:
+                if not self.engine.add(row):
+                    break
+            except Exception as e:
+                self._waiting.popleft()
+                self._send(row, RowUpdate("", [], error=f"generation failed: {_describe(e)}"))
+                self._ended(row, "error")
+                continue
+            taken.append(self._waiting.popleft())
+        return taken
 
     def _report(self, progress: list[Progress]) -> None:
         """Send each row's update; count its tokens, its drafts (a check is a decode run of its own) and the
@@ -259,3 +275,8 @@ class Batcher:
                 cached_slots=slots,
                 cached_tokens=tokens,
             )
+
+
+def _describe(error: Exception) -> str:
+    """An error as the rows it failed are told it: our own errors' one line, else the exception's type too."""
+    return str(error) if isinstance(error, CodegenDeployError) else f"{type(error).__name__}: {error}"

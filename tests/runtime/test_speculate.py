@@ -177,6 +177,20 @@ def test_a_draft_model_reads_at_most_a_window_of_the_context(session):
     drafter.close()
 
 
+def test_a_draft_model_over_a_session_with_slots_already_starts_empty(session):
+    """A draft session that another drafter used holds caches this one knows nothing of: they are dropped."""
+    twin = session.twin()
+    twin.open_slots(3)
+    twin.append_slot(1, [5, 6, 7])
+    drafter = FreeDraft(twin, rows=2)
+    assert [twin.slot_length(i) for i in range(3)] == [0, 0, 0]
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=(-1,))
+    prompt = _prompts(session.config.vocab_size)[1]
+    result = generate(session, TOKENIZER, [prompt], config, drafter=drafter)
+    assert result.ids == generate(session, TOKENIZER, [prompt], config).ids and result.speculation.accepted > 0
+    drafter.close()
+
+
 def test_a_draft_model_counts_what_it_must_read_before_drafting(session):
     """Catching up on a window of the context is priced before a round drafts; once the draft model follows
     the row, only the tokens it has not seen are."""

@@ -20,7 +20,6 @@ from codegen_deploy.runtime.engine import (
     Row,
     RowSpec,
     SlotEngine,
-    admit,
     take_turns,
 )
 from codegen_deploy.runtime.generate import GenerationConfig
@@ -81,6 +80,14 @@ def tokenizer(tiny_checkpoint):
 
 def _row(ids, max_tokens=4) -> Row:
     return Row(RowSpec(tuple(ids), max_tokens), NoText(), {0})
+
+
+def admit(engine, waiting: deque) -> list:
+    """Move rows from the front of `waiting` into `engine` while it takes them (as the Batcher does)."""
+    taken = []
+    while waiting and engine.add(waiting[0]):
+        taken.append(waiting.popleft())
+    return taken
 
 
 def test_common_prefix_and_turns():
@@ -200,7 +207,10 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
     batcher = Batcher(session, tokenizer, max_batch=3, max_queue=4, prefill_chunk=chunk)
     short = tuple(range(1, 4))
     long_a, long_b = tuple(range(10, 50)), tuple(range(60, 96))
-    specs = [RowSpec(short, 30), RowSpec(long_a, 4), RowSpec(long_b, 4)]
+    # The short row generates (eos out of reach) until well after both long prompts are read, however late the
+    # test sees its first token.
+    endless = SamplingConfig(logit_bias=((tokenizer.eos_token_id, -100.0),))
+    specs = [RowSpec(short, 100, endless), RowSpec(long_a, 4), RowSpec(long_b, 4)]
     sinks = [Collector() for _ in range(3)]
     batcher.submit(specs[:1], sinks[:1])
     batcher.start()
@@ -229,8 +239,8 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
     assert slots == [1, 2, 1, 2, 1, 2]  # turns
     assert batcher.engine.budget(generating=1) == chunk
     for spec, sink in zip(specs, sinks, strict=True):
-        alone = generate(session, tokenizer, list(spec.prompt_ids), max_new_tokens=spec.max_tokens)
-        assert sink.tokens == alone.ids
+        config = GenerationConfig(max_new_tokens=spec.max_tokens, sampling=spec.sampling)
+        assert sink.tokens == generate(session, tokenizer, list(spec.prompt_ids), config).ids
 
 
 def test_auto_chunks_follow_the_measured_costs(session, tokenizer):

@@ -97,3 +97,25 @@ def test_an_old_fused_graph_is_refused_for_speculation(session, tokenizer):
     session.multi_token_steps = False
     with pytest.raises(Exception, match="multi-token"):
         Batcher(session, tokenizer, drafter=PromptLookup())
+
+
+class Failing(PromptLookup):
+    """Prompt lookup whose admission of the first row fails (a draft model's session failing, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def admit(self, row, ids):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("draft session lost")
+
+
+def test_a_row_the_engine_fails_to_take_gets_the_error_and_the_next_is_served(session, tokenizer):
+    ids = [tuple(tokenizer.encode(p)) for p in PROMPTS[:2]]
+    batcher = Batcher(session, tokenizer, max_batch=1, metrics=Metrics(), drafter=Failing())
+    first, second = _run(batcher, [RowSpec(ids[0], 8), RowSpec(ids[1], 8)])
+    assert first.finish == "generation failed: RuntimeError: draft session lost" and first.tokens == []
+    assert second.tokens == generate(session, tokenizer, list(ids[1]), GenerationConfig(max_new_tokens=8)).ids
+    assert batcher.active_rows == 0
