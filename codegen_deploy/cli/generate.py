@@ -202,6 +202,7 @@ def command(argv: list[str] | None) -> int:
         check_draft_tokenizer,
         check_speculation,
         make_drafter,
+        speculation_note,
     )
 
     check_paths(args)
@@ -243,6 +244,8 @@ def command(argv: list[str] | None) -> int:
         )
     draft_options = {"threads": args.threads, "verify": args.verify}
     drafter = make_drafter(args.speculate, session, config.sampling, args.draft, **draft_options)
+    if drafter is not None and speculation_note(session) is not None:
+        print(speculation_note(session), file=sys.stderr)
     stats = SpeculationStats() if drafter is not None else None
     # The prompt goes in as `ids`, tokenized once above (with a suffix: the fill-in-the-middle layout).
     with session, contextlib.closing(drafter) if drafter is not None else contextlib.nullcontext():

@@ -13,6 +13,11 @@ prompt reads the next piece), prefix reuse (a row starts with `computed` = what 
 its prompt) and speculation (the row's last token and its drafts go into the cache in one run; the commit cuts
 what the model did not agree with).
 
+Chunks and reuse change no result by construction: every position of a prompt is computed in a run of at least
+Session.min_piece tokens (take_turns: no shorter piece, nor a shorter one left), and a row reuses only what a
+slot's cache computed that way (reusable: the last row's prompt, not its generated tokens). Speculation cannot
+be made exact so: a check's run rounds otherwise than the one-token steps it stands for (speculate.py).
+
 Each length has one owner; the others are derived from it or reconciled with it in one place:
 
 | length                                  | owner                   | reconciled                                |
@@ -41,7 +46,7 @@ import numpy as np
 from ..errors import InputError
 from .costs import CostModel
 from .sampling import SamplingConfig, adjust_logits, make_generators, sample, token_logprobs
-from .session import Session, common_prefix
+from .session import Session, common_prefix, piece_size
 from .speculate import MAX_DRAFT, Acceptance, Drafter, exact_greedy, runs_several_tokens
 from .text import RowText
 
@@ -189,16 +194,26 @@ class Row:
         return update
 
 
-def take_turns(needs: list[int], budget: int) -> list[int]:
+def take_turns(needs: list[int], budget: int, least: int = 2) -> list[int]:
     """Split `budget` prompt tokens between rows needing `needs` tokens, listed in turn order (the row served
     least recently first): the first row takes what it needs up to the budget, what it leaves goes to the
     next. Each append runs the weights once, so one row per step keeps a step's cost to its budget; rows
-    take turns across steps, so each waiting prompt advances in turn."""
+    take turns across steps, so each waiting prompt advances in turn. Pieces have at least `least` tokens
+    (Session.min_piece; session.piece_size), which may take up to `least` tokens over the budget."""
     shares, left = [], budget
     for need in needs:
-        shares.append(min(need, left))
-        left -= shares[-1]
+        shares.append(piece_size(need, left, least))
+        left = max(0, left - shares[-1])
     return shares
+
+
+def reusable(cached: list[int], computed_as_prompt: int, prompt: tuple[int, ...], least: int) -> int:
+    """Tokens of `prompt` that a free slot's cache (`cached`, whose first `computed_as_prompt` tokens were read
+    as a prompt) can keep: what they share, only as far as it was read as a prompt in pieces of at least `least`
+    tokens (Session.min_piece; generated tokens were computed in one-token steps, which round otherwise), and
+    leaving a last piece of at least `least` tokens (it gives the first new token's logits)."""
+    prompt_part = computed_as_prompt if computed_as_prompt >= least else 0  # a shorter prompt was one short run
+    return max(0, min(common_prefix(cached, prompt), prompt_part, len(prompt) - least))
 
 
 @dataclass(frozen=True)
@@ -395,15 +410,16 @@ class SlotEngine(Engine):
     def add(self, row: Row) -> bool:
         """Start `row` in the free slot whose cache shares the longest prefix with its prompt (at least half of
         the prompt that cache was made for, so that a few common tokens never cost another user's file), else
-        an empty one, else the least recently used (cut back to what it shares)."""
+        an empty one, else the least recently used (cut back to what it shares). What it shares is what the
+        cache may give it (reusable)."""
         if self.capacity() <= 0:
             return False
         prompt = row.spec.prompt_ids
         free = [i for i, slot in enumerate(self.slots) if slot.row is None]
         for i in free:
             del self.slots[i].cached[self.session.slot_length(i) :]
-        # At least the prompt's last token is computed: its logits give the first new token.
-        shared = {i: min(common_prefix(self.slots[i].cached, prompt), len(prompt) - 1) for i in free}
+        least = self.session.min_piece
+        shared = {i: reusable(self.slots[i].cached, self.slots[i].prompt, prompt, least) for i in free}
         hits = [i for i in free if shared[i] > 0 and 2 * shared[i] >= self.slots[i].prompt]
         empty = [i for i in free if not self.slots[i].cached]
         if hits:
@@ -475,7 +491,7 @@ class SlotEngine(Engine):
         budget = self.budget(len(generating)) if reading else None
         ordered = sorted(reading, key=lambda r: r.last_read)  # least recently served first (stable: arrival)
         needs = [r.prompt_len - r.computed for r in ordered]
-        shares = needs if budget is None else take_turns(needs, budget)
+        shares = needs if budget is None else take_turns(needs, budget, self.session.min_piece)
         reads = tuple((r, n) for r, n in zip(ordered, shares, strict=True) if n)
         drafts = tuple(self._draft_sizes(generating))
         drafting = {id(r) for r, _ in drafts}

@@ -16,6 +16,16 @@ from ..dtypes import numpy_dtype
 from ..errors import InputError
 
 
+def piece_size(need: int, offer: int, least: int) -> int:
+    """Tokens to read now of a prompt that needs `need` more, offered `offer` (a budget; 0: none): the offer,
+    but never a piece of fewer than `least` tokens (Session.min_piece), nor fewer than `least` left for a later
+    piece (a prompt shorter than that is read whole), so up to `least` more than the offer."""
+    if offer <= 0 or need <= 0:
+        return 0
+    n = max(min(need, offer), min(least, need))
+    return need if need - n < least else n
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """The number of leading ids `a` and `b` share: how much of a slot's cache another sequence can keep."""
     n = min(len(a), len(b))
@@ -43,6 +53,13 @@ class Session(ABC):
         self._slot_lengths: np.ndarray | None = None  # [slots] int64 tokens in each slot's cache (0 = free)
 
     cache_dtype = None  # the KV cache's numpy dtype (or name), where the backend knows it
+    export_kind: str | None = None  # what the weights compute in: "float32", "float16", "int8", "int4"... if known
+    # The fewest tokens per row in a run whose numbers do not depend on how many tokens the run has: ONNX
+    # Runtime's CPU kernels compute a run of one token per row with other code than a run of two or more (the
+    # attention's one-row GEMM, MatMulNBits' one-row kernel) and the two round differently; runs of two or more
+    # compute each position alike however a prompt is split. A prompt read in pieces of at least this many
+    # tokens gets the same logits, keys and values whole, in chunks or after a reused prefix read that way.
+    min_piece = 2
     prompt_chunk: int | None = None  # the piece size in which this backend reads a long prompt fastest (None: whole)
 
     @property

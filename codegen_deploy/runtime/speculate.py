@@ -2,10 +2,17 @@
 the longest prefix the model agrees with and the model's own next token.
 
 Decoding one token at a time reads every weight once per token; a run over k + 1 new tokens reads them once
-for all of them (Session.extend_slots), so a draft the model agrees with is nearly free. Exact for greedy
-decoding: a drafted token is kept only where it is the model's own argmax after everything before it, so
-the output is token for token the output of plain decoding. Sampled rows, and rows whose sampling depends
-on the tokens generated so far (repetition, presence and frequency penalties), are decoded plainly.
+for all of them (Session.extend_slots), so a draft the model agrees with is nearly free. For greedy decoding
+a drafted token is kept only where it is the model's own argmax after everything before it. Sampled rows, and
+rows whose sampling depends on the tokens generated so far (repetition, presence and frequency penalties), are
+decoded plainly.
+
+Exact in its choices, not in its numbers: a check runs several tokens per row, which the kernels round otherwise
+than the one-token steps it stands for (Session.min_piece), so where a step's two best logits are closer than
+that rounding the check may choose the other. In float32 that is about 1e-6 of a logit; float16 rounds ~100x
+coarser, and in int8 and int4 exports a rounding can move an activation to another quantization step, which
+parts a greedy answer from plain decoding within a few dozen tokens (benchmarks/exactness.py). So
+`--speculate auto` drafts on SPECULATE_BY_DEFAULT exports only; elsewhere it is asked for by name.
 
 Drafters: PromptLookup (the continuation of the row's latest n-gram where it occurred before: code repeats
 identifiers, signatures and lines) and DraftModel (a smaller model with the same tokenizer, greedy).
@@ -305,6 +312,21 @@ class SpeculationStats:
 
 
 SPECULATE_MODES = ("auto", "lookup", "draft", "off")
+# The export kinds (Session.export_kind) on which --speculate auto drafts: those whose checks changed no greedy
+# answer in benchmarks/exactness.py.
+SPECULATE_BY_DEFAULT = ("float32",)
+
+
+def speculation_note(session: Session) -> str | None:
+    """A note for a user who asks for speculative decoding on an export whose checks may change a greedy answer
+    (not SPECULATE_BY_DEFAULT), else None."""
+    if session.export_kind in SPECULATE_BY_DEFAULT:
+        return None
+    kind = session.export_kind or "this"
+    return (
+        f"note: on a {kind} export a speculative check rounds otherwise than plain steps, so a greedy answer may "
+        "part from plain decoding's where two tokens are nearly tied: --speculate off gives plain decoding's"
+    )
 
 
 def exact_greedy(sampling, logprobs: int | None = None) -> bool:
@@ -323,10 +345,10 @@ def runs_several_tokens(session: Session) -> bool:
 def make_drafter(mode: str, session: Session, sampling, draft: str | None = None, tokenizer=None, **options):
     """The drafter a command asks for: "off" (None), "lookup", "draft" (a DraftModel over the export `draft`,
     opened with onnxruntime `options`), or "auto": the draft model when one is given (refused where it cannot
-    run, never ignored), else prompt lookup wherever speculation is exact (greedy, a session with multi-token
-    steps), else None. The engine it drafts for opens its row slots (Drafter.open). tokenizer: the model's (a
-    Tokenizer or a folder), which the draft model's must equal (check_draft_tokenizer); None compares the
-    vocabulary sizes only."""
+    run, never ignored), else prompt lookup where speculation is exact enough (greedy, a session with
+    multi-token steps, a SPECULATE_BY_DEFAULT export), else None. The engine it drafts for opens its row
+    slots (Drafter.open). tokenizer: the model's (a Tokenizer or a folder), which the draft model's must equal
+    (check_draft_tokenizer); None compares the vocabulary sizes only."""
     from .backends import open_session
 
     if mode not in SPECULATE_MODES:
@@ -336,7 +358,10 @@ def make_drafter(mode: str, session: Session, sampling, draft: str | None = None
         check_draft_tokenizer(draft, tokenizer)
     if mode == "auto" and draft is not None:
         mode = "draft"
-    if mode == "off" or (mode == "auto" and not (exact_greedy(sampling) and runs_several_tokens(session))):
+    by_default = session.export_kind in SPECULATE_BY_DEFAULT
+    if mode == "off" or (
+        mode == "auto" and not (exact_greedy(sampling) and runs_several_tokens(session) and by_default)
+    ):
         return None
     check_speculation(session, sampling)
     if mode == "lookup" or (mode == "auto" and draft is None):

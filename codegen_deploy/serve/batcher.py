@@ -29,6 +29,7 @@ from collections.abc import Callable
 from ..errors import CodegenDeployError, InputError
 from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine
 from ..runtime.session import Session
+from ..runtime.speculate import SPECULATE_BY_DEFAULT, speculation_note
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
 
@@ -130,12 +131,18 @@ class Batcher:
 
     def describe_speculation(self) -> str:
         """One line for the server's start-up: whether greedy rows draft tokens, and how."""
+        kind = self.session.export_kind
         if self.drafter is None:
-            return "speculative decoding: off"
-        return (
-            f"speculative decoding: {self.drafter.name}, for greedy rows (the same tokens as without; a row drafts "
-            "only while its measured acceptance and the costs say it pays at the current load)"
-        )
+            if kind in SPECULATE_BY_DEFAULT:
+                return "speculative decoding: off"
+            return (
+                f"speculative decoding: off (auto drafts on {', '.join(SPECULATE_BY_DEFAULT)} exports only: on a "
+                f"{kind or 'this'} export a check rounds otherwise than plain steps; --speculate lookup drafts anyway)"
+            )
+        line = f"speculative decoding: {self.drafter.name}, for greedy rows (a row drafts only while its measured "
+        line += "acceptance and the costs say it pays at the current load)"
+        note = speculation_note(self.session)
+        return line if note is None else f"{line}; {note}"
 
     # -- the event loop's side -----------------------------------------------------------------------------
 

@@ -100,7 +100,9 @@ def test_prompts_are_read_in_turns_within_the_budget_next_to_the_generating_rows
     assert a.ids[-1] == 20 and b.ids[-1] == 36 and not a.reading and not b.reading  # the model counted on
 
 
-def test_a_row_reads_only_what_a_free_slot_does_not_already_hold():
+def test_a_row_reads_only_what_a_free_slot_does_not_already_hold_as_a_prompt():
+    """A slot's generated tokens were computed in one-token steps, which round otherwise than a prompt's
+    pieces: a prompt that goes on with them reuses the last prompt and reads them again."""
     session = CountingSlots()
     engine = SlotEngine(session, rows=1, cache_slots=2)
     first = _row(range(1, 11), max_tokens=3)
@@ -110,8 +112,13 @@ def test_a_row_reads_only_what_a_free_slot_does_not_already_hold():
     assert engine.cached() == (1, 12)  # its prompt and the two tokens it fed back
     typed = _row([*range(1, 11), 11, 12, 40])
     engine.add(typed)
-    assert typed.cached_tokens == typed.computed == 12
-    assert engine.plan() == Plan(reads=((typed, 1),))  # whole prompts (prefill_chunk 0)
+    assert typed.cached_tokens == typed.computed == 10
+    assert engine.plan() == Plan(reads=((typed, 3),))  # whole prompts (prefill_chunk 0)
+    engine.step()
+    engine.remove(typed)
+    again = _row([*range(1, 11), 11, 12, 40])  # the same prompt: all but its last piece
+    engine.add(again)
+    assert again.cached_tokens == 13 - session.min_piece and engine.plan() == Plan(reads=((again, session.min_piece),))
 
 
 def test_a_row_drafts_when_it_beats_its_share_of_a_plain_step():

@@ -113,14 +113,19 @@ def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(sess
     engine.remove(a)
     engine.remove(b)
     assert engine.cached() == (2, 70)
-    # The same file with a few more tokens typed goes to slot 0 and computes only the new tokens.
-    typed = _row([*file, 7, 8, 9])
+    # The same file with a few more tokens typed goes to slot 0 and computes only the new tokens (at least a
+    # whole piece: Session.min_piece).
+    typed = _row([*file, *range(7, 7 + session.min_piece)])
     admit(engine, deque([typed]))
     assert typed.slot == 0 and typed.cached_tokens == 40 and session.slot_length(0) == 40
-    # The identical prompt reuses all but its last token (whose logits give the first new token).
+    # The identical prompt reuses all but its last piece (whose last logits give the first new token).
     again = _row(other)
     admit(engine, deque([again]))
-    assert again.slot == 1 and again.cached_tokens == 29 and session.slot_length(1) == 29
+    assert (
+        again.slot == 1
+        and again.cached_tokens == 30 - session.min_piece
+        and session.slot_length(1) == 30 - session.min_piece
+    )
 
 
 def test_a_few_shared_tokens_never_cost_another_prompts_cache(session):
@@ -146,7 +151,7 @@ def test_a_long_completion_does_not_hide_its_prompt(session):
     for _ in range(61):  # the prompt, then a 60-token completion that stays in the slot's cache
         engine.step()
     assert not engine.has_work() and engine.cached() == (1, 80)
-    again = _row([*prompt, 7, 7])
+    again = _row([*prompt, *[7] * session.min_piece])
     admit(engine, deque([again]))
     assert again.slot == 0 and again.cached_tokens == 20
 
@@ -171,16 +176,17 @@ def test_least_recently_used_caches_are_dropped_beyond_cache_slots(session):
 def test_more_cache_slots_than_rows_keep_more_prompts(session):
     engine = SlotEngine(session, rows=1, cache_slots=3)
     assert session.slot_count == 3
+    n = 8 + session.min_piece
     for i in range(3):
-        r = _row([i + 1] * 8)
+        r = _row([i + 1] * n)
         admit(engine, deque([r]))
         assert engine.capacity() == 0  # one row at a time
         engine.step()
         engine.remove(r)
-    assert engine.cached() == (3, 24)
-    back = _row([1] * 8 + [5])
+    assert engine.cached() == (3, 3 * n)
+    back = _row([1] * n + [5] * session.min_piece)
     admit(engine, deque([back]))
-    assert back.cached_tokens == 8
+    assert back.cached_tokens == n
 
 
 def test_a_prompt_cut_off_mid_way_leaves_what_it_computed(session):
@@ -202,11 +208,11 @@ def test_a_prompt_cut_off_mid_way_leaves_what_it_computed(session):
 
 
 def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session, tokenizer):
-    chunk = 4
+    chunk = max(4, session.min_piece)
     recording = Recording(session)
     batcher = Batcher(session, tokenizer, max_batch=3, max_queue=4, prefill_chunk=chunk)
     short = tuple(range(1, 4))
-    long_a, long_b = tuple(range(10, 50)), tuple(range(60, 96))
+    long_a, long_b = tuple(range(10, 10 + 10 * chunk)), tuple(range(200, 200 + 9 * chunk))
     # The short row generates (eos out of reach) until well after both long prompts are read, however late the
     # test sees its first token.
     endless = SamplingConfig(logit_bias=((tokenizer.eos_token_id, -100.0),))
@@ -222,8 +228,8 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
             assert s.done.wait(60)
     finally:
         batcher.stop()
-    # While the short row generated, each round computed at most `chunk` prompt tokens, then stepped; the
-    # two long prompts took turns.
+    # While the short row generated, each round computed at most `chunk` prompt tokens (a few more where
+    # fewer than a piece would be left: Session.min_piece), then stepped; the two long prompts took turns.
     calls = recording.calls[recording.calls.index(("step", (0,))) :]
     rounds, current = [], []
     for c in calls:
@@ -234,7 +240,7 @@ def test_chunked_prompts_interleave_with_the_running_rows_and_take_turns(session
             current = []
     reading = [r for r in rounds if r]
     assert sum(n for r in reading for _, n in r) == len(long_a) + len(long_b)
-    assert all(sum(n for _, n in r) <= chunk for r in reading)
+    assert all(sum(n for _, n in r) <= chunk + session.min_piece - 1 for r in reading)
     slots = [r[0][0] for r in reading[:6]]
     assert slots == [1, 2, 1, 2, 1, 2]  # turns
     assert batcher.engine.budget(generating=1) == chunk
@@ -301,8 +307,9 @@ def test_reuse_and_chunks_never_change_a_result(session, tokenizer):
     finally:
         batcher.stop()
     assert min(cached[0]) == 0  # the first rows found nothing (the third, waiting for a slot, may reuse)
-    assert max(cached[1]) >= len(tokenizer.encode(base)) - 1  # the typed continuation reused the file
-    assert max(cached[2]) >= len(tokenizer.encode(base)) - 1
+    for typed in (1, 2):  # the typed continuations reused the file (up to their last piece)
+        reuse = min(len(tokenizer.encode(base)) - 1, len(tokenizer.encode(prompts[typed])) - session.min_piece)
+        assert max(cached[typed]) >= reuse > 0
     hit = metrics.prompt_cache_tokens.labels(result="hit")._value.get()
     miss = metrics.prompt_cache_tokens.labels(result="miss")._value.get()
     total = sum(len(tokenizer.encode(p)) for p in prompts) * 3

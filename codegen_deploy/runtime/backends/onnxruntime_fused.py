@@ -37,7 +37,7 @@ from ...errors import ArtifactError, InputError
 from ...memory import lazy_zeros
 from ..ort import create_session, import_onnxruntime
 from ..ort import session_options as _session_options
-from ..session import Session
+from ..session import Session, piece_size
 from .onnxruntime import choose_providers, device_of
 
 
@@ -169,6 +169,8 @@ class FusedOrtSession(Session):
         if cache_type not in cache_dtypes:
             raise ArtifactError(f"{graph} has a {cache_type} cache: the fused session runs float32 and float16 graphs")
         self.cache_dtype = cache_dtypes[cache_type]
+        weights = meta.get(io_spec.FUSED_WEIGHTS_KEY, "float")
+        self.export_kind = weights if weights != "float" else np.dtype(self.cache_dtype).name
         if self.providers[0] == "CUDAExecutionProvider":
             reason = cuda_unsupported_reason(np.dtype(self.cache_dtype).name, self.rotary)
             if reason:
@@ -362,14 +364,16 @@ class FusedOrtSession(Session):
         self._lengths = lengths.astype(np.int64)
         # One row (no padding) is read in pieces on the CPU provider, each after the cache of the ones before.
         size = self.prompt_chunk if b == 1 and self.prompt_chunk and self.device == "cpu" else t
-        for start in range(0, t, size):
-            end = min(start + size, t)
+        start = 0
+        while start < t:
+            end = start + piece_size(t - start, size, self.min_piece)
             self._seqlens[:] = np.minimum(lengths, end) - 1  # the tokens in the cache after this piece, minus one
             self._total[...] = end
             piece = self._ort.OrtValue.ortvalue_from_numpy(
                 np.ascontiguousarray(ids[:, start:end]), self.device, self.device_id
             )
             logits = self._run(piece, self._prefill_options)
+            start = end
         return logits
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
