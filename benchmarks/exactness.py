@@ -7,9 +7,13 @@ server), and by an engine with the path on:
 - reuse: the server's engine (4 rows, 4 cache slots, chunks sized from the costs) after a primer request that
   leaves a cache: the prompt cut at 2/3 of its characters, the same prompt (a re-send), a longer prompt that
   starts with it (text deleted), or a primer cancelled half-way through its prompt.
-- chunks: the prompt read in pieces of --chunk tokens next to another row that generates.
-- speculation: greedy requests with prompt lookup, trusted from the start so that it drafts whenever it finds
-  a match (speculation is for greedy rows only; the default policy drafts less often, where it pays).
+- chunks: the prompt read in pieces of --chunk tokens next to another row that generates, which is cancelled
+  when the prompt is read (so that the request then steps alone, as it did alone).
+- batching: the whole prompt, then each step next to another generating row.
+- speculation (auto): greedy requests with what --speculate auto gives on this export (prompt lookup where
+  speculation is on by default, drafting where its measured acceptance says it pays; nothing where it is off).
+- speculation (always): greedy requests with prompt lookup trusted from the start, so that it drafts whenever
+  it finds a match: how often a check's rounding parts an answer from plain decoding.
 
 A request "differs" when its tokens differ from the fresh engine's; "logprobs differ" counts requests whose
 reported log-probabilities (the model's raw logits) are not bitwise equal, which finds every rounding
@@ -30,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 KINDS = {"fp32": {}, "fp16": {"dtype": "float16"}, "int8": {"fused_weights": "int8"}, "int4": {"fused_weights": "int4"}}
-PATHS = ("reuse", "chunks", "speculation")
+PATHS = ("reuse", "chunks", "batching", "speculation (auto)", "speculation (always)")
 PRIMERS = ("cut", "re-send", "longer", "cancelled")
 
 
@@ -93,12 +97,16 @@ class Requests:
 
         row = Row(spec, self.tokenizer, self.eos)
         assert engine.add(row)
-        logprobs = []
+        return self.run_on(engine, row, until)
+
+    def run_on(self, engine, row, until=None):
+        """Step `engine` until `row` ends (or until(row)); the tokens and logprobs it got meanwhile, and the row."""
+        start, logprobs = len(row.ids), []
         while row in engine.rows and not (until and until(row)):
             for p in engine.step():
                 if p.row is row and p.update is not None and p.update.logprobs:
                     logprobs += p.update.logprobs
-        return row.ids[row.prompt_len :], logprobs, row
+        return row.ids[max(start, row.prompt_len) :], logprobs, row
 
     def alone(self, spec):
         from codegen_deploy.runtime.engine import SlotEngine
@@ -124,28 +132,53 @@ class Requests:
             engine.prefill_chunk = None
         return self.run(engine, spec)[:2]
 
-    def chunks(self, text: str, i: int):
-        from codegen_deploy.runtime.engine import Row, RowSpec, SlotEngine
+    def generating(self, engine):
+        """Another row in `engine`, generating (its end token out of reach) once its prompt is read."""
+        from codegen_deploy.runtime.engine import Row, RowSpec
+        from codegen_deploy.runtime.sampling import SamplingConfig
 
-        engine = SlotEngine(self.session, rows=2, prefill_chunk=self.chunk)
-        other = Row(RowSpec(tuple(self.tokenizer.encode("import os\n")), 10_000), self.tokenizer, set())
+        endless = SamplingConfig(logit_bias=tuple((t, -100.0) for t in self.eos))
+        other = Row(RowSpec(tuple(self.tokenizer.encode("import os\n")), 10_000, endless), self.tokenizer, set())
         engine.add(other)
         while other.reading:
             engine.step()
+        return other
+
+    def chunks(self, text: str, i: int):
+        from codegen_deploy.runtime.engine import SlotEngine
+
+        engine = SlotEngine(self.session, rows=2, prefill_chunk=self.chunk)
+        other = self.generating(engine)
+        tokens, logprobs, row = self.run(engine, self.spec(text, i), until=lambda r: not r.reading)
+        engine.remove(other)
+        rest = self.run_on(engine, row)
+        return tokens + rest[0], logprobs + rest[1]
+
+    def batching(self, text: str, i: int):
+        from codegen_deploy.runtime.engine import SlotEngine
+
+        engine = SlotEngine(self.session, rows=2)
+        other = self.generating(engine)
         result = self.run(engine, self.spec(text, i))[:2]
         engine.remove(other)
         return result
 
-    def speculation(self, text: str, i: int):
+    def speculation(self, text: str, always: bool):
         from codegen_deploy.runtime.engine import SlotEngine
         from codegen_deploy.runtime.sampling import SamplingConfig
         from codegen_deploy.runtime.speculate import Acceptance, make_drafter
 
-        drafter = make_drafter("lookup", self.session, SamplingConfig())
-        for _ in range(20):  # a history of accepted drafts: rows draft from their first round
-            Acceptance(history=drafter.history).update(4, 4)
+        drafter = make_drafter("lookup" if always else "auto", self.session, SamplingConfig())
+        if drafter is not None and always:
+            for _ in range(20):  # a history of accepted drafts: rows draft from their first round
+                Acceptance(history=drafter.history).update(4, 4)
         engine = SlotEngine(self.session, rows=1, drafter=drafter)
         return self.run(engine, self.spec(text, 0, logprobs=False))[:2]
+
+    def answer(self, path: str, text: str, i: int):
+        if path.startswith("speculation"):
+            return self.speculation(text, always="always" in path)
+        return getattr(self, path)(text, i)
 
 
 def measure(args) -> list[dict]:
@@ -164,9 +197,9 @@ def measure(args) -> list[dict]:
             for path in PATHS:
                 differ = logprobs_differ = 0
                 for i, text in enumerate(texts):
-                    greedy_only = path == "speculation"
+                    greedy_only = path.startswith("speculation")
                     expected = requests.alone(requests.spec(text, 0 if greedy_only else i, logprobs=not greedy_only))
-                    got = getattr(requests, path)(text, i)
+                    got = requests.answer(path, text, i)
                     differ += got[0] != expected[0]
                     logprobs_differ += got[1] != expected[1]
                     print(f"{kind} {path} {i + 1}/{len(texts)}: {differ} differ", file=sys.stderr, flush=True)
@@ -176,7 +209,7 @@ def measure(args) -> list[dict]:
                         "path": path,
                         "requests": len(texts),
                         "differ": differ,
-                        "logprobs differ": logprobs_differ if path != "speculation" else "",
+                        "logprobs differ": "" if path.startswith("speculation") else logprobs_differ,
                     }
                 )
     return rows

@@ -322,10 +322,10 @@ def speculation_note(session: Session) -> str | None:
     (not SPECULATE_BY_DEFAULT), else None."""
     if session.export_kind in SPECULATE_BY_DEFAULT:
         return None
-    kind = session.export_kind or "this"
+    kind = f"this {session.export_kind} export" if session.export_kind else "this export"
     return (
-        f"note: on a {kind} export a speculative check rounds otherwise than plain steps, so a greedy answer may "
-        "part from plain decoding's where two tokens are nearly tied: --speculate off gives plain decoding's"
+        f"note: on {kind} a speculative check rounds otherwise than plain steps, so a greedy answer may part "
+        "from plain decoding's where two tokens are nearly tied: --speculate off gives plain decoding's"
     )
 
 

@@ -135,9 +135,10 @@ class Batcher:
         if self.drafter is None:
             if kind in SPECULATE_BY_DEFAULT:
                 return "speculative decoding: off"
+            this = f"this {kind} export" if kind else "this export"
             return (
-                f"speculative decoding: off (auto drafts on {', '.join(SPECULATE_BY_DEFAULT)} exports only: on a "
-                f"{kind or 'this'} export a check rounds otherwise than plain steps; --speculate lookup drafts anyway)"
+                f"speculative decoding: off (auto drafts on {', '.join(SPECULATE_BY_DEFAULT)} exports only: on "
+                f"{this} a check rounds otherwise than plain steps; --speculate lookup drafts anyway)"
             )
         line = f"speculative decoding: {self.drafter.name}, for greedy rows (a row drafts only while its measured "
         line += "acceptance and the costs say it pays at the current load)"

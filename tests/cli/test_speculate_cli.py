@@ -49,6 +49,25 @@ def test_speculation_refusals_are_one_line(fp32_export, tiny_export, capsys):
     assert json.loads(capsys.readouterr().out)["speculation"] is None
 
 
+@pytest.fixture(scope="module")
+def int8_export(tiny_checkpoint, tmp_path_factory):
+    from codegen_deploy.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-int8"
+    return export_model(tiny_checkpoint, out, validate=False, fused_weights="int8", progress=lambda line: None)
+
+
+def test_auto_decodes_an_int8_export_plainly_and_lookup_says_what_it_may_change(int8_export, capsys):
+    """A check rounds otherwise than plain steps, which parts quantized answers: auto does not draft there, and
+    asking for it by name prints a note."""
+    base = [str(int8_export), PROMPT, "--max-new-tokens", "8", "--threads", "1", "--json"]
+    assert _json(base, capsys)["speculation"] is None
+    assert generate_cli.main([*base, "--speculate", "lookup"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["speculation"] is not None
+    assert "note: on this int8 export a speculative check rounds otherwise" in err and "--speculate off" in err
+
+
 def _swap_two_tokens(model: dict) -> None:
     vocab = model["vocab"]
     a, b = list(vocab)[-2:]
