@@ -194,7 +194,7 @@ class Row:
         return update
 
 
-def take_turns(needs: list[int], budget: int, least: int = 2) -> list[int]:
+def take_turns(needs: list[int], budget: int, least: int = Session.min_piece) -> list[int]:
     """Split `budget` prompt tokens between rows needing `needs` tokens, listed in turn order (the row served
     least recently first): the first row takes what it needs up to the budget, what it leaves goes to the
     next. Each append runs the weights once, so one row per step keeps a step's cost to its budget; rows

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from ..errors import CodegenDeployError, InputError
 from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine
 from ..runtime.session import Session
-from ..runtime.speculate import SPECULATE_BY_DEFAULT, speculation_note
+from ..runtime.speculate import SPECULATE_BY_DEFAULT, runs_several_tokens, speculation_note
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
 
@@ -133,7 +133,7 @@ class Batcher:
         """One line for the server's start-up: whether greedy rows draft tokens, and how."""
         kind = self.session.export_kind
         if self.drafter is None:
-            if kind in SPECULATE_BY_DEFAULT:
+            if kind in SPECULATE_BY_DEFAULT or not runs_several_tokens(self.session):
                 return "speculative decoding: off"
             this = f"this {kind} export" if kind else "this export"
             return (

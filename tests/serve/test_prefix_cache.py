@@ -20,6 +20,7 @@ from codegen_deploy.runtime.engine import (
     Row,
     RowSpec,
     SlotEngine,
+    reusable,
     take_turns,
 )
 from codegen_deploy.runtime.generate import GenerationConfig
@@ -99,6 +100,21 @@ def test_common_prefix_and_turns():
     assert take_turns([3, 100, 100], 10) == [3, 7, 0]  # what the first leaves goes to the next
     assert take_turns([3, 4], 100) == [3, 4]  # never more than a row needs
     assert take_turns([5], 0) == [0]
+    # Never a piece of one token, nor one token left for later (a one-token run rounds otherwise)
+    assert take_turns([11, 100], 10) == [11, 0]  # the last token goes with the piece before it
+    assert take_turns([3, 100], 4) == [3, 2]  # the next row gets two, not one
+    assert take_turns([1], 4) == [1]  # a one-token prompt is read whole
+    assert take_turns([40], 4, least=16) == [16]  # torch's pieces: at least 16
+    assert take_turns([20], 4, least=16) == [20]  # 4 would leave 16, 16 would leave 4: all of it
+
+
+def test_a_cache_is_reused_as_far_as_it_was_read_as_a_prompt_leaving_a_last_piece():
+    cached = list(range(30))  # a 20-token prompt and 10 generated tokens
+    assert reusable(cached, 20, tuple(range(40)), least=2) == 20  # not the generated tokens
+    assert reusable(cached, 20, tuple(range(20)), least=2) == 18  # the same prompt: all but its last piece
+    assert reusable(cached, 20, (0, 1, 2, 99, 99), least=2) == 3  # what they share
+    assert reusable([7], 1, (7, 8, 9), least=2) == 0  # a one-token prompt was a one-token run
+    assert reusable(cached, 20, tuple(range(25)), least=16) == 9  # the last piece has at least 16 tokens
 
 
 def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(session):
