@@ -9,10 +9,10 @@ decoded plainly.
 
 Exact in its choices, not in its numbers: a check runs several tokens per row, which the kernels round otherwise
 than the one-token steps it stands for (Session.min_piece), so where a step's two best logits are closer than
-that rounding the check may choose the other. In float32 that is about 1e-6 of a logit; float16 rounds ~100x
-coarser, and in int8 and int4 exports a rounding can move an activation to another quantization step, which
-parts a greedy answer from plain decoding within a few dozen tokens (benchmarks/exactness.py). So
-`--speculate auto` drafts on SPECULATE_BY_DEFAULT exports only; elsewhere it is asked for by name.
+that rounding the check may choose the other. In float32 that is about 1e-6 of a logit, in float16 about 1e-4;
+in int8 and int4 exports a rounding can move an activation to another quantization step, and greedy answers
+part from plain decoding's (benchmarks/exactness.py). So `--speculate auto` drafts on SPECULATE_BY_DEFAULT
+exports only; elsewhere it is asked for by name.
 
 Drafters: PromptLookup (the continuation of the row's latest n-gram where it occurred before: code repeats
 identifiers, signatures and lines) and DraftModel (a smaller model with the same tokenizer, greedy).
@@ -313,8 +313,8 @@ class SpeculationStats:
 
 SPECULATE_MODES = ("auto", "lookup", "draft", "off")
 # The export kinds (Session.export_kind) on which --speculate auto drafts: those whose checks changed no greedy
-# answer in benchmarks/exactness.py.
-SPECULATE_BY_DEFAULT = ("float32",)
+# answer in benchmarks/exactness.py (60 requests each, always drafting; int8 and int4 changed some).
+SPECULATE_BY_DEFAULT = ("float32", "float16")
 
 
 def speculation_note(session: Session) -> str | None:
