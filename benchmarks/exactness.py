@@ -17,7 +17,8 @@ server), and by an engine with the path on:
 
 A request "differs" when its tokens differ from the fresh engine's; "logprobs differ" counts requests whose
 reported log-probabilities (the model's raw logits) are not bitwise equal, which finds every rounding
-difference, also those that did not change a token. Prints a table and one JSON line.
+difference, also those that did not change a token. Prints a table and one JSON line (the figures of the
+README's Exactness section, before and after the rule, are in benchmarks/results/exactness.json).
 
     python benchmarks/exactness.py --shape demo --requests 48
     python benchmarks/exactness.py --tree /tmp/before     # the same measurement with another checkout's code
