@@ -216,6 +216,35 @@ def reusable(cached: list[int], computed_as_prompt: int, prompt: tuple[int, ...]
     return max(0, min(common_prefix(cached, prompt), prompt_part, len(prompt) - least))
 
 
+def pieces_agree(session: Session, tokens: int = 40) -> bool:
+    """Whether this machine's kernels compute a prompt read in pieces of at least Session.min_piece tokens as
+    they compute it whole, which the exactness of prefix reuse and chunks rests on: a random prompt of `tokens`
+    read whole and split twice in slot 0 (left empty) gives bitwise the same logits, and so does a piece read
+    after it (the cache it left)."""
+    least = session.min_piece
+    tokens = min(tokens, session.max_context - least)
+    if tokens < 2 * least:  # a context too short to split
+        return True
+    if session.slot_count == 0:
+        session.open_slots(1)
+    prompt = np.random.default_rng(0).integers(0, session.config.vocab_size, tokens + least).tolist()
+
+    def read(pieces: list[int]) -> list[np.ndarray]:
+        session.truncate_slot(0, 0)
+        at, logits = 0, []
+        for n in [*pieces, least]:
+            logits.append(session.append_slot(0, prompt[at : at + n]))
+            at += n
+        return logits[-2:]
+
+    try:
+        whole = read([tokens])
+        splits = ([least, tokens - least], [tokens // 2, tokens - tokens // 2])
+        return all(np.array_equal(a, b) for split in splits for a, b in zip(read(split), whole, strict=True))
+    finally:
+        session.truncate_slot(0, 0)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one step runs: reads (row, prompt tokens it reads), steps (rows fed their last token together),

@@ -27,11 +27,16 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import CodegenDeployError, InputError
-from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine
+from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine, pieces_agree
 from ..runtime.session import Session
 from ..runtime.speculate import SPECULATE_BY_DEFAULT, runs_several_tokens, speculation_note
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
+
+_PIECES_DIFFER = (
+    "this machine's kernels compute a prompt read in pieces otherwise than whole, so reuse and chunks would change "
+    "answers"
+)
 
 
 class QueueFull(Exception):
@@ -89,11 +94,17 @@ class Batcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.drafter = drafter
+        # Reuse and chunks are exact only where the kernels compute a prompt in pieces as they compute it whole:
+        # checked here, on this machine, before they are turned on.
+        self.pieces_agree = True
         if session.supports_slots:
             cache_slots = max_batch if cache_slots is None else cache_slots
             if session.max_batch is not None:
                 cache_slots = min(cache_slots, session.max_batch)
             self.engine = SlotEngine(session, max_batch, cache_slots, prefill_chunk, drafter)
+            if (cache_slots or prefill_chunk != 0) and not pieces_agree(session):
+                self.pieces_agree = False
+                self.engine.cache_slots, self.engine.prefill_chunk = 0, 0
         else:
             if drafter is not None:
                 SlotEngine(session, 1, drafter=drafter)  # refuses it in the words every engine uses
@@ -110,6 +121,8 @@ class Batcher:
     def describe_cache(self) -> str:
         """One line for the server's start-up: how many caches are kept and the KV memory they may take."""
         per_token = self.session.kv_bytes_per_token
+        if not self.pieces_agree:
+            return f"prefix cache: off ({_PIECES_DIFFER})"
         if not self.cache_slots or per_token is None:
             return "prefix cache: off"
         context = self.session.max_context
@@ -123,6 +136,8 @@ class Batcher:
     def describe_chunks(self) -> str:
         """One line for the server's start-up: how prompts are split while other rows generate."""
         chunk = self.engine.prefill_chunk
+        if not self.pieces_agree:
+            return f"prompts: read whole ({_PIECES_DIFFER})"
         if chunk == 0:
             return "prompts: read whole"
         if chunk is None:

@@ -17,7 +17,7 @@ import torch
 
 from codegen_deploy.config import ModelConfig
 from codegen_deploy.model.reference import CodeGen
-from codegen_deploy.runtime.engine import Row, RowSpec, SlotEngine
+from codegen_deploy.runtime.engine import Row, RowSpec, SlotEngine, pieces_agree
 from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.speculate import SPECULATE_BY_DEFAULT, make_drafter
 from codegen_deploy.runtime.text import NoText
@@ -103,6 +103,7 @@ def test_runs_of_min_piece_tokens_compute_each_position_alike_however_a_prompt_i
         assert at == len(prompt)
         return last, session.extend_slots([1], [after])[0]
 
+    assert pieces_agree(session)  # the servers' own check of it
     whole = read([len(prompt)])
     least = session.min_piece
     for pieces in ([least] * 10 + [70], [17, 73], [45, 43, 2], [64, 26], [least, 88]):

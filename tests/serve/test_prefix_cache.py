@@ -330,3 +330,16 @@ def test_reuse_and_chunks_never_change_a_result(session, tokenizer):
     miss = metrics.prompt_cache_tokens.labels(result="miss")._value.get()
     total = sum(len(tokenizer.encode(p)) for p in prompts) * 3
     assert hit == sum(map(sum, cached)) and hit + miss == total
+
+
+def test_reuse_and_chunks_are_off_where_this_machines_kernels_split_a_prompt_otherwise(session, tokenizer, monkeypatch):
+    """The rule that makes reuse and chunks exact rests on the kernels computing a prompt in pieces as whole: the
+    scheduler checks that at start and turns both off, saying why, where it does not hold."""
+    assert Batcher(session, tokenizer, max_batch=2, prefill_chunk=5).pieces_agree  # the real kernels agree
+    append = session.append_slot
+    monkeypatch.setattr(session, "append_slot", lambda slot, ids: append(slot, ids) + 1e-6 * len(ids))
+    batcher = Batcher(session, tokenizer, max_batch=2, prefill_chunk=5)
+    assert not batcher.pieces_agree and batcher.engine.cache_slots == 0 and batcher.engine.prefill_chunk == 0
+    assert "otherwise than whole" in batcher.describe_cache() and "otherwise than whole" in batcher.describe_chunks()
+    off = Batcher(session, tokenizer, max_batch=2, cache_slots=0, prefill_chunk=0)  # nothing to check
+    assert off.pieces_agree
