@@ -59,15 +59,13 @@ def prepare(work: Path, shape: str) -> tuple[Path, dict[str, Path]]:
 
 def prompts(tokenizer, count: int, tokens: int) -> list[str]:
     """`count` windows of about `tokens` tokens of Python's own source, each from another file."""
-    import argparse as a1
     import ast
     import dataclasses
     import inspect
-    import json.decoder
     import textwrap
     import typing
 
-    text = "".join(inspect.getsource(m) for m in (a1, ast, dataclasses, json.decoder, textwrap, typing))
+    text = "".join(inspect.getsource(m) for m in (argparse, ast, dataclasses, json.decoder, textwrap, typing))
     step = len(text) // (count + 1)
     out = []
     for i in range(count):
@@ -127,7 +125,7 @@ class Requests:
         elif kind == "longer":
             self.run(engine, self.spec(text + "\n\ndef after(x):\n    return x\n", i + 1, max_tokens=4))
         else:
-            engine.prefill_chunk = max(2, len(spec.prompt_ids) // 3)  # the primer stops after its first piece
+            engine.prefill_chunk = max(self.session.min_piece, len(spec.prompt_ids) // 3)  # stops after a piece
             _, _, row = self.run(engine, self.spec(text, i + 1), until=lambda r: r.computed > 0)
             engine.remove(row)
             engine.prefill_chunk = None
@@ -233,7 +231,7 @@ def main() -> None:
         drop_editable = '[f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]'
         (site / "sitecustomize.py").write_text(f"import sys\nsys.meta_path[:] = {drop_editable}\n")
         env = dict(os.environ, PYTHONPATH=f"{site}:{args.tree.resolve()}")
-        argv = [a for a in sys.argv[1:]]
+        argv = list(sys.argv[1:])
         at = argv.index("--tree")
         del argv[at : at + 2]
         sys.exit(subprocess.call([sys.executable, __file__, *argv], env=env))

@@ -317,15 +317,20 @@ SPECULATE_MODES = ("auto", "lookup", "draft", "off")
 SPECULATE_BY_DEFAULT = ("float32", "float16")
 
 
+def this_export(session: Session) -> str:
+    """ "this int8 export" (the session's export kind where known, else "this export"), for messages."""
+    return f"this {session.export_kind} export" if session.export_kind else "this export"
+
+
 def speculation_note(session: Session) -> str | None:
     """A note for a user who asks for speculative decoding on an export whose checks may change a greedy answer
     (not SPECULATE_BY_DEFAULT), else None."""
     if session.export_kind in SPECULATE_BY_DEFAULT:
         return None
-    kind = f"this {session.export_kind} export" if session.export_kind else "this export"
     return (
-        f"note: on {kind} a speculative check rounds otherwise than plain steps, so a greedy answer may part "
-        "from plain decoding's where two tokens are nearly tied: --speculate off gives plain decoding's"
+        f"note: on {this_export(session)} a speculative check rounds otherwise than plain steps, so a greedy "
+        "answer may part from plain decoding's where two tokens are nearly tied: --speculate off gives plain "
+        "decoding's"
     )
 
 

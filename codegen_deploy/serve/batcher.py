@@ -29,7 +29,7 @@ from collections.abc import Callable
 from ..errors import CodegenDeployError, InputError
 from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine, pieces_agree
 from ..runtime.session import Session
-from ..runtime.speculate import SPECULATE_BY_DEFAULT, runs_several_tokens, speculation_note
+from ..runtime.speculate import SPECULATE_BY_DEFAULT, runs_several_tokens, speculation_note, this_export
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
 
@@ -146,14 +146,13 @@ class Batcher:
 
     def describe_speculation(self) -> str:
         """One line for the server's start-up: whether greedy rows draft tokens, and how."""
-        kind = self.session.export_kind
         if self.drafter is None:
-            if kind in SPECULATE_BY_DEFAULT or not runs_several_tokens(self.session):
+            if self.session.export_kind in SPECULATE_BY_DEFAULT or not runs_several_tokens(self.session):
                 return "speculative decoding: off"
-            this = f"this {kind} export" if kind else "this export"
             return (
                 f"speculative decoding: off (auto drafts on {', '.join(SPECULATE_BY_DEFAULT)} exports only: on "
-                f"{this} a check rounds otherwise than plain steps; --speculate lookup drafts anyway)"
+                f"{this_export(self.session)} a check rounds otherwise than plain steps; --speculate lookup drafts "
+                "anyway)"
             )
         line = f"speculative decoding: {self.drafter.name}, for greedy rows (a row drafts only while its measured "
         line += "acceptance and the costs say it pays at the current load)"
