@@ -54,6 +54,13 @@ def machine_memory_bytes() -> int:
     return total
 
 
+def available_memory_bytes() -> int:
+    """The memory available to new allocations now (without swapping), at most this process's limit."""
+    import psutil
+
+    return min(psutil.virtual_memory().available, machine_memory_bytes())
+
+
 def check_fits_in_memory(nbytes: int, what: str, fix: str) -> None:
     """Refuse, in one line, to allocate `nbytes` for `what` when the machine has less memory than that (it would
     be killed for memory, or fail in a traceback)."""

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -156,6 +157,36 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def memory_size(text: str) -> int | None:
+    """An argparse type: a memory size such as 512MiB, 4GiB, 2G or 0 (bytes), at most this machine's memory;
+    "auto" gives None (the default)."""
+    from ..memory import machine_memory_bytes
+
+    if text.strip().lower() == "auto":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB, 512MiB or 0, or auto; got {text!r}")
+    value = int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
+    have = machine_memory_bytes()
+    if value > have:
+        raise argparse.ArgumentTypeError(f"{text} is more than this machine's memory ({have / 2**30:.1f} GiB)")
+    return value
 
 
 def threads_type(text: str) -> int:

@@ -23,6 +23,7 @@ from .common import (
     device_options,
     float_in,
     int_at_least,
+    memory_size,
     run,
     threads_type,
 )
@@ -76,10 +77,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-queue", type=int_at_least(0), default=64, help="rows waiting at most; beyond, 429 (default: 64)"
     )
     p.add_argument(
-        "--cache-slots",
+        "--cache-memory",
+        type=memory_size,
+        default=None,
+        metavar="SIZE|auto",
+        help="memory for idle prompts' caches (e.g. 4GiB; 0: no prefix reuse), so a prompt that starts like an "
+        "earlier one computes only the rest; the least recently used are evicted first (default: auto, a quarter "
+        "of the memory available at start-up, stated with the tokens it holds)",
+    )
+    p.add_argument(
+        "--cache-reuse",
         type=int_at_least(0),
-        help="idle row slots that keep their prompt's cache, so a prompt that starts like an earlier one computes "
-        "only the rest (default: --max-batch; 0: off)",
+        default=0,
+        metavar="N",
+        help="also reuse runs of at least N cached tokens that moved to earlier positions (the extra chunks of "
+        "/infill, the cut start of a long request), their keys turned for the new positions; approximate, since "
+        "a run was computed after other text, so answers may depend on earlier requests (default: 0, off)",
     )
     p.add_argument(
         "--prefill-chunk",
@@ -274,7 +287,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         tokenizer=args.tokenizer,
         suffix=args.suffix,
-        cache_slots=args.cache_slots,
+        cache_memory=args.cache_memory,
+        cache_reuse=args.cache_reuse,
         prefill_chunk=args.prefill_chunk,
         speculate=args.speculate,
         draft=args.draft,

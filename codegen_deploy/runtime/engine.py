@@ -15,8 +15,9 @@ what the model did not agree with).
 
 Chunks and reuse change no result by construction: every position of a prompt is computed in a run of at least
 Session.min_piece tokens (take_turns: no shorter piece, nor a shorter one left), and a row reuses only what a
-slot's cache computed that way (reusable: the last row's prompt, not its generated tokens). Speculation cannot
-be made exact so: a check's run rounds otherwise than the one-token steps it stands for (speculate.py).
+cache computed that way (prompt_cache.reusable: the last row's prompt, not its generated tokens). Two things
+cannot be made exact so: a speculative check's run rounds otherwise than the one-token steps it stands for
+(speculate.py), and chunks reused where they moved (cache_reuse, off by default) were computed after other text.
 
 Each length has one owner; the others are derived from it or reconciled with it in one place:
 
@@ -25,6 +26,7 @@ Each length has one owner; the others are derived from it or reconciled with it 
 | a row's tokens (prompt + generated)     | Row.ids (its RowText's) | -                                         |
 | a row's tokens in its slot's cache      | Row.computed            | the slot is cut back to it in commit()    |
 | a free slot's tokens (the prefix cache) | _Slot.cached            | cut to Session.slot_length on admission * |
+| an idle prompt's tokens (prompt cache)  | Entry.cached            | its SavedSlot is saved from them          |
 | a drafter's copy of a row               | the drafter             | told admit() and accept(slot, n)          |
 | the token a generating row feeds next   | Row.ids[-1]             | derived: computed == len(ids) - 1         |
 
@@ -45,8 +47,9 @@ import numpy as np
 
 from ..errors import InputError
 from .costs import CostModel
+from .prompt_cache import PromptCache, Reuse, reuse_plan
 from .sampling import SamplingConfig, adjust_logits, make_generators, sample, token_logprobs
-from .session import Session, common_prefix, piece_size
+from .session import Session, piece_size
 from .speculate import MAX_DRAFT, Acceptance, Drafter, exact_greedy, runs_several_tokens
 from .text import RowText
 
@@ -207,15 +210,6 @@ def take_turns(needs: list[int], budget: int, least: int = Session.min_piece) ->
     return shares
 
 
-def reusable(cached: list[int], computed_as_prompt: int, prompt: tuple[int, ...], least: int) -> int:
-    """Tokens of `prompt` that a free slot's cache (`cached`, whose first `computed_as_prompt` tokens were read
-    as a prompt) can keep: what they share, only as far as it was read as a prompt in pieces of at least `least`
-    tokens (Session.min_piece; generated tokens were computed in one-token steps, which round otherwise), and
-    leaving a last piece of at least `least` tokens (it gives the first new token's logits)."""
-    prompt_part = computed_as_prompt if computed_as_prompt >= least else 0  # a shorter prompt was one short run
-    return max(0, min(common_prefix(cached, prompt), prompt_part, len(prompt) - least))
-
-
 def pieces_agree(session: Session, tokens: int = 40) -> bool:
     """Whether this machine's kernels compute a prompt read in pieces of at least Session.min_piece tokens as
     they compute it whole, which the exactness of prefix reuse and chunks rests on: a random prompt of `tokens`
@@ -274,7 +268,7 @@ class Engine(ABC):
     the step as plan -> run -> commit, and the commit itself."""
 
     joins_running: bool  # whether a row may join while others run
-    cache_slots = 0  # free slots that keep their cache for the next prompt (prefix reuse)
+    caching = False  # whether prompts' caches are kept for reuse (SlotEngine)
     prefill_chunk: int | None = 0  # prompt tokens read per step while rows generate (None: auto, 0: whole)
 
     def __init__(self, session: Session):
@@ -313,10 +307,6 @@ class Engine(ABC):
 
     def reset(self) -> None:
         """Forget every kept cache (after a backend failure, whose effect on the buffers is unknown)."""
-
-    def cached(self) -> tuple[int, int]:
-        """(free slots holding a cache, tokens in them)."""
-        return 0, 0
 
     def commit(self, plan: Plan, out: Outputs) -> list[Progress]:
         """Choose the rows' tokens from what run() returned, advance `computed`, keep the accepted drafts and
@@ -384,8 +374,8 @@ def _merge(first: RowUpdate, then: RowUpdate) -> RowUpdate:
 
 @dataclass
 class _Slot:
-    """A row slot: the row running in it, or while free the token ids its cache holds (the prefix cache) and
-    how many of them were the last row's prompt; when it was last used (least-recently-used eviction)."""
+    """A row slot: the row running in it, or while free the token ids its cache holds and how many of them were
+    the last row's prompt; when it was last used (least-recently-used)."""
 
     row: Row | None = None
     cached: list[int] = field(default_factory=list)
@@ -393,14 +383,28 @@ class _Slot:
     used: int = 0
 
 
+@dataclass(frozen=True)
+class CacheState:
+    """What the prompt cache holds: idle prompts (in free slots and in the prompt cache), their tokens and bytes
+    (bytes: the prompt cache's copies, and the free slots' tokens at the session's bytes per token), and how
+    many prompts it evicted so far."""
+
+    entries: int = 0
+    tokens: int = 0
+    nbytes: int = 0
+    evictions: int = 0
+
+
 class SlotEngine(Engine):
     """Rows in the session's row slots: a row joins at any step, its prompt read in pieces after whatever
-    prefix of it a free slot's cache holds; greedy rows draft when it pays.
+    of it a cache holds; greedy rows draft when it pays.
 
-    rows: rows running at once; cache_slots: free slots that keep their cache for the next prompt (0: no
-    prefix reuse); the session gets max(rows, cache_slots) slots. prefill_chunk: prompt tokens read per step
-    while other rows generate (None: sized from the measured costs, see GAP_STEPS; 0: whole prompts).
-    drafter: a speculate.Drafter with a slot per session slot, or None.
+    rows: rows running at once (the session's slots). cache_memory: bytes of idle prompts' caches kept beyond the
+    slots for prefix reuse (runtime/prompt_cache.py; 0: no reuse, a free slot forgets its cache). cache_reuse:
+    with N > 0, runs of at least N tokens that a cache holds at later positions are moved to where the prompt
+    has them (approximate: they were computed after other text). prefill_chunk: prompt tokens read per step
+    while other rows generate (None: sized from the measured costs, see GAP_STEPS; 0: whole prompts). drafter:
+    a speculate.Drafter with a slot per session slot, or None.
     """
 
     joins_running = True
@@ -409,10 +413,11 @@ class SlotEngine(Engine):
         self,
         session: Session,
         rows: int,
-        cache_slots: int = 0,
+        cache_memory: int = 0,
         prefill_chunk: int | None = 0,
         drafter: Drafter | None = None,
         max_draft: int = MAX_DRAFT,
+        cache_reuse: int = 0,
     ):
         super().__init__(session)
         if drafter is not None and not runs_several_tokens(session):
@@ -420,16 +425,24 @@ class SlotEngine(Engine):
                 f"speculative decoding needs a {session.name} session with multi-token row steps (the fused graph "
                 "of a current export on the CPU, or torch): export again or decode without speculation"
             )
-        slots = max(rows, cache_slots)
-        if session.slot_count < slots:
-            session.open_slots(slots)
-        self.max_rows, self.cache_slots = rows, cache_slots
+        if cache_memory < 0 or cache_reuse < 0:
+            raise InputError(f"cache_memory and cache_reuse must be >= 0, got {cache_memory} and {cache_reuse}")
+        if session.slot_count < rows:
+            session.open_slots(rows)
+        self.max_rows = rows
+        self.store = PromptCache(cache_memory)
+        self.cache_reuse = cache_reuse
         self.prefill_chunk = prefill_chunk
         self.drafter, self.max_draft = drafter, max_draft
         if drafter is not None:
-            drafter.open(slots)
-        self.slots = [_Slot() for _ in range(slots)]
+            drafter.open(rows)
+        self.slots = [_Slot() for _ in range(rows)]
         self._clock = 0
+
+    @property
+    def caching(self) -> bool:
+        """Whether prompts' caches are kept for reuse (the prompt cache has room)."""
+        return self.store.capacity > 0
 
     # -- admission ---------------------------------------------------------------------------------------
 
@@ -437,10 +450,10 @@ class SlotEngine(Engine):
         return self.max_rows - len(self.rows)
 
     def add(self, row: Row) -> bool:
-        """Start `row` in the free slot whose cache shares the longest prefix with its prompt (at least half of
-        the prompt that cache was made for, so that a few common tokens never cost another user's file), else
-        an empty one, else the least recently used (cut back to what it shares). What it shares is what the
-        cache may give it (reusable)."""
+        """Start `row` with the cache, in a free slot or in the prompt cache, that gives it the most of its prompt
+        (reuse_plan): in that slot, else in an empty one, else in the least recently used (whose cache moves to
+        the prompt cache). A cache that gives at least half of the prompt it was made for is taken (the same
+        file, edited); one that gives less (a few common tokens) is copied and kept for its own user."""
         if self.capacity() <= 0:
             return False
         prompt = row.spec.prompt_ids
@@ -448,39 +461,58 @@ class SlotEngine(Engine):
         for i in free:
             del self.slots[i].cached[self.session.slot_length(i) :]
         least = self.session.min_piece
-        shared = {i: reusable(self.slots[i].cached, self.slots[i].prompt, prompt, least) for i in free}
-        hits = [i for i in free if shared[i] > 0 and 2 * shared[i] >= self.slots[i].prompt]
-        empty = [i for i in free if not self.slots[i].cached]
-        if hits:
-            best = max(hits, key=lambda i: (shared[i], self.slots[i].used))
-        elif empty:
-            best = empty[0]  # the lowest: keeps steps small
+        sources = [self.slots[i] for i in free if self.slots[i].cached] + self.store.entries
+        plans = {id(s): reuse_plan(s.cached, s.prompt, prompt, least, self.cache_reuse) for s in sources}
+        hits = [s for s in sources if plans[id(s)].tokens > 0]
+        best = max(hits, key=lambda s: (plans[id(s)].tokens, isinstance(s, _Slot), s.used), default=None)
+        reuse = Reuse(0) if best is None else plans[id(best)]
+        same_file = best is not None and 2 * reuse.tokens >= best.prompt
+        if isinstance(best, _Slot):
+            index = self.slots.index(best)
         else:
-            best = min(free, key=lambda i: self.slots[i].used)
+            empty = [i for i in free if not self.slots[i].cached]
+            index = empty[0] if empty else min(free, key=lambda i: self.slots[i].used)  # the lowest: small steps
         if self.drafter is not None and row.speculates:  # first: a drafter that fails leaves the engine as it was
-            self.drafter.admit(best, row.ids)
+            self.drafter.admit(index, row.ids)
             row.acceptance = Acceptance(self.max_draft, self.drafter.history)
-        slot, keep = self.slots[best], shared[best]
-        self.session.truncate_slot(best, keep)
+        if isinstance(best, _Slot):
+            if not same_file:
+                self._stash(index)
+        else:
+            if best is not None and same_file:
+                self.store.take(best)  # before the stash, which may evict
+            self._stash(index)
+            if best is not None:
+                self.session.load_slot(index, best.saved, best.saved.tokens)
+        for source, target, count in reuse.moves:
+            self.session.move_slot_tokens(index, source, target, count)
+        self.session.truncate_slot(index, reuse.tokens)
+        slot = self.slots[index]
         slot.row, slot.cached, slot.prompt = row, [], len(prompt)
-        row.slot, row.computed, row.cached_tokens = best, keep, keep
+        row.slot, row.computed, row.cached_tokens = index, reuse.tokens, reuse.tokens
         self.rows.append(row)
         return True
 
+    def _stash(self, index: int) -> None:
+        """Before a free slot takes another prompt: a copy of its cache's prompt part goes to the prompt cache."""
+        slot = self.slots[index]
+        keep = min(len(slot.cached), slot.prompt)
+        if self.caching and self.session.saves_slots and keep >= self.session.min_piece:
+            self.store.put(slot.cached[:keep], self.session.save_slot(index, keep), slot.used)
+
     def remove(self, row: Row) -> None:
-        """The row leaves its slot; the slot keeps what the row computed as its cache, unless more than
-        cache_slots free slots hold one (the least recently used are dropped)."""
+        """The row leaves its slot; the slot keeps what the row computed as its cache (while caching)."""
         if row not in self.rows:
             return
         self.rows.remove(row)
         slot = self.slots[row.slot]
         self.session.truncate_slot(row.slot, row.computed)
-        slot.row, slot.cached, row.slot = None, row.ids[: row.computed], None
+        slot.row, slot.cached, slot.prompt = None, row.ids[: row.computed], row.prompt_len
         self._clock += 1
         slot.used = self._clock
-        kept = sorted((s for s in self.slots if s.row is None and s.cached), key=lambda s: s.used, reverse=True)
-        for s in kept[self.cache_slots :]:
-            self.drop(self.slots.index(s))
+        if not self.caching:
+            self.drop(row.slot)
+        row.slot = None
 
     def drop(self, index: int) -> None:
         """Forget a free slot's cache."""
@@ -492,10 +524,18 @@ class SlotEngine(Engine):
         for i, slot in enumerate(self.slots):
             if slot.row is None:
                 self.drop(i)
+        self.store.entries.clear()
 
-    def cached(self) -> tuple[int, int]:
-        kept = [len(s.cached) for s in self.slots if s.row is None and s.cached]
-        return len(kept), sum(kept)
+    def cache_state(self) -> CacheState:
+        """What the prompt cache holds now."""
+        idle = [len(s.cached) for s in self.slots if s.row is None and s.cached]
+        per_token = self.session.kv_bytes_per_token or 0
+        return CacheState(
+            len(idle) + len(self.store.entries),
+            sum(idle) + self.store.tokens,
+            sum(idle) * per_token + self.store.nbytes,
+            self.store.evictions,
+        )
 
     # -- plan ----------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +33,28 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     if list(a[:n]) == list(b[:n]):
         return n
     return int(np.argmin(np.asarray(a[:n]) == np.asarray(b[:n])))
+
+
+@dataclass(frozen=True)
+class SavedSlot:
+    """A copy of the first `tokens` tokens of a slot's cache, held outside the slots (an idle prompt in the
+    prompt cache): keys and values per layer, each [heads, tokens, head_dim] in the backend's own arrays."""
+
+    keys: tuple
+    values: tuple
+    tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(a) for a in (*self.keys, *self.values))
+
+
+def _nbytes(array) -> int:
+    return array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()  # torch
+
+
+def _copy(array):
+    return array.copy() if isinstance(array, np.ndarray) else array.clone()  # torch
 
 
 class Session(ABC):
@@ -242,6 +265,61 @@ class Session(ABC):
         span[~active & (span > self.max_context - k)] = self.max_context - k  # placeholders overwrote the rest
         self._slot_lengths[slots] += k
         return logits[rows]
+
+    # -- a slot's cache moved: saved out of a slot and loaded into another (the prompt cache), or a run of it
+    # moved to other positions (chunks reused where they moved) -------------------------------------------
+
+    def save_slot(self, slot: int, length: int) -> SavedSlot:
+        """A copy of the first `length` tokens of a slot's cache (the slot keeps its own)."""
+        slot = self._check_slot(slot)
+        if int(length) != length or not 0 < length <= self._slot_lengths[slot]:
+            raise InputError(f"slot {slot} holds {self._slot_lengths[slot]} tokens: cannot save {length}")
+        keys, values = self._slot_parts(slot)
+        return SavedSlot(
+            tuple(_copy(k[:, :length]) for k in keys), tuple(_copy(v[:, :length]) for v in values), int(length)
+        )
+
+    def load_slot(self, slot: int, saved: SavedSlot, length: int) -> None:
+        """Make `slot` hold the first `length` tokens of `saved` (whatever it held is dropped)."""
+        slot = self._check_slot(slot)
+        if int(length) != length or not 0 < length <= min(saved.tokens, self.max_context):
+            raise InputError(f"a saved cache of {saved.tokens} tokens cannot fill {length} of slot {slot}")
+        keys, values = self._slot_parts(slot)
+        for into, part in zip((*keys, *values), (*saved.keys, *saved.values), strict=True):
+            into[:, :length] = part[:, :length]
+        self._slot_lengths[slot] = int(length)
+
+    def move_slot_tokens(self, slot: int, source: int, target: int, count: int) -> None:
+        """Move the `count` tokens a slot's cache holds at positions source.. to positions target.. (target <=
+        source: a run reused after what was before it shrank), their keys turned for the new positions
+        (model.reference.move_positions). The slot's length stays: cut it with truncate_slot() when done.
+
+        Approximate where the text before the run changed: its keys and values were computed after the old
+        text. Exact (up to rounding) for the rotation itself."""
+        import torch
+
+        from ..model.reference import move_positions
+
+        slot = self._check_slot(slot)
+        if not (0 <= target <= source and count > 0 and source + count <= self._slot_lengths[slot]):
+            raise InputError(
+                f"cannot move {count} tokens of slot {slot} ({self._slot_lengths[slot]} tokens) from {source} to "
+                f"{target}: only runs inside the slot, to earlier positions"
+            )
+        keys, values = self._slot_parts(slot)
+        run, to = slice(source, source + count), slice(target, target + count)
+        for k in keys:
+            turned = move_positions(torch.as_tensor(k[:, run]), target - source, self.config.rotary_dim)
+            k[:, to] = turned.numpy() if isinstance(k, np.ndarray) else turned  # [H, count, D]
+        for v in values:
+            v[:, to] = _copy(v[:, run])  # a copy: the two runs may overlap
+
+    saves_slots = False  # whether save_slot(), load_slot() and move_slot_tokens() work (_slot_parts)
+
+    def _slot_parts(self, slot: int) -> tuple[list, list]:
+        """One slot's keys and values, per layer: views [heads, max_context, head_dim] of the slot cache that
+        can be read and written (numpy or torch)."""
+        raise InputError(f"the {self.name} session cannot save or move a slot's cache")
 
     def _check_slot(self, slot: int) -> int:
         if self.slot_count == 0:

@@ -8,11 +8,12 @@ the generating rows together and lets greedy rows draft when it pays; the worker
 its sink and counts them. So a long prompt never stops the other rows' streams for more than a piece, a row
 leaves as soon as it ends or its client goes away, and its slot is free for the next waiting row.
 
-Prefix reuse (engines with row slots): a slot whose row has left keeps its cache; a new row goes to the free
-slot whose cache shares the longest prefix with its prompt and computes only the rest. Editors need it: they
-send the whole file again on nearly every keystroke and cancel the request they sent a moment ago. At most
-`cache_slots` free slots keep a cache (the least recently used is dropped first), so the memory the caches
-hold is bounded: cache_slots x max_context tokens.
+Prefix reuse (engines with row slots): a slot whose row has left keeps its cache, and when another row needs
+the slot that cache moves to the prompt cache, which keeps idle prompts up to `cache_memory` bytes (the least
+recently used evicted first); a new row takes the cache that shares the longest prefix with its prompt and
+computes only the rest. Editors need it: they send the whole file again on nearly every keystroke and cancel the
+request they sent a moment ago; a team's editors each need their own file kept. So the memory the caches hold is
+bounded: cache_memory, plus the row slots' own.
 
 Sessions without row slots (the plain ONNX Runtime graph, TensorRT) run rows in batches (BatchEngine): waiting
 rows start together when the previous batch has ended, and a row that ends or is cancelled stops producing
@@ -27,11 +28,15 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import CodegenDeployError, InputError
+from ..memory import available_memory_bytes
 from ..runtime.engine import GAP_STEPS, BatchEngine, Progress, Row, RowSpec, RowUpdate, SlotEngine, pieces_agree
 from ..runtime.session import Session
 from ..runtime.speculate import SPECULATE_BY_DEFAULT, runs_several_tokens, speculation_note, this_export
 
 __all__ = ["Batcher", "QueueFull", "Request", "RowSpec", "RowUpdate"]
+
+# The prompt cache's default size: this share of the memory available when the server starts.
+DEFAULT_CACHE_SHARE = 0.25
 
 _PIECES_DIFFER = (
     "this machine's kernels compute a prompt read in pieces otherwise than whole, so reuse and chunks would change "
@@ -64,10 +69,12 @@ class Batcher:
 
     max_batch: rows running at once (row slots), at most the session's own max_batch (a TensorRT engine's
     built batch); max_queue: rows waiting at most (submit raises QueueFull beyond). metrics: a
-    serve.metrics.Metrics or None. cache_slots: free row slots that keep their cache for prefix reuse
-    (default max_batch; 0 turns reuse off). prefill_chunk: prompt tokens read between two decode steps
-    while rows are generating (None: sized from measured costs, see engine.GAP_STEPS; 0: whole prompts at
-    once). drafter: speculative decoding for greedy rows. The last three apply to sessions with row slots.
+    serve.metrics.Metrics or None. cache_memory: bytes of idle prompts' caches kept for prefix reuse (None:
+    DEFAULT_CACHE_SHARE of the memory available at start; 0 turns reuse off). cache_reuse: runs of at least this
+    many tokens reused where they moved (0: off; approximate). prefill_chunk: prompt tokens read between two
+    decode steps while rows are generating (None: sized from measured costs, see engine.GAP_STEPS; 0: whole
+    prompts at once). drafter: speculative decoding for greedy rows. The last four apply to sessions with row
+    slots.
     """
 
     def __init__(
@@ -77,14 +84,18 @@ class Batcher:
         max_batch: int = 8,
         max_queue: int = 64,
         metrics=None,
-        cache_slots: int | None = None,
+        cache_memory: int | None = None,
         prefill_chunk: int | None = None,
         drafter=None,
+        cache_reuse: int = 0,
     ):
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        if (cache_slots or 0) < 0 or (prefill_chunk or 0) < 0:
-            raise InputError(f"cache_slots and prefill_chunk must be >= 0, got {cache_slots} and {prefill_chunk}")
+        if (cache_memory or 0) < 0 or (prefill_chunk or 0) < 0 or cache_reuse < 0:
+            raise InputError(
+                f"cache_memory, prefill_chunk and cache_reuse must be >= 0, got {cache_memory}, {prefill_chunk} "
+                f"and {cache_reuse}"
+            )
         if session.max_batch is not None:
             max_batch = min(max_batch, session.max_batch)  # a larger batch would fail every row it holds
         self.session = session
@@ -98,13 +109,13 @@ class Batcher:
         # checked here, on this machine, before they are turned on.
         self.pieces_agree = True
         if session.supports_slots:
-            cache_slots = max_batch if cache_slots is None else cache_slots
-            if session.max_batch is not None:
-                cache_slots = min(cache_slots, session.max_batch)
-            self.engine = SlotEngine(session, max_batch, cache_slots, prefill_chunk, drafter)
-            if (cache_slots or prefill_chunk != 0) and not pieces_agree(session):
+            if cache_memory is None:
+                cache_memory = int(DEFAULT_CACHE_SHARE * available_memory_bytes())
+            self.engine = SlotEngine(session, max_batch, cache_memory, prefill_chunk, drafter, cache_reuse=cache_reuse)
+            if (cache_memory or prefill_chunk != 0) and not pieces_agree(session):
                 self.pieces_agree = False
-                self.engine.cache_slots, self.engine.prefill_chunk = 0, 0
+                self.engine.store.shrink(0)
+                self.engine.prefill_chunk = 0
         else:
             if drafter is not None:
                 SlotEngine(session, 1, drafter=drafter)  # refuses it in the words every engine uses
@@ -114,24 +125,25 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="codegen-batcher", daemon=True)
 
-    @property
-    def cache_slots(self) -> int:
-        return self.engine.cache_slots
-
     def describe_cache(self) -> str:
-        """One line for the server's start-up: how many caches are kept and the KV memory they may take."""
-        per_token = self.session.kv_bytes_per_token
+        """One line for the server's start-up: what the prompt cache keeps, in bytes and in tokens of this model,
+        and what the row slots may take besides."""
         if not self.pieces_agree:
             return f"prefix cache: off ({_PIECES_DIFFER})"
-        if not self.cache_slots or per_token is None:
+        if not self.engine.caching:
             return "prefix cache: off"
-        context = self.session.max_context
-        most = self.cache_slots * context * per_token
-        return (
-            f"prefix cache: up to {self.cache_slots} idle row slots keep their prompt's cache "
-            f"({per_token * 1000 / 2**20:.0f} MiB per 1,000 tokens; at most {most / 2**30:.2f} GiB for "
-            f"{self.cache_slots} x {context} tokens, resident as filled)"
-        )
+        capacity, per_token = self.engine.store.capacity, self.session.kv_bytes_per_token
+        holds = f" = {capacity // per_token:,} tokens of this model at {per_token / 2**10:.0f} KiB" if per_token else ""
+        line = f"prefix cache: {capacity / 2**30:.2f} GiB of idle prompts{holds}, least recently used evicted first"
+        if per_token:
+            rows = self.engine.max_rows * self.session.max_context * per_token
+            line += f"; the {self.engine.max_rows} row slots take up to {rows / 2**30:.2f} GiB more, resident as filled"
+        if self.engine.cache_reuse:
+            line += (
+                f"; chunks of >= {self.engine.cache_reuse} tokens reused where they moved (approximate: answers may "
+                "depend on earlier requests)"
+            )
+        return line
 
     def describe_chunks(self) -> str:
         """One line for the server's start-up: how prompts are split while other rows generate."""
@@ -290,13 +302,9 @@ class Batcher:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            slots, tokens = self.engine.cached()
-            self.metrics.set_load(
-                queue_depth=len(self._waiting),
-                active_rows=len(self.engine.rows),
-                cached_slots=slots,
-                cached_tokens=tokens,
-            )
+            self.metrics.set_load(queue_depth=len(self._waiting), active_rows=len(self.engine.rows))
+            if self.engine.caching:
+                self.metrics.set_cache(self.engine.cache_state())
 
 
 def _describe(error: Exception) -> str:

@@ -19,6 +19,7 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        self._evictions = 0  # the engine's count when last seen (the counter adds what is new)
         r = self.registry
         self.requests = Counter(
             "codegen_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
@@ -30,7 +31,7 @@ class Metrics:
         )
         self.prompt_cache_tokens = Counter(
             "codegen_prompt_cache_tokens",
-            "Prompt tokens by whether a row slot's cache held them (hit) or they were computed (miss)",
+            "Prompt tokens by whether a cache held them (hit) or they were computed (miss)",
             ["result"],
             registry=r,
         )
@@ -40,8 +41,20 @@ class Metrics:
         self.speculative_tokens = Counter(
             "codegen_speculative_tokens", "Drafted tokens and those the model accepted", ["kind"], registry=r
         )
-        self.cached_slots = Gauge("codegen_cached_slots", "Idle row slots keeping a prompt's cache", registry=r)
-        self.cached_tokens = Gauge("codegen_cached_tokens", "Tokens held in idle row slots' caches", registry=r)
+        self.prompt_cache_lookups = Counter(
+            "codegen_prompt_cache_lookups",
+            "Rows by whether a cache held part of their prompt (hit) or none of it (miss)",
+            ["result"],
+            registry=r,
+        )
+        self.prompt_cache_evictions = Counter(
+            "codegen_prompt_cache_evictions", "Idle prompts evicted from the prompt cache to make room", registry=r
+        )
+        self.prompt_cache_entries = Gauge(
+            "codegen_prompt_cache_entries", "Idle prompts kept (in free row slots and the prompt cache)", registry=r
+        )
+        self.prompt_cache_held = Gauge("codegen_prompt_cache_held_tokens", "Tokens of the idle prompts", registry=r)
+        self.prompt_cache_bytes = Gauge("codegen_prompt_cache_bytes", "Bytes of the idle prompts' caches", registry=r)
         self.prefill_chunk = Gauge(
             "codegen_prefill_chunk_tokens", "Prompt tokens the last round computed at most", registry=r
         )
@@ -76,15 +89,22 @@ class Metrics:
         self.decode_runs.inc()
 
     def prompt_cache(self, hit: int, miss: int) -> None:
-        """A row's prompt: `hit` tokens reused from a slot's cache, `miss` tokens to compute."""
+        """A row's prompt: `hit` tokens reused from a cache, `miss` tokens to compute (a hit when `hit` > 0)."""
         self.prompt_cache_tokens.labels(result="hit").inc(hit)
         self.prompt_cache_tokens.labels(result="miss").inc(miss)
+        self.prompt_cache_lookups.labels(result="hit" if hit else "miss").inc()
 
-    def set_load(self, queue_depth: int, active_rows: int, cached_slots: int = 0, cached_tokens: int = 0) -> None:
+    def set_load(self, queue_depth: int, active_rows: int) -> None:
         self.queue_depth.set(queue_depth)
         self.active_rows.set(active_rows)
-        self.cached_slots.set(cached_slots)
-        self.cached_tokens.set(cached_tokens)
+
+    def set_cache(self, state) -> None:
+        """What the prompt cache holds (an engine.CacheState): entries, tokens and bytes; evictions so far."""
+        self.prompt_cache_entries.set(state.entries)
+        self.prompt_cache_held.set(state.tokens)
+        self.prompt_cache_bytes.set(state.nbytes)
+        self.prompt_cache_evictions.inc(max(0, state.evictions - self._evictions))
+        self._evictions = max(self._evictions, state.evictions)
 
     def request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

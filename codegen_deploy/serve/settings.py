@@ -18,8 +18,9 @@ class ServeSettings:
     a 404 (when not, any model name is accepted and the folder's name is listed). api_key: when set, every
     route but /health needs `Authorization: Bearer KEY`. max_batch: rows generating at once; max_queue:
     rows waiting at most (429 beyond). threads, providers, max_context: the session's options;
-    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph). cache_slots:
-    idle row slots that keep their prompt's cache for prefix reuse (default max_batch, 0: off);
+    device_options: backend_options()' GPU keywords (device, device_id, tf32, cuda_graph). cache_memory:
+    bytes of idle prompts' caches kept for prefix reuse (None: a share of the memory available at start, 0:
+    off); cache_reuse: runs of at least this many tokens reused where they moved (0: off, approximate);
     prefill_chunk: prompt tokens computed between decode steps while rows generate (None: sized from measured
     costs; 0: whole prompts). max_body_mb: the largest request body taken (larger: 413, read no further);
     shutdown_grace: seconds that running requests get to finish when the server is told to stop, after which
@@ -39,7 +40,8 @@ class ServeSettings:
     tokenizer: str | None = None
     device_options: dict = field(default_factory=dict)
     suffix: str = "ignore"  # a request's `suffix`: "ignore" it (FauxPilot) or "error" (vLLM's 400); dialects.py
-    cache_slots: int | None = None
+    cache_memory: int | None = None
+    cache_reuse: int = 0
     prefill_chunk: int | None = None
     max_body_mb: float = 4.0
     shutdown_grace: float = 10.0

@@ -53,7 +53,8 @@ class ServerState:
             settings.max_batch,
             settings.max_queue,
             metrics,
-            cache_slots=settings.cache_slots,
+            cache_memory=settings.cache_memory,
+            cache_reuse=settings.cache_reuse,
             prefill_chunk=settings.prefill_chunk,
             drafter=self.drafter,
         )

@@ -104,12 +104,12 @@ def test_a_row_reads_only_what_a_free_slot_does_not_already_hold_as_a_prompt():
     """A slot's generated tokens were computed in one-token steps, which round otherwise than a prompt's
     pieces: a prompt that goes on with them reuses the last prompt and reads them again."""
     session = CountingSlots()
-    engine = SlotEngine(session, rows=1, cache_slots=2)
+    engine = SlotEngine(session, rows=1, cache_memory=2**30)
     first = _row(range(1, 11), max_tokens=3)
     engine.add(first)
     while engine.has_work():
         engine.step()
-    assert engine.cached() == (1, 12)  # its prompt and the two tokens it fed back
+    assert engine.cache_state().tokens == 12  # its prompt and the two tokens it fed back
     typed = _row([*range(1, 11), 11, 12, 40])
     engine.add(typed)
     assert typed.cached_tokens == typed.computed == 10
@@ -175,7 +175,7 @@ def test_commit_keeps_the_drafts_the_model_agrees_with_and_tells_the_drafter():
 
 def test_a_row_that_ends_inside_its_accepted_drafts_keeps_only_its_ids():
     session = CountingSlots()
-    engine = SlotEngine(session, rows=1, cache_slots=1, drafter=Counting())
+    engine = SlotEngine(session, rows=1, cache_memory=2**30, drafter=Counting())
     row = _row([VOCAB - 5], max_tokens=2)
     engine.add(row)
     engine.step()
@@ -183,7 +183,7 @@ def test_a_row_that_ends_inside_its_accepted_drafts_keeps_only_its_ids():
     progress = engine.commit(plan, engine.run(plan))  # drafts VOCAB - 3, VOCAB - 2: both right
     assert progress[0].chosen == 1 and row.finish_reason == "length"  # max_tokens: the first draft was its last
     assert row.ids == [VOCAB - 5, VOCAB - 4, VOCAB - 3] and not engine.has_work()
-    assert engine.cached() == (1, 3)  # the slot keeps what the row computed of its ids, nothing beyond
+    assert engine.cache_state().tokens == 3  # the slot keeps what the row computed of its ids, nothing beyond
 
 
 @pytest.mark.parametrize("prefill_chunk", [0, 3])

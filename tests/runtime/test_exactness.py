@@ -115,9 +115,10 @@ def test_reuse_and_chunks_change_no_number_after_primed_and_cancelled_caches(ses
     """Each request, greedy and seeded, gives bitwise its tokens and logprobs alone on a fresh engine, in an
     engine whose caches other requests primed: a cut of the prompt, the same prompt again, a longer prompt that
     starts with it, a request cancelled half-way through its prompt, and one whose answer the next prompt goes on
-    with. Its prompt is read in chunks next to a generating row, which is cancelled when the prompt is read, so
-    that the request then steps alone as it did alone (batching: the next test)."""
-    engine = SlotEngine(session, rows=3, cache_slots=3, prefill_chunk=7)
+    with, and one pushed out of the slots into the prompt cache. Its prompt is read in chunks next to a generating
+    row, which is cancelled when the prompt is read, so that the request then steps alone as it did alone
+    (batching: the next test)."""
+    engine = SlotEngine(session, rows=2, cache_memory=2**30, prefill_chunk=7)  # slots and the prompt cache
 
     def in_chunks(s: RowSpec) -> Request:
         other = generating(engine)
@@ -132,6 +133,14 @@ def test_reuse_and_chunks_change_no_number_after_primed_and_cancelled_caches(ses
             Request(engine, spec(primer, i + j + 1)).run()
             request = in_chunks(spec(prompt, i))
             assert request.row.cached_tokens > 0 and request.result == expected, (i, j)
+        # Pushed out of both slots by other prompts: read back from the prompt cache.
+        Request(engine, spec(prompt, i + 5)).run()
+        for k in (1, 2):
+            Request(engine, spec(PROMPTS[(i + k) % len(PROMPTS)][:40], i + k)).run()
+        (stashed,) = [e for e in engine.store.entries if e.cached == prompt]
+        request = in_chunks(spec(prompt, i))
+        assert all(e is not stashed for e in engine.store.entries)  # it came from there
+        assert request.row.cached_tokens > 0 and request.result == expected
         # Cancelled half-way through its prompt: what it read stays for the next.
         engine.prefill_chunk = len(prompt) // 2
         other = generating(engine)

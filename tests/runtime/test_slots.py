@@ -103,3 +103,49 @@ def test_a_step_covers_only_the_range_of_the_slots_it_steps(session):
         len(PROMPTS[1]) + 1,
         len(PROMPTS[2]) + 1,
     ]
+
+
+def _torch(arrays):
+    import torch
+
+    return [torch.as_tensor(a) for a in arrays]
+
+
+def test_a_slot_saved_and_loaded_into_another_goes_on_as_the_first_would(session):
+    session.open_slots(2)
+    prompt = [5, 17, 3, 99, 42, 7, 11, 2, 250, 31]
+    session.prefill_slot(0, prompt)
+    saved = session.save_slot(0, 8)
+    assert saved.tokens == 8 and saved.nbytes == 8 * session.kv_bytes_per_token
+    session.prefill_slot(1, [1, 2, 3])  # whatever it held is dropped
+    session.load_slot(1, saved, 8)
+    assert session.slot_length(1) == 8
+    session.truncate_slot(0, 8)
+    for slot in (0, 1):  # both go on with the same tokens: bitwise the same logits
+        session.append_slot(slot, prompt[8:])
+    np.testing.assert_array_equal(*session.extend_slots([0, 1], [[64, 8], [64, 8]]))
+    with pytest.raises(InputError, match="cannot fill"):
+        session.load_slot(1, saved, 9)
+    with pytest.raises(InputError, match="cannot save"):
+        session.save_slot(1, session.slot_length(1) + 1)
+
+
+def test_moving_a_run_turns_its_keys_for_the_new_positions_and_keeps_its_values(session):
+    from codegen_deploy.model.reference import move_positions
+
+    session.open_slots(1)
+    session.prefill_slot(0, list(range(1, 19)))  # runs of 5, 6 and 7 tokens
+    before = session.save_slot(0, 18)
+    session.move_slot_tokens(0, 11, 5, 7)  # the third run where the second was (the runs overlap)
+    after = session.save_slot(0, 18)
+    rotary = session.config.rotary_dim
+    for old, new in zip(_torch(before.keys), _torch(after.keys), strict=True):
+        np.testing.assert_array_equal(new[:, 5:12], move_positions(old[:, 11:18], -6, rotary))
+        np.testing.assert_array_equal(new[:, :5], old[:, :5])  # what comes before stays
+    for old, new in zip(_torch(before.values), _torch(after.values), strict=True):
+        np.testing.assert_array_equal(new[:, 5:12], old[:, 11:18])
+    assert session.slot_length(0) == 18  # cut by the caller
+    with pytest.raises(InputError, match="earlier positions"):
+        session.move_slot_tokens(0, 2, 4, 3)  # to later positions
+    with pytest.raises(InputError, match="earlier positions"):
+        session.move_slot_tokens(0, 12, 0, 7)  # beyond what the slot holds

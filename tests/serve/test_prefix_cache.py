@@ -20,10 +20,10 @@ from codegen_deploy.runtime.engine import (
     Row,
     RowSpec,
     SlotEngine,
-    reusable,
     take_turns,
 )
 from codegen_deploy.runtime.generate import GenerationConfig
+from codegen_deploy.runtime.prompt_cache import reusable
 from codegen_deploy.runtime.sampling import SamplingConfig
 from codegen_deploy.runtime.session import common_prefix
 from codegen_deploy.runtime.text import NoText
@@ -83,12 +83,30 @@ def _row(ids, max_tokens=4) -> Row:
     return Row(RowSpec(tuple(ids), max_tokens), NoText(), {0})
 
 
+ROOMY = 2**30  # a prompt cache that never evicts in these tests
+
+
+def held(engine) -> tuple[int, int]:
+    """Idle prompts the engine keeps (in free slots and its prompt cache) and their tokens."""
+    state = engine.cache_state()
+    return state.entries, state.tokens
+
+
 def admit(engine, waiting: deque) -> list:
     """Move rows from the front of `waiting` into `engine` while it takes them (as the Batcher does)."""
     taken = []
     while waiting and engine.add(waiting[0]):
         taken.append(waiting.popleft())
     return taken
+
+
+def _serve(engine, ids) -> Row:
+    """Run one row alone to its end; return it."""
+    row = _row(ids)
+    assert admit(engine, deque([row])) == [row]
+    while engine.has_work():
+        engine.step()
+    return row
 
 
 def test_common_prefix_and_turns():
@@ -118,7 +136,7 @@ def test_a_cache_is_reused_as_far_as_it_was_read_as_a_prompt_leaving_a_last_piec
 
 
 def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(session):
-    engine = SlotEngine(session, rows=2, cache_slots=2)
+    engine = SlotEngine(session, rows=2, cache_memory=ROOMY)
     rng = np.random.default_rng(0)
     file = rng.integers(0, 300, 40).tolist()
     other = rng.integers(0, 300, 30).tolist()
@@ -128,7 +146,7 @@ def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(sess
     engine.step()  # whole prompts (prefill_chunk 0), and a first token each
     engine.remove(a)
     engine.remove(b)
-    assert engine.cached() == (2, 70)
+    assert held(engine) == (2, 70)
     # The same file with a few more tokens typed goes to slot 0 and computes only the new tokens (at least a
     # whole piece: Session.min_piece).
     typed = _row([*file, *range(7, 7 + session.min_piece)])
@@ -145,69 +163,72 @@ def test_a_row_takes_the_slot_sharing_its_prefix_and_computes_only_the_rest(sess
 
 
 def test_a_few_shared_tokens_never_cost_another_prompts_cache(session):
-    engine = SlotEngine(session, rows=2, cache_slots=2)
+    engine = SlotEngine(session, rows=1, cache_memory=ROOMY)
     file = list(range(1, 41))
-    a = _row(file)
-    admit(engine, deque([a]))
-    engine.step()
-    engine.remove(a)
-    stranger = _row(file[:3] + [200] * 20)  # shares 3 of slot 0's 40 tokens: goes to the empty slot
-    admit(engine, deque([stranger]))
-    assert stranger.slot == 1 and stranger.cached_tokens == 0
-    assert session.slot_length(0) == 40
+    _serve(engine, file)
+    stranger = _serve(engine, file[:3] + [200] * 20)  # shares 3 of the file's 40 tokens: reuses them, copied
+    assert stranger.cached_tokens == 3 and [e.cached for e in engine.store.entries] == [file]
+    typed = _serve(engine, [*file, *[7] * session.min_piece])  # the file's own user still finds all of it
+    assert typed.cached_tokens == 40
 
 
 def test_a_long_completion_does_not_hide_its_prompt(session):
     """What counts is the prompt a cache was made for: after a long completion, the same prompt (a little
     longer) still reuses it."""
-    engine = SlotEngine(session, rows=2, cache_slots=2)
+    engine = SlotEngine(session, rows=2, cache_memory=ROOMY)
     prompt = list(range(1, 21))
     row = _row(prompt, max_tokens=61)
     admit(engine, deque([row]))
     for _ in range(61):  # the prompt, then a 60-token completion that stays in the slot's cache
         engine.step()
-    assert not engine.has_work() and engine.cached() == (1, 80)
+    assert not engine.has_work() and held(engine) == (1, 80)
     again = _row([*prompt, *[7] * session.min_piece])
     admit(engine, deque([again]))
     assert again.slot == 0 and again.cached_tokens == 20
 
 
-def test_least_recently_used_caches_are_dropped_beyond_cache_slots(session):
-    engine = SlotEngine(session, rows=3, cache_slots=1)
-    rows = [_row([i + 1] * 10) for i in range(3)]
-    admit(engine, deque(rows))
-    engine.step()
-    for r in (rows[1], rows[0], rows[2]):
-        engine.remove(r)
-    assert engine.cached() == (1, 10)
-    assert [session.slot_length(i) for i in range(3)] == [0, 0, 10]  # the last released keeps its cache
-    off = SlotEngine(session, rows=3, cache_slots=0)  # reuse off: nothing is kept
-    r = _row([1] * 10)
-    admit(off, deque([r]))
-    off.step()
-    off.remove(r)
-    assert off.cached() == (0, 0)
-
-
-def test_more_cache_slots_than_rows_keep_more_prompts(session):
-    engine = SlotEngine(session, rows=1, cache_slots=3)
-    assert session.slot_count == 3
+def test_the_prompt_cache_keeps_what_fits_in_its_bytes_and_evicts_the_least_recently_used(session):
     n = 8 + session.min_piece
-    for i in range(3):
-        r = _row([i + 1] * n)
-        admit(engine, deque([r]))
-        assert engine.capacity() == 0  # one row at a time
-        engine.step()
-        engine.remove(r)
-    assert engine.cached() == (3, 3 * n)
-    back = _row([1] * n + [5] * session.min_piece)
-    admit(engine, deque([back]))
-    assert back.cached_tokens == n
+    per_prompt = n * session.kv_bytes_per_token
+    engine = SlotEngine(session, rows=1, cache_memory=2 * per_prompt)  # room for two idle prompts
+    files = [[i + 1] * n for i in range(4)]
+    for ids in files:  # one slot: each file moves the one before it into the prompt cache
+        _serve(engine, ids)
+    # Files 2 and 3 in the prompt cache (file 1 evicted first, the least recently used), file 4 in the slot.
+    assert [e.cached for e in engine.store.entries] == [files[1], files[2]]
+    state = engine.cache_state()
+    assert (state.entries, state.evictions) == (3, 1) and engine.store.nbytes == 2 * per_prompt
+    assert (
+        _serve(engine, [*files[1], *[9] * session.min_piece]).cached_tokens == n
+    )  # kept: read back from the prompt cache
+    assert _serve(engine, [*files[0], *[9] * session.min_piece]).cached_tokens == 0  # evicted: computed again
+    assert engine.store.nbytes <= engine.store.capacity
+    off = SlotEngine(session, rows=1, cache_memory=0)  # reuse off: nothing is kept
+    _serve(off, files[0])
+    assert held(off) == (0, 0) and _serve(off, [*files[0], *[9] * session.min_piece]).cached_tokens == 0
+
+
+def test_one_row_slot_keeps_many_editors_files_and_reading_one_back_changes_no_logit(session):
+    engine = SlotEngine(session, rows=1, cache_memory=ROOMY)
+    assert session.slot_count >= 1
+    rng = np.random.default_rng(1)
+    files = [rng.integers(1, 300, 20 + 7 * i).tolist() for i in range(3)]
+    for ids in files:
+        _serve(engine, ids)
+    assert held(engine) == (3, sum(map(len, files)) + 3)  # stashed: prompts; the slot: and what it generated
+    typed = [*files[0], *range(5, 5 + session.min_piece)]
+    row = _row(typed)
+    admit(engine, deque([row]))
+    assert row.cached_tokens == len(files[0]) and not any(e.cached == files[0] for e in engine.store.entries)
+    (read,) = engine.run(engine.plan()).read
+    session.truncate_slot(0, 0)
+    cold = session.append_slot(0, typed)
+    np.testing.assert_array_equal(read[1], cold)
 
 
 def test_a_prompt_cut_off_mid_way_leaves_what_it_computed(session):
     """A cancelled request's prompt stays for the next one: what the chunks computed is reused."""
-    engine = SlotEngine(session, rows=1, cache_slots=1)
+    engine = SlotEngine(session, rows=1, cache_memory=ROOMY)
     prompt = list(range(1, 31))
     first = _row(prompt)
     admit(engine, deque([first]))
@@ -339,7 +360,25 @@ def test_reuse_and_chunks_are_off_where_this_machines_kernels_split_a_prompt_oth
     append = session.append_slot
     monkeypatch.setattr(session, "append_slot", lambda slot, ids: append(slot, ids) + 1e-6 * len(ids))
     batcher = Batcher(session, tokenizer, max_batch=2, prefill_chunk=5)
-    assert not batcher.pieces_agree and batcher.engine.cache_slots == 0 and batcher.engine.prefill_chunk == 0
+    assert not batcher.pieces_agree and not batcher.engine.caching and batcher.engine.prefill_chunk == 0
     assert "otherwise than whole" in batcher.describe_cache() and "otherwise than whole" in batcher.describe_chunks()
-    off = Batcher(session, tokenizer, max_batch=2, cache_slots=0, prefill_chunk=0)  # nothing to check
+    off = Batcher(session, tokenizer, max_batch=2, cache_memory=0, prefill_chunk=0)  # nothing to check
     assert off.pieces_agree
+
+
+def test_with_chunk_reuse_a_rotated_ring_reads_only_the_new_chunk_and_the_file(session):
+    """llama.vim's /infill: a ring of extra chunks before the file; when it rotates (the oldest chunk out, a new
+    one in), the chunks it kept move to earlier positions. With --cache-reuse they are moved (keys turned), and
+    only the new chunk and the file are read; without, nothing is shared and all of it is read."""
+    ring = [t for c in range(1, 6) for t in range(100 * c, 100 * c + 12)]  # 5 chunks of 12 tokens
+    file = list(range(1000, 1000 + 20 + session.min_piece))
+    before, after = [*ring[:48], *file], [*ring[12:], *file]
+    for least_run, reused in ((0, 0), (8, 36)):
+        engine = SlotEngine(session, rows=1, cache_memory=ROOMY, cache_reuse=least_run)
+        _serve(engine, before)
+        _serve(engine, list(range(1, 30)))  # another request: the ring goes to the prompt cache and back
+        recording = Recording(session)
+        row = _serve(engine, after)
+        assert row.cached_tokens == reused
+        assert sum(recording.appended()) == len(after) - reused  # the new chunk and the file
+        del session.append_slot, session.step_slots  # the recording's wrappers

@@ -19,7 +19,7 @@ TYPED = [FILE, FILE + "    ret", FILE + "    return fib", FILE + "    return fib
 def plain_server(fp32_export, tmp_path_factory):
     """A server with neither prefix reuse nor chunked prompts: every prompt computed whole, from nothing."""
     log = tmp_path_factory.mktemp("serve-no-cache") / "server.log"
-    argv = [str(fp32_export), "--model-name", "tiny", "--threads", "1", "--cache-slots", "0", "--prefill-chunk", "0"]
+    argv = [str(fp32_export), "--model-name", "tiny", "--threads", "1", "--cache-memory", "0", "--prefill-chunk", "0"]
     s = Server(argv, log)
     yield s
     s.stop()
@@ -30,6 +30,7 @@ def cache_server(fp32_export, tmp_path_factory):
     """Prefix reuse and chunks on (the defaults), with a chunk small enough to split these prompts."""
     log = tmp_path_factory.mktemp("serve-cache") / "server.log"
     argv = [str(fp32_export), "--model-name", "tiny", "--threads", "1", "--max-batch", "2", "--prefill-chunk", "8"]
+    argv += ["--cache-memory", "256MiB"]
     s = Server(argv, log)
     yield s
     s.stop()
@@ -58,7 +59,12 @@ def test_typing_reuses_the_cache_and_changes_no_answer(cache_server, plain_serve
     assert reused[4] == 0  # a line added at the top shares no prefix
     hits = cache_server.metric('codegen_prompt_cache_tokens_total{result="hit"}') - hits_before
     assert hits == sum(reused)
-    assert cache_server.metric("codegen_cached_slots") >= 1
+    assert cache_server.metric("codegen_prompt_cache_entries") >= 1
+    assert cache_server.metric("codegen_prompt_cache_held_tokens") >= len(TYPED[-1]) // 8  # tokens, not characters
+    assert cache_server.metric("codegen_prompt_cache_bytes") > 0
+    assert cache_server.metric('codegen_prompt_cache_lookups_total{result="hit"}') >= 3
+    assert cache_server.metric('codegen_prompt_cache_lookups_total{result="miss"}') >= 1
+    assert cache_server.metric("codegen_prompt_cache_evictions_total") == 0
     plain_usage = plain.completions.create(model="tiny", prompt=FILE, max_tokens=2, temperature=0).usage
     assert plain_usage.prompt_tokens_details.cached_tokens == 0  # reuse off: never a hit
 

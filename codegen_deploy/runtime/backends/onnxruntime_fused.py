@@ -250,6 +250,13 @@ class FusedOrtSession(Session):
         self._slot_step_buffers: dict[int, tuple] = {}  # k -> ids [rows, k], logits [rows * k, V], keep [1]
         self._slot_step_bindings: dict[tuple[int, int, int], object] = {}  # (first, n, k) -> its binding
 
+    saves_slots = True
+
+    def _slot_parts(self, slot: int) -> tuple[list, list]:
+        parts = [cache[slot] for cache in self._slot_cache]  # each [H, max_context, D]
+        at = io_spec.KV_KINDS.index("key")
+        return parts[at::2], parts[1 - at :: 2]
+
     def _bind_slots(
         self,
         binding,

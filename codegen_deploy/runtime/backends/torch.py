@@ -158,6 +158,11 @@ class TorchSession(Session):
         self._slot_keys = [buffer() for _ in range(c.n_layer)]
         self._slot_values = [buffer() for _ in range(c.n_layer)]
 
+    saves_slots = True
+
+    def _slot_parts(self, slot: int) -> tuple[list, list]:
+        return [k[slot] for k in self._slot_keys], [v[slot] for v in self._slot_values]  # each [H, max_context, D]
+
     def _run_layers(self, ids, pos, bias, store, keep: int = 1):
         """The blocks over new tokens ids [B, T] at positions pos [B, T]; store(layer, k, v) writes the new keys
         and values into the cache and returns the (keys, values) to attend over. Returns the logits of the
