@@ -3,7 +3,7 @@
 An editor sends the whole file above the cursor on nearly every keystroke and cancels the request it sent
 a moment ago, so what its user feels is the time to first token on a long, almost unchanged prompt while
 other users' streams keep flowing. Three scenarios, each against two servers of the same export started
-side by side (on: the defaults; off: --cache-slots 0 --prefill-chunk 0, every prompt read whole from
+side by side (on: the defaults; off: --cache-memory 0 --prefill-chunk 0, every prompt read whole from
 nothing), round-robin over --rounds:
 
   typing      a ~--file-tokens file, then the same file growing by --typed characters a request; each
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from serve_load import REPO, free_port, start_server
 
-CONFIGS = {"on": (), "off": ("--cache-slots", "0", "--prefill-chunk", "0")}
+CONFIGS = {"on": (), "off": ("--cache-memory", "0", "--prefill-chunk", "0")}
 
 
 def source_text() -> str:
@@ -145,14 +145,17 @@ def run_round(urls: dict[str, str], args, tokenizer, text: str) -> dict:
             for name, url in urls.items()
         }
         # Round-robin: each scenario on each server in turn.
-        for name, client in clients.items():
-            out[name]["hits_before"] = hits(urls[name])
-            out[name]["typing"] = await typing(client, file, more, args.typed, args.requests)
-            out[name]["typing_hits"] = hits(urls[name]) - out[name].pop("hits_before")
-        for name, client in clients.items():
-            out[name]["long_prompt"] = await long_prompt(client, short, long)
-        for name, client in clients.items():
-            out[name]["editors"] = await editors(client, files, args.typed, args.requests)
+        if "typing" in args.scenarios:
+            for name, client in clients.items():
+                out[name]["hits_before"] = hits(urls[name])
+                out[name]["typing"] = await typing(client, file, more, args.typed, args.requests)
+                out[name]["typing_hits"] = hits(urls[name]) - out[name].pop("hits_before")
+        if "long-prompt" in args.scenarios:
+            for name, client in clients.items():
+                out[name]["long_prompt"] = await long_prompt(client, short, long)
+        if "editors" in args.scenarios:
+            for name, client in clients.items():
+                out[name]["editors"] = await editors(client, files, args.typed, args.requests)
         for client in clients.values():
             await client.close()
 
@@ -175,29 +178,33 @@ def summarise(rounds: list[dict]) -> dict:
     """Medians over rounds, per server config."""
     summary = {}
     for name in rounds[0]:
-        cold = statistics.median(r[name]["typing"][0] for r in rounds)
-        warm = statistics.median(t for r in rounds for t in r[name]["typing"][1:])
-        editor_warm = [t for r in rounds for e in r[name]["editors"] for t in e[1:]]
-        summary[name] = {
-            "typing_reused_tokens": statistics.median(r[name]["typing_hits"] for r in rounds),
-            "typing_cold_ttft_s": cold,
-            "typing_warm_ttft_s": warm,
-            "warm_over_cold": warm / cold,
-            "stream_step_s": statistics.median(r[name]["long_prompt"]["step_s"] for r in rounds),
-            "stream_largest_gap_s": statistics.median(r[name]["long_prompt"]["largest_gap_s"] for r in rounds),
-            "stream_gap_in_steps": statistics.median(r[name]["long_prompt"]["gap_in_steps"] for r in rounds),
-            "stream_median_gap_in_steps": statistics.median(
-                r[name]["long_prompt"]["median_gap_in_steps"] for r in rounds
-            ),
-            "long_prompt_ttft_s": statistics.median(r[name]["long_prompt"]["long_ttft_s"] for r in rounds),
-            "editors_warm_ttft_p50_s": statistics.median(editor_warm),
-            "editors_warm_ttft_max_s": max(editor_warm),
-        }
+        s = summary[name] = {}
+        if "typing" in rounds[0][name]:
+            cold = statistics.median(r[name]["typing"][0] for r in rounds)
+            warm = statistics.median(t for r in rounds for t in r[name]["typing"][1:])
+            s["typing_reused_tokens"] = statistics.median(r[name]["typing_hits"] for r in rounds)
+            s.update(typing_cold_ttft_s=cold, typing_warm_ttft_s=warm, warm_over_cold=warm / cold)
+        if "long_prompt" in rounds[0][name]:
+            long = [r[name]["long_prompt"] for r in rounds]
+            s["stream_step_s"] = statistics.median(x["step_s"] for x in long)
+            s["stream_largest_gap_s"] = statistics.median(x["largest_gap_s"] for x in long)
+            s["stream_gap_in_steps"] = statistics.median(x["gap_in_steps"] for x in long)
+            s["stream_worst_gap_in_steps"] = max(x["gap_in_steps"] for x in long)
+            s["stream_median_gap_in_steps"] = statistics.median(x["median_gap_in_steps"] for x in long)
+            s["long_prompt_ttft_s"] = statistics.median(x["long_ttft_s"] for x in long)
+        if "editors" in rounds[0][name]:
+            editor_warm = [t for r in rounds for e in r[name]["editors"] for t in e[1:]]
+            s["editors_warm_ttft_p50_s"] = statistics.median(editor_warm)
+            s["editors_warm_ttft_max_s"] = max(editor_warm)
     return summary
 
 
+STYLES = {"on": ("-o", "C0"), "off": ("--s", "C3"), "before": (":^", "C2")}
+
+
 def plot(results: dict, path: Path) -> None:
-    """Time to first token per typed request, and the stream's gaps around the long prompt, on and off."""
+    """Time to first token per typed request, the stream's gaps around the long prompt, and the editors' time to
+    first token, per server config (the scenarios that ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,23 +214,18 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(exports), 3, figsize=(16, 4.2 * len(exports)), squeeze=False)
     for row, export in zip(axes, exports, strict=True):
         rounds = results[export]["rounds"]
-        for name, style in (("on", "-o"), ("off", "--s")):
+        for name in rounds[0]:
+            style, color = STYLES[name]
             for i, r in enumerate(rounds):
-                label = f"reuse {name}" if i == 0 else None
-                row[0].plot(r[name]["typing"], style, color="C0" if name == "on" else "C3", alpha=0.8, label=label)
-                for j, e in enumerate(r[name]["editors"]):
-                    row[2].plot(
-                        e, style, color="C0" if name == "on" else "C3", alpha=0.6, label=label if j == 0 else None
-                    )
-            timeline = rounds[0][name]["long_prompt"]["timeline"]
-            row[1].plot(
-                [t for t, _ in timeline],
-                [g * 1e3 for _, g in timeline],
-                style,
-                color="C0" if name == "on" else "C3",
-                markersize=3,
-                label=f"chunks {name}",
-            )
+                label = name if i == 0 else None
+                if "typing" in r[name]:
+                    row[0].plot(r[name]["typing"], style, color=color, alpha=0.8, label=label)
+                for j, e in enumerate(r[name].get("editors", [])):
+                    row[2].plot(e, style, color=color, alpha=0.6, label=label if j == 0 else None)
+            if "long_prompt" in rounds[0][name]:
+                timeline = rounds[0][name]["long_prompt"]["timeline"]
+                times, gaps = [t for t, _ in timeline], [g * 1e3 for _, g in timeline]
+                row[1].plot(times, gaps, style, color=color, markersize=3, label=name)
         row[0].set(title=f"{export}: typing in a file", xlabel="request (one per keystroke burst)", ylabel="TTFT (s)")
         row[1].set(
             title="a stream while another client sends a long prompt",
@@ -233,9 +235,12 @@ def plot(results: dict, path: Path) -> None:
         row[2].set(title="several editors typing at once", xlabel="request", ylabel="TTFT (s)")
         for ax in row:
             ax.grid(alpha=0.3)
-            ax.legend()
-        row[0].set_yscale("log")
-        row[2].set_yscale("log")
+            if ax.lines:
+                ax.legend()
+        if row[0].lines:
+            row[0].set_yscale("log")
+        if row[2].lines:
+            row[2].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -251,6 +256,9 @@ def main() -> None:
     p.add_argument("--editors", type=int, default=3, help="editors typing at once (default 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=4)
+    scenarios = ("typing", "long-prompt", "editors")
+    p.add_argument("--scenarios", nargs="+", choices=scenarios, default=list(scenarios))
+    p.add_argument("--baseline-repo", type=Path, help="also a server with the defaults from another checkout (before)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "editor_trace.json")
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "editor_trace.png")
     real = REPO.parent / "shared" / "data" / "codegen-350M-mono-tokenizer"
@@ -267,9 +275,12 @@ def main() -> None:
     for export in args.exports:
         servers, urls = [], {}
         try:
-            for name, extra in CONFIGS.items():
+            configs = [(name, extra, REPO) for name, extra in CONFIGS.items()]
+            if args.baseline_repo:
+                configs.append(("before", (), args.baseline_repo))
+            for name, extra, repo in configs:
                 port = free_port()
-                servers.append(start_server(export, port, args.max_batch, args.threads, args.tokenizer, extra))
+                servers.append(start_server(export, port, args.max_batch, args.threads, args.tokenizer, extra, repo))
                 urls[name] = f"http://127.0.0.1:{port}"
             rounds = []
             for r in range(args.rounds):
@@ -288,6 +299,7 @@ def main() -> None:
         ("stream_step_s", "step s"),
         ("stream_largest_gap_s", "largest gap s"),
         ("stream_gap_in_steps", "largest gap/step"),
+        ("stream_worst_gap_in_steps", "worst round"),
         ("stream_median_gap_in_steps", "median gap/step"),
         ("long_prompt_ttft_s", "long TTFT s"),
         ("editors_warm_ttft_p50_s", f"{args.editors} editors p50 s"),
@@ -297,7 +309,7 @@ def main() -> None:
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for export, r in results.items():
         for name, s in r["summary"].items():
-            print(f"| {export} | {name} | " + " | ".join(f"{s[k]:.3g}" for k, _ in columns) + " |")
+            print(f"| {export} | {name} | " + " | ".join(f"{s[k]:.3g}" if k in s else "-" for k, _ in columns) + " |")
     print(f"\nuptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args), "results": results}, default=str, indent=1))

@@ -115,7 +115,7 @@ class Requests:
     def reuse(self, text: str, i: int):
         from codegen_deploy.runtime.engine import SlotEngine
 
-        engine = SlotEngine(self.session, rows=4, cache_slots=4, prefill_chunk=None)
+        engine = SlotEngine(self.session, rows=4, cache_memory=2**30, prefill_chunk=None)
         kind = PRIMERS[i % len(PRIMERS)]
         spec = self.spec(text, i)
         if kind == "cut":

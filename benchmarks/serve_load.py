@@ -62,9 +62,16 @@ def weights_bytes(folder: Path) -> int:
 
 
 def start_server(
-    export: Path, port: int, max_batch: int, threads: int | None, tokenizer: Path | None, extra: tuple[str, ...] = ()
+    export: Path,
+    port: int,
+    max_batch: int,
+    threads: int | None,
+    tokenizer: Path | None,
+    extra: tuple[str, ...] = (),
+    repo: Path = REPO,
 ) -> subprocess.Popen:
-    """codegen-serve on 127.0.0.1:`port` (extra: more of its options), once it answers /health."""
+    """codegen-serve on 127.0.0.1:`port` (extra: more of its options), once it answers /health; `repo`: the
+    checkout whose code it runs (another one: a baseline)."""
     argv = [
         sys.executable,
         "-m",
@@ -84,7 +91,7 @@ def start_server(
     if tokenizer:
         argv += ["--tokenizer", str(tokenizer)]
     argv += list(extra)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -162,7 +162,7 @@ def served(session, tokenizer, prompts: list[str], new_tokens: int, concurrency:
         max_queue=len(prompts),
         metrics=metrics,
         drafter=drafter,
-        cache_slots=0,
+        cache_memory=0,
     )
     if alone:
         batcher.engine.costs.share = lambda rows: 1.0  # a row decides as if it stepped alone

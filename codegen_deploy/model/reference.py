@@ -40,18 +40,6 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rotary_d
     return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
 
 
-def move_positions(keys: torch.Tensor, offset: int, rotary_dim: int) -> torch.Tensor:
-    """Cached keys [..., D] rotated for positions p -> the same keys for positions p + offset, in float32, returned
-    in keys' dtype. The rotary embedding turns each pair of a key's first rotary_dim dims by the position's
-    angle, and turns compose: one more turn by the offset's angle moves a key, exactly up to rounding."""
-    sin, cos = rotary_tables(abs(offset) + 1, rotary_dim)
-    sin = (sin[abs(offset)] if offset >= 0 else -sin[abs(offset)]).repeat_interleave(2)  # [R]
-    cos = cos[abs(offset)].repeat_interleave(2)  # [R]
-    turned, rest = keys[..., :rotary_dim].float(), keys[..., rotary_dim:]
-    turned = turned * cos.to(turned.device) + rotate_every_two(turned) * sin.to(turned.device)
-    return torch.cat((turned.to(keys.dtype), rest), dim=-1)
-
-
 def layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm computed in float32: in fp16 its variance overflows on the large models."""
     out = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)

@@ -2,13 +2,17 @@
 
 The law: a run that feeds j tokens to one row costs a step plus `token` seconds per extra token (the weights
 are read once per run, so a step dominates a short run; each extra token adds its share of compute), and a
-step over n rows costs steps[n]. Prompt pieces (append_slot), speculative checks (extend_slots) and plain
-steps (step_slots) are all runs of this law, so each one teaches it. Until measured, an extra token is taken to
+step over n rows costs steps[n]. An extra token's cost grows with the context it attends to (its attention reads
+every cached position): token_s + context_s x (its position), both fitted to the runs measured, so a piece is
+sized for where it is read. Prompt pieces (append_slot), speculative checks (extend_slots) and plain steps
+(step_slots) are all runs of this law, so each one teaches it. Until measured, an extra token is taken to
 cost APPEND_TOKEN_COST of a step (measured on this CPU, 350M shape: fp32 a step 60 ms + 2.1 ms per token, int8
 27 ms + 0.7 ms).
 """
 
 from __future__ import annotations
+
+import math
 
 APPEND_TOKEN_COST = 0.035
 # Weight of the newest measurement in the moving averages the schedulers adapt to (the machine's load drifts).
@@ -26,27 +30,39 @@ def moving_average(old: float | None, new: float, weight: float = NEWEST) -> flo
 
 
 class CostModel:
-    """Seconds of a session's runs: steps[n] a step over n rows, token_s an extra token in a one-row run (moving
-    averages). Costs are asked in steps of one row, so they mean something before anything is measured."""
+    """Seconds of a session's runs: steps[n] a step over n rows (moving averages); an extra token in a one-row
+    run at context position x costs token_s + context_s x (a line fitted by least squares weighted to the newest
+    runs). Costs are asked in steps of one row, so they mean something before anything is measured."""
 
     def __init__(self):
         self.steps: dict[int, float] = {}
         self.token_s: float | None = None
+        self.context_s = 0.0
+        # Weighted sums over the runs measured, newest weighted most: weight, x, y, x^2, x y (x: a run's mean
+        # context position, y: its seconds per extra token).
+        self._sums = [0.0] * 5
 
     def record_step(self, rows: int, seconds: float) -> None:
         """A step of `rows` rows (one token each) took `seconds`."""
         self.steps[rows] = moving_average(self.steps.get(rows), seconds)
 
-    def record_run(self, tokens: int, seconds: float) -> None:
-        """A run of `tokens` tokens for one row took `seconds`: a step when tokens is 1; with at least
-        MIN_TOKENS_MEASURED tokens (a prompt piece), a step plus the extra tokens' cost, which it learns once a
-        step's cost is known."""
+    def record_run(self, tokens: int, seconds: float, start: int = 0) -> None:
+        """A run of `tokens` tokens for one row, after `start` cached tokens, took `seconds`: a step when tokens
+        is 1; with at least MIN_TOKENS_MEASURED tokens (a prompt piece), a step plus the extra tokens' cost,
+        which it learns once a step's cost is known."""
         if tokens == 1:
             self.record_step(1, seconds)
             return
         step = self.step_seconds(1)
-        if step is not None and tokens >= MIN_TOKENS_MEASURED:
-            self.token_s = moving_average(self.token_s, max(seconds - step, 0.0) / (tokens - 1) + 1e-7)
+        if step is None or tokens < MIN_TOKENS_MEASURED:
+            return
+        x, y = start + tokens / 2, max(seconds - step, 0.0) / (tokens - 1) + 1e-7
+        self._sums = [moving_average(old, new) for old, new in zip(self._sums, (1.0, x, y, x * x, x * y), strict=True)]
+        w, sx, sy, sxx, sxy = self._sums
+        spread = w * sxx - sx * sx  # w^2 times the weighted variance of x
+        slope = (w * sxy - sx * sy) / spread if spread > (16 * w) ** 2 else 0.0  # x spread over 16 tokens
+        self.context_s = max(slope, 0.0)
+        self.token_s = max((sy - self.context_s * sx) / w, 1e-7)
 
     def step_seconds(self, rows: int) -> float | None:
         """A step over `rows` rows, measured (the nearest measured row count when that one is not yet)."""
@@ -76,11 +92,15 @@ class CostModel:
             return 1.0 / rows
         return many / rows / one
 
-    def piece_tokens(self, rows: int, gap_steps: float) -> int | None:
-        """Prompt tokens one piece may hold so that the piece and the next step over `rows` generating rows take
-        about `gap_steps` steps (None until a step and a token are measured): piece + step = (step + tokens x
-        token) + step <= gap_steps x step."""
+    def piece_tokens(self, rows: int, gap_steps: float, start: int = 0) -> int | None:
+        """Prompt tokens one piece read after `start` cached tokens may hold so that the piece and the next step
+        over `rows` generating rows take about `gap_steps` steps (None until a step and a token are measured):
+        piece + step = (step + t (token_s + context_s (start + t / 2))) + step <= gap_steps x step."""
         step = self.step_seconds(rows)
         if step is None or self.token_s is None:
             return None
-        return int((gap_steps - 2) * step / self.token_s)
+        room = (gap_steps - 2) * step
+        a, c = self.token_s + self.context_s * start, self.context_s / 2  # room = a t + c t^2
+        if c <= 0:
+            return int(room / a)
+        return int((math.sqrt(a * a + 4 * c * room) - a) / (2 * c))

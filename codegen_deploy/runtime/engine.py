@@ -539,8 +539,9 @@ class SlotEngine(Engine):
 
     # -- plan ----------------------------------------------------------------------------------------------
 
-    def budget(self, generating: int) -> int | None:
-        """Prompt tokens to read in a step while `generating` rows generate (None: every prompt whole)."""
+    def budget(self, generating: int, start: int = 0) -> int | None:
+        """Prompt tokens to read in a step while `generating` rows generate, the first piece read after `start`
+        cached tokens (None: every prompt whole)."""
         if self.prefill_chunk == 0:
             return None
         idle = self.session.prompt_chunk or IDLE_CHUNK
@@ -548,7 +549,7 @@ class SlotEngine(Engine):
             return max(self.prefill_chunk or 0, idle)
         if self.prefill_chunk is not None:
             return self.prefill_chunk
-        tokens = self.costs.piece_tokens(generating, GAP_STEPS)
+        tokens = self.costs.piece_tokens(generating, GAP_STEPS, start)
         return FIRST_CHUNK if tokens is None else int(min(max(tokens, MIN_CHUNK), idle))
 
     def plan(self) -> Plan:
@@ -557,8 +558,8 @@ class SlotEngine(Engine):
         rows. Choosing drafts advances the rows' probe clocks (speculate.Acceptance)."""
         reading = [r for r in self.rows if r.reading]
         generating = [r for r in self.rows if not r.reading]
-        budget = self.budget(len(generating)) if reading else None
         ordered = sorted(reading, key=lambda r: r.last_read)  # least recently served first (stable: arrival)
+        budget = self.budget(len(generating), ordered[0].computed) if reading else None
         needs = [r.prompt_len - r.computed for r in ordered]
         shares = needs if budget is None else take_turns(needs, budget, self.session.min_piece)
         reads = tuple((r, n) for r, n in zip(ordered, shares, strict=True) if n)
@@ -592,7 +593,7 @@ class SlotEngine(Engine):
         for row, n in plan.reads:
             start = time.perf_counter()
             logits = self.session.append_slot(row.slot, row.ids[row.computed : row.computed + n])
-            self.costs.record_run(n, time.perf_counter() - start)
+            self.costs.record_run(n, time.perf_counter() - start, row.computed)
             if row.computed + n == row.prompt_len:
                 out.read.append((row, logits))
         proposals = [(row, self.drafter.propose(row.ids, k, row.slot)) for row, k in plan.drafts]
@@ -605,7 +606,7 @@ class SlotEngine(Engine):
             if drafts:
                 start = time.perf_counter()
                 logits = self.session.extend_slots([row.slot], [[row.ids[-1], *drafts]])[0]  # [k + 1, V]
-                self.costs.record_run(len(drafts) + 1, time.perf_counter() - start)
+                self.costs.record_run(len(drafts) + 1, time.perf_counter() - start, row.computed)
                 out.checked.append((row, drafts, logits))
         return out
 

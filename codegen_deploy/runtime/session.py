@@ -49,8 +49,33 @@ class SavedSlot:
         return sum(_nbytes(a) for a in (*self.keys, *self.values))
 
 
+def move_positions(keys: np.ndarray, offset: int, rotary_dim: int) -> np.ndarray:
+    """Cached keys [..., D] rotated for positions p -> the same keys for positions p + offset (computed in float32,
+    returned in keys' dtype). CodeGen's rotary embedding turns each pair (x[2i], x[2i + 1]) of a key's first
+    rotary_dim dims by the position's angle, p / 10000^(2i / rotary_dim), and turns compose: one more turn by the
+    offset's angle moves a key, exactly up to rounding."""
+    angle = offset / 10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim)  # [R/2], float64
+    sin, cos = np.sin(angle).astype(np.float32), np.cos(angle).astype(np.float32)
+    turned = keys[..., :rotary_dim].astype(np.float32)
+    even, odd = turned[..., 0::2], turned[..., 1::2]  # each [..., R/2]
+    out = keys.copy()
+    out[..., 0:rotary_dim:2] = even * cos - odd * sin
+    out[..., 1:rotary_dim:2] = odd * cos + even * sin
+    return out
+
+
 def _nbytes(array) -> int:
     return array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()  # torch
+
+
+def _numpy(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.float().cpu().numpy()  # torch (bfloat16, GPU)
+
+
+def _like(array: np.ndarray, like):
+    import torch
+
+    return torch.from_numpy(array).to(like.device, like.dtype)
 
 
 def _copy(array):
@@ -296,10 +321,6 @@ class Session(ABC):
 
         Approximate where the text before the run changed: its keys and values were computed after the old
         text. Exact (up to rounding) for the rotation itself."""
-        import torch
-
-        from ..model.reference import move_positions
-
         slot = self._check_slot(slot)
         if not (0 <= target <= source and count > 0 and source + count <= self._slot_lengths[slot]):
             raise InputError(
@@ -309,8 +330,8 @@ class Session(ABC):
         keys, values = self._slot_parts(slot)
         run, to = slice(source, source + count), slice(target, target + count)
         for k in keys:
-            turned = move_positions(torch.as_tensor(k[:, run]), target - source, self.config.rotary_dim)
-            k[:, to] = turned.numpy() if isinstance(k, np.ndarray) else turned  # [H, count, D]
+            turned = move_positions(_numpy(k[:, run]), target - source, self.config.rotary_dim)  # [H, count, D]
+            k[:, to] = turned if isinstance(k, np.ndarray) else _like(turned, k)
         for v in values:
             v[:, to] = _copy(v[:, run])  # a copy: the two runs may overlap
 

@@ -210,7 +210,7 @@ class DraftModel(Drafter):
         held = self.held[row]
         begin = time.perf_counter()
         logits = self.session.append_slot(row, new)
-        self.costs.record_run(len(new), time.perf_counter() - begin)
+        self.costs.record_run(len(new), time.perf_counter() - begin, len(held))
         held.extend(new)
         drafts = [int(logits.argmax())]
         self.fed[row] = (len(held), k - 1)

@@ -30,3 +30,21 @@ def test_a_rows_share_and_the_piece_that_keeps_a_streams_gap():
     costs.token_s = 0.002
     assert costs.piece_tokens(4, 3.5) == int(1.5 * 0.080 / 0.002)  # piece + step over 4 rows = 3.5 steps
     assert costs.piece_tokens(3, 3.5) == int(1.5 * 0.080 / 0.002)  # the nearest measured row count
+
+
+def test_a_tokens_cost_grows_with_its_context_and_a_late_piece_is_smaller():
+    costs = CostModel()
+    costs.record_step(1, 0.050)
+    token, context = 0.002, 1.5e-6  # 2 ms a token, and 1.5 us more per token of context it attends to
+    for start in (0, 256, 512, 768, 1024, 1280):  # a long prompt's pieces
+        costs.record_run(256, 0.050 + 255 * (token + context * (start + 128)), start)
+    assert costs.token_s == pytest.approx(token, rel=1e-3) and costs.context_s == pytest.approx(context, rel=1e-3)
+    early, late = costs.piece_tokens(1, 3.5), costs.piece_tokens(1, 3.5, start=1500)
+    assert late < early
+    for t, start in ((early, 0), (late, 1500)):  # each piece and the next step take the gap's 3.5 steps
+        assert 0.050 + t * (token + context * (start + t / 2)) + 0.050 == pytest.approx(3.5 * 0.050, rel=0.02)
+    same = CostModel()  # pieces all at one position: no slope to learn, the mean cost
+    same.record_step(1, 0.050)
+    for _ in range(3):
+        same.record_run(64, 0.050 + 63 * 0.003, 100)
+    assert same.context_s == 0 and same.token_s == pytest.approx(0.003, rel=1e-3)

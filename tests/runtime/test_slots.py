@@ -105,10 +105,8 @@ def test_a_step_covers_only_the_range_of_the_slots_it_steps(session):
     ]
 
 
-def _torch(arrays):
-    import torch
-
-    return [torch.as_tensor(a) for a in arrays]
+def _numpy(arrays):
+    return [np.asarray(a) for a in arrays]  # torch's CPU tensors too
 
 
 def test_a_slot_saved_and_loaded_into_another_goes_on_as_the_first_would(session):
@@ -131,7 +129,7 @@ def test_a_slot_saved_and_loaded_into_another_goes_on_as_the_first_would(session
 
 
 def test_moving_a_run_turns_its_keys_for_the_new_positions_and_keeps_its_values(session):
-    from codegen_deploy.model.reference import move_positions
+    from codegen_deploy.runtime.session import move_positions
 
     session.open_slots(1)
     session.prefill_slot(0, list(range(1, 19)))  # runs of 5, 6 and 7 tokens
@@ -139,10 +137,10 @@ def test_moving_a_run_turns_its_keys_for_the_new_positions_and_keeps_its_values(
     session.move_slot_tokens(0, 11, 5, 7)  # the third run where the second was (the runs overlap)
     after = session.save_slot(0, 18)
     rotary = session.config.rotary_dim
-    for old, new in zip(_torch(before.keys), _torch(after.keys), strict=True):
+    for old, new in zip(_numpy(before.keys), _numpy(after.keys), strict=True):
         np.testing.assert_array_equal(new[:, 5:12], move_positions(old[:, 11:18], -6, rotary))
         np.testing.assert_array_equal(new[:, :5], old[:, :5])  # what comes before stays
-    for old, new in zip(_torch(before.values), _torch(after.values), strict=True):
+    for old, new in zip(_numpy(before.values), _numpy(after.values), strict=True):
         np.testing.assert_array_equal(new[:, 5:12], old[:, 11:18])
     assert session.slot_length(0) == 18  # cut by the caller
     with pytest.raises(InputError, match="earlier positions"):
