@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from codegen_deploy.cli.common import float_in, int_at_least, progress_line, run
+from codegen_deploy.cli.common import float_in, int_at_least, memory_size, progress_line, run
+from codegen_deploy.memory import machine_memory_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,18 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out")
         time.sleep(0.05)
+
+
+def test_memory_sizes():
+    assert memory_size("auto") is None and memory_size("0") == 0
+    assert memory_size("512MiB") == 512 * 2**20 and memory_size("2G") == 2 * 10**9
+    assert memory_size("1.5gib") == 3 * 2**29
+    assert memory_size("4096") == 4096 and memory_size("64 KB") == 64_000
+    for bad in ("-1G", "lots", "4 GiBs", "1e3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a size"):
+            memory_size(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="more than this machine's memory"):
+        memory_size(f"{machine_memory_bytes() + 1}")
 
 
 def test_number_options():

@@ -9,6 +9,7 @@ from collections import deque
 import numpy as np
 import pytest
 
+from codegen_deploy.memory import available_memory_bytes
 from codegen_deploy.model.tokenizer import load_tokenizer
 from codegen_deploy.runtime import generate
 from codegen_deploy.runtime.engine import (
@@ -382,3 +383,14 @@ def test_with_chunk_reuse_a_rotated_ring_reads_only_the_new_chunk_and_the_file(s
         assert row.cached_tokens == reused
         assert sum(recording.appended()) == len(after) - reused  # the new chunk and the file
         del session.append_slot, session.step_slots  # the recording's wrappers
+
+
+def test_the_start_up_line_states_the_prompt_cache_in_bytes_and_tokens(session, tokenizer):
+    batcher = Batcher(session, tokenizer, max_batch=2, cache_memory=2**30, cache_reuse=64)
+    per_token = session.kv_bytes_per_token
+    line = batcher.describe_cache()
+    assert line.startswith("prefix cache: 1.00 GiB of idle prompts") and f"{2**30 // per_token:,} tokens" in line
+    assert "approximate" in line  # chunk reuse says what it costs
+    auto = Batcher(session, tokenizer, max_batch=2).engine.store.capacity  # a quarter of what is available
+    assert 0.1 * available_memory_bytes() < auto < 0.4 * available_memory_bytes()
+    assert Batcher(session, tokenizer, max_batch=2, cache_memory=0).describe_cache() == "prefix cache: off"
