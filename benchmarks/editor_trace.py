@@ -125,16 +125,18 @@ async def editors(client, files: list[tuple[str, str]], typed: int, requests: in
     return await asyncio.gather(*(typing(client, f, more, typed, requests) for f, more in files))
 
 
-def run_round(urls: dict[str, str], args, tokenizer, text: str) -> dict:
+def run_round(urls: dict[str, str], args, tokenizer, text: str, round_index: int = 0) -> dict:
     import openai
 
-    file = cut_to_tokens(tokenizer, text, args.file_tokens)
-    more = text[len(file) : len(file) + args.typed * args.requests]
-    long = cut_to_tokens(tokenizer, text, args.long_tokens, start=len(text) // 3)
+    # Texts of their own each round: one sent in an earlier round would come from the prefix cache.
+    shift = round_index * 7919
+    file = cut_to_tokens(tokenizer, text, args.file_tokens, start=shift)
+    more = text[shift + len(file) : shift + len(file) + args.typed * args.requests]
+    long = cut_to_tokens(tokenizer, text, args.long_tokens, start=len(text) // 3 + shift)
     short = "def main():\n"
     files = []
     for e in range(args.editors):
-        start = len(text) * (e + 1) // (args.editors + 2)
+        start = len(text) * (e + 1) // (args.editors + 2) + shift
         f = cut_to_tokens(tokenizer, text, args.file_tokens // 2, start=start)
         files.append((f, text[start + len(f) :][: args.typed * args.requests]))
     out: dict[str, dict] = {name: {} for name in urls}
@@ -284,7 +286,7 @@ def main() -> None:
                 urls[name] = f"http://127.0.0.1:{port}"
             rounds = []
             for r in range(args.rounds):
-                rounds.append(run_round(urls, args, tokenizer, text))
+                rounds.append(run_round(urls, args, tokenizer, text, r))
                 print(f"[{export.name}] round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         finally:
             for proc in servers:

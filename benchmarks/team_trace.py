@@ -10,7 +10,7 @@ Servers of the same export, started side by side and driven in turn (round-robin
          and the server's RSS (with its children: Ray's replicas). Setups: `cache` (the defaults: the prompt
          cache sized by memory), `slots` (--cache-memory 1: only the row slots keep prompts, as before the
          prompt cache), `off` (--cache-memory 0), and with --ray: `ray` (--replicas 2, prefix-affinity routing)
-         and `ray-default` (Ray Serve's own router).
+         and `ray-default` (--ray-router ray: Ray Serve's own router).
   ring   one editor's /infill requests as llama.vim sends them: a ring of --ring-chunks extra chunks, then the
          file; the ring rotates (the oldest chunk out, a new one in) between requests. TTFT after a rotation,
          against the cold first request, with the defaults and with --cache-reuse 64.
@@ -44,7 +44,7 @@ SETUPS = {
 }
 RAY_SETUPS = {
     "ray": ("--ray", "--replicas", "2", "--replica-cpus", "0.5"),
-    "ray-default": ("--ray", "--replicas", "2", "--replica-cpus", "0.5", "--ray-router", "default"),
+    "ray-default": ("--ray", "--replicas", "2", "--replica-cpus", "0.5", "--ray-router", "ray"),
 }
 RING_SETUPS = {"ring-default": (), "ring-reuse": ("--cache-reuse", "64")}
 

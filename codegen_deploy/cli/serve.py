@@ -168,6 +168,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--replica-gpus", type=float, help="GPUs per replica (default: 1 where the Ray cluster has GPUs, else 0)"
     )
     ray.add_argument(
+        "--ray-router",
+        choices=("prefix", "ray"),
+        default="prefix",
+        help="how requests are spread over the replicas: prefix (default: to the replica most likely to hold the "
+        "prompt's start in its prefix cache, unless it is much busier than the least loaded) or ray (Ray Serve's "
+        "own router, by queue lengths only)",
+    )
+    ray.add_argument(
         "--ray-node-ip",
         default="127.0.0.1",
         metavar="ADDRESS",
@@ -314,6 +322,7 @@ def _serve(args: argparse.Namespace) -> int:
             replica_cpus=args.replica_cpus,
             replica_gpus=args.replica_gpus,
             node_ip=args.ray_node_ip,
+            router=args.ray_router,
         )
     where = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{port}"
     try:
