@@ -9,13 +9,13 @@ Servers of the same export, started side by side and driven in turn (round-robin
          of the warm requests' prompt tokens answered from cache (the server's /metrics), warm TTFT p50/p95,
          and the server's RSS (with its children: Ray's replicas). Setups: `cache` (the defaults: the prompt
          cache sized by memory), `slots` (--cache-memory 1: only the row slots keep prompts, as before the
-         prompt cache), `off` (--cache-memory 0), and with --ray: `ray` (--replicas 2, prefix-affinity routing)
+         prompt cache), `off` (--cache-memory 0), and `ray` (--ray --replicas 2, prefix-affinity routing)
          and `ray-default` (--ray-router ray: Ray Serve's own router).
   ring   one editor's /infill requests as llama.vim sends them: a ring of --ring-chunks extra chunks, then the
          file; the ring rotates (the oldest chunk out, a new one in) between requests. TTFT after a rotation,
          against the cold first request, with the defaults and with --cache-reuse 64.
 
-    python benchmarks/team_trace.py EXPORT [--rounds 2] [--editors 1 4 16] [--ray]
+    python benchmarks/team_trace.py EXPORT [--rounds 2] [--editors 1 4 16] [--setups cache ray]
 
 Prints tables, writes JSON and a PNG plot (matplotlib). The text is this repository's own Python source; the
 servers get the real CodeGen tokenizer from ../shared/data.
@@ -218,7 +218,15 @@ def main() -> None:
     p.add_argument("--typed", type=int, default=12, help="characters typed between two requests (default 12)")
     p.add_argument("--requests", type=int, default=4, help="warm requests per editor (default 4)")
     p.add_argument("--pause", type=float, default=2.0, help="seconds between an editor's requests (default 2)")
-    p.add_argument("--ray", action="store_true", help="also Ray Serve with 2 replicas, with and without affinity")
+    every = [*SETUPS, *RAY_SETUPS, *RING_SETUPS]
+    p.add_argument(
+        "--setups",
+        nargs="+",
+        choices=every,
+        default=[*SETUPS, *RING_SETUPS],
+        help="the servers to compare (default: the one-server ones and the ring; Ray's start a local Ray each, so "
+        "run one Ray setup at a time, next to `cache`)",
+    )
     p.add_argument("--ring-chunks", type=int, default=8, help="extra chunks in the ring (default 8)")
     p.add_argument("--ring-chunk-tokens", type=int, default=180)
     p.add_argument("--rotations", type=int, default=3)
@@ -235,7 +243,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     BIAS[str(tokenizer.encode(" x")[0])] = 100.0
     text = source_text()
-    setups = {**SETUPS, **(RAY_SETUPS if args.ray else {}), **RING_SETUPS}
+    setups = {name: extra for name, extra in {**SETUPS, **RAY_SETUPS, **RING_SETUPS}.items() if name in args.setups}
     servers, urls = {}, {}
     try:
         for name, extra in setups.items():
@@ -272,7 +280,7 @@ def main() -> None:
                 args.file_tokens // 3,
                 args.rotations,
             )
-            for setup in RING_SETUPS:
+            for setup in [s for s in RING_SETUPS if s in setups]:
                 out["ring"][setup] = ring(urls[setup], bodies)
                 print(f"round {r + 1} {setup}: {out['ring'][setup]}", file=sys.stderr, flush=True)
             rounds.append(out)
@@ -294,7 +302,7 @@ def main() -> None:
             )
     print("\n| ring setup | cold TTFT s | after a rotation s | rotated/cold |")
     print("| --- | --- | --- | --- |")
-    for setup in RING_SETUPS:
+    for setup in [s for s in RING_SETUPS if s in summary]:
         s = summary[setup]
         print(f"| {setup} | {s['cold_s']:.3f} | {s['rotated_s']:.3f} | {s['rotated_over_cold']:.2f} |")
     print(f"\nuptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")

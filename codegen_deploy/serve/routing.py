@@ -151,13 +151,14 @@ def _chat_text(messages: Any) -> str:
 
 
 def _infill_text(request: dict) -> str:
-    # The prompt infill.py builds starts with the other files (input_extra) and then the text before the
-    # cursor's line (input_prefix); the suffix and the typed line come after it.
+    # The prompt infill.py builds starts with the other files (input_extra), then the text before the cursor's
+    # line (input_prefix). The file comes first here: the other files are a ring of recently seen code that
+    # rotates (llama.vim, llama.vscode), while the file is what stays the editor's own from keystroke to keystroke.
     extra = request.get("input_extra")
     files = extra if isinstance(extra, list) else []
     context = "".join(f"--- {f.get('filename', '')} ---\n{f.get('text', '')}\n" for f in files if isinstance(f, dict))
     prefix = request.get("input_prefix")
-    return context + (prefix if isinstance(prefix, str) else "")
+    return (prefix if isinstance(prefix, str) else "") + context
 
 
 def prompt_blocks(text: str, config: RoutingConfig = RoutingConfig()) -> list[int]:

@@ -189,7 +189,7 @@ def test_config_rejects_nonsense():
         (
             "/infill",
             {"input_extra": [{"filename": "a.py", "text": "A"}], "input_prefix": "def f", "input_suffix": "S"},
-            "--- a.py ---\nA\ndef f",
+            "def f--- a.py ---\nA\n",  # the file first: the ring of other files rotates
         ),
         ("/health", None, ""),
         ("/v1/models", {"prompt": "x"}, ""),
