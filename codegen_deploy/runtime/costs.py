@@ -41,6 +41,12 @@ class CostModel:
         # Weighted sums over the runs measured, newest weighted most: weight, x, y, x^2, x y (x: a run's mean
         # context position, y: its seconds per extra token).
         self._sums = [0.0] * 5
+        # Whole rounds, as a stream sees them (the engine's plan and commit, the server's sending, the runs):
+        # rounds[n] a round that steps n generating rows and reads no prompt; piece_scale what a round's prompt
+        # pieces took beyond such a round, over what the runs' law predicts for them (above 1 where the law
+        # misses something: the pieces' own overhead, a slower machine).
+        self.rounds: dict[int, float] = {}
+        self.piece_scale = 1.0
 
     def record_step(self, rows: int, seconds: float) -> None:
         """A step of `rows` rows (one token each) took `seconds`."""
@@ -63,6 +69,25 @@ class CostModel:
         slope = (w * sxy - sx * sy) / spread if spread > (16 * w) ** 2 else 0.0  # x spread over 16 tokens
         self.context_s = max(slope, 0.0)
         self.token_s = max((sy - self.context_s * sx) / w, 1e-7)
+
+    def record_round(self, rows: int, pieces: list[tuple[int, int]], seconds: float) -> None:
+        """A round that stepped `rows` generating rows and read `pieces` ((tokens, start) each) took `seconds`,
+        from its start to the next round's."""
+        if not pieces:
+            self.rounds[rows] = moving_average(self.rounds.get(rows), seconds)
+            return
+        plain = self.rounds.get(rows)
+        predicted = sum(self.piece_seconds(n, start) or 0.0 for n, start in pieces)
+        if plain is not None and predicted > 0:
+            ratio = min(max((seconds - plain) / predicted, 0.5), 4.0)  # one odd round moves it a bounded step
+            self.piece_scale = moving_average(self.piece_scale, ratio)
+
+    def piece_seconds(self, tokens: int, start: int = 0) -> float | None:
+        """A one-row run of `tokens` prompt tokens after `start` cached tokens, by the law (None until known)."""
+        step = self.step_seconds(1)
+        if step is None or self.token_s is None:
+            return None
+        return step + tokens * (self.token_s + self.context_s * (start + tokens / 2))
 
     def step_seconds(self, rows: int) -> float | None:
         """A step over `rows` rows, measured (the nearest measured row count when that one is not yet)."""
@@ -93,13 +118,17 @@ class CostModel:
         return many / rows / one
 
     def piece_tokens(self, rows: int, gap_steps: float, start: int = 0) -> int | None:
-        """Prompt tokens one piece read after `start` cached tokens may hold so that the piece and the next step
-        over `rows` generating rows take about `gap_steps` steps (None until a step and a token are measured):
-        piece + step = (step + t (token_s + context_s (start + t / 2))) + step <= gap_steps x step."""
-        step = self.step_seconds(rows)
+        """Prompt tokens one piece read after `start` cached tokens may hold so that a round with that piece and
+        a step over `rows` generating rows takes about `gap_steps` plain rounds (None until a step and a token
+        are measured): round + piece_scale x (step + t (token_s + context_s (start + t / 2))) <= gap_steps x
+        round, where a round is rounds[rows] as measured (a step over `rows` rows until it is)."""
+        step, one = self.step_seconds(rows), self.step_seconds(1)
         if step is None or self.token_s is None:
             return None
-        room = (gap_steps - 2) * step
+        plain = self.rounds.get(rows, step)
+        room = (gap_steps - 1) * plain / self.piece_scale - one
+        if room <= 0:
+            return 0
         a, c = self.token_s + self.context_s * start, self.context_s / 2  # room = a t + c t^2
         if c <= 0:
             return int(room / a)

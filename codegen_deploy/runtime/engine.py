@@ -277,15 +277,30 @@ class Engine(ABC):
         self.costs = CostModel()
         self.steps_taken = 0
         self.last_plan = Plan()  # what the last step ran (the server's metrics read its prompt budget)
+        self._round: tuple[float, int, list[tuple[int, int]]] | None = None  # the last round: start, rows, pieces
 
     def has_work(self) -> bool:
         return bool(self.rows)
 
     def step(self) -> list[Progress]:
-        """One step: plan, run, commit; finished rows leave. Returns each running row's progress."""
+        """One step: plan, run, commit; finished rows leave. Returns each running row's progress.
+
+        A round is timed from its start to the next one's, all its caller does in between included, which is
+        the gap its generating rows' streams see: the cost model learns how long plain rounds and rounds with
+        prompt pieces take (rounds with drafts teach nothing here)."""
+        now = time.perf_counter()
+        if self._round is not None:
+            self.costs.record_round(self._round[1], self._round[2], now - self._round[0])
         self.steps_taken += 1
         self.last_plan = plan = self.plan()
-        return self.commit(plan, self.run(plan))
+        stepped = len(plan.steps)
+        # Only rounds that step generating rows, draft nothing and leave work run back to back (the caller loops
+        # while there is work): others may be followed by a wait.
+        timed = stepped > 0 and not plan.drafts
+        pieces = [(n, r.computed) for r, n in plan.reads]
+        progress = self.commit(plan, self.run(plan))
+        self._round = (now, stepped, pieces) if timed and self.has_work() else None
+        return progress
 
     @abstractmethod
     def capacity(self) -> int:

@@ -28,8 +28,28 @@ def test_a_rows_share_and_the_piece_that_keeps_a_streams_gap():
     costs.record_step(4, 0.080)
     assert costs.share(4) == pytest.approx(0.080 / 4 / 0.050)
     costs.token_s = 0.002
-    assert costs.piece_tokens(4, 3.5) == int(1.5 * 0.080 / 0.002)  # piece + step over 4 rows = 3.5 steps
-    assert costs.piece_tokens(3, 3.5) == int(1.5 * 0.080 / 0.002)  # the nearest measured row count
+    # A round of a piece (a one-row run: a step and 2 ms a token) and a step over 4 rows = 3.5 steps over 4 rows
+    assert costs.piece_tokens(4, 3.5) == int((2.5 * 0.080 - 0.050) / 0.002)
+    assert costs.piece_tokens(3, 3.5) == int((2.5 * 0.080 - 0.050) / 0.002)  # the nearest measured row count
+
+
+def test_rounds_that_take_longer_than_their_runs_make_the_pieces_smaller():
+    """What a stream waits is a whole round, the engine's and the server's work included: measured rounds size
+    the pieces, and pieces that take longer than their runs' law (their own overhead, a busier machine) are
+    scaled to what they take."""
+    costs = CostModel()
+    costs.record_step(1, 0.050)
+    costs.token_s = 0.002
+    before = costs.piece_tokens(1, 3.5)
+    for _ in range(30):
+        costs.record_round(1, [], 0.060)  # plain rounds: the step and 10 ms of the rest
+        costs.record_round(1, [(40, 0)], 0.060 + 2 * costs.piece_seconds(40))  # pieces take twice their law
+    assert costs.rounds[1] == pytest.approx(0.060) and costs.piece_scale == pytest.approx(2.0, rel=0.01)
+    t = costs.piece_tokens(1, 3.5)
+    assert t < before
+    assert 0.060 + 2 * costs.piece_seconds(t) == pytest.approx(3.5 * 0.060, rel=0.02)  # the round: 3.5 rounds
+    costs.record_round(1, [(40, 0)], 100.0)  # one very slow round moves the scale a bounded step
+    assert costs.piece_scale < 2.5
 
 
 def test_a_tokens_cost_grows_with_its_context_and_a_late_piece_is_smaller():

@@ -313,6 +313,7 @@ def test_auto_chunks_follow_the_measured_costs(session, tokenizer):
     finally:
         batcher.stop()
     assert engine.costs.steps[1] > 0 and engine.costs.token_s > 0
+    assert engine.costs.rounds[1] > 0  # whole rounds, as the stream saw them
     assert MIN_CHUNK <= engine.budget(generating=1) <= (session.prompt_chunk or IDLE_CHUNK)
 
 
