@@ -58,6 +58,17 @@ def cut_to_tokens(tokenizer, text: str, tokens: int, start: int = 0) -> str:
 BIAS: dict[str, float] = {}
 
 
+def bench_tokenizer(path: Path):
+    """The real CodeGen tokenizer the servers are given; sets BIAS for it."""
+    if not path.is_dir():
+        raise SystemExit(f"no tokenizer at {path}: give --tokenizer (the real CodeGen tokenizer)")
+    from codegen_deploy.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    BIAS[str(tokenizer.encode(" x")[0])] = 100.0
+    return tokenizer
+
+
 async def first_token(client, prompt: str, max_tokens: int = 16) -> float:
     """Stream one greedy request and cancel it at its first token (close the stream, as an editor does when
     the next keystroke comes); return the time to that token."""
@@ -266,12 +277,7 @@ def main() -> None:
     real = REPO.parent / "shared" / "data" / "codegen-350M-mono-tokenizer"
     p.add_argument("--tokenizer", type=Path, default=real)
     args = p.parse_args()
-    if not args.tokenizer.is_dir():
-        raise SystemExit(f"no tokenizer at {args.tokenizer}: give --tokenizer (the real CodeGen tokenizer)")
-    from codegen_deploy.model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    BIAS[str(tokenizer.encode(" x")[0])] = 100.0
+    tokenizer = bench_tokenizer(args.tokenizer)
     text = source_text()
     results = {}
     for export in args.exports:

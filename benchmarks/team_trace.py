@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from editor_trace import BIAS, cut_to_tokens, first_token, source_text
+from editor_trace import BIAS, bench_tokenizer, cut_to_tokens, first_token, source_text
 from serve_load import REPO, free_port, start_server
 
 SETUPS = {
@@ -236,12 +236,7 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "team_trace.png")
     p.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "data" / "codegen-350M-mono-tokenizer")
     args = p.parse_args()
-    if not args.tokenizer.is_dir():
-        raise SystemExit(f"no tokenizer at {args.tokenizer}: give --tokenizer (the real CodeGen tokenizer)")
-    from codegen_deploy.model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    BIAS[str(tokenizer.encode(" x")[0])] = 100.0
+    tokenizer = bench_tokenizer(args.tokenizer)
     text = source_text()
     setups = {name: extra for name, extra in {**SETUPS, **RAY_SETUPS, **RING_SETUPS}.items() if name in args.setups}
     servers, urls = {}, {}
