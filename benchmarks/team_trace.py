@@ -49,20 +49,30 @@ RAY_SETUPS = {
 RING_SETUPS = {"ring-default": (), "ring-reuse": ("--cache-reuse", "64")}
 
 
-def metrics(url: str) -> dict[str, float]:
-    """The server's /metrics samples, by name with labels."""
+def metrics(url: str) -> tuple[str, dict[str, float]]:
+    """The /metrics samples of the replica that answered (by name with labels), and which replica it was (its
+    pid, from the x-codegen-replica header under --ray; "" for one server)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        replica = r.headers.get("x-codegen-replica", "")
         lines = r.read().decode().splitlines()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
+    samples = [line.rsplit(" ", 1) for line in lines if not line.startswith("#")]
+    return replica, {name: float(value) for name, value in samples}
 
 
-def cache_tokens(url: str) -> tuple[float, float]:
-    """(hit, miss) prompt tokens so far."""
-    m = metrics(url)
-    return (
-        m.get('codegen_prompt_cache_tokens_total{result="hit"}', 0.0),
-        m.get('codegen_prompt_cache_tokens_total{result="miss"}', 0.0),
-    )
+def cache_tokens(url: str, replicas: int = 1, tries: int = 60) -> tuple[float, float]:
+    """(hit, miss) prompt tokens so far, summed over the replicas: each keeps its own counters, and under Ray
+    /metrics is answered by whichever replica a request lands on, so it is asked until each has answered."""
+    seen: dict[str, dict[str, float]] = {}
+    for _ in range(tries):
+        replica, samples = metrics(url)
+        seen[replica] = samples
+        if len(seen) >= replicas:
+            break
+    else:
+        raise RuntimeError(f"{url}/metrics: {len(seen)} of {replicas} replicas answered in {tries} tries")
+    hit = sum(m.get('codegen_prompt_cache_tokens_total{result="hit"}', 0.0) for m in seen.values())
+    miss = sum(m.get('codegen_prompt_cache_tokens_total{result="miss"}', 0.0) for m in seen.values())
+    return hit, miss
 
 
 def tree_rss(pid: int) -> int:
@@ -87,13 +97,15 @@ def editor_files(tokenizer, text: str, editors: int, tokens: int, more: int) -> 
     return files
 
 
-async def team(url: str, files: list[tuple[str, str]], typed: int, requests: int, pause: float) -> dict:
+async def team(
+    url: str, files: list[tuple[str, str]], typed: int, requests: int, pause: float, replicas: int = 1
+) -> dict:
     """All editors send their file (cold), then type: (cold TTFTs, warm TTFTs, warm cached share)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
     cold = await asyncio.gather(*(first_token(client, f) for f, _ in files))
-    hit0, miss0 = cache_tokens(url)
+    hit0, miss0 = cache_tokens(url, replicas)
 
     async def editor(i: int, file: str, more: str) -> list[float]:
         await asyncio.sleep(pause * i / len(files))  # the editors' keystrokes interleave
@@ -104,7 +116,7 @@ async def team(url: str, files: list[tuple[str, str]], typed: int, requests: int
         return out
 
     warm = await asyncio.gather(*(editor(i, f, more) for i, (f, more) in enumerate(files)))
-    hit1, miss1 = cache_tokens(url)
+    hit1, miss1 = cache_tokens(url, replicas)
     await client.close()
     return {
         "cold_ttft_s": list(cold),
@@ -191,7 +203,8 @@ def plot(summary: dict, editors: list[int], path: Path) -> None:
         (axes[0], "share of warm prompt tokens from cache", "cached share"),
         (axes[1], "warm time to first token", "TTFT (s)"),
     ):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(editors))], [f"{n} editors" for n in editors])
+        names = [f"{n} editor{'s' if n > 1 else ''}" for n in editors]
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(editors))], names)
         ax.set(title=title, ylabel=label)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
@@ -257,7 +270,8 @@ def main() -> None:
                     tokenizer, text[start:] + text[:start], n, args.file_tokens, args.typed * args.requests
                 )
                 for setup in out["team"]:  # round-robin over the setups
-                    run = asyncio.run(team(urls[setup], files, args.typed, args.requests, args.pause))
+                    replicas = 2 if setup in RAY_SETUPS else 1
+                    run = asyncio.run(team(urls[setup], files, args.typed, args.requests, args.pause, replicas))
                     run["rss"] = tree_rss(servers[setup].pid)
                     out["team"][setup][str(n)] = run
                     print(
