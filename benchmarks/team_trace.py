@@ -297,7 +297,11 @@ def main() -> None:
         for proc in servers.values():
             proc.terminate()
         for proc in servers.values():
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:  # a local Ray that does not stop in time must not cost the results
+                print(f"a server (pid {proc.pid}) did not stop in 180 s: killed", file=sys.stderr)
+                proc.kill()
     summary = summarise(rounds, args.editors)
     print("| setup | editors | cached share | warm TTFT p50 s | p95 s | cold TTFT p50 s | RSS GB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
