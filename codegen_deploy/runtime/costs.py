@@ -18,10 +18,14 @@ APPEND_TOKEN_COST = 0.035
 # Weight of the newest measurement in the moving averages the schedulers adapt to (the machine's load drifts).
 NEWEST = 0.2
 # A run of fewer tokens than this teaches nothing about the per-token cost: its time is mostly the step's (the
-# difference of two noisy times), and its few extra tokens cost less than a prompt piece's do at a long context
-# (measured in the editor trace: learnt from a drafting stream's 9-token checks, the first prompt piece next to
-# that stream came out 3x the gap it was sized for). So prompt pieces teach it, speculative checks do not.
-MIN_TOKENS_MEASURED = 16
+# weights are read once whatever the run's tokens; the difference of two noisy times), and its few extra tokens
+# cost less than a prompt piece's do at a long context. Measured in the editor trace: learnt from a drafting
+# stream's 9-token checks, the first prompt piece next to that stream came out 3x the gap it was sized for; learnt
+# from an editor's keystrokes (a few to 20 new tokens each), the pieces of the next long prompt next to a stream
+# came out 10-20 steps long. So prompt pieces teach it; speculative checks and keystrokes do not.
+MIN_TOKENS_MEASURED = 32
+# A run of this many tokens moves the per-token fit by NEWEST, a shorter one by its share of it.
+FULL_WEIGHT_TOKENS = 128
 
 
 def moving_average(old: float | None, new: float, weight: float = NEWEST) -> float:
@@ -63,7 +67,9 @@ class CostModel:
         if step is None or tokens < MIN_TOKENS_MEASURED:
             return
         x, y = start + tokens / 2, max(seconds - step, 0.0) / (tokens - 1) + 1e-7
-        self._sums = [moving_average(old, new) for old, new in zip(self._sums, (1.0, x, y, x * x, x * y), strict=True)]
+        weight = NEWEST * min(1.0, (tokens - 1) / FULL_WEIGHT_TOKENS)
+        sample = (1.0, x, y, x * x, x * y)
+        self._sums = [moving_average(old, new, weight) for old, new in zip(self._sums, sample, strict=True)]
         w, sx, sy, sxx, sxy = self._sums
         spread = w * sxx - sx * sx  # w^2 times the weighted variance of x
         slope = (w * sxy - sx * sy) / spread if spread > (16 * w) ** 2 else 0.0  # x spread over 16 tokens
@@ -79,7 +85,7 @@ class CostModel:
         plain = self.rounds.get(rows)
         predicted = sum(self.piece_seconds(n, start) or 0.0 for n, start in pieces)
         if plain is not None and predicted > 0:
-            ratio = min(max((seconds - plain) / predicted, 0.5), 4.0)  # one odd round moves it a bounded step
+            ratio = min(max((seconds - plain) / predicted, 0.25), 8.0)  # one odd round moves it a bounded step
             self.piece_scale = moving_average(self.piece_scale, ratio)
 
     def piece_seconds(self, tokens: int, start: int = 0) -> float | None:

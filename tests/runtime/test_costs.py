@@ -49,7 +49,7 @@ def test_rounds_that_take_longer_than_their_runs_make_the_pieces_smaller():
     assert t < before
     assert 0.060 + 2 * costs.piece_seconds(t) == pytest.approx(3.5 * 0.060, rel=0.02)  # the round: 3.5 rounds
     costs.record_round(1, [(40, 0)], 100.0)  # one very slow round moves the scale a bounded step
-    assert costs.piece_scale < 2.5
+    assert costs.piece_scale < 3.5
 
 
 def test_a_tokens_cost_grows_with_its_context_and_a_late_piece_is_smaller():
@@ -68,3 +68,17 @@ def test_a_tokens_cost_grows_with_its_context_and_a_late_piece_is_smaller():
     for _ in range(3):
         same.record_run(64, 0.050 + 63 * 0.003, 100)
     assert same.context_s == 0 and same.token_s == pytest.approx(0.003, rel=1e-3)
+
+
+def test_an_editors_few_typed_tokens_do_not_drag_the_per_token_cost_to_zero():
+    """A keystroke's request reads a few tokens, hardly longer than a step (the weights are read once either way):
+    counted as a long piece counts, they would make the next long prompt's pieces huge."""
+    costs = CostModel()
+    costs.record_step(1, 0.050)
+    for start in (0, 256, 512, 768):
+        costs.record_run(256, 0.050 + 255 * 0.002, start)  # a file read in pieces: 2 ms a token
+    for _ in range(100):
+        costs.record_run(MIN_TOKENS_MEASURED - 1, 0.050, 1024)  # typed tokens: no more than a step
+    for _ in range(5):
+        costs.record_run(MIN_TOKENS_MEASURED, 0.051, 1024)  # a few more: they count, for their share
+    assert costs.token_s + costs.context_s * 1024 > 0.001  # more than half what the pieces cost

@@ -116,7 +116,7 @@ def test_greedy_tokens_are_those_of_plain_decoding(session, drafter):
 def test_acceptance_drafts_what_pays_and_probes_when_nothing_does():
     costs = CostModel()
     costs.record_run(1, 0.050)
-    costs.record_run(17, 0.050 + 0.002 * 16)  # a run of k tokens: a step plus 2 ms per extra token
+    costs.record_run(33, 0.050 + 0.002 * 32)  # a run of k tokens: a step plus 2 ms per extra token
     good = Acceptance()
     for _ in range(20):
         good.update(8, 8)
@@ -212,7 +212,7 @@ def test_a_draft_model_counts_what_it_must_read_before_drafting(session):
 def test_probes_cost_at_most_their_share_of_the_decode():
     costs = CostModel()
     costs.record_run(1, 0.050)
-    costs.record_run(17, 0.050 + 0.005 * 16)  # 5 ms per extra token
+    costs.record_run(33, 0.050 + 0.005 * 32)  # 5 ms per extra token
     for catch_up in (0.0, 1.0, 8.0):
         bad = Acceptance(history=Acceptance())
         for _ in range(20):
@@ -227,7 +227,7 @@ def test_probes_cost_at_most_their_share_of_the_decode():
 def test_a_row_starts_from_what_its_drafter_did_before():
     costs = CostModel()
     costs.record_run(1, 0.050)
-    costs.record_run(17, 0.050 + 0.002 * 16)
+    costs.record_run(33, 0.050 + 0.002 * 32)
     wrong, right = Drafter(), Drafter()
     for _ in range(30):
         Acceptance(history=wrong.history).update(2, 0)
@@ -243,7 +243,7 @@ def test_rows_shorter_than_the_probe_gap_still_probe_on_their_drafters_clock():
     so it still finds out whether it pays, and no more often than its share."""
     costs = CostModel()
     costs.record_run(1, 0.050)
-    costs.record_run(17, 0.050 + 0.005 * 16)  # 5 ms per extra token
+    costs.record_run(33, 0.050 + 0.005 * 32)  # 5 ms per extra token
     drafter = Drafter()
     for _ in range(20):
         Acceptance(history=drafter.history).update(2, 0)  # it was never right before
