@@ -295,7 +295,8 @@ class Engine(ABC):
         self.last_plan = plan = self.plan()
         stepped = len(plan.steps)
         # Only rounds that step generating rows, draft nothing and leave work run back to back (the caller loops
-        # while there is work): others may be followed by a wait.
+        # while there is work): others may be followed by a wait, and so may a round whose row is then removed
+        # from outside (a client went away: remove() forgets the round).
         timed = stepped > 0 and not plan.drafts
         pieces = [(n, r.computed) for r, n in plan.reads]
         progress = self.commit(plan, self.run(plan))
@@ -519,6 +520,7 @@ class SlotEngine(Engine):
         """The row leaves its slot; the slot keeps what the row computed as its cache (while caching)."""
         if row not in self.rows:
             return
+        self._round = None
         self.rows.remove(row)
         slot = self.slots[row.slot]
         self.session.truncate_slot(row.slot, row.computed)
@@ -666,6 +668,7 @@ class BatchEngine(Engine):
         return True
 
     def remove(self, row: Row) -> None:
+        self._round = None
         if row in self.rows:
             self.rows.remove(row)
         if not self.rows:

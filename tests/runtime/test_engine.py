@@ -3,6 +3,8 @@ token after t is t + 1), plans checked as values, commits fed fabricated logits.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -196,3 +198,18 @@ def test_the_engine_decodes_what_the_model_says_with_and_without_drafts(prefill_
         while engine.has_work():
             engine.step()
         assert rows[0].text.ids == list(range(6, 13)) and rows[1].text.ids == [21, 22, 23, 24]
+
+
+def test_a_round_whose_row_a_client_cancels_is_not_timed_as_a_round():
+    """A stream waits a whole round, start to start; but a round after which a client went away may be followed
+    by a wait for new work, which is no round: it must not teach the cost model that rounds are slow."""
+    engine = SlotEngine(CountingSlots(), rows=2)
+    rows = [_row(range(1, 11), max_tokens=50), _row(range(20, 30), max_tokens=50)]
+    for r in rows:
+        engine.add(r)
+    for _ in range(4):
+        engine.step()
+    engine.remove(rows[1])  # cancelled between two rounds
+    time.sleep(1.0)  # the server waits for its next request
+    engine.step()
+    assert engine.costs.rounds[2] < 0.1 and engine.costs.rounds.get(1, 0.0) < 0.1  # not the 1 s wait
