@@ -46,11 +46,10 @@ class CostModel:
         # context position, y: its seconds per extra token).
         self._sums = [0.0] * 5
         # Whole rounds, as a stream sees them (the engine's plan and commit, the server's sending, the runs):
-        # rounds[n] a round that steps n generating rows and reads no prompt; piece_scale what a round's prompt
-        # pieces took beyond such a round, over what the runs' law predicts for them (above 1 where the law
-        # misses something: the pieces' own overhead, a slower machine).
+        # rounds[n] a round that steps n generating rows and reads no prompt; read[n] the last round over n rows
+        # that read prompt tokens: how many, and the seconds it took beyond a plain round.
         self.rounds: dict[int, float] = {}
-        self.piece_scale = 1.0
+        self.read: dict[int, tuple[int, float]] = {}
 
     def record_step(self, rows: int, seconds: float) -> None:
         """A step of `rows` rows (one token each) took `seconds`."""
@@ -81,19 +80,8 @@ class CostModel:
         from its start to the next round's."""
         if not pieces:
             self.rounds[rows] = moving_average(self.rounds.get(rows), seconds)
-            return
-        plain = self.rounds.get(rows)
-        predicted = sum(self.piece_seconds(n, start) or 0.0 for n, start in pieces)
-        if plain is not None and predicted > 0:
-            ratio = min(max((seconds - plain) / predicted, 0.25), 8.0)  # one odd round moves it a bounded step
-            self.piece_scale = moving_average(self.piece_scale, ratio)
-
-    def piece_seconds(self, tokens: int, start: int = 0) -> float | None:
-        """A one-row run of `tokens` prompt tokens after `start` cached tokens, by the law (None until known)."""
-        step = self.step_seconds(1)
-        if step is None or self.token_s is None:
-            return None
-        return step + tokens * (self.token_s + self.context_s * (start + tokens / 2))
+        elif rows in self.rounds:
+            self.read[rows] = (sum(n for n, _ in pieces), max(seconds - self.rounds[rows], 1e-6))
 
     def step_seconds(self, rows: int) -> float | None:
         """A step over `rows` rows, measured (the nearest measured row count when that one is not yet)."""
@@ -124,15 +112,20 @@ class CostModel:
         return many / rows / one
 
     def piece_tokens(self, rows: int, gap_steps: float, start: int = 0) -> int | None:
-        """Prompt tokens one piece read after `start` cached tokens may hold so that a round with that piece and
-        a step over `rows` generating rows takes about `gap_steps` plain rounds (None until a step and a token
-        are measured): round + piece_scale x (step + t (token_s + context_s (start + t / 2))) <= gap_steps x
-        round, where a round is rounds[rows] as measured (a step over `rows` rows until it is)."""
+        """Prompt tokens to read in a round over `rows` generating rows, the first piece after `start` cached
+        tokens, so that the round takes about `gap_steps` plain rounds (None until a step and a token are
+        measured). Fed back from the last such round: its tokens scaled by the time the pieces may take over the
+        time they took (at most 1.5x more, or half), which follows what the law misses (the pieces' own
+        overhead, a busier machine, the cost growing along a prompt); before any, from the law: plain round +
+        step + t (token_s + context_s (start + t / 2)) <= gap_steps x plain round."""
         step, one = self.step_seconds(rows), self.step_seconds(1)
         if step is None or self.token_s is None:
             return None
         plain = self.rounds.get(rows, step)
-        room = (gap_steps - 1) * plain / self.piece_scale - one
+        if rows in self.read:
+            tokens, took = self.read[rows]
+            return int(tokens * min(max((gap_steps - 1) * plain / took, 0.5), 1.5))
+        room = (gap_steps - 1) * plain - one
         if room <= 0:
             return 0
         a, c = self.token_s + self.context_s * start, self.context_s / 2  # room = a t + c t^2

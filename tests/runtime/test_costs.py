@@ -33,41 +33,23 @@ def test_a_rows_share_and_the_piece_that_keeps_a_streams_gap():
     assert costs.piece_tokens(3, 3.5) == int((2.5 * 0.080 - 0.050) / 0.002)  # the nearest measured row count
 
 
-def test_rounds_that_take_longer_than_their_runs_make_the_pieces_smaller():
-    """What a stream waits is a whole round, the engine's and the server's work included: measured rounds size
-    the pieces, and pieces that take longer than their runs' law (their own overhead, a busier machine) are
-    scaled to what they take."""
+def test_the_pieces_follow_what_the_last_round_with_pieces_took():
+    """What a stream waits is a whole round, the engine's and the server's work included: a round with pieces is
+    fed back into the next piece, scaled to take the gap's rounds, by at most 1.5x more or half."""
     costs = CostModel()
     costs.record_step(1, 0.050)
     costs.token_s = 0.002
-    before = costs.piece_tokens(1, 3.5)
+    from_law = costs.piece_tokens(1, 3.5)
     for _ in range(30):
         costs.record_round(1, [], 0.060)  # plain rounds: the step and 10 ms of the rest
-        costs.record_round(1, [(40, 0)], 0.060 + 2 * costs.piece_seconds(40))  # pieces take twice their law
-    assert costs.rounds[1] == pytest.approx(0.060) and costs.piece_scale == pytest.approx(2.0, rel=0.01)
-    t = costs.piece_tokens(1, 3.5)
-    assert t < before
-    assert 0.060 + 2 * costs.piece_seconds(t) == pytest.approx(3.5 * 0.060, rel=0.02)  # the round: 3.5 rounds
-    costs.record_round(1, [(40, 0)], 100.0)  # one very slow round moves the scale a bounded step
-    assert costs.piece_scale < 3.5
-
-
-def test_a_tokens_cost_grows_with_its_context_and_a_late_piece_is_smaller():
-    costs = CostModel()
-    costs.record_step(1, 0.050)
-    token, context = 0.002, 1.5e-6  # 2 ms a token, and 1.5 us more per token of context it attends to
-    for start in (0, 256, 512, 768, 1024, 1280):  # a long prompt's pieces
-        costs.record_run(256, 0.050 + 255 * (token + context * (start + 128)), start)
-    assert costs.token_s == pytest.approx(token, rel=1e-3) and costs.context_s == pytest.approx(context, rel=1e-3)
-    early, late = costs.piece_tokens(1, 3.5), costs.piece_tokens(1, 3.5, start=1500)
-    assert late < early
-    for t, start in ((early, 0), (late, 1500)):  # each piece and the next step take the gap's 3.5 steps
-        assert 0.050 + t * (token + context * (start + t / 2)) + 0.050 == pytest.approx(3.5 * 0.050, rel=0.02)
-    same = CostModel()  # pieces all at one position: no slope to learn, the mean cost
-    same.record_step(1, 0.050)
-    for _ in range(3):
-        same.record_run(64, 0.050 + 63 * 0.003, 100)
-    assert same.context_s == 0 and same.token_s == pytest.approx(0.003, rel=1e-3)
+    assert costs.rounds[1] == pytest.approx(0.060)
+    costs.record_round(1, [(40, 0)], 0.060 + 0.300)  # 40 tokens took 300 ms more than a plain round
+    assert costs.piece_tokens(1, 3.5) == 20  # at most half: 2.5 rounds (150 ms) would be 20 tokens
+    costs.record_round(1, [(20, 40)], 0.060 + 0.120)  # 20 took 120 ms: 150 ms would be 25
+    assert costs.piece_tokens(1, 3.5) == 25
+    costs.record_round(1, [(25, 60), (5, 0)], 0.060 + 0.010)  # far faster: at most 1.5x more
+    assert costs.piece_tokens(1, 3.5) == 45
+    assert from_law == int((2.5 * 0.050 - 0.050) / 0.002)  # before any round: from the law
 
 
 def test_an_editors_few_typed_tokens_do_not_drag_the_per_token_cost_to_zero():
