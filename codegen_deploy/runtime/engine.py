@@ -296,7 +296,8 @@ class Engine(ABC):
         stepped = len(plan.steps)
         # Only rounds that step generating rows, draft nothing and leave work run back to back (the caller loops
         # while there is work): others may be followed by a wait, and so may a round whose row is then removed
-        # from outside (a client went away: remove() forgets the round).
+        # from outside (a client went away: remove() forgets the round). A row that joins after it (add()) makes
+        # it no plain round either: its admission may copy a cache.
         timed = stepped > 0 and not plan.drafts
         pieces = [(n, r.computed) for r, n in plan.reads]
         progress = self.commit(plan, self.run(plan))
@@ -472,6 +473,7 @@ class SlotEngine(Engine):
         file, edited); one that gives less (a few common tokens) is copied and kept for its own user."""
         if self.capacity() <= 0:
             return False
+        self._round = None  # a row joining between two rounds is no plain round (its cache may be copied in)
         prompt = row.spec.prompt_ids
         free = [i for i, slot in enumerate(self.slots) if slot.row is None]
         for i in free:

@@ -213,3 +213,23 @@ def test_a_round_whose_row_a_client_cancels_is_not_timed_as_a_round():
     time.sleep(1.0)  # the server waits for its next request
     engine.step()
     assert engine.costs.rounds[2] < 0.1 and engine.costs.rounds.get(1, 0.0) < 0.1  # not the 1 s wait
+
+
+def test_a_round_after_which_a_row_joins_is_not_timed_as_a_round():
+    """A row's admission may copy a cache into its slot: the round it follows is no plain round."""
+    engine = SlotEngine(CountingSlots(), rows=2)
+    first = _row(range(1, 11), max_tokens=50)
+    engine.add(first)
+    for _ in range(4):
+        engine.step()
+    add = engine.session.truncate_slot
+
+    def slow_admission(*args):
+        time.sleep(1.0)  # a large cache copied in
+        return add(*args)
+
+    engine.session.truncate_slot = slow_admission
+    engine.add(_row(range(20, 30), max_tokens=50))
+    engine.session.truncate_slot = add
+    engine.step()
+    assert engine.costs.rounds[1] < 0.1  # not the 1 s admission
