@@ -3,11 +3,15 @@
 The law: a run that feeds j tokens to one row costs a step plus `token` seconds per extra token (the weights
 are read once per run, so a step dominates a short run; each extra token adds its share of compute), and a
 step over n rows costs steps[n]. An extra token's cost grows with the context it attends to (its attention reads
-every cached position): token_s + context_s x (its position), both fitted to the runs measured, so a piece is
-sized for where it is read. Prompt pieces (append_slot), speculative checks (extend_slots) and plain steps
-(step_slots) are all runs of this law, so each one teaches it. Until measured, an extra token is taken to
-cost APPEND_TOKEN_COST of a step (measured on this CPU, 350M shape: fp32 a step 60 ms + 2.1 ms per token, int8
-27 ms + 0.7 ms).
+every cached position): token_s + context_s x (its position), both fitted to the runs measured. Prompt pieces
+(append_slot), speculative checks (extend_slots) and plain steps (step_slots) are all runs of this law, so each
+one teaches it. Until measured, an extra token is taken to cost APPEND_TOKEN_COST of a step (measured on this
+CPU, 350M shape: fp32 a step 60 ms + 2.1 ms per token, int8 27 ms + 0.7 ms).
+
+What a stream waits is a whole round, start to start (the engine's plan and commit and what the server does
+around them included): rounds[n] a plain round over n generating rows, and read[n] how long the last round with
+prompt pieces took beyond one. The pieces next to a stream are sized from that, fed back round by round; the law
+sizes the first.
 """
 
 from __future__ import annotations

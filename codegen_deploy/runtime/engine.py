@@ -53,10 +53,10 @@ from .session import Session, piece_size
 from .speculate import MAX_DRAFT, Acceptance, Drafter, exact_greedy, runs_several_tokens
 from .text import RowText
 
-# Prompt pieces while other rows generate (prefill_chunk None: auto): a piece and the next step together take
-# about GAP_STEPS steps, which is how long a stream waits for its next token while another row reads a long
-# prompt. The target sits half a step below 4 steps so that the longest of many gaps on a noisy machine stays
-# within 4. FIRST_CHUNK is the size before anything is measured; MIN_CHUNK the least.
+# Prompt pieces while other rows generate (prefill_chunk None: auto): a round with pieces takes about GAP_STEPS
+# plain rounds, which is how long a stream waits for its next token while another row reads a long prompt. The
+# target sits half a step below 4 steps so that the longest of many gaps on a noisy machine stays near 4.
+# FIRST_CHUNK is the size before anything is measured; MIN_CHUNK the least.
 GAP_STEPS = 3.5
 FIRST_CHUNK = 32
 MIN_CHUNK = 8
