@@ -176,15 +176,21 @@ def run_round(urls: dict[str, str], args, tokenizer, text: str, round_index: int
     return out
 
 
-def hits(url: str) -> float:
-    """The server's prompt tokens reused from its cache so far (its /metrics counter)."""
+def server_metrics(url: str) -> tuple[str, dict[str, float]]:
+    """The /metrics samples of the server (or Ray replica) that answered, by name with labels, and which replica
+    it was (its pid, from the x-codegen-replica header under --ray; "" for one server)."""
     import urllib.request
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith('codegen_prompt_cache_tokens_total{result="hit"}'):
-                return float(line.split()[-1])
-    return 0.0
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        replica = r.headers.get("x-codegen-replica", "")
+        lines = r.read().decode().splitlines()
+    samples = [line.rsplit(" ", 1) for line in lines if not line.startswith("#")]
+    return replica, {name: float(value) for name, value in samples}
+
+
+def hits(url: str) -> float:
+    """The server's prompt tokens reused from its cache so far (its /metrics counter)."""
+    return server_metrics(url)[1].get('codegen_prompt_cache_tokens_total{result="hit"}', 0.0)
 
 
 def summarise(rounds: list[dict]) -> dict:

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from editor_trace import BIAS, bench_tokenizer, cut_to_tokens, first_token, source_text
+from editor_trace import BIAS, bench_tokenizer, cut_to_tokens, first_token, server_metrics, source_text
 from serve_load import REPO, free_port, start_server
 
 SETUPS = {
@@ -49,22 +49,12 @@ RAY_SETUPS = {
 RING_SETUPS = {"ring-default": (), "ring-reuse": ("--cache-reuse", "64")}
 
 
-def metrics(url: str) -> tuple[str, dict[str, float]]:
-    """The /metrics samples of the replica that answered (by name with labels), and which replica it was (its
-    pid, from the x-codegen-replica header under --ray; "" for one server)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-        replica = r.headers.get("x-codegen-replica", "")
-        lines = r.read().decode().splitlines()
-    samples = [line.rsplit(" ", 1) for line in lines if not line.startswith("#")]
-    return replica, {name: float(value) for name, value in samples}
-
-
 def cache_tokens(url: str, replicas: int = 1, tries: int = 60) -> tuple[float, float]:
     """(hit, miss) prompt tokens so far, summed over the replicas: each keeps its own counters, and under Ray
     /metrics is answered by whichever replica a request lands on, so it is asked until each has answered."""
     seen: dict[str, dict[str, float]] = {}
     for _ in range(tries):
-        replica, samples = metrics(url)
+        replica, samples = server_metrics(url)
         seen[replica] = samples
         if len(seen) >= replicas:
             break

@@ -24,9 +24,9 @@ NEWEST = 0.2
 # A run of fewer tokens than this teaches nothing about the per-token cost: its time is mostly the step's (the
 # weights are read once whatever the run's tokens; the difference of two noisy times), and its few extra tokens
 # cost less than a prompt piece's do at a long context. Measured in the editor trace: learnt from a drafting
-# stream's 9-token checks, the first prompt piece next to that stream came out 3x the gap it was sized for; learnt
-# from an editor's keystrokes (a few to 20 new tokens each), the pieces of the next long prompt next to a stream
-# came out 10-20 steps long. So prompt pieces teach it; speculative checks and keystrokes do not.
+# stream's 9-token checks, the first prompt piece next to that stream came out 3x the gap it was sized for. An
+# editor's keystrokes (a few to 20 new tokens each) are such runs too. So prompt pieces teach it; speculative
+# checks and keystrokes do not.
 MIN_TOKENS_MEASURED = 32
 # A run of this many tokens moves the per-token fit by NEWEST, a shorter one by its share of it.
 FULL_WEIGHT_TOKENS = 128

@@ -96,13 +96,7 @@ class PromptCache:
         if saved.nbytes > self.capacity:
             return False
         self.entries = [e for e in self.entries if common_prefix(e.cached, cached) < e.prompt]
-        held = self.nbytes
-        for entry in sorted(self.entries, key=lambda e: e.used):
-            if held + saved.nbytes <= self.capacity:
-                break
-            self.entries.remove(entry)
-            held -= entry.saved.nbytes
-            self.evictions += 1
+        self._evict(room=saved.nbytes)
         self.entries.append(Entry(list(cached), saved, used))
         return True
 
@@ -114,6 +108,14 @@ class PromptCache:
     def shrink(self, capacity: int) -> None:
         """A new capacity; the least recently used prompts beyond it are evicted."""
         self.capacity = capacity
-        while self.entries and self.nbytes > capacity:
-            self.entries.remove(min(self.entries, key=lambda e: e.used))
+        self._evict(room=0)
+
+    def _evict(self, room: int) -> None:
+        """Evict the least recently used prompts until `room` more bytes fit."""
+        held = self.nbytes
+        for entry in sorted(self.entries, key=lambda e: e.used):
+            if held + room <= self.capacity:
+                break
+            self.entries.remove(entry)
+            held -= entry.saved.nbytes
             self.evictions += 1

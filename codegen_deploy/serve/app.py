@@ -236,7 +236,7 @@ class _Gate:
 
     def __init__(self, app, settings: ServeSettings):
         self.app = app
-        self.key = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+        self.key = bearer_key(settings)
         self.limit = settings.max_body_bytes
         self.limit_text = f"{settings.max_body_mb:g} MB"
 
@@ -282,7 +282,7 @@ class _Gate:
         return await self.app(scope, replay, send)
 
     def _authorized(self, path: str, given: bytes) -> bool:
-        return self.key is None or path == "/health" or hmac.compare_digest(given, self.key)
+        return authorized(self.key, path, given)
 
     def _too_large(self, size: str) -> dict:
         return error_body(
@@ -290,6 +290,17 @@ class _Gate:
             "send a shorter prompt (it must fit the model's context anyway)",
             code="request_too_large",
         )
+
+
+def bearer_key(settings: ServeSettings) -> bytes | None:
+    """The Authorization header a request must send (None: no key is set)."""
+    return None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+
+
+def authorized(key: bytes | None, path: str, given: bytes) -> bool:
+    """Whether a request to `path` whose Authorization header is `given` may pass: every route but /health needs
+    the key when one is set."""
+    return key is None or path == "/health" or hmac.compare_digest(given, key)
 
 
 async def _answer(send, status: int, body: dict, close: bool = False) -> None:

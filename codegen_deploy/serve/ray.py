@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import ipaddress
-import json
 import os
 import signal
 import sys
@@ -28,7 +26,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from ..errors import InputError, MissingDependencyError
-from .app import ServeSettings, create_app
+from .app import ServeSettings, _answer, authorized, bearer_key, create_app
 from .schemas import error_body
 
 if TYPE_CHECKING:
@@ -125,7 +123,7 @@ class _Forwarder:
     def __init__(self, model, settings: ServeSettings, max_chars: int):
         self.model = model.options(method_name="forward", stream=True)
         # The gate's own key and limit (app.py's _Gate), so that the body is read no further than it would be.
-        self.key = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+        self.key = bearer_key(settings)
         self.limit = settings.max_body_bytes
         self.max_chars = max_chars
 
@@ -161,8 +159,7 @@ class _Forwarder:
         answers from the headers alone (a missing API key, a bad or too large Content-Length), else up to the
         first message past the limit (the gate then answers 413). None when the client went away."""
         headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"")
-        if self.key is not None and scope["path"] != "/health" and not hmac.compare_digest(given, self.key):
+        if not authorized(self.key, scope["path"], headers.get(b"authorization", b"")):
             return b""
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -197,13 +194,6 @@ async def _lifespan(receive, send) -> None:
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             return await send({"type": "lifespan.shutdown.complete"})
-
-
-async def _answer(send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def _import_ray():
