@@ -72,7 +72,8 @@ class RowSpec:
 
     sampling carries OpenAI's logit bias and penalties too (the penalties over the tokens this row
     generated so far). logprobs: None, or how many of the most likely tokens to report with each token
-    (0: the chosen one only).
+    (0: the chosen one only). prompt_logprobs: the same for each prompt token (the prompt's log-probabilities,
+    which OpenAI's echo reports: rows with row slots only). max_tokens 0: the row reads its prompt and ends.
     """
 
     prompt_ids: tuple[int, ...]
@@ -80,6 +81,7 @@ class RowSpec:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -87,7 +89,8 @@ class RowUpdate:
     """What a row produced since its last update: new text (whole characters only), the tokens sampled
     (tokens whose text is held back, a possible stop string start or a split character, come with a
     later update), their log-probabilities when asked, and on the last update its finish_reason
-    ("stop" or "length") or an error message. The first update says how many prompt tokens were reused."""
+    ("stop" or "length") or an error message. The first update says how many prompt tokens were reused and,
+    when asked, the prompt tokens' log-probabilities (None for the first, which nothing predicts)."""
 
     text: str
     tokens: list[int]
@@ -96,6 +99,8 @@ class RowUpdate:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int | None = None  # on a row's first update: prompt tokens its slot's cache already held
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -134,6 +139,8 @@ class Row:
         self._pending: list[int] = []
         self._pending_lp: list[float] = []
         self._pending_top: list[dict[int, float]] = []
+        self.prompt_lp: list[float | None] = [None]  # with spec.prompt_logprobs: filled as the prompt is read
+        self.prompt_top: list[dict[int, float] | None] = [None]
 
     @property
     def reading(self) -> bool:
@@ -168,6 +175,20 @@ class Row:
             self._pending_top.append(top)
         return token
 
+    def score_prompt(self, start: int, logits: np.ndarray) -> None:
+        """Remember the log-probabilities of the prompt tokens that logits [n, V] of positions start.. predict."""
+        for j, row_logits in enumerate(logits):
+            at = start + j + 1
+            if at < self.prompt_len:
+                lp, top = token_logprobs(row_logits, self.ids[at], self.spec.prompt_logprobs)
+                self.prompt_lp.append(lp)
+                self.prompt_top.append(top)
+
+    def end_read(self) -> RowUpdate:
+        """End a row of max_tokens 0 once its prompt is read, with no token."""
+        self.finish_reason = "length"
+        return self._update("", self.finish_reason)
+
     def record(self, token: int) -> RowUpdate | None:
         """Add a chosen token to the row; return the update to send, if any."""
         if self.counts is not None:
@@ -192,6 +213,8 @@ class Row:
             finish_reason,
             cached_tokens=None if self._reported_cache else self.cached_tokens,
         )
+        if self.spec.prompt_logprobs is not None and not self._reported_cache:
+            update.prompt_logprobs, update.prompt_top_logprobs = self.prompt_lp, self.prompt_top
         self._reported_cache = True
         self._pending, self._pending_lp, self._pending_top = [], [], []
         return update
@@ -334,7 +357,10 @@ class Engine(ABC):
             row.last_read = self.steps_taken
             progress[id(row)] = Progress(row)
         for row, logits in out.read:
-            self._choose(progress[id(row)], logits)
+            if row.spec.max_tokens == 0:
+                progress[id(row)].update = row.end_read()
+            else:
+                self._choose(progress[id(row)], logits)
         for i, row in enumerate(out.stepped):
             row.computed += 1
             self._choose(progress.setdefault(id(row), Progress(row, decoded=True)), out.step_logits[i])
@@ -386,6 +412,8 @@ def _merge(first: RowUpdate, then: RowUpdate) -> RowUpdate:
         first.tokens + then.tokens,
         finish_reason=then.finish_reason,
         cached_tokens=first.cached_tokens,
+        prompt_logprobs=first.prompt_logprobs,
+        prompt_top_logprobs=first.prompt_top_logprobs,
     )
 
 
@@ -481,7 +509,9 @@ class SlotEngine(Engine):
         least = self.session.min_piece
         sources = [self.slots[i] for i in free if self.slots[i].cached] + self.store.entries
         plans = {id(s): reuse_plan(s.cached, s.prompt, prompt, least, self.cache_reuse) for s in sources}
-        hits = [s for s in sources if plans[id(s)].tokens > 0]
+        # A row that reports its prompt's log-probabilities reads all of it: a cache holds no logits.
+        scores = row.spec.prompt_logprobs is not None
+        hits = [s for s in sources if plans[id(s)].tokens > 0 and not scores]
         best = max(hits, key=lambda s: (plans[id(s)].tokens, isinstance(s, _Slot), s.used), default=None)
         reuse = Reuse(0) if best is None else plans[id(best)]
         same_file = best is not None and 2 * reuse.tokens >= best.prompt
@@ -611,7 +641,13 @@ class SlotEngine(Engine):
         out = Outputs()
         for row, n in plan.reads:
             start = time.perf_counter()
-            logits = self.session.append_slot(row.slot, row.ids[row.computed : row.computed + n])
+            piece = row.ids[row.computed : row.computed + n]
+            if row.spec.prompt_logprobs is None:
+                logits = self.session.append_slot(row.slot, piece)
+            else:
+                every = self.session.score_slot(row.slot, piece)  # [n, V]
+                row.score_prompt(row.computed, every)
+                logits = every[-1]
             self.costs.record_run(n, time.perf_counter() - start, row.computed)
             if row.computed + n == row.prompt_len:
                 out.read.append((row, logits))
@@ -659,6 +695,11 @@ class BatchEngine(Engine):
     def add(self, row: Row) -> bool:
         """Join the batch before it starts, if the batch still fits the context with it (left padding makes
         every row as long as the longest prompt)."""
+        if row.spec.prompt_logprobs is not None:
+            raise InputError(
+                f"the {self.session.name} session returns the last position's logits only: a prompt's "
+                "log-probabilities need row slots (the fused graph on the CPU, or torch)"
+            )
         if self.capacity() <= 0:
             return False
         longest = max([row.prompt_len, *(r.prompt_len for r in self.batch)])

@@ -207,6 +207,14 @@ class Session(ABC):
         Positions continue from the slot's length, so a prompt appended in chunks computes what it computes
         in one piece. The other slots keep their caches. A failed append leaves the slot as it was.
         """
+        return self._append(slot, ids, every=False)
+
+    def score_slot(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """append_slot() that returns the logits after every one of `ids` [T, vocab] (row j: the distribution
+        of the token after ids[j]): what perplexity and a prompt's log-probabilities need."""
+        return self._append(slot, ids, every=True)
+
+    def _append(self, slot: int, ids: Sequence[int], every: bool) -> np.ndarray:
         slot = self._check_slot(slot)
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1, T]
         start = int(self._slot_lengths[slot])
@@ -217,9 +225,14 @@ class Session(ABC):
                 f"the prompt has {start + ids.shape[1]} tokens but the context holds {self.max_context}: "
                 "shorten the prompt"
             )
-        logits = self._append_slot(slot, start, ids)[0]
+        if every and ids.shape[1] > 1 and not self.multi_token_steps:
+            raise InputError(
+                f"this {self.name} session returns the last position's logits only (a fused graph exported "
+                "before multi-token steps): export it again with codegen-export"
+            )
+        logits = self._append_slot(slot, start, ids, ids.shape[1] if every else 1)
         self._slot_lengths[slot] = start + ids.shape[1]
-        return logits
+        return logits if every else logits[-1]
 
     def truncate_slot(self, slot: int, length: int) -> None:
         """Keep the first `length` tokens of a slot's cache (0 frees the slot); what follows is overwritten
@@ -353,9 +366,10 @@ class Session(ABC):
         """Allocate the slots' cache (backends with supports_slots = True implement the three slot methods)."""
         raise NotImplementedError
 
-    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray, keep: int) -> np.ndarray:
         """Run input_ids [1, T] at positions start..start+T-1 of `slot`, after its first `start` cached
-        tokens; write their keys and values there; return the last one's logits [1, vocab] float32."""
+        tokens; write their keys and values there; return the last `keep` positions' logits [keep, vocab]
+        float32."""
         raise NotImplementedError
 
     def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ Chat Completions answer, infill.py llama.cpp's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -90,9 +91,16 @@ def row_specs(state: ServerState, body: CompletionRequest) -> tuple[list[list[in
         handle_suffix(state.settings.suffix, body.suffix)
     texts = body.prompts()
     check_rows(state, len(texts), body.n or 1)
-    max_tokens = body.max_tokens or 16
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    scores = body.logprobs if body.echo else None
+    if scores is not None and not state.batcher.session.supports_slots:
+        raise bad_request(
+            "echo with logprobs needs the prompt's log-probabilities, which this server's backend does not return "
+            "(they need row slots: the fused graph on the CPU, or torch): drop echo or logprobs",
+            "logprobs",
+        )
     prompts = [_prompt_ids(state, i, p, body.suffix, max_tokens) for i, p in enumerate(texts)]
-    return prompts, make_rows(state, body, prompts, max_tokens, logprobs=body.logprobs)
+    return prompts, make_rows(state, body, prompts, max_tokens, logprobs=body.logprobs, prompt_logprobs=scores)
 
 
 def _prompt_ids(state: ServerState, i: int, prompt: str | list[int], suffix: str | None, max_tokens: int) -> list[int]:
@@ -212,14 +220,19 @@ def make_rows(
     max_tokens: int,
     logprobs: int | None = None,
     stop: tuple[str, ...] = (),
+    prompt_logprobs: int | None = None,
 ) -> list[RowSpec]:
     """One RowSpec per (prompt, choice) in OpenAI's index order, every prompt already checked against the
     context (check_fits) and the number of rows against the server (check_rows). `stop`: sequences added to
-    the request's own (a chat template's)."""
+    the request's own (a chat template's); prompt_logprobs: report the prompt's (echo)."""
     # The choices of one prompt differ only in their seeds: n configs serve every prompt.
     samplings = [fields.sampling(j, state.vocab_size) for j in range(fields.n or 1)]
     stops = fields.stop_strings + tuple(s for s in stop if s not in fields.stop_strings)
-    return [RowSpec(tuple(ids), max_tokens, sampling, stops, logprobs) for ids in prompts for sampling in samplings]
+    return [
+        RowSpec(tuple(ids), max_tokens, sampling, stops, logprobs, prompt_logprobs)
+        for ids in prompts
+        for sampling in samplings
+    ]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -278,6 +291,7 @@ class CompletionRun:
         echo: list[str] | None = None,
     ):
         self.state = state
+        self.prompts = prompts
         n = fields.n or 1
         loop = asyncio.get_running_loop()
         self.updates: asyncio.Queue[tuple[int, RowUpdate]] = asyncio.Queue()
@@ -329,8 +343,9 @@ class CompletionRun:
         c.tokens += len(update.tokens)
         if update.cached_tokens is not None:
             c.cached_tokens = update.cached_tokens
-        piece = _logprobs_piece(self.state, update, c.offset)
-        c.offset += sum(len(t) for t in piece["tokens"]) if piece else 0
+        generated = _logprobs_piece(self.state, update, c.offset)
+        c.offset += sum(len(t) for t in generated["tokens"]) if generated else 0
+        piece = _merge_logprobs(_prompt_logprobs_piece(self.state, update, self.prompts[c.prompt_index]), generated)
         if update.finish_reason:
             c.finish_reason = update.finish_reason
             self.remaining -= 1
@@ -463,8 +478,34 @@ def _logprobs_piece(state: ServerState, update: RowUpdate, offset: int) -> dict 
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    top = [{decode([t]): lp for t, lp in d.items()} for d in update.top_logprobs]
+    top = [_by_text(decode, d) for d in update.top_logprobs]
     return {"tokens": tokens, "token_logprobs": update.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _prompt_logprobs_piece(state: ServerState, update: RowUpdate, prompt: list[int]) -> dict | None:
+    """The legacy logprobs object of the prompt's tokens (echo), offsets counted from the start of the text;
+    the first token's log-probability and alternatives are null, as OpenAI's are (nothing predicts it)."""
+    if update.prompt_logprobs is None:
+        return None
+    decode = state.tokenizer.decode
+    tokens = [decode([t]) for t in prompt]
+    offsets = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]
+    top = [None if d is None else _by_text(decode, d) for d in update.prompt_top_logprobs]
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(update.prompt_logprobs),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def _by_text(decode, top: dict[int, float]) -> dict[str, float]:
+    """{token text: logprob} of {token: logprob}, most likely first; of tokens whose texts are equal (pieces of
+    one character) the most likely one stands."""
+    out: dict[str, float] = {}
+    for t, lp in top.items():
+        out.setdefault(decode([t]), lp)
+    return out
 
 
 def _merge_logprobs(into: dict | None, piece: dict | None) -> dict | None:

@@ -106,10 +106,14 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     user: str | None = None
 
+    def least_max_tokens(self) -> int:
+        return 1
+
     def check(self) -> None:
         """Raise a 400 OpenAIError for values the API refuses (ranges from OpenAI's reference)."""
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad_request(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        least = self.least_max_tokens()
+        if self.max_tokens is not None and self.max_tokens < least:
+            raise bad_request(f"max_tokens must be >= {least}, got {self.max_tokens}", "max_tokens")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise bad_request(f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -188,6 +192,11 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
 
+    def least_max_tokens(self) -> int:
+        """max_tokens 0 goes with echo: the prompt alone (with its log-probabilities when asked: a
+        log-likelihood, as lm-evaluation-harness asks for one)."""
+        return 0 if self.echo else 1
+
     def check(self) -> None:
         """Raise a 400 OpenAIError for values the API refuses (ranges from OpenAI's reference)."""
         super().check()
@@ -195,12 +204,6 @@ class CompletionRequest(SamplingFields):
             raise bad_request("best_of other than n is not supported: leave best_of out", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise bad_request(f"logprobs must be between 0 and 5, got {self.logprobs}", "logprobs")
-        if self.logprobs is not None and self.echo:
-            raise bad_request(
-                "echo with logprobs is not supported: the prompt's log-probabilities are not computed; "
-                "drop one of them",
-                "logprobs",
-            )
         if self.suffix is not None:
             check_text(self.suffix, "suffix", "suffix")
 

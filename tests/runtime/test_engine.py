@@ -40,9 +40,9 @@ class CountingSlots(Session):
         out[np.arange(len(tokens)), (np.asarray(tokens) + 1) % VOCAB] = 10.0
         return out
 
-    def _append_slot(self, slot, start, input_ids):
+    def _append_slot(self, slot, start, input_ids, keep):
         self.cache[slot][start : start + input_ids.shape[1]] = input_ids[0].tolist()
-        return self._after(input_ids[0, -1:])
+        return self._after(input_ids[0, -keep:])
 
     def _step_slots(self, first, tokens, lengths, active):
         for i in np.flatnonzero(active):

@@ -147,3 +147,23 @@ def test_moving_a_run_turns_its_keys_for_the_new_positions_and_keeps_its_values(
         session.move_slot_tokens(0, 2, 4, 3)  # to later positions
     with pytest.raises(InputError, match="earlier positions"):
         session.move_slot_tokens(0, 12, 0, 7)  # beyond what the slot holds
+
+
+@pytest.mark.parametrize("split", [None, 3])
+def test_score_slot_gives_the_reference_logits_at_every_position(session, tiny_model, split):
+    """score_slot returns the logits after each token, equal to the reference's over the whole sequence, whether
+    the sequence is read at once or after a cached part."""
+    import torch
+
+    ids = [5, 17, 3, 99, 42, 7, 250, 31]
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([ids]))[0][0].numpy()  # [T, V]
+    session.open_slots(2)
+    if split is None:
+        got = session.score_slot(1, ids)
+    else:
+        got = np.concatenate([session.score_slot(1, ids[:split]), session.score_slot(1, ids[split:])])
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert session.slot_length(1) == len(ids)
+    np.testing.assert_allclose(session.score_slot(0, ids[:1])[0], expected[0], atol=1e-4, rtol=1e-4)

@@ -155,6 +155,35 @@ def test_length_echo_and_real_logprobs(client, fp32_export, tokenizer):
     assert echoed.choices[0].text == PROMPT + choice.text
 
 
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_echo_with_logprobs_gives_each_prompt_tokens_log_probability(client, tiny_model, tokenizer, as_ids):
+    """What lm-evaluation-harness asks for a log-likelihood: echo, logprobs, max_tokens 0 (or 1). Each prompt
+    token's log-probability is the reference model's over the whole prompt, even after the same prompt primed
+    the prefix cache (a cache holds no logits: such a row reads its whole prompt)."""
+    import torch
+
+    ids = tokenizer.encode(PROMPT + "return n")
+    with torch.no_grad():
+        expected = torch.log_softmax(tiny_model(torch.tensor([ids]))[0][0].double(), -1).numpy()  # [T, V]
+    prompt = ids if as_ids else PROMPT + "return n"
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)  # primes the cache
+    for max_tokens in (0, 1):
+        r = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2
+        )
+        choice = r.choices[0]
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(ids) + max_tokens and r.usage.completion_tokens == max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = [expected[i - 1, ids[i]] for i in range(1, len(ids))]
+        np.testing.assert_allclose(lp.token_logprobs[1 : len(ids)], want, atol=1e-4)
+        for i in range(1, len(ids)):
+            assert max(lp.top_logprobs[i].values()) == pytest.approx(expected[i - 1].max(), abs=1e-4)
+        assert "".join(lp.tokens) == choice.text and lp.text_offset[1] == len(lp.tokens[0])
+        if max_tokens == 0:
+            assert choice.text == PROMPT + "return n" and choice.finish_reason == "length"
+
+
 ERRORS = [
     ({"temperature": 3}, openai.BadRequestError, "temperature"),
     ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
@@ -167,7 +196,7 @@ ERRORS = [
     ({"max_tokens": 100000}, openai.BadRequestError, "maximum context length"),
     ({"stop": [f"s{i}" for i in range(MAX_STOP + 1)]}, openai.BadRequestError, "stop takes at most"),
     ({"stop": ["\n", "x" * (MAX_STOP_CHARS + 1)]}, openai.BadRequestError, "more than 1000"),
-    ({"echo": True, "logprobs": 1}, openai.BadRequestError, "echo with logprobs"),
+    ({"max_tokens": -1, "echo": True}, openai.BadRequestError, "max_tokens must be >= 0"),
     ({"best_of": 3}, openai.BadRequestError, "best_of"),
     ({"model": "gpt-3.5-turbo-instruct"}, openai.NotFoundError, "does not exist"),
 ]

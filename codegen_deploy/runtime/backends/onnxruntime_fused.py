@@ -285,11 +285,11 @@ class FusedOrtSession(Session):
         if self.multi_token_steps:
             bind(io_spec.LOGITS_TO_KEEP, self._keep_one if keep is None else keep)
 
-    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray, keep: int) -> np.ndarray:
         c = self.config
         t = input_ids.shape[1]
         total = start + t
-        logits = np.zeros((1, c.vocab_size), np.float32)
+        logits = np.zeros((keep, c.vocab_size), np.float32)
         seqlens = np.full(1, total - 1, np.int32)  # GQA: the tokens in the cache after this run, minus one
         self._slot_total[...] = total
         binding = self._session.io_binding()
@@ -302,7 +302,8 @@ class FusedOrtSession(Session):
             # A chunk after a cache: GQA reads the slot's first `start` positions and writes the next t in
             # place, so the slot's region (contiguous: the slot is the outer dimension) is bound as it is.
             caches = [cache[slot : slot + 1] for cache in self._slot_cache]
-        self._bind_slots(binding, caches, seqlens, logits, np.ascontiguousarray(input_ids))
+        keep_input = None if keep == 1 else np.full(1, keep, np.int64)
+        self._bind_slots(binding, caches, seqlens, logits, np.ascontiguousarray(input_ids), keep_input)
         self._session.run_with_iobinding(binding)
         if start == 0:
             for cache, part in zip(self._slot_cache, caches, strict=True):

@@ -181,7 +181,7 @@ class TorchSession(Session):
         logits = m.lm_head(x).float().cpu().numpy()  # [B, keep, V]
         return logits[:, -1] if keep == 1 else logits
 
-    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray) -> np.ndarray:
+    def _append_slot(self, slot: int, start: int, input_ids: np.ndarray, keep: int) -> np.ndarray:
         import torch
 
         from ...model.reference import attention_bias
@@ -200,7 +200,7 @@ class TorchSession(Session):
             pos = torch.arange(start, total, device=self.device)[None, :]  # [1, T]
             mask = torch.ones((1, total), dtype=torch.int64, device=self.device)
             bias = attention_bias(mask, input_ids.shape[1])  # [1, 1, T, total]: causal after the cache
-            return self._run_layers(ids, pos, bias, store)
+            return self._run_layers(ids, pos, bias, store, keep=keep).reshape(keep, -1)  # [keep, V]
 
     def _step_slots(self, first: int, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
         import torch
