@@ -24,29 +24,30 @@ from .common import (
     threads_type,
 )
 
-TASKS = ("perplexity", "humaneval")
+TASKS = ("perplexity", "humaneval", "infill")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="codegen-eval",
         description="Measure a model's quality: perplexity over code and, against a reference (the checkpoint, "
-        "another export, or saved log-probabilities), the KL divergence per token and top-1 agreement; or "
-        "HumanEval pass@k with each sample executed in a time-limited process.",
+        "another export, or saved log-probabilities), the KL divergence per token and top-1 agreement; "
+        "HumanEval pass@k with each sample executed in a time-limited process; or fill-in-the-middle exact match "
+        "on gaps cut out of code (CodeGen2).",
     )
     p.add_argument("path", help="export folder (onnxruntime) or checkpoint folder / hub id (torch)")
     p.add_argument("--task", choices=TASKS, default="perplexity", help="what to measure (default: perplexity)")
     p.add_argument(
         "--reference",
-        help="compare with this model: an export, a checkpoint, or a folder of log-probabilities saved with "
-        "--save-logprobs (perplexity only)",
+        help="compare with this model: an export, a checkpoint, or (perplexity) a folder of log-probabilities "
+        "saved with --save-logprobs; humaneval and infill score both on the same samples and gaps, paired",
     )
     p.add_argument("--tokenizer", help="tokenizer folder (default: PATH)")
-    g = p.add_argument_group("perplexity")
+    g = p.add_argument_group("perplexity and infill")
     g.add_argument(
         "--texts",
-        help="texts to score: a folder of source files, a glob, a file, or a .jsonl of texts (default: a held-out "
-        "slice of this Python's standard library)",
+        help="texts to score (or cut gaps from): a folder of source files, a glob, a file, or a .jsonl of texts "
+        "(default: a held-out slice of this Python's standard library)",
     )
     g.add_argument("--pattern", help="only files whose name matches this glob, e.g. '*.py' (with a folder)")
     g.add_argument(
@@ -71,13 +72,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     g.add_argument("--top-p", type=float_in(0, 1), default=0.95, help="nucleus sampling (default: 0.95, the paper's)")
     g.add_argument(
-        "--max-new-tokens", type=int_at_least(1), default=256, help="tokens per sample at most (default: 256)"
+        "--max-new-tokens",
+        type=int_at_least(1),
+        help="tokens per sample or middle at most (default: 256 for humaneval, 64 for infill)",
     )
     g.add_argument("--batch", type=int_at_least(1), default=8, help="samples decoded together (default: 8)")
-    g.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default: 0)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed, and the gaps' (default: 0)")
     g.add_argument("--timeout", type=float_in(0.1, 600), default=10.0, help="seconds each sample may run (default: 10)")
     g.add_argument("--workers", type=int_at_least(1), help="samples executed at once (default: the cores)")
     g.add_argument("--samples-out", help="write the samples (task_id, completion) to this .jsonl")
+    g = p.add_argument_group("infill")
+    g.add_argument("--gaps", type=int_at_least(1), default=200, help="gaps to fill, half single-line (default: 200)")
     p.add_argument(
         "--threads", type=threads_type, help="intra-op threads (torch, onnxruntime; at most the cores this machine has)"
     )
@@ -152,7 +157,7 @@ def _humaneval(args, tokenizer, log) -> list:
             sampling,
             name,
             source=_source(path),
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens or 256,
             batch=args.batch,
             seed=args.seed,
             timeout=args.timeout,
@@ -175,6 +180,25 @@ def _humaneval(args, tokenizer, log) -> list:
     return reports
 
 
+def _infill(args, tokenizer, log) -> list:
+    from ..verify.infilling import plan_gaps, run_infill
+    from ..verify.quality import read_texts
+
+    gaps = plan_gaps(read_texts(args.texts, args.pattern), args.gaps, args.seed)
+    reports = []
+    for path in [args.path] + ([args.reference] if args.reference else []):
+        session, name = _open(path, args)
+        reports.append(run_infill(session, tokenizer, gaps, name, args.max_new_tokens or 64, progress=log))
+        session.close()
+    if len(reports) == 2:
+        a, b = (r.matched for r in reports)
+        log(
+            f"paired on the same gaps: {sum(x and not y for x, y in zip(a, b, strict=True))} filled only by the model, "
+            f"{sum(y and not x for x, y in zip(a, b, strict=True))} only by the reference"
+        )
+    return reports
+
+
 def command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     check_paths(args)
@@ -186,7 +210,8 @@ def command(argv: list[str] | None) -> int:
         progress_line(line, stderr=True)
 
     tokenizer = load_tokenizer(args.tokenizer or args.path)
-    reports = (_perplexity if args.task == "perplexity" else _humaneval)(args, tokenizer, log)
+    task = {"perplexity": _perplexity, "humaneval": _humaneval, "infill": _infill}[args.task]
+    reports = task(args, tokenizer, log)
     if args.json:
         out = [r.to_dict() for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
