@@ -6,22 +6,21 @@ and what prompt lookup and a draft model do on code, against plain greedy decodi
   oracle       drafts = the tokens a previous greedy run of the same prompt produced (an upper bound, never a
                default), with at most K = 4 and 8 drafted tokens per run.
   lookup       prompt lookup (n-grams 3..1) on HumanEval prompts and on a file re-sent after a small edit.
-  draft        a draft model: the target's first --draft-layers blocks with its embedding and head (a model that
-               shares the tokenizer and the weights' scale; random weights make a trained draft impossible here).
+  draft        a draft model: --draft EXPORT (a smaller model on the same tokenizer, e.g. the trained draft of
+               benchmarks/quality.py), else the target's first --draft-layers blocks with its embedding and head.
 
 Every speculative run's tokens are checked equal to plain greedy decoding. Speedups are decode tokens/s over
 plain decoding's, round-robin per prompt (the machine drifts); acceptance = accepted / drafted tokens. With
 random weights the acceptance a workload has is unlike a trained model's, so the table also gives the speedup
 the cost model predicts at the published code-editing acceptance (0.7).
 
-    python benchmarks/speculate.py EXPORT [EXPORT_INT8] [--prompts 8] [--new-tokens 128]
+    python benchmarks/speculate.py EXPORT [EXPORT_INT8] [--draft DRAFT_EXPORT] [--prompts 8] [--new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import statistics
 import subprocess
@@ -38,7 +37,6 @@ from codegen_deploy.runtime.generate import GenerationConfig
 from codegen_deploy.runtime.speculate import Drafter, DraftModel, PromptLookup
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 class Oracle(Drafter):
@@ -97,9 +95,9 @@ def predicted_speedup(costs: list[dict], acceptance: float, context: int = 128, 
 
 
 def humaneval(count: int) -> list[str]:
-    path = SHARED / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line)["prompt"] for line in f][:count]
+    from codegen_deploy.verify.execution import load_problems
+
+    return [p["prompt"] for p in load_problems().values()][:count]
 
 
 def edited_file(tokenizer, tokens: int = 700) -> list[str]:
@@ -273,6 +271,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="HumanEval prompts (default 8)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft", type=Path, help="a draft model's fused export (default: the target's first layers)")
     p.add_argument("--draft-layers", type=int, default=4, help="blocks of the target kept in the draft model")
     p.add_argument(
         "--parts",
@@ -281,11 +280,11 @@ def main() -> None:
     )
     p.add_argument("--rounds", type=int, default=2, help="rounds of the scheduler runs at each concurrency")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "speculate.json")
-    p.add_argument("--tokenizer", type=Path, default=SHARED / "codegen-350M-mono-tokenizer")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the first export's)")
     args = p.parse_args()
     from codegen_deploy.model.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer or args.exports[0])
     # A run of some parts keeps the other parts' results from the last run.
     results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.setdefault("costs", {})
@@ -296,7 +295,7 @@ def main() -> None:
         print(f"[cost model] {export.name} done", file=sys.stderr, flush=True)
     target = args.exports[0]
     with tempfile.TemporaryDirectory() as tmp, open_session("onnxruntime", target, threads=args.threads) as session:
-        draft_folder = truncated_draft(target, args.draft_layers, Path(tmp))
+        draft_folder = args.draft or truncated_draft(target, args.draft_layers, Path(tmp))
         draft_session = FusedOrtSession(draft_folder, threads=args.threads)  # a bare graph and config.json
         ratio = draft_session.config.num_parameters() / session.config.num_parameters()
         draft = DraftModel(draft_session, relative_cost=ratio)
