@@ -6,7 +6,8 @@ match of a CodeGen2-layout model's exports on held-out gaps, beside an untrained
     python benchmarks/quality.py [--minutes 5] [--work /tmp/codegen-quality]
 
 The trained checkpoints come from the cache (model/train.py: trained_checkpoint), so a second run trains nothing;
-exports are made once into --work. Results: benchmarks/results/quality.json and quality.png.
+exports are made once into --work, with a draft model (the `tiny` shape on the main model's tokenizer) for
+benchmarks/speculate.py. Results: benchmarks/results/quality.json and quality.png.
 """
 
 from __future__ import annotations
@@ -50,11 +51,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5.0, help="training time of the main models (default 5)")
     p.add_argument("--shape", default="demo", help="the CodeGen1-layout model's shape (default demo)")
-    p.add_argument("--fim-shape", default="codegen2-demo", help="the CodeGen2-layout model's shape")
+    p.add_argument("--fim-shape", default="codegen2-tiny", help="the CodeGen2-layout model's shape")
+    p.add_argument("--draft-minutes", type=float, default=2.0, help="training time of the draft model (default 2)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens scored for perplexity (default 16384)")
     p.add_argument("--gaps", type=int, default=200, help="fill-in-the-middle gaps (default 200)")
     p.add_argument("--problems", type=int, default=164, help="HumanEval problems (default: all 164)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--parts",
+        default="perplexity,humaneval,infill",
+        help="what to run (default: all); the others keep their results from the last run in --json",
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/codegen-quality"))
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quality.json")
     args = p.parse_args()
@@ -73,8 +80,12 @@ def main() -> None:
     seconds = args.minutes * 60
     main_ckpt = trained_checkpoint(args.shape, seconds, progress=log)
     fim_ckpt = trained_checkpoint(args.fim_shape, seconds, progress=log)
-    results: dict = {"machine": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-    for name, ckpt in (("main", main_ckpt), ("fim", fim_ckpt)):
+    results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results["machine"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    draft_ckpt = trained_checkpoint("tiny", args.draft_minutes * 60, tokenizer=main_ckpt, progress=log)
+    draft = exports_of(draft_ckpt, args.work, ("fp32",))["fp32"]
+    log(f"the draft model's export (benchmarks/speculate.py --draft): {draft}")
+    for name, ckpt in (("main", main_ckpt), ("fim", fim_ckpt), ("draft", draft_ckpt)):
         results[f"{name}_training"] = json.loads((ckpt / "training.json").read_text())
         results[f"{name}_checkpoint"] = ckpt.name
 
@@ -82,9 +93,10 @@ def main() -> None:
     tokenizer = load_tokenizer(main_ckpt)
     documents = tokenize_texts(tokenizer, read_texts(None), args.max_tokens)
     exports = exports_of(main_ckpt, args.work, KINDS)
-    results["perplexity"] = {}
+    if "perplexity" in args.parts:
+        results["perplexity"] = {}
     with open_session("torch", main_ckpt, threads=args.threads) as reference:
-        for kind, folder in exports.items():
+        for kind, folder in exports.items() if "perplexity" in args.parts else ():
             with open_session("onnxruntime", folder, threads=args.threads) as session:
                 report = measure(session, documents, 1024, 512, reference, names=(kind, "checkpoint"), progress=log)
             results["perplexity"][kind] = report.to_dict()
@@ -92,8 +104,9 @@ def main() -> None:
 
     # HumanEval pass@1, greedy, executed: float32 and int4, paired on the same problems.
     problems = dict(list(load_problems().items())[: args.problems])
-    results["humaneval"] = {}
-    for kind in ("fp32", "int4"):
+    if "humaneval" in args.parts:
+        results["humaneval"] = {}
+    for kind in ("fp32", "int4") if "humaneval" in args.parts else ():
         with open_session("onnxruntime", exports[kind], threads=args.threads) as session:
             report, _ = run_humaneval(
                 session, tokenizer, problems, 1, SamplingConfig(), kind, max_new_tokens=128, progress=log
@@ -108,8 +121,9 @@ def main() -> None:
     if not untrained.is_dir():
         make_checkpoint(untrained, shape=args.fim_shape, tokenizer=fim_ckpt, fim=True)
     models = {**exports_of(fim_ckpt, args.work, ("fp32", "int8", "int4")), "untrained": untrained}
-    results["infill"] = {}
-    for kind, folder in models.items():
+    if "infill" in args.parts:
+        results["infill"] = {}
+    for kind, folder in models.items() if "infill" in args.parts else ():
         backend = "torch" if kind == "untrained" else "onnxruntime"
         start = time.perf_counter()
         with open_session(backend, folder, threads=args.threads) as session:
@@ -147,9 +161,9 @@ def plot(results: dict, path: Path) -> None:
     width = 0.4
     for i, kind in enumerate(("single-line", "multi-line")):
         xs = [j + (i - 0.5) * width for j in range(len(names))]
-        axes[2].bar(xs, [100 * fill[n]["exact"].get(kind, 0) for n in names], width, label=kind)
+        axes[2].bar(xs, [fill[n]["similarity"].get(kind, 0) for n in names], width, label=kind)
     axes[2].set_xticks(range(len(names)), names)
-    axes[2].set_title("fill-in-the-middle exact match (%)")
+    axes[2].set_title("fill-in-the-middle: edit similarity of the middle")
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -168,11 +182,14 @@ def print_tables(results: dict) -> None:
     print("| --- | --- |")
     for kind, r in results["humaneval"].items():
         print(f"| {kind} | {r['pass_at_k']['pass@1']:.2f} % ({sum(v > 0 for v in r['passed'].values())} problems) |")
-    print("\n| model | single-line exact match | multi-line exact match |")
+    print("\n| model | single-line: exact match, edit similarity | multi-line: exact match, edit similarity |")
     print("| --- | --- | --- |")
     for kind, r in results["infill"].items():
-        e = r["exact"]
-        print(f"| {kind} | {100 * e['single-line']:.1f} % | {100 * e['multi-line']:.1f} % |")
+        e, sim = r["exact"], r["similarity"]
+        print(
+            f"| {kind} | {100 * e['single-line']:.1f} %, {sim['single-line']:.3f} | "
+            f"{100 * e['multi-line']:.1f} %, {sim['multi-line']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

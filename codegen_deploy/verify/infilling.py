@@ -1,10 +1,13 @@
 """Fill-in-the-middle exact match, in the style of HumanEval-infilling: gaps cut out of real code (one line, or a
-block of 2 to 4 lines), the model given the code before and after, its middle (up to <eom>) compared with the
-line(s) cut out. Gaps are chosen by a seeded plan, so two exports are scored on the same gaps, paired.
+block of 2 to 4 lines), the model given the code before and after, its middle (up to <eom>; a single line's up to
+the end of its first line, as single-line infilling is scored) compared with the line(s) cut out: exact match,
+and the edit similarity of the two (difflib's ratio, 0..1), which grades a model too weak to match exactly. Gaps
+are chosen by a seeded plan, so two exports are scored on the same gaps, paired.
 """
 
 from __future__ import annotations
 
+import difflib
 import random
 import time
 from collections.abc import Callable
@@ -52,18 +55,33 @@ def plan_gaps(texts: list[tuple[str, str]], count: int, seed: int = 0, before: i
     return gaps
 
 
+def answer(written: str, gap: Gap) -> str:
+    """What is scored of a written middle: for a single-line gap, its first line with text on it."""
+    if gap.kind != "single-line":
+        return written
+    lines = written.lstrip("\n").split("\n")
+    return lines[0]
+
+
 def matches(middle: str, expected: str) -> bool:
     """Exact match of a written middle, surrounding whitespace aside (where a line ends is the suffix's)."""
     return middle.strip() == expected.strip()
 
 
+def similarity(middle: str, expected: str) -> float:
+    """Edit similarity of a written middle to the expected one, surrounding whitespace aside (0..1)."""
+    return difflib.SequenceMatcher(None, middle.strip(), expected.strip(), autojunk=False).ratio()
+
+
 @dataclass(frozen=True)
 class InfillReport:
-    """Exact matches per kind of gap over the gaps scored, and each gap's result (for a paired comparison)."""
+    """Exact matches and mean edit similarity per kind of gap over the gaps scored, and each gap's result (for a
+    paired comparison)."""
 
     model: str
     gaps: int
     exact: dict[str, float]
+    similarity: dict[str, float]
     matched: list[bool]
     seconds: float
 
@@ -71,7 +89,9 @@ class InfillReport:
         return asdict(self)
 
     def table(self) -> str:
-        scores = "  ".join(f"{kind} {100 * v:.1f} %" for kind, v in self.exact.items())
+        scores = "  ".join(
+            f"{kind} {100 * v:.1f} % (similarity {self.similarity[kind]:.3f})" for kind, v in self.exact.items()
+        )
         return f"{self.model}: {self.gaps} gaps in {self.seconds:.0f} s, exact match {scores}"
 
 
@@ -86,21 +106,24 @@ def run_infill(
 ) -> InfillReport:
     """Fill each gap greedily (CodeGen2's layout: Tokenizer.infill) and score it."""
     tokenizer.infill("", "")  # a model that cannot fill in the middle is refused before any work
-    matched, start = [], time.perf_counter()
+    matched, similar, start = [], [], time.perf_counter()
     last = start
     for n, gap in enumerate(gaps):
         prefix, suffix = _fit(tokenizer, gap, session.max_context - max_new_tokens)
         written = generate(session, tokenizer, prefix, suffix=suffix, max_new_tokens=max_new_tokens).text
+        written = answer(written, gap)
         matched.append(matches(written, gap.middle))
+        similar.append(similarity(written, gap.middle))
         if progress and (time.perf_counter() - last >= every or n == len(gaps) - 1):
             last = time.perf_counter()
             progress(f"filled {n + 1}/{len(gaps)} gaps, {sum(matched)} exact")
-    exact = {}
+    exact, mean_similarity = {}, {}
     for kind in KINDS:
-        results = [m for m, g in zip(matched, gaps, strict=True) if g.kind == kind]
-        if results:
-            exact[kind] = sum(results) / len(results)
-    return InfillReport(name, len(gaps), exact, matched, time.perf_counter() - start)
+        at = [i for i, g in enumerate(gaps) if g.kind == kind]
+        if at:
+            exact[kind] = sum(matched[i] for i in at) / len(at)
+            mean_similarity[kind] = sum(similar[i] for i in at) / len(at)
+    return InfillReport(name, len(gaps), exact, mean_similarity, matched, time.perf_counter() - start)
 
 
 def _fit(tokenizer, gap: Gap, tokens: int) -> tuple[str, str]:

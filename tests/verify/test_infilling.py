@@ -7,7 +7,7 @@ import pytest
 
 from codegen_deploy.errors import InputError
 from codegen_deploy.model.tokenizer import load_tokenizer
-from codegen_deploy.verify.infilling import matches, plan_gaps, run_infill
+from codegen_deploy.verify.infilling import Gap, answer, matches, plan_gaps, run_infill, similarity
 
 TEXT = "".join(f"def f{i}(x):\n    y = x * {i}\n    return y + {i}\n\n" for i in range(30))
 
@@ -34,6 +34,14 @@ def test_exact_match_ignores_surrounding_whitespace_only():
     assert not matches("y = x * 3", "y = x * 2")
 
 
+def test_a_single_line_answer_is_its_first_line_and_similarity_grades_the_rest():
+    line, block = Gap("a", "single-line", "", "    y = 1\n", ""), Gap("a", "multi-line", "", "a\nb\n", "")
+    assert answer("\n    y = 1\n    z = 2\n", line) == "    y = 1"
+    assert answer("a\nb\nc\n", block) == "a\nb\nc\n"
+    assert similarity("y = x * 2", "y = x * 2") == 1.0
+    assert 0.5 < similarity("y = x * 3", "y = x * 2") < 1.0 and similarity("", "y = 2") == 0.0
+
+
 @pytest.mark.parametrize(("written", "score"), [(None, 1.0), ("    pass\n", 0.0)], ids=["right", "wrong"])
 def test_a_session_that_writes_the_middle_scores_it(scripted_session, codegen2_checkpoint, written, score):
     tokenizer = load_tokenizer(codegen2_checkpoint)
@@ -44,6 +52,7 @@ def test_a_session_that_writes_the_middle_scores_it(scripted_session, codegen2_c
         session = scripted_session([script], tokenizer.vocab_size, n_positions=1024)
         results.append(run_infill(session, tokenizer, [gap], "scripted", max_new_tokens=32))
     assert all(r.exact == {gap.kind: score} for r, gap in zip(results, gaps, strict=True))
+    assert all((r.similarity[gap.kind] == 1.0) == (score == 1.0) for r, gap in zip(results, gaps, strict=True))
 
 
 def test_a_model_without_fill_in_the_middle_is_refused(scripted_session, tiny_checkpoint):
