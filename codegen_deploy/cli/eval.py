@@ -105,6 +105,15 @@ def _open(path: str, args):
     return session, f"{Path(path).name or path} ({backend}, {session.export_kind or 'float32'})"
 
 
+def _each_model(args):
+    """(path, session, name) of PATH and then --reference when given, each session closed once used: the tasks
+    that run both on the same samples."""
+    for path in [args.path] + ([args.reference] if args.reference else []):
+        session, name = _open(path, args)
+        with session:
+            yield path, session, name
+
+
 def _source(path: str) -> str | None:
     """The checkpoint a model was made from (a hub id or folder): an export's manifest says; else the path."""
     from ..artifacts.io_spec import MANIFEST_FILE
@@ -147,8 +156,7 @@ def _humaneval(args, tokenizer, log) -> list:
         problems = dict(list(problems.items())[: args.problems])
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     reports = []
-    for path in [args.path] + ([args.reference] if args.reference else []):
-        session, name = _open(path, args)
+    for path, session, name in _each_model(args):
         report, samples = run_humaneval(
             session,
             tokenizer,
@@ -164,7 +172,6 @@ def _humaneval(args, tokenizer, log) -> list:
             workers=args.workers,
             progress=log,
         )
-        session.close()
         reports.append(report)
         if args.samples_out and path == args.path:
             from ..atomic import write_text_atomic
@@ -186,10 +193,8 @@ def _infill(args, tokenizer, log) -> list:
 
     gaps = plan_gaps(read_texts(args.texts, args.pattern), args.gaps, args.seed)
     reports = []
-    for path in [args.path] + ([args.reference] if args.reference else []):
-        session, name = _open(path, args)
+    for _, session, name in _each_model(args):
         reports.append(run_infill(session, tokenizer, gaps, name, args.max_new_tokens or 64, progress=log))
-        session.close()
     if len(reports) == 2:
         a, b = (r.matched for r in reports)
         log(

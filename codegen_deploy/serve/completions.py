@@ -468,35 +468,28 @@ def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
+def _logprobs_object(state: ServerState, ids, logprobs: list, tops: list, offset: int) -> dict:
+    """OpenAI's legacy logprobs object of tokens `ids`, text offsets counted from `offset`; a logprob and its
+    alternatives may be None (a prompt's first token: nothing predicts it)."""
+    decode = state.tokenizer.decode
+    tokens = [decode([t]) for t in ids]
+    offsets = [offset + n for n in itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)]
+    top = [None if d is None else _by_text(decode, d) for d in tops]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
+
+
 def _logprobs_piece(state: ServerState, update: RowUpdate, offset: int) -> dict | None:
-    """OpenAI's legacy logprobs object for the tokens of one update, text offsets counted from `offset`."""
+    """The logprobs object of one update's tokens, text offsets counted from `offset`."""
     if update.logprobs is None:
         return None
-    decode = state.tokenizer.decode
-    tokens = [decode([t]) for t in update.tokens]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    top = [_by_text(decode, d) for d in update.top_logprobs]
-    return {"tokens": tokens, "token_logprobs": update.logprobs, "top_logprobs": top, "text_offset": offsets}
+    return _logprobs_object(state, update.tokens, update.logprobs, update.top_logprobs, offset)
 
 
 def _prompt_logprobs_piece(state: ServerState, update: RowUpdate, prompt: list[int]) -> dict | None:
-    """The legacy logprobs object of the prompt's tokens (echo), offsets counted from the start of the text;
-    the first token's log-probability and alternatives are null, as OpenAI's are (nothing predicts it)."""
+    """The logprobs object of the prompt's tokens (echo), on the update that carries them."""
     if update.prompt_logprobs is None:
         return None
-    decode = state.tokenizer.decode
-    tokens = [decode([t]) for t in prompt]
-    offsets = [0, *itertools.accumulate(len(t) for t in tokens[:-1])]
-    top = [None if d is None else _by_text(decode, d) for d in update.prompt_top_logprobs]
-    return {
-        "tokens": tokens,
-        "token_logprobs": list(update.prompt_logprobs),
-        "top_logprobs": top,
-        "text_offset": offsets,
-    }
+    return _logprobs_object(state, prompt, update.prompt_logprobs, update.prompt_top_logprobs, 0)
 
 
 def _by_text(decode, top: dict[int, float]) -> dict[str, float]:

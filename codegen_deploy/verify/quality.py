@@ -82,7 +82,7 @@ def read_texts(source: str | Path | None, pattern: str | None = None) -> list[tu
         if path.is_file() and path.name.endswith(".jsonl"):
             return _read_jsonl(path)
         if path.is_dir():
-            paths = sorted(p for p in path.rglob(pattern or "*") if p.is_file())
+            paths = sorted(p for p in path.rglob("*") if p.is_file())
             if pattern is None:
                 paths = [p for p in paths if p.suffix in TEXT_SUFFIXES]
         elif path.is_file():

@@ -9,6 +9,7 @@ numbers depend on how many rows step with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -155,6 +156,25 @@ def test_reuse_and_chunks_change_no_number_after_primed_and_cancelled_caches(ses
         request = in_chunks(spec(follow, i))
         assert request.row.cached_tokens >= len(prompt) - session.min_piece
         assert request.result == alone(session, spec(follow, i))
+
+
+def test_prompt_logprobs_are_the_same_after_a_primed_cache_and_in_chunks(session):
+    """A row that reports its prompt's log-probabilities (echo) gives bitwise what it gives alone on a fresh
+    engine that reads its prompt whole, greedy and seeded: after the same prompt primed the cache, read in chunks
+    next to a generating row."""
+    engine = SlotEngine(session, rows=2, cache_memory=2**30, prefill_chunk=7)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        s = dataclasses.replace(spec(prompt, i), prompt_logprobs=2)
+        lone = Request(SlotEngine(session, rows=1), s).run()
+        assert len(lone.row.prompt_lp) == len(prompt) and lone.row.prompt_lp[0] is None
+        Request(engine, spec(prompt, i + 1)).run()  # primes the cache with this very prompt
+        other = generating(engine)
+        echoed = Request(engine, s).run(lambda r: not r.reading)
+        engine.remove(other.row)
+        echoed.run()
+        assert echoed.row.cached_tokens == 0  # a cache holds no logits: the whole prompt was read
+        assert echoed.row.prompt_lp == lone.row.prompt_lp and echoed.row.prompt_top == lone.row.prompt_top
+        assert echoed.result == lone.result
 
 
 def test_rows_stepped_together_give_what_each_gives_alone(session, request):
