@@ -1,4 +1,4 @@
-"""Where a prompt's time goes in the fused graph: ONNX Runtime's profiler over one prompt, time by op type.
+"""Where a prompt's (or a decode step's) time goes in the fused graph: ONNX Runtime's profiler, time by op type.
 
 Opens the fused graph of an export folder with SessionOptions.enable_profiling, runs a random prompt of
 each length (batch 1, the cache bound in place as the session does), and sums the kernel times of the last
@@ -9,6 +9,10 @@ benchmarks/results/prompt_profile.json).
     python benchmarks/prompt_profile.py /tmp/codegen-prompt-speed/codegen-350M-random-onnx-fused-int8
     python benchmarks/prompt_profile.py EXPORT --tokens 1024,2000 --threads 2 --runs 2
     python benchmarks/prompt_profile.py EXPORT --chunk 256     # the prompt in pieces of 256 tokens
+    python benchmarks/prompt_profile.py EXPORT --tokens 128,1024 --decode 32   # decode steps after each prompt
+
+With --decode N, the table is of the N one-token steps that follow the last prompt (per step: the time of each
+row averaged over the steps), with the cache in the graph's own dtype (float32, float16 or int8).
 """
 
 from __future__ import annotations
@@ -38,13 +42,20 @@ def role(node_name: str, op_type: str) -> str:
 
 
 def profile_prompt(
-    folder: Path, tokens: int, threads: int, runs: int, config_entries: dict[str, str], chunk: int | None = None
+    folder: Path,
+    tokens: int,
+    threads: int,
+    runs: int,
+    config_entries: dict[str, str],
+    chunk: int | None = None,
+    decode: int = 0,
 ) -> dict:
     """Run `runs` prompts of `tokens` random ids; return the last one's wall time and its kernel times by row.
 
     chunk: run each prompt as consecutive pieces of this many tokens, each appended to the cache the pieces
     before it wrote (GroupQueryAttention then compares a piece with the tokens so far only, not the whole
-    prompt: what a session that feeds long prompts in pieces would save).
+    prompt: what a session that feeds long prompts in pieces would save). decode: report instead the mean of
+    `decode` one-token steps after the last prompt.
     """
     from codegen_deploy.artifacts import io_spec
     from codegen_deploy.artifacts.manifest import manifest_config, read_manifest
@@ -56,15 +67,17 @@ def profile_prompt(
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="prompt-profile-"), "ort")
     session = create_session(folder / io_spec.FUSED_GRAPH_FILE, options, ["CPUExecutionProvider"])
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, tokens), dtype=np.int64)
-    cache_shape = (1, config.n_head, tokens, config.head_dim)
-    caches = [np.zeros(cache_shape, np.float32) for _ in io_spec.past_names(config.n_layer)]
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, tokens + decode), dtype=np.int64)
+    cache_shape = (1, config.n_head, tokens + decode, config.head_dim)
+    kind = next(i.type for i in session.get_inputs() if i.name == io_spec.past_name(0, "key"))
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}[kind]
+    caches = [np.zeros(cache_shape, dtype) for _ in io_spec.past_names(config.n_layer)]
     binding = session.io_binding()
     for past, present, cache in zip(
         io_spec.past_names(config.n_layer), io_spec.present_names(config.n_layer), caches, strict=True
     ):
         binding.bind_cpu_input(past, cache)
-        binding.bind_output(present, "cpu", 0, np.float32, list(cache.shape), cache.ctypes.data)  # in place
+        binding.bind_output(present, "cpu", 0, dtype, list(cache.shape), cache.ctypes.data)  # in place
     binding.bind_output(io_spec.LOGITS)
     pieces = [(start, min(start + (chunk or tokens), tokens)) for start in range(0, tokens, chunk or tokens)]
     walls = []
@@ -76,18 +89,31 @@ def profile_prompt(
             binding.bind_cpu_input(io_spec.TOTAL_SEQUENCE_LENGTH, np.array(end, np.int32))
             session.run_with_iobinding(binding)
         walls.append(time.perf_counter() - start_time)
+    if decode:
+        step_walls = []
+        for t in range(tokens, tokens + decode):
+            start_time = time.perf_counter()
+            binding.bind_cpu_input(io_spec.INPUT_IDS, np.ascontiguousarray(ids[:, t : t + 1]))
+            binding.bind_cpu_input(io_spec.SEQLENS_K, np.array([t], np.int32))
+            binding.bind_cpu_input(io_spec.TOTAL_SEQUENCE_LENGTH, np.array(t + 1, np.int32))
+            session.run_with_iobinding(binding)
+            step_walls.append(time.perf_counter() - start_time)
+        walls = [float(np.median(step_walls))]
     trace = json.loads(Path(session.end_profiling()).read_text())
-    # Kernel events carry the run they belong to only by order: keep the last prompt's (its share of them).
+    # Kernel events carry the run they belong to only by order, and every run executes each node once: keep
+    # the last prompt's share of them, or the decode steps'.
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_prompt = len(kernels) // runs
+    per_run = len(kernels) // (runs * len(pieces) + decode)
+    kept = kernels[-decode * per_run :] if decode else kernels[-per_run * len(pieces) :]
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for e in kernels[-per_prompt:]:
+    for e in kept:
         row = role(e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
-        totals[row] += e["dur"] / 1e6
+        totals[row] += e["dur"] / 1e6 / max(decode, 1)
         counts[row] += 1
     return {
         "tokens": tokens,
+        "decode_steps": decode,
         "chunk": chunk,
         "wall_s": walls,
         "kernel_s": sum(totals.values()),
@@ -101,13 +127,15 @@ def format_profile(result: dict) -> str:
     """One table: op (role), seconds, share of the kernel time, node count."""
     total = result["kernel_s"]
     pieces = f" in pieces of {result['chunk']}" if result["chunk"] else ""
+    if result.get("decode_steps"):
+        pieces = f", then a decode step (mean of {result['decode_steps']}, wall: median)"
     runs = ", ".join(f"{w:.3f}" for w in result["wall_s"])
     lines = [
         f"{result['tokens']} tokens{pieces}: wall {result['wall_s'][-1]:.3f} s (runs: {runs}), kernels {total:.3f} s",
         f"  {'op':<32} {'seconds':>8} {'share':>6} {'nodes':>5}",
     ]
     for r in result["rows"]:
-        lines.append(f"  {r['op']:<32} {r['seconds']:8.3f} {r['seconds'] / total:6.1%} {r['nodes']:5d}")
+        lines.append(f"  {r['op']:<32} {r['seconds']:8.4f} {r['seconds'] / total:6.1%} {r['nodes']:5d}")
     return "\n".join(lines)
 
 
@@ -118,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=2, help="prompts per length; the last one is reported")
     p.add_argument("--chunk", type=int, help="run each prompt in pieces of this many tokens")
+    p.add_argument("--decode", type=int, default=0, help="profile this many decode steps after each prompt")
     p.add_argument("--config", action="append", default=[], help="a session config entry KEY=VALUE (repeats)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "prompt_profile.json")
     args = p.parse_args(argv)
@@ -125,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = dict(item.split("=", 1) for item in args.config)
     results = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
-        result = profile_prompt(args.export, tokens, args.threads, args.runs, entries, args.chunk)
+        result = profile_prompt(args.export, tokens, args.threads, args.runs, entries, args.chunk, args.decode)
         results.append(result)
         print(format_profile(result), flush=True)
     report = {"export": str(args.export), "threads": args.threads, "chunk": args.chunk, "config": entries}

@@ -1,7 +1,8 @@
 """What quantizing costs, on small CodeGen models trained here (codegen-make-checkpoint --train): perplexity and
 KL divergence of fp16, int8 and int4 exports against the float32 checkpoint over the held-out standard library,
-HumanEval pass@1 of the float32 and int4 exports (greedy, every problem, executed), and fill-in-the-middle exact
-match of a CodeGen2-layout model's exports on held-out gaps, beside an untrained model of the same shape.
+what a float16 or int8 KV cache changes against a float32 one on the same weights, HumanEval pass@1 of the
+float32 and int4 exports (greedy, every problem, executed), and fill-in-the-middle exact match of a
+CodeGen2-layout model's exports on held-out gaps, beside an untrained model of the same shape.
 
     python benchmarks/quality.py [--minutes 5] [--work /tmp/codegen-quality]
 
@@ -19,11 +20,26 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# kind: (weights' dtype, weights, KV cache). The four kinds as codegen-export writes them by default (the cache
+# in the weights' dtype), then narrower caches (--kv-cache float16, int8).
 KINDS = {
-    "fp32": ("float32", "float"),
-    "fp16": ("float16", "float"),
-    "int8": ("float32", "int8"),
-    "int4": ("float32", "int4"),
+    "fp32": ("float32", "float", "auto"),
+    "fp16": ("float16", "float", "auto"),
+    "int8": ("float32", "int8", "auto"),
+    "int4": ("float32", "int4", "auto"),
+    "fp32-kv16": ("float32", "float", "float16"),
+    "int8-kv16": ("float32", "int8", "float16"),
+    "int4-kv16": ("float32", "int4", "float16"),
+    "fp32-kv8": ("float32", "float", "int8"),
+    "int4-kv8": ("float32", "int4", "int8"),
+}
+# What a narrower cache changes: each export against the same weights over a float32 cache.
+CACHE_PAIRS = {
+    "fp32, float16 cache": ("fp32-kv16", "fp32"),
+    "int8, float16 cache": ("int8-kv16", "int8"),
+    "int4, float16 cache": ("int4-kv16", "int4"),
+    "fp32, int8 cache": ("fp32-kv8", "fp32"),
+    "int4, int8 cache": ("int4-kv8", "int4"),
 }
 
 
@@ -37,10 +53,12 @@ def exports_of(checkpoint: Path, work: Path, kinds) -> dict[str, Path]:
 
     out = {}
     for kind in kinds:
-        dtype, weights = KINDS[kind]
+        dtype, weights, cache = KINDS[kind]
         folder = work / f"{checkpoint.name}-{kind}"
         if not (folder / "manifest.json").is_file():
-            export_model(checkpoint, folder, dtype=dtype, fused_weights=weights, progress=lambda line: None)
+            export_model(
+                checkpoint, folder, dtype=dtype, fused_weights=weights, fused_cache=cache, progress=lambda line: None
+            )
             log(f"exported {folder.name}")
         out[kind] = folder
     return out
@@ -58,7 +76,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--parts",
-        default="perplexity,humaneval,infill",
+        default="perplexity,cache,humaneval,infill",
         help="what to run (default: all); the others keep their results from the last run in --json",
     )
     p.add_argument("--work", type=Path, default=Path("/tmp/codegen-quality"))
@@ -100,6 +118,18 @@ def main() -> None:
                 report = measure(session, documents, 1024, 512, reference, names=(kind, "checkpoint"), progress=log)
             results["perplexity"][kind] = report.to_dict()
             log(report.table())
+
+    # The float16 cache against the float32 cache, on the same weights.
+    if "cache" in args.parts:
+        results["cache"] = {}
+    for kind, (narrow, wide) in CACHE_PAIRS.items() if "cache" in args.parts else ():
+        with (
+            open_session("onnxruntime", exports[narrow], threads=args.threads) as session,
+            open_session("onnxruntime", exports[wide], threads=args.threads) as reference,
+        ):
+            report = measure(session, documents, 1024, 512, reference, names=(narrow, wide), progress=log)
+        results["cache"][kind] = report.to_dict()
+        log(report.table())
 
     # HumanEval pass@1, greedy, executed: float32 and int4, paired on the same problems.
     problems = dict(list(load_problems().items())[: args.problems])
@@ -175,6 +205,13 @@ def print_tables(results: dict) -> None:
             f"| {kind} | {r['perplexity']:.4f} ± {r['perplexity_se']:.4f} | {r['nll_delta']:+.5f} ± "
             f"{r['nll_delta_se']:.5f} | {r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['kl_max']:.2e} | "
             f"{100 * r['top1_agreement']:.2f} % |"
+        )
+    print("\n| weights, cache (vs a float32 cache) | KL mean | KL p99 | KL max | top-1 agreement | perplexity |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind, r in results.get("cache", {}).items():
+        print(
+            f"| {kind} | {r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['kl_max']:.2e} | "
+            f"{100 * r['top1_agreement']:.2f} % | {r['perplexity']:.4f} vs {r['reference_perplexity']:.4f} |"
         )
     print("\n| export | HumanEval pass@1 (greedy) |")
     print("| --- | --- |")

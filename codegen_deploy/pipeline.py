@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxscript
 import torch
@@ -29,8 +30,10 @@ from .artifacts.manifest import (
     FUSED_WEIGHTS,
     METHODS,
     ROTARY_VARIANTS,
+    FusedGraph,
     export_dtype,
     fused_entries,
+    lossy_kind,
     read_manifest,
     update_manifest,
     write_manifest,
@@ -39,8 +42,8 @@ from .atomic import check_output, staging_folder
 from .config import EXPORTS_FOLDER, ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ExportError
-from .export.fused import fused_support, shared_data_file, write_fused_graph
-from .export.genai import write_genai_config, write_tokenizer_config
+from .export.fused import cache_dtype_for, fused_support, shared_data_file, write_fused_graph
+from .export.genai import write_genai_files, write_tokenizer_config
 from .export.graph import (
     EXTERNAL_DATA_THRESHOLD,
     OPSET,
@@ -55,6 +58,7 @@ from .export.trace import TRACE_BATCH, TRACE_PAST, TRACE_SEQ, write_traced_graph
 from .memory import memory_line
 from .model.hub import TOKENIZER_FILES, local_sources, resolve_model, source_id
 from .model.tokenizer import load_tokenizer
+from .model.train import stdlib_files
 from .model.weights import load_checkpoint
 from .runtime.backends.onnxruntime import BFLOAT16_RUNS
 from .runtime.ort import cuda_provider_available
@@ -129,6 +133,7 @@ def export_model(
     fused: bool = True,
     fused_weights: str = "float",
     fused_rotary: str = "auto",
+    fused_cache: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a CodeGen checkpoint to a verified ONNX export folder; return the folder.
@@ -145,14 +150,23 @@ def export_model(
     shapes GQA cannot run. fused_weights: "float", or "int8" / "int4" quantized
     weights in the fused graph. fused_rotary: where the fused graph applies the rotary: "gqa" (inside
     GroupQueryAttention), "graph" (plain ops before it, which ONNX Runtime's CUDA provider needs) or "auto"
-    (see fused_rotary_for); either is checked on the CPU provider. A bfloat16 export is validated on the
-    CUDA provider, so it needs a CUDA GPU with bfloat16 support (or validate=False). progress: called with
-    each stage's line and each check's table (default: log_progress; codegen-export prints them).
+    (see fused_rotary_for); either is checked on the CPU provider. fused_cache: the fused graph's KV cache
+    dtype, "float32", "float16", "int8" or "auto" (the model's dtype; see cache_dtype_for). A bfloat16
+    export is validated on the CUDA provider, so it needs a CUDA GPU with bfloat16 support (or
+    validate=False). progress: called with each stage's line and each check's table (default: log_progress;
+    codegen-export prints them).
     """
     progress = progress or log_progress
     check_dtype(dtype)
     options = _Options(
-        method, opset, validate, external_data, fused, fused_weights, fused_rotary_for(fused_rotary, dtype)
+        method,
+        opset,
+        validate,
+        external_data,
+        fused,
+        fused_weights,
+        fused_rotary_for(fused_rotary, dtype),
+        cache_dtype_for(fused_cache, dtype, fused_weights),
     )
     _check_options(options, dtype)
     output = Path(output) if output is not None else default_output(model, size=size, data=data, dtype=dtype)
@@ -161,7 +175,8 @@ def export_model(
     folder, config, tokenizer = _resolve(model, size, data, stages)
     with staging_folder(output, replace=force, protect=[folder]) as tmp:
         reference = _load(folder, config, dtype, stages)
-        graphs = _build(reference, tmp, options, stages, progress)
+        calibration = kv_calibration(tokenizer, config) if options.fused_cache == "int8" else None
+        graphs = _build(reference, tmp, options, stages, progress, calibration)
         checks = _verify(reference, graphs, stages, progress) if validate else {}
         del reference  # validation freed its weights; without validation this is the last reference
         source = source_id(model, size=size, data=data)
@@ -183,6 +198,7 @@ class _Options:
     fused: bool
     fused_weights: str
     fused_rotary: str  # "gqa" or "graph", resolved from "auto"
+    fused_cache: str  # "float32" or "float16", resolved from "auto"
 
 
 def fused_rotary_for(choice: str, dtype: str) -> str:
@@ -249,7 +265,7 @@ def _load(folder: Path, config: ModelConfig, dtype: str, stages: _Stages):
     return reference
 
 
-def _build(reference, folder: Path, options: _Options, stages: _Stages, progress) -> _Graphs:
+def _build(reference, folder: Path, options: _Options, stages: _Stages, progress, calibration=None) -> _Graphs:
     """Write the plain graph (decoder.onnx + decoder.onnx.data) and, if asked, the fused graph into `folder`.
 
     The fused graph reads the weights both graphs hold from the plain graph's data file and writes only
@@ -268,26 +284,58 @@ def _build(reference, folder: Path, options: _Options, stages: _Stages, progress
         keep_external = data_path.stat().st_size > EXTERNAL_DATA_THRESHOLD
     fused_entry = {}
     if options.fused:
-        fused_entry = _build_fused(reference, folder, options.fused_weights, graph_path, progress, options.fused_rotary)
+        fused_entry = _build_fused(reference, folder, options, graph_path, progress, calibration)
         if "fused_graph_file" in fused_entry:
-            detail = f"{options.fused_weights} weights, rotary {options.fused_rotary}"
+            detail = f"{options.fused_weights} weights, {options.fused_cache} cache, rotary {options.fused_rotary}"
             stages.done("fused", f"{io_spec.FUSED_GRAPH_FILE} ({detail})")
     return _Graphs(graph_path, summary, keep_external, fused_entry)
 
 
-def _build_fused(reference, folder: Path, weights: str, share_with: Path | None, progress, rotary: str = "gqa") -> dict:
+def _build_fused(
+    reference, folder: Path, options: _Options, share_with: Path | None, progress, calibration=None
+) -> dict:
     """Write the fused graph into `folder`; its manifest entries, or why there is none (with a note) for
     shapes and dtypes the fused graph cannot serve: the plain graph then serves ONNX Runtime."""
+    weights, rotary, cache = options.fused_weights, options.fused_rotary, options.fused_cache
     reason = fused_support(reference.config, rotary)
     if reason is None:
         try:
-            write_fused_graph(reference, folder, weights=weights, rotary=rotary, share_with=share_with)
+            write_fused_graph(
+                reference,
+                folder,
+                weights=weights,
+                rotary=rotary,
+                share_with=share_with,
+                cache=cache,
+                calibration=calibration,
+            )
         except ExportError as e:  # a dtype the fused graph does not take (bfloat16); a full disk is an ArtifactError
             reason = str(e)
     if reason is not None:
         progress(f"note: no fused graph ({reason}); ONNX Runtime will run the plain graph")
         return {"fused_skipped": reason}
-    return fused_entries(reference.config, dtype_name(reference.dtype), weights, rotary)
+    return fused_entries(reference.config, dtype_name(reference.dtype), weights, rotary, cache)
+
+
+# An int8 cache's scales are measured on this many windows of this many tokens of code (kv_calibration).
+KV_CALIBRATION = (4, 512)
+
+
+def kv_calibration(tokenizer, config: ModelConfig) -> np.ndarray | None:
+    """Token ids [windows, tokens] of this Python's standard library (the training split: evaluations read the
+    held-out one), on which an int8 KV cache's scales are measured; None without a tokenizer (the export then
+    measures them on random tokens)."""
+    if tokenizer is None:
+        return None
+    windows, length = KV_CALIBRATION[0], min(KV_CALIBRATION[1], config.n_positions)
+    ids: list[int] = []
+    for path in stdlib_files("train"):
+        ids += tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= windows * length:
+            break
+    if len(ids) < windows * length:
+        return None
+    return np.array(ids[: windows * length], np.int64).reshape(windows, length)  # [windows, length]
 
 
 def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
@@ -296,8 +344,9 @@ def _verify(reference, graphs: _Graphs, stages: _Stages, progress) -> dict:
     The fused graph is checked against logits recorded first, so the reference's weights can be freed
     before ONNX Runtime loads a graph (only one copy of the weights is in memory at a time).
     """
-    weights = graphs.fused_entry.get("fused_weights", "float")
-    fused_expected = record_reference(reference, weights=weights) if graphs.has_fused else None
+    fused_expected = None
+    if graphs.has_fused:  # as many prompts as the check of what makes this graph lossy reads
+        fused_expected = record_reference(reference, weights=FusedGraph.of(graphs.fused_entry).lossy)
     config = reference.config
     try:
         report = validate_export(graphs.graph_path, reference, release_model=True)
@@ -332,7 +381,7 @@ def _write(
     if not any(name in copied for name in ("tokenizer.json", "vocab.json")):
         progress(f"warning: {folder} has no tokenizer files; the export will need one to generate text")
     write_tokenizer_config(tmp, config)
-    write_genai_config(tmp, config)
+    write_genai_files(tmp, config, fused=graphs.has_fused)  # after the fused graph's data found its final file
     # CodeGen2's fill-in-the-middle tokens (their ids), or None: no tokenizer, one without them, or ids past the
     # embedding's rows.
     fim = tokenizer.fim_for(config.vocab_size) if tokenizer is not None else None
@@ -374,15 +423,17 @@ def add_fused_graph(
     rotary: str = "gqa",
     validate: bool = True,
     progress: Callable[[str], None] | None = None,
+    cache: str = "auto",
 ) -> list[str]:
     """Add (or replace) the fused graph of an existing export folder, checked against the reference like a
     new export's, and record it in the folder's manifest; return the files written.
 
     model: the loaded reference (default: the checkpoint the manifest records as its source, in the export's
     dtype). weights: "float", "int8" or "int4"; rotary: "gqa", or "graph" for ONNX Runtime's CUDA provider.
-    validate: compare the fused graph with the reference; over tolerance it raises ValidationError and the
-    export is left without a fused graph (the plain graph still serves it). progress: called with the check's
-    table (default: log_progress).
+    cache: the KV cache's dtype ("auto", "float32", "float16", "int8"; see cache_dtype_for). validate: compare the
+    fused graph with the reference; over tolerance it raises ValidationError and the export is left without a
+    fused graph (the plain graph still serves it). progress: called with the check's table (default:
+    log_progress).
     """
     progress = progress or log_progress
     folder = Path(folder)
@@ -397,16 +448,22 @@ def add_fused_graph(
     reason = fused_support(model.config, rotary)
     if reason is not None:
         raise ExportError(f"no fused graph for this shape ({reason}): ONNX Runtime runs the plain graph")
-    recorded = record_reference(model, weights=weights) if validate else None
-    files = write_fused_graph(model, folder, max_context=max_context, weights=weights, rotary=rotary)
-    entries = fused_entries(model.config, dtype_name(model.dtype), weights, rotary)
+    cache = cache_dtype_for(cache, dtype_name(model.dtype), weights)
+    recorded = record_reference(model, weights=lossy_kind(weights, cache)) if validate else None
+    calibration = kv_calibration(load_tokenizer(folder), model.config) if cache == "int8" else None
+    files = write_fused_graph(
+        model, folder, max_context=max_context, weights=weights, rotary=rotary, cache=cache, calibration=calibration
+    )
+    entries = fused_entries(model.config, dtype_name(model.dtype), weights, rotary, cache)
     if validate:
         try:
             entries["fused_validation"] = check_fused(folder, model.config, recorded, entries, progress)
         except BaseException:
             for name in files:
                 (folder / name).unlink(missing_ok=True)
+            write_genai_files(folder, model.config, fused=False)  # genai runs the plain graph again
             update_manifest(folder, {}, drop=FUSED_KEYS)
             raise
+    write_genai_files(folder, model.config, fused=True)
     update_manifest(folder, entries, drop=FUSED_KEYS)
-    return files
+    return [*files, io_spec.GENAI_GRAPH_FILE]

@@ -220,6 +220,27 @@ def test_every_export_writes_and_checks_the_fused_graph(fp32_export, fp16_export
     assert (folder / io_spec.FUSED_DATA_FILE).stat().st_size < (folder / shared).stat().st_size / 20  # rotary
 
 
+@pytest.mark.parametrize(
+    "weights, cache, want", [("int8", "auto", "float32"), ("float", "float16", "float16"), ("int4", "int8", "int8")]
+)
+def test_kv_cache_dtype_is_checked_and_recorded(tiny_checkpoint, tmp_path, weights, cache, want):
+    """The cache asked for (auto: the weights' dtype) passes the export's check within the tolerance of what
+    makes the graph lossy and is what the manifest's fused inputs and FusedGraph say."""
+    from codegen_deploy.artifacts.manifest import FusedGraph
+
+    folder = export_model(
+        tiny_checkpoint, tmp_path / "out", fused_weights=weights, fused_cache=cache, progress=lambda line: None
+    )
+    manifest = read_manifest(folder, verify="size")
+    fused = FusedGraph.of(manifest)
+    check_dtype = "float16" if want == "float16" else "float32"
+    assert (fused.dtype, fused.cache_dtype, fused.check_dtype) == ("float32", want, check_dtype)
+    assert {i["dtype"] for i in manifest["fused_inputs"] if i["name"].startswith("past_key_values.")} == {want}
+    assert manifest["fused_validation"]["passed"]
+    if weights == "float":  # float16's tolerance, still a tight check
+        assert manifest["fused_validation"]["tolerance"]["atol"] == 2e-2
+
+
 # head_dim 24 passes a multiple-of-8 check, but GroupQueryAttention on CPU refuses it at run time;
 # head_dim 20 (odd-head) is not a multiple of 8 either.
 ODD_SHAPES = {
@@ -346,6 +367,9 @@ def test_add_fused_graph_records_it_in_the_manifest(tmp_path):
     add_fused_graph(export)  # loads the model from the manifest's source
     manifest = read_manifest(export, verify="sha256")
     assert manifest["fused_graph_file"] == io_spec.FUSED_GRAPH_FILE
+    assert io_spec.GENAI_GRAPH_FILE in manifest["files"]  # onnxruntime-genai runs the new fused graph
+    genai = json.loads((export / io_spec.GENAI_CONFIG_FILE).read_text())["model"]["decoder"]
+    assert genai["filename"] == io_spec.GENAI_GRAPH_FILE
     assert {io_spec.FUSED_GRAPH_FILE, io_spec.FUSED_DATA_FILE} <= set(manifest["files"])
     assert manifest["source"] == str(checkpoint)  # the rest of the manifest is kept
     assert [i["name"] for i in manifest["fused_inputs"]][:3] == [
@@ -376,3 +400,7 @@ def test_add_fused_graph_that_fails_its_check_leaves_no_fused_graph(
     manifest = read_manifest(export, verify="sha256")
     assert not any(key.startswith("fused_") for key in manifest)
     assert not (export / io_spec.FUSED_GRAPH_FILE).exists()
+    # onnxruntime-genai is pointed back at the plain graph: its fused wrapper would read files that are gone
+    assert not (export / io_spec.GENAI_GRAPH_FILE).exists() and io_spec.GENAI_GRAPH_FILE not in manifest["files"]
+    genai = json.loads((export / io_spec.GENAI_CONFIG_FILE).read_text())["model"]["decoder"]
+    assert genai["filename"] == io_spec.GRAPH_FILE

@@ -16,6 +16,7 @@ GRAPH_FILE = "decoder.onnx"
 DATA_FILE = "decoder.onnx.data"
 MANIFEST_FILE = "manifest.json"
 GENAI_CONFIG_FILE = "genai_config.json"
+GENAI_GRAPH_FILE = "decoder_genai.onnx"  # the fused graph as onnxruntime-genai feeds it (export/genai_graph.py)
 ENGINE_FILE = "decoder.engine"
 ENGINE_MANIFEST_FILE = "engine.json"
 
@@ -104,15 +105,17 @@ def check_decoder_io(
 
 
 def cache_dtype(specs: Iterable[dict], where: str) -> str:
-    """The KV cache's dtype name (one of dtypes.DTYPES) from a graph's or engine's input/output specs
-    ({"name", "dtype"} dicts, as manifests record them); a one-line ArtifactError when there is no cache
-    input or its dtype is not a model dtype. The one place every reader of a cache dtype asks."""
+    """The KV cache's dtype name (one of dtypes.DTYPES, or int8: the fused graph's quantized cache) from a
+    graph's or engine's input/output specs ({"name", "dtype"} dicts, as manifests record them); a one-line
+    ArtifactError when there is no cache input or its dtype is not one of those. The one place every reader of
+    a cache dtype asks."""
     from ..dtypes import DTYPES
 
+    known = (*DTYPES, "int8")
     dtypes = {s["name"]: s["dtype"] for s in specs}
     dtype = dtypes.get(past_name(0, "key"))
-    if dtype not in DTYPES:
-        raise ArtifactError(f"{where} has a {dtype} cache, not one of {', '.join(DTYPES)}: export it again")
+    if dtype not in known:
+        raise ArtifactError(f"{where} has a {dtype} cache, not one of {', '.join(known)}: export it again")
     return dtype
 
 
@@ -153,8 +156,10 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows o
 LOGITS_TO_KEEP = "logits_to_keep"
 KEEP = "batch_x_keep"  # the logits' first dim: batch * logits_to_keep
 MAX_LENGTH = "max_length"  # symbolic dim: the cache buffer's capacity in tokens
-# The fused graph's metadata_props: where its rotary tables end, its weights file, its rotary variant.
+# The fused graph's metadata_props: where its rotary tables end, its weights format, its rotary variant, the
+# dtype of its activations (its cache may be narrower; graphs written before the key had the cache's).
 FUSED_MAX_CONTEXT_KEY, FUSED_WEIGHTS_KEY, FUSED_ROTARY_KEY = "max_context", "weights", "rotary"
+FUSED_DTYPE_KEY = "dtype"
 
 
 def fused_input_names(n_layer: int, keep: bool = True) -> list[str]:

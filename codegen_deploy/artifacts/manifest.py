@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 METHODS = ("built", "trace")  # "method": the plain graph written from the weights, or traced by torch.onnx
 FUSED_WEIGHTS = ("float", "int8", "int4")  # "fused_weights": the model dtype, or quantized (export/quantize.py)
 ROTARY_VARIANTS = ("gqa", "graph")  # "fused_rotary": inside GroupQueryAttention, or plain ops before it
+CACHE_DTYPES = ("float32", "float16", "int8")  # the fused graph's KV cache (its inputs' dtype; export/fused.py)
 # The entries that describe a fused graph (replaced together when one is added to an export).
 FUSED_KEYS = (
     "fused_graph_file",
@@ -82,16 +83,35 @@ def update_manifest(folder: Path, changes: dict, drop: tuple[str, ...] = ()) -> 
     return write_manifest(folder, {**body, **changes})
 
 
+def lossy_kind(weights: str, cache_dtype: str) -> str:
+    """The tolerance a fused graph is checked with (verify/tolerance.py): its weights' format where quantized,
+    "int8" for float weights over an int8 cache (rounded keys and values, as int8 weights round), else "float"."""
+    if weights != "float":
+        return weights
+    return "int8" if cache_dtype == "int8" else "float"
+
+
 @dataclass(frozen=True)
 class FusedGraph:
-    """The fused graph an export's manifest records: its file, the dtype of its activations and cache, its
-    weights ("float" or quantized) and where it applies the rotary. Exports written before an entry existed
-    read as its default."""
+    """The fused graph an export's manifest records: its file, the dtype of its activations, its weights
+    ("float" or quantized), where it applies the rotary and its KV cache's dtype. Exports written before an
+    entry existed read as its default. The cache's dtype is the one its recorded inputs declare."""
 
     graph_file: str
     dtype: str = "float32"
     weights: str = "float"
     rotary: str = "gqa"
+    cache_dtype: str = "float32"
+
+    @property
+    def lossy(self) -> str:
+        """What its outputs are checked as (lossy_kind): its quantized weights, an int8 cache, or "float"."""
+        return lossy_kind(self.weights, self.cache_dtype)
+
+    @property
+    def check_dtype(self) -> str:
+        """The dtype whose tolerance its outputs are checked with: float16 where the weights or the cache are."""
+        return "float16" if "float16" in (self.dtype, self.cache_dtype) else self.dtype
 
     @classmethod
     def of(cls, manifest: dict) -> FusedGraph | None:
@@ -101,11 +121,13 @@ class FusedGraph:
             if io_spec.FUSED_GRAPH_FILE not in manifest.get("files", {}):
                 return None
             name = io_spec.FUSED_GRAPH_FILE
+        dtype = manifest.get("fused_dtype", "float32")
         return cls(
             name,
-            manifest.get("fused_dtype", "float32"),
+            dtype,
             manifest.get("fused_weights", "float"),
             manifest.get("fused_rotary", "gqa"),
+            io_spec.cache_dtype(manifest["fused_inputs"], name) if "fused_inputs" in manifest else dtype,
         )
 
 
@@ -114,9 +136,12 @@ def export_dtype(manifest: dict) -> str:
     return manifest.get("dtype") or "float32"
 
 
-def fused_entries(config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa") -> dict:
-    """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16")."""
-    cache_dtype = "float16" if dtype == "float16" else "float32"
+def fused_entries(
+    config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa", cache_dtype: str | None = None
+) -> dict:
+    """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16") whose KV
+    cache is `cache_dtype` (default: the model's)."""
+    cache_dtype = cache_dtype or ("float16" if dtype == "float16" else "float32")
     spec_args = (config.n_layer, config.n_head, config.head_dim)
     return {
         "fused_graph_file": io_spec.FUSED_GRAPH_FILE,

@@ -90,8 +90,8 @@ def default_tolerance(session, path: str, tf32: bool = False):
         manifest = read_manifest(path, verify="none")
     manifest = manifest or {}
     fused = FusedGraph.of(manifest) if session.name == "onnxruntime-fused" else None
-    dtype = fused.dtype if fused else export_dtype(manifest)
-    weights = fused.weights if fused else "float"
+    dtype = fused.check_dtype if fused else export_dtype(manifest)
+    weights = fused.lossy if fused else "float"
     on_cuda = "cuda" in str(getattr(session, "device", "cpu"))
     tf32 = tf32 or bool(manifest.get("options", {}).get("tf32"))  # a TensorRT engine built with TF32
     return tolerance_for(dtype, weights=weights, tf32=tf32 and on_cuda)

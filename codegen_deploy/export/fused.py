@@ -38,7 +38,7 @@ import torch
 from onnx import helper
 
 from ..artifacts import io_spec
-from ..artifacts.manifest import ROTARY_VARIANTS
+from ..artifacts.manifest import CACHE_DTYPES, ROTARY_VARIANTS
 from ..config import ModelConfig
 from ..dtypes import numpy_dtype, to_numpy
 from ..errors import ExportError
@@ -47,6 +47,61 @@ from .graph import MS_DOMAIN, OPSET, GraphWriter, make_model, shared_weights, wr
 from .layers import F32, I64, decoder, rotate_qk
 from .layers import rotary as rotary_inputs
 from .quantize import WEIGHT_FORMATS
+
+# GroupQueryAttention runs a float cache in the dtype of its query: a float16 cache under float32 weights casts
+# q|k|v to float16 before the node and the heads' output back after it. An int8 cache keeps the query's dtype:
+# the node stores round(k / scale) per channel and reads it back scaled, with scales fixed at export
+# (kv_cache_scales), and no prompt or step ever reads unquantized keys, so chunks and steps agree exactly.
+CACHE_CHOICES = ("auto", *CACHE_DTYPES)
+KV_INT8_MAX = 127
+# Token ids the int8 cache's scales are measured on when the export gives none (a random model's tests):
+# 4 windows of 256 random tokens.
+_RANDOM_CALIBRATION = (4, 256)
+
+
+def kv_cache_scales(model: CodeGen, calibration: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the int8 cache's (key scales, value scales), each float32 [heads * head_dim]: the largest
+    magnitude a channel takes over the calibration token ids [N, T], / 127. The two channels of a rotary
+    pair share the pair's largest norm: rotation keeps that norm, so a key at any position stays in range,
+    and a cached key can be turned to another position (session.move_positions) without its scales."""
+    config = model.config
+    r = config.rotary_dim
+    scales = []
+    with torch.no_grad():
+        present = [model(torch.as_tensor(row[None]))[1] for row in np.asarray(calibration, np.int64)]
+    for layer in range(config.n_layer):
+        keys = torch.cat([p[layer][0] for p in present], dim=2).float()  # [1, H, N * T, D] (rotated)
+        values = torch.cat([p[layer][1] for p in present], dim=2).float()  # [1, H, N * T, D]
+        k_max = keys.abs().amax(dim=(0, 2))  # [H, D]
+        pair = keys[..., :r].unflatten(-1, (r // 2, 2)).norm(dim=-1).amax(dim=(0, 2))  # [H, R / 2]
+        k_max[:, :r] = pair.repeat_interleave(2, dim=-1)  # [H, R]
+        v_max = values.abs().amax(dim=(0, 2))  # [H, D]
+        pair_scales = [
+            (np.maximum(m.reshape(-1).numpy(), np.finfo(np.float32).tiny) / KV_INT8_MAX).astype(np.float32)
+            for m in (k_max, v_max)
+        ]
+        scales.append((pair_scales[0], pair_scales[1]))
+    return scales
+
+
+def random_calibration(config: ModelConfig) -> np.ndarray:
+    """Random token ids [N, T] for kv_cache_scales when no text is at hand (a random model's tests)."""
+    n, t = _RANDOM_CALIBRATION
+    return np.random.default_rng(0).integers(0, config.vocab_size, (n, min(t, config.n_positions)))
+
+
+def cache_dtype_for(choice: str | None, dtype: str, weights: str) -> str:
+    """The fused graph's KV cache dtype for `choice` ("auto", "float32", "float16", "int8" or None = auto), a
+    model in `dtype` and its `weights` format. auto: the model's dtype, quantized weights included: on CPU,
+    GroupQueryAttention widens a float16 cache to float32 at every step (350M shape, 2 threads: int4 decode
+    5-16% slower than over a float32 cache), and an int8 cache decodes faster but reads a long prompt ~1.5x
+    slower, so a narrower cache is the user's trade of speed for memory."""
+    choice = choice or "auto"
+    if choice not in CACHE_CHOICES:
+        raise ExportError(f"unknown KV cache dtype {choice!r}: choose one of {', '.join(CACHE_CHOICES)}")
+    if choice != "auto":
+        return choice
+    return "float16" if dtype == "float16" else "float32"
 
 
 def fused_support(config: ModelConfig, rotary: str = "gqa") -> str | None:
@@ -117,13 +172,16 @@ def build_fused_graph(
     weights: str = "float",
     rotary: str = "gqa",
     shared: dict[str, onnx.TensorProto] | None = None,
+    cache: str | None = None,
+    calibration: np.ndarray | None = None,
 ) -> onnx.ModelProto:
     """The fused decoder as a ModelProto whose large weights are already written to `data_path` (or, when
     given in `shared`, held by the plain graph's data file).
 
     rotary: "gqa" (inside GroupQueryAttention: do_rotary=1, checked on CPU) or "graph" (layers.rotate_qk, the
     plain graph's rotary, before a GQA with do_rotary=0: for the CUDA provider, whose GQA gave wrong logits
-    for CodeGen's rotary).
+    for CodeGen's rotary). cache: the KV cache's dtype (see cache_dtype_for; None: auto). calibration: token
+    ids [N, T] the int8 cache's scales are measured on (default: random_calibration).
     """
     config = model.config
     if rotary not in ROTARY_VARIANTS:
@@ -135,6 +193,13 @@ def build_fused_graph(
             f"the fused graph supports float32 and float16 models, not {model.dtype}: load the model in one of them"
         )
     dtype = numpy_dtype(model.dtype)
+    cache_dtype = np.dtype(cache_dtype_for(cache, dtype.name, weights))
+    quantized_cache = cache_dtype == np.int8
+    if quantized_cache and (rotary != "gqa" or dtype != np.float32):
+        raise ExportError("an int8 KV cache runs on the CPU provider with float32 activations: drop --kv-cache int8")
+    activations = dtype if quantized_cache else cache_dtype  # GQA's query, rotary tables and output
+    if quantized_cache:
+        kv_scales = kv_cache_scales(model, random_calibration(config) if calibration is None else calibration)
     positions = min(max_context or config.n_positions, config.n_positions)
     h, d = config.n_head, config.head_dim
     reason = fused_support(config, rotary)
@@ -153,8 +218,8 @@ def build_fused_graph(
             cos = torch.nn.functional.pad(cos, (0, pad), value=1.0)  # [positions, width]
             sin = torch.nn.functional.pad(sin, (0, pad), value=0.0)  # [positions, width]
             caches = [
-                g.weight("rotary.cos_cache", to_numpy(cos, dtype)),
-                g.weight("rotary.sin_cache", to_numpy(sin, dtype)),
+                g.weight("rotary.cos_cache", to_numpy(cos, activations)),
+                g.weight("rotary.sin_cache", to_numpy(sin, activations)),
             ]
             rotary_attrs = {"do_rotary": 1, "rotary_interleaved": 1}
         else:
@@ -167,9 +232,16 @@ def build_fused_graph(
                 qk, v = rotate_qk(g, qkv, *cos_sin, config, f"{name}/rotary")  # [B, S, 2, H, D], [B, S, 1, H, D]
                 qkv = g.op1("Concat", [qk, v], f"{name}/rotary/qkv", axis=2)  # [B, S, 3, H, D]
                 qkv = g.op1("Reshape", [qkv, g.const([0, 0, 3 * h * d], I64)], f"{name}/rotary/packed")  # [B, S, 3E]
+            qkv = g.cast(qkv, activations, f"{name}/qkv_to_cache_dtype")
             past = [io_spec.past_name(i, kind) for kind in io_spec.KV_KINDS]
             present = [io_spec.present_name(i, kind) for kind in io_spec.KV_KINDS]
             inputs = [qkv, "", "", *past, io_spec.SEQLENS_K, io_spec.TOTAL_SEQUENCE_LENGTH, *caches]
+            quantization = {}
+            if quantized_cache:
+                k_scale, v_scale = kv_scales[i]
+                # After the rotary tables: no position_ids, attention_bias or head_sink, then the cache's scales.
+                inputs += ["", "", "", g.weight(f"{name}.k_scale", k_scale), g.weight(f"{name}.v_scale", v_scale)]
+                quantization = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
             out = g.op(
                 "GroupQueryAttention",
                 inputs,
@@ -180,8 +252,9 @@ def build_fused_graph(
                 kv_num_heads=h,
                 scale=1.0 / math.sqrt(d),
                 **rotary_attrs,
+                **quantization,
             )
-            return out[0]  # [B, S, E]
+            return g.cast(out[0], dtype, f"{name}/to_model_dtype", source=activations)  # [B, S, E]
 
         decoder(
             g,
@@ -194,13 +267,16 @@ def build_fused_graph(
     finally:
         g.close()
 
-    cache_dtype = dtype.name
-    inputs = io_spec.fused_decoder_inputs(config.n_layer, h, d, cache_dtype)
-    outputs = io_spec.fused_decoder_outputs(config.n_layer, h, d, config.vocab_size, cache_dtype)
+    inputs = io_spec.fused_decoder_inputs(config.n_layer, h, d, cache_dtype.name)
+    outputs = io_spec.fused_decoder_outputs(config.n_layer, h, d, config.vocab_size, cache_dtype.name)
     doc = "CodeGen decoder fused for ONNX Runtime (GroupQueryAttention, in-place cache buffers)"
     proto = make_model(g, "codegen_decoder_fused", inputs, outputs, opset=OPSET, domains=(MS_DOMAIN,), doc=doc)
     # The rotary tables end here: a session must not hold a longer context (FusedOrtSession reads this).
-    props = {io_spec.FUSED_MAX_CONTEXT_KEY: str(positions), io_spec.FUSED_WEIGHTS_KEY: weights}
+    props = {
+        io_spec.FUSED_MAX_CONTEXT_KEY: str(positions),
+        io_spec.FUSED_WEIGHTS_KEY: weights,
+        io_spec.FUSED_DTYPE_KEY: dtype.name,
+    }
     helper.set_model_props(proto, {**props, io_spec.FUSED_ROTARY_KEY: rotary})
     return proto
 
@@ -213,13 +289,16 @@ def write_fused_graph(
     check: bool = True,
     rotary: str = "gqa",
     share_with: Path | None = None,
+    cache: str | None = None,
+    calibration: np.ndarray | None = None,
 ) -> list[str]:
     """Write the fused decoder (FUSED_GRAPH_FILE + FUSED_DATA_FILE) into `folder`; return the file names.
 
     `max_context` bounds the rotary tables (default: the model's n_positions); a session's cache buffer
     may not be longer. weights: "float" (the model's dtype), or "int8" / "int4" quantized weights for
     the projections and lm_head (quantize.py; not exact: check with codegen-parity). rotary: "gqa" or
-    "graph" (see build_fused_graph). share_with: a
+    "graph" (see build_fused_graph). cache: the KV cache's dtype ("auto" or None, "float32", "float16";
+    see cache_dtype_for; int8: scales measured on the token ids `calibration`). share_with: a
     graph in `folder` whose external data holds the same weights (the plain decoder): the fused graph
     points at them and writes only its own tensors, which halves the bytes an export writes. Files are
     written under temporary names and renamed when complete.
@@ -229,7 +308,9 @@ def write_fused_graph(
     graph_path, data_path = folder / io_spec.FUSED_GRAPH_FILE, folder / io_spec.FUSED_DATA_FILE
     shared = shared_weights(share_with) if share_with is not None else None
     write_graph(
-        lambda path, location: build_fused_graph(model, path, location, max_context, weights, rotary, shared),
+        lambda path, location: build_fused_graph(
+            model, path, location, max_context, weights, rotary, shared, cache, calibration
+        ),
         graph_path,
         data_path,
     )

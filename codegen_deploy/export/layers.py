@@ -53,10 +53,17 @@ def linear(
         if bias is not None:
             y = g.op1("Add", [y, g.weight(f"{name}.bias", to_numpy(bias, g.dtype))], f"{name}/Add")
         return y
-    if g.weight_format == "int8":
-        return linear_int8(g, x, get(), name, bias)
-    bits, block = BLOCKWISE[g.weight_format]
-    weight = get()
+    if g.weight_format in BLOCKWISE:
+        return linear_blockwise(g, x, get(), name, bias, *BLOCKWISE[g.weight_format])
+    return linear_int8(g, x, get(), name, bias)
+
+
+def linear_blockwise(
+    g: GraphWriter, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None, bits: int, block: int
+) -> str:
+    """x @ weight.T (+ bias) as com.microsoft MatMulNBits: weight [out, in] (torch's own layout) quantized in
+    blocks along `in` (quantize.quantize_blockwise), the bias fused in; accuracy_level 4 quantizes the
+    activations to int8 inside the kernel, per row and block."""
     n, k = weight.shape
     packed, scales = quantize_blockwise(to_numpy(weight, F32), bits, block)
     inputs = [x, g.weight(f"{name}.weight_q{bits}", packed), g.weight(f"{name}.scales", scales.astype(g.dtype))]

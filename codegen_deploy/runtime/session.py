@@ -53,14 +53,16 @@ def move_positions(keys: np.ndarray, offset: int, rotary_dim: int) -> np.ndarray
     """Cached keys [..., D] rotated for positions p -> the same keys for positions p + offset (computed in float32,
     returned in keys' dtype). CodeGen's rotary embedding turns each pair (x[2i], x[2i + 1]) of a key's first
     rotary_dim dims by the position's angle, p / 10000^(2i / rotary_dim), and turns compose: one more turn by the
-    offset's angle moves a key, exactly up to rounding."""
+    offset's angle moves a key, exactly up to rounding. int8 keys (a quantized cache whose two channels of a pair
+    share one scale, so a turn commutes with the scaling) are rounded back to [-127, 127]."""
     angle = offset / 10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim)  # [R/2], float64
     sin, cos = np.sin(angle).astype(np.float32), np.cos(angle).astype(np.float32)
     turned = keys[..., :rotary_dim].astype(np.float32)
     even, odd = turned[..., 0::2], turned[..., 1::2]  # each [..., R/2]
     out = keys.copy()
-    out[..., 0:rotary_dim:2] = even * cos - odd * sin
-    out[..., 1:rotary_dim:2] = odd * cos + even * sin
+    store = (lambda x: np.clip(np.rint(x), -127, 127)) if np.issubdtype(keys.dtype, np.integer) else (lambda x: x)
+    out[..., 0:rotary_dim:2] = store(even * cos - odd * sin)
+    out[..., 1:rotary_dim:2] = store(odd * cos + even * sin)
     return out
 
 
@@ -101,7 +103,9 @@ class Session(ABC):
         self._slot_lengths: np.ndarray | None = None  # [slots] int64 tokens in each slot's cache (0 = free)
 
     cache_dtype = None  # the KV cache's numpy dtype (or name), where the backend knows it
-    export_kind: str | None = None  # what the weights compute in: "float32", "float16", "int8", "int4"... if known
+    # What the weights compute in ("float32", "float16", "int8", "int4"...; "-kv8" added over an int8 KV cache),
+    # if known.
+    export_kind: str | None = None
     # The fewest tokens per row in a run whose numbers do not depend on how many tokens the run has: ONNX
     # Runtime's CPU kernels compute a run of one token per row with other code than a run of two or more (the
     # attention's one-row GEMM, MatMulNBits' one-row kernel) and the two round differently; runs of two or more

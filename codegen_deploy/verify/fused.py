@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts.manifest import FusedGraph
 from ..config import ModelConfig
 from ..runtime.session import Session
 from .parity import compare_sessions
@@ -65,8 +66,9 @@ def check_fused(folder: Path, config: ModelConfig, recorded: list[list], entry: 
     """Compare the fused graph with the recorded reference; raise ValidationError over tolerance."""
     from ..runtime.backends.onnxruntime_fused import FusedOrtSession
 
-    weights = entry["fused_weights"]
-    tolerance = tolerance_for(entry["fused_dtype"], weights=weights)
+    graph = FusedGraph.of(entry)
+    weights = graph.lossy
+    tolerance = tolerance_for(graph.check_dtype, weights=weights)
     with FusedOrtSession(folder, config=config, max_context=64, low_memory=True) as fused:
         prompts, new_tokens = _fused_check_prompts(config, weights), _plan(weights)[1]
         report = compare_sessions(

@@ -94,11 +94,11 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_output(
     monkeypatch.setattr(onnx_export, "trace", lambda *a, **k: onnx_ir.load(fp32_export / io_spec.GRAPH_FILE))
     saved = []
 
-    def interrupt(folder, config):
+    def interrupt(folder, config, fused):
         saved.append(sorted(p.name for p in folder.iterdir()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "write_genai_config", interrupt)
+    monkeypatch.setattr(pipeline, "write_genai_files", interrupt)
     with pytest.raises(KeyboardInterrupt):
         pipeline.export_model(tiny_checkpoint, tmp_path / "new", progress=lambda line: None)
     assert io_spec.GRAPH_FILE in saved[0]  # the interrupt came after files were written
@@ -168,7 +168,8 @@ def test_relative_model_is_recorded_absolute(fp32_export, tiny_checkpoint, tmp_p
 def test_full_disk_while_writing_the_fused_graph_is_an_error(tiny_model, tmp_path, tmpfs):
     notes = []
     with tmpfs(tmp_path / "small", "512k") as disk, pytest.raises(ArtifactError, match="No space left on device"):
-        pipeline._build_fused(tiny_model, disk, "float", None, notes.append)
+        options = pipeline._Options("built", None, False, None, True, "float", "gqa", "float32")
+        pipeline._build_fused(tiny_model, disk, options, None, notes.append)
     assert notes == []  # not a note and a graph-less export
 
 

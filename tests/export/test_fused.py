@@ -150,3 +150,80 @@ def test_quantized_graph_runs_close_to_the_reference(model, tmp_path, weights, o
 def test_unknown_weight_format_is_refused(model, tmp_path):
     with pytest.raises(ExportError, match="weight format"):
         write_fused_graph(model, tmp_path, weights="int3")
+
+
+@pytest.mark.parametrize("cache", ["float16", "int8"])
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
+def test_a_narrower_cache_is_declared_and_stays_close_to_the_float32_cache(model, tmp_path, weights, cache):
+    """A float16 or int8 KV cache under float32 (or quantized) weights: the graph declares that cache and
+    reads as the float32-cache graph does, up to the cache's rounding of keys and values. float16: q|k|v cast
+    to it around each GroupQueryAttention; int8: GQA quantizes per channel with scales fixed at export."""
+    from codegen_deploy.runtime.backends.onnxruntime_fused import FusedOrtSession
+
+    wide, narrow = tmp_path / "float32", tmp_path / cache
+    write_fused_graph(model, wide, weights=weights, cache="float32")
+    write_fused_graph(model, narrow, weights=weights, cache=cache)
+    graph = onnx.load(str(narrow / io_spec.FUSED_GRAPH_FILE), load_external_data=False).graph
+    args = (CONFIG.n_layer, CONFIG.n_head, CONFIG.head_dim)
+    want = [(s.name, s.dtype) for s in io_spec.fused_decoder_inputs(*args, cache)]
+    dtypes = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in graph.input]
+    assert dtypes == want
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    casts = [n for n in graph.node if n.op_type == "Cast" and "qkv_to_cache_dtype" in n.name]
+    if cache == "int8":
+        assert attrs["k_quant_type"] == attrs["v_quant_type"] == b"PER_CHANNEL" and attrs["kv_cache_bit_width"] == 8
+        assert gqa[0].input[12:] == ["blocks.0.attn.k_scale", "blocks.0.attn.v_scale"] and not casts
+    else:
+        assert "k_quant_type" not in attrs and len(casts) == CONFIG.n_layer
+    ids = np.random.default_rng(2).integers(0, CONFIG.vocab_size, (1, 24))
+    logits = {}
+    for folder in (wide, narrow):
+        with FusedOrtSession(folder, config=CONFIG) as session:
+            logits[folder.name] = np.concatenate(
+                [session.prefill(ids[:, :6])] + [session.step(ids[:, t]) for t in range(6, 24)]
+            )
+            kind, itemsize, per_token = (
+                session.export_kind,
+                np.dtype(session.cache_dtype).itemsize,
+                session.kv_bytes_per_token,
+            )
+        weights_kind = "float32" if weights == "float" else weights  # what the weights compute in
+        assert kind == weights_kind + ("-kv8" if folder.name == "int8" else "")
+        assert np.dtype(session.cache_dtype) == np.dtype(folder.name)
+        assert per_token == 2 * CONFIG.n_layer * CONFIG.n_embd * itemsize
+    change = np.abs(logits[cache] - logits["float32"]).max()
+    if weights == "float":
+        assert 0 < change < {"float16": 5e-3, "int8": 2e-2}[cache] * np.abs(logits["float32"]).max()
+    else:  # below what the quantized weights change
+        with torch.no_grad():
+            expected = model(torch.tensor(ids))[0][0, 5:].numpy()  # [19, V]
+        assert 0 < change < np.abs(logits["float32"] - expected).max()
+
+
+def test_int8_cache_scales_cover_each_channel_and_rotary_pairs_share_theirs(model):
+    from codegen_deploy.export.fused import kv_cache_scales, random_calibration
+
+    calibration = random_calibration(CONFIG)
+    scales = kv_cache_scales(model, calibration)
+    with torch.no_grad():
+        _, present = model(torch.as_tensor(calibration[:1]))
+    r, h, d = CONFIG.rotary_dim, CONFIG.n_head, CONFIG.head_dim
+    for (k_scale, v_scale), (keys, values) in zip(scales, present, strict=True):
+        assert k_scale.shape == v_scale.shape == (h * d,) and k_scale.dtype == np.float32
+        k_scale, v_scale = k_scale.reshape(h, d), v_scale.reshape(h, d)
+        # every calibration key and value is in range: no channel saturates on what it was measured on
+        assert (keys[0].abs().amax(1).numpy() <= 127 * k_scale * (1 + 1e-6)).all()
+        assert (values[0].abs().amax(1).numpy() <= 127 * v_scale * (1 + 1e-6)).all()
+        np.testing.assert_array_equal(k_scale[:, 0:r:2], k_scale[:, 1:r:2])  # a rotary pair shares its scale
+
+
+def test_cache_dtype_defaults_to_the_models_and_keeps_what_is_asked_for():
+    from codegen_deploy.export.fused import cache_dtype_for
+
+    assert cache_dtype_for("auto", "float32", "float") == cache_dtype_for(None, "float32", "int4") == "float32"
+    assert cache_dtype_for("auto", "float16", "float") == "float16"
+    assert cache_dtype_for("float16", "float32", "int8") == "float16"  # asked for: kept
+    assert cache_dtype_for("int8", "float32", "int4") == "int8"
+    with pytest.raises(ExportError, match="KV cache dtype"):
+        cache_dtype_for("int4", "float32", "float")

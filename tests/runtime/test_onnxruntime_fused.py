@@ -184,3 +184,21 @@ def test_a_prompt_read_in_pieces_equals_the_reference(fused):
         mask = (np.arange(23)[None, :] >= np.array([[0], [10]])).astype(np.int64)
         batch = session.prefill(padded, mask)
         np.testing.assert_allclose(batch, full[0, [22, 12]].numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache, itemsize", [("float32", 4), ("float16", 2), ("int8", 1)])
+def test_a_saved_prompt_takes_the_bytes_of_its_cache_dtype(tmp_path, cache, itemsize):
+    """The prompt cache's budget is in bytes of saved slots: a float16 cache keeps twice the prompts of a float32
+    one, an int8 cache four times; a saved slot loads back into another slot bit for bit."""
+    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=48, n_inner=128, vocab_size=96)
+    write_fused_graph(CodeGen.random(config, seed=1, std=0.1), tmp_path, cache=cache)
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, 20).tolist()
+    with FusedOrtSession(tmp_path, config=config) as session:
+        session.open_slots(2)
+        first = session.append_slot(0, prompt)
+        saved = session.save_slot(0, len(prompt))
+        assert saved.nbytes == len(prompt) * session.kv_bytes_per_token
+        assert session.kv_bytes_per_token == 2 * config.n_layer * config.n_embd * itemsize
+        session.load_slot(1, saved, len(prompt) - 2)
+        again = session.append_slot(1, prompt[-2:])  # runs of min_piece (2) tokens compute alike however split
+    np.testing.assert_array_equal(again[-1], first[-1])

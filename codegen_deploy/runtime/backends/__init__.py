@@ -158,7 +158,7 @@ def _open_onnxruntime(folder: Path, graph: str = "auto", verify: str = "sha256",
         )
     options["providers"] = choose_providers(options.get("providers"))
     on_cuda = options["providers"][0] == "CUDAExecutionProvider"
-    if fused is not None and graph == "auto" and on_cuda and cuda_unsupported_reason(fused.dtype, fused.rotary):
+    if fused is not None and graph == "auto" and on_cuda and cuda_unsupported_reason(fused.cache_dtype, fused.rotary):
         fused = None  # this fused graph is for the CPU provider: the plain graph runs on CUDA
     if fused is None and options.pop("cuda_graph", False):  # the plain graph's cache grows: no fixed shapes
         raise InputError(

@@ -165,12 +165,15 @@ class FusedOrtSession(Session):
         # Graphs written before the rotary variant existed apply it inside GQA.
         self.rotary = meta.get(io_spec.FUSED_ROTARY_KEY, "gqa")
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
-        cache_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        cache_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
         if cache_type not in cache_dtypes:
-            raise ArtifactError(f"{graph} has a {cache_type} cache: the fused session runs float32 and float16 graphs")
+            raise ArtifactError(f"{graph} has a {cache_type} cache: the fused session runs float32, float16 and int8")
         self.cache_dtype = cache_dtypes[cache_type]
         weights = meta.get(io_spec.FUSED_WEIGHTS_KEY, "float")
-        self.export_kind = weights if weights != "float" else np.dtype(self.cache_dtype).name
+        dtype = meta.get(io_spec.FUSED_DTYPE_KEY, np.dtype(self.cache_dtype).name)  # older graphs: the cache's
+        self.export_kind = weights if weights != "float" else dtype
+        if self.cache_dtype == np.int8:  # its keys and values rounded too: not the kind plain exports check as
+            self.export_kind += "-kv8"
         if self.providers[0] == "CUDAExecutionProvider":
             reason = cuda_unsupported_reason(np.dtype(self.cache_dtype).name, self.rotary)
             if reason:
