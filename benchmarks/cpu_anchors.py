@@ -50,9 +50,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FORMATS = {  # ours -> (codegen-export --quantize, llama.cpp GGUF type, codegen-export --kv-cache)
-    "fp32": (None, "f32", "auto"),
-    "int8": ("int8", "q8_0", "auto"),  # auto: the cache in float32
-    "int4": ("int4", "q4_0", "auto"),
+    "fp32": (None, "f32", "float32"),
+    "int8": ("int8", "q8_0", "float32"),  # each cache named: codegen-export's default under --quantize is float16
+    "int4": ("int4", "q4_0", "float32"),
     "int8-kv16": ("int8", "q8_0", "float16"),  # ours only: the same weights over a narrower cache
     "int4-kv16": ("int4", "q4_0", "float16"),
     "int8-kv8": ("int8", "q8_0", "int8"),
@@ -535,42 +535,9 @@ def run_llama(
     """llama-bench (pp of the longest context: TTFT; tg of new_tokens at each context depth) and llama-batched-bench
     (npp = first context, ntg = new_tokens, npl = batches). Returns (rows, the tools' raw records)."""
     t = str(threads)
-    pp = [
-        str(bin_dir / "llama-bench"),
-        "-m",
-        str(gguf_path),
-        "-t",
-        t,
-        "-ngl",
-        "0",
-        "-r",
-        "1",
-        "-o",
-        "json",
-        "-p",
-        str(max(contexts)),
-        "-n",
-        "0",
-    ]
-    tg = [
-        str(bin_dir / "llama-bench"),
-        "-m",
-        str(gguf_path),
-        "-t",
-        t,
-        "-ngl",
-        "0",
-        "-r",
-        "1",
-        "-o",
-        "json",
-        "-p",
-        "0",
-        "-n",
-        str(new_tokens),
-        "-d",
-        ",".join(map(str, contexts)),
-    ]
+    bench = [str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", t, "-ngl", "0", "-r", "1", "-o", "json"]
+    pp = [*bench, "-p", str(max(contexts)), "-n", "0"]
+    tg = [*bench, "-p", "0", "-n", str(new_tokens), "-d", ",".join(map(str, contexts))]
     raw, rows = [], []
     for cmd in (pp, tg):
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -79,6 +79,8 @@ def profile_prompt(
         binding.bind_cpu_input(past, cache)
         binding.bind_output(present, "cpu", 0, dtype, list(cache.shape), cache.ctypes.data)  # in place
     binding.bind_output(io_spec.LOGITS)
+    if io_spec.LOGITS_TO_KEEP in [i.name for i in session.get_inputs()]:  # the last token's logits only
+        binding.bind_cpu_input(io_spec.LOGITS_TO_KEEP, np.ones(1, np.int64))
     pieces = [(start, min(start + (chunk or tokens), tokens)) for start in range(0, tokens, chunk or tokens)]
     walls = []
     for _ in range(runs):
@@ -109,8 +111,10 @@ def profile_prompt(
     counts: dict[str, int] = defaultdict(int)
     for e in kept:
         row = role(e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
-        totals[row] += e["dur"] / 1e6 / max(decode, 1)
+        totals[row] += e["dur"] / 1e6 / max(decode, 1)  # per decode step
         counts[row] += 1
+    if decode:
+        counts = {k: v // decode for k, v in counts.items()}  # nodes per step
     return {
         "tokens": tokens,
         "decode_steps": decode,

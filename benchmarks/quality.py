@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# kind: (weights' dtype, weights, KV cache). The four kinds as codegen-export writes them by default (the cache
-# in the weights' dtype), then narrower caches (--kv-cache float16, int8).
+# kind: (weights' dtype, weights, KV cache), each cache named (codegen-export's default under --quantize is the
+# float16 cache: int8-kv16, int4-kv16).
 KINDS = {
-    "fp32": ("float32", "float", "auto"),
-    "fp16": ("float16", "float", "auto"),
-    "int8": ("float32", "int8", "auto"),
-    "int4": ("float32", "int4", "auto"),
+    "fp32": ("float32", "float", "float32"),
+    "fp16": ("float16", "float", "float16"),
+    "int8": ("float32", "int8", "float32"),
+    "int4": ("float32", "int4", "float32"),
     "fp32-kv16": ("float32", "float", "float16"),
     "int8-kv16": ("float32", "int8", "float16"),
     "int4-kv16": ("float32", "int4", "float16"),

@@ -151,7 +151,7 @@ def export_model(
     weights in the fused graph. fused_rotary: where the fused graph applies the rotary: "gqa" (inside
     GroupQueryAttention), "graph" (plain ops before it, which ONNX Runtime's CUDA provider needs) or "auto"
     (see fused_rotary_for); either is checked on the CPU provider. fused_cache: the fused graph's KV cache
-    dtype, "float32", "float16", "int8" or "auto" (the model's dtype; see cache_dtype_for). A bfloat16
+    dtype, "float32", "float16", "int8" or "auto" (float16 under quantized weights; see cache_dtype_for). A bfloat16
     export is validated on the CUDA provider, so it needs a CUDA GPU with bfloat16 support (or
     validate=False). progress: called with each stage's line and each check's table (default: log_progress;
     codegen-export prints them).

@@ -221,11 +221,11 @@ def test_every_export_writes_and_checks_the_fused_graph(fp32_export, fp16_export
 
 
 @pytest.mark.parametrize(
-    "weights, cache, want", [("int8", "auto", "float32"), ("float", "float16", "float16"), ("int4", "int8", "int8")]
+    "weights, cache, want", [("int8", "auto", "float16"), ("float", "float16", "float16"), ("int4", "int8", "int8")]
 )
 def test_kv_cache_dtype_is_checked_and_recorded(tiny_checkpoint, tmp_path, weights, cache, want):
-    """The cache asked for (auto: the weights' dtype) passes the export's check within the tolerance of what
-    makes the graph lossy and is what the manifest's fused inputs and FusedGraph say."""
+    """The cache asked for (auto: float16 under quantized weights) passes the export's check within the
+    tolerance of what makes the graph lossy and is what the manifest's fused inputs and FusedGraph say."""
     from codegen_deploy.artifacts.manifest import FusedGraph
 
     folder = export_model(

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the fused graph's KV cache dtype: float16 halves the cache's bytes, int8 quarters them (more "
         "context and cached prompts per GB, for a small rounding; on CPU float16 decodes a little slower, int8 "
-        "decodes faster and reads prompts slower); auto (default): the weights' dtype",
+        "decodes faster and reads prompts slower); auto (default): float16 with --quantize, else the weights' dtype",
     )
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine into the output folder")
     _engine_arguments(p)

@@ -92,16 +92,17 @@ def random_calibration(config: ModelConfig) -> np.ndarray:
 
 def cache_dtype_for(choice: str | None, dtype: str, weights: str) -> str:
     """The fused graph's KV cache dtype for `choice` ("auto", "float32", "float16", "int8" or None = auto), a
-    model in `dtype` and its `weights` format. auto: the model's dtype, quantized weights included: on CPU,
-    GroupQueryAttention widens a float16 cache to float32 at every step (350M shape, 2 threads: int4 decode
-    5-16% slower than over a float32 cache), and an int8 cache decodes faster but reads a long prompt ~1.5x
-    slower, so a narrower cache is the user's trade of speed for memory."""
+    model in `dtype` and its `weights` format. auto: float16 under quantized weights (half the memory per
+    token of context or cached prompt, for a rounding 10-500x below the weights' own; decode speed on CPU within
+    the noise of a float32 cache's, since GroupQueryAttention widens a float16 cache to float32 at every step),
+    else the model's dtype. int8 is never chosen for the user: it decodes faster at long contexts but reads a
+    long prompt ~1.5x slower on CPU, and rounds more than int8 weights."""
     choice = choice or "auto"
     if choice not in CACHE_CHOICES:
         raise ExportError(f"unknown KV cache dtype {choice!r}: choose one of {', '.join(CACHE_CHOICES)}")
     if choice != "auto":
         return choice
-    return "float16" if dtype == "float16" else "float32"
+    return "float16" if weights != "float" or dtype == "float16" else "float32"
 
 
 def fused_support(config: ModelConfig, rotary: str = "gqa") -> str | None:

@@ -218,12 +218,13 @@ def test_int8_cache_scales_cover_each_channel_and_rotary_pairs_share_theirs(mode
         np.testing.assert_array_equal(k_scale[:, 0:r:2], k_scale[:, 1:r:2])  # a rotary pair shares its scale
 
 
-def test_cache_dtype_defaults_to_the_models_and_keeps_what_is_asked_for():
+def test_cache_dtype_defaults_to_float16_under_quantized_weights_and_keeps_what_is_asked_for():
     from codegen_deploy.export.fused import cache_dtype_for
 
-    assert cache_dtype_for("auto", "float32", "float") == cache_dtype_for(None, "float32", "int4") == "float32"
+    assert cache_dtype_for("auto", "float32", "float") == "float32"
     assert cache_dtype_for("auto", "float16", "float") == "float16"
-    assert cache_dtype_for("float16", "float32", "int8") == "float16"  # asked for: kept
+    assert cache_dtype_for(None, "float32", "int8") == cache_dtype_for("auto", "float32", "int4") == "float16"
+    assert cache_dtype_for("float32", "float32", "int8") == "float32"  # asked for: kept
     assert cache_dtype_for("int8", "float32", "int4") == "int8"
     with pytest.raises(ExportError, match="KV cache dtype"):
         cache_dtype_for("int4", "float32", "float")

@@ -53,13 +53,13 @@ def _config(folder):
 @pytest.fixture(scope="module")
 def fused_genai_exports(tiny_checkpoint, fp32_export, fp16_export, tmp_path_factory):
     """Exports as codegen-export writes them (decoder_genai.onnx, genai_config.json pointing at it), by fused
-    graph: float32, float16 (a float16 cache), int8 and int4, int8 over a float16 cache, float32 over an int8
-    cache."""
+    graph: float32, float16, int8 and int4 (each over a float16 cache), int8 over a float32 cache, float32 over
+    an int8 cache."""
     from codegen_deploy.pipeline import export_model
 
     root = tmp_path_factory.mktemp("genai-fused")
     folders = {"float32": fp32_export, "float16": fp16_export}
-    kinds = (("int8", "int8", "auto"), ("int4", "int4", "auto"), ("kv16", "int8", "float16"), ("kv8", "float", "int8"))
+    kinds = (("int8", "int8", "auto"), ("int4", "int4", "auto"), ("kv32", "int8", "float32"), ("kv8", "float", "int8"))
     for name, weights, cache in kinds:
         folders[name] = export_model(
             tiny_checkpoint,
@@ -142,7 +142,7 @@ def test_genai_graph_config_declares_the_shared_fused_buffer(fused_genai_exports
 def test_genai_graph_keeps_the_cache_dtype(fused_genai_exports):
     import onnx
 
-    kinds = {"float32": "FLOAT", "float16": "FLOAT16", "int8": "FLOAT", "kv16": "FLOAT16", "kv8": "INT8"}
+    kinds = {"float32": "FLOAT", "float16": "FLOAT16", "int8": "FLOAT16", "kv32": "FLOAT", "kv8": "INT8"}
     for name, dtype in ((name, getattr(onnx.TensorProto, kind)) for name, kind in kinds.items()):
         graph = onnx.load(str(fused_genai_exports[name] / io_spec.GENAI_GRAPH_FILE), load_external_data=False).graph
         cache = next(i for i in graph.input if i.name == io_spec.past_name(0, "key"))
@@ -173,7 +173,7 @@ def test_genai_fused_logits_equal_reference_at_every_step(fused_genai_exports, t
     np.testing.assert_allclose(np.stack(got), expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "float16", "kv16", "kv8"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "float16", "kv32", "kv8"])
 def test_genai_fused_greedy_tokens_equal_our_fused_session(fused_genai_exports, weights):
     """Lossy weights or caches: genai must agree with our own session over the same graph."""
     folder = fused_genai_exports[weights]

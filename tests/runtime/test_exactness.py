@@ -28,15 +28,15 @@ pytest.importorskip("onnxruntime")
 
 # Wide enough for int4's blocks of 128 along K and for MLAS's many-row kernels.
 CONFIG = ModelConfig(n_layer=2, n_embd=256, n_head=4, rotary_dim=16, n_positions=160, n_inner=512, vocab_size=512)
-# (weights' dtype, weights, KV cache): each kind as codegen-export writes it by default (the cache in the
-# weights' dtype), and the narrower caches (--kv-cache float16, int8).
+# (weights' dtype, weights, KV cache): each kind as codegen-export writes it by default (int8 and int4 over a
+# float16 cache), and the other caches (--kv-cache float32, float16, int8).
 KINDS = {
     "fp32": ("float32", "float", "auto"),
     "fp16": ("float16", "float", "auto"),
     "int8": ("float32", "int8", "auto"),
     "int4": ("float32", "int4", "auto"),
     "fp32-kv16": ("float32", "float", "float16"),
-    "int4-kv16": ("float32", "int4", "float16"),
+    "int4-kv32": ("float32", "int4", "float32"),
     "fp32-kv8": ("float32", "float", "int8"),
     "int4-kv8": ("float32", "int4", "int8"),
 }
