@@ -230,6 +230,11 @@ class _Graphs:
 
 
 def _check_options(options: _Options, dtype: str) -> None:
+    if options.fused and options.fused_cache == "int8" and (dtype != "float32" or options.fused_rotary != "gqa"):
+        raise ExportError(
+            "an int8 KV cache runs on ONNX Runtime's CPU provider over float32 weights with the rotary inside "
+            "GroupQueryAttention: export float32 with --fused-rotary gqa, or choose --kv-cache float16"
+        )
     if options.fused_weights not in FUSED_WEIGHTS:
         raise ExportError(f"unknown weight format {options.fused_weights!r}: choose one of {', '.join(FUSED_WEIGHTS)}")
     if options.method not in METHODS:

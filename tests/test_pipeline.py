@@ -13,7 +13,7 @@ import torch
 from codegen_deploy.artifacts import io_spec
 from codegen_deploy.artifacts.manifest import read_manifest, write_manifest
 from codegen_deploy.config import ModelConfig
-from codegen_deploy.errors import ValidationError
+from codegen_deploy.errors import ExportError, ValidationError
 from codegen_deploy.export.graph import IR_VERSION
 from codegen_deploy.model.reference import CodeGen
 from codegen_deploy.model.weights import load_checkpoint
@@ -239,6 +239,13 @@ def test_kv_cache_dtype_is_checked_and_recorded(tiny_checkpoint, tmp_path, weigh
     assert manifest["fused_validation"]["passed"]
     if weights == "float":  # float16's tolerance, still a tight check
         assert manifest["fused_validation"]["tolerance"]["atol"] == 2e-2
+
+
+@pytest.mark.parametrize("dtype, rotary", [("float16", "auto"), ("float32", "graph")])
+def test_an_int8_cache_where_it_cannot_run_is_refused_before_any_work(tiny_checkpoint, tmp_path, dtype, rotary):
+    with pytest.raises(ExportError, match="int8 KV cache runs on ONNX Runtime's CPU provider"):
+        export_model(tiny_checkpoint, tmp_path / "out", dtype=dtype, fused_cache="int8", fused_rotary=rotary)
+    assert not (tmp_path / "out").exists()
 
 
 # head_dim 24 passes a multiple-of-8 check, but GroupQueryAttention on CPU refuses it at run time;
