@@ -362,10 +362,11 @@ def kv_bytes_per_token(export: Path) -> int:
     """Bytes one token's keys and values take in an export's fused-graph cache (every layer)."""
     from codegen_deploy.artifacts.io_spec import cache_dtype
     from codegen_deploy.artifacts.manifest import manifest_config, read_manifest
+    from codegen_deploy.dtypes import numpy_dtype
 
     manifest = read_manifest(export, verify="none")
     c = manifest_config(manifest)
-    itemsize = {"float32": 4, "float16": 2, "int8": 1}[cache_dtype(manifest["fused_inputs"], str(export))]
+    itemsize = numpy_dtype(cache_dtype(manifest["fused_inputs"], str(export))).itemsize
     return 2 * c.n_layer * c.n_embd * itemsize
 
 

@@ -59,6 +59,7 @@ def profile_prompt(
     """
     from codegen_deploy.artifacts import io_spec
     from codegen_deploy.artifacts.manifest import manifest_config, read_manifest
+    from codegen_deploy.runtime.backends.onnxruntime_fused import CACHE_NUMPY_DTYPES
     from codegen_deploy.runtime.ort import create_session, import_onnxruntime, session_options
 
     ort = import_onnxruntime()
@@ -70,7 +71,7 @@ def profile_prompt(
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, tokens + decode), dtype=np.int64)
     cache_shape = (1, config.n_head, tokens + decode, config.head_dim)
     kind = next(i.type for i in session.get_inputs() if i.name == io_spec.past_name(0, "key"))
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}[kind]
+    dtype = CACHE_NUMPY_DTYPES[kind]
     caches = [np.zeros(cache_shape, dtype) for _ in io_spec.past_names(config.n_layer)]
     binding = session.io_binding()
     for past, present, cache in zip(

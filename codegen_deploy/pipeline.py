@@ -42,7 +42,7 @@ from .atomic import check_output, staging_folder
 from .config import EXPORTS_FOLDER, ModelConfig
 from .dtypes import SUFFIX, check_dtype, dtype_name, torch_dtype
 from .errors import ExportError
-from .export.fused import cache_dtype_for, fused_support, shared_data_file, write_fused_graph
+from .export.fused import cache_dtype_for, cache_support, fused_support, shared_data_file, write_fused_graph
 from .export.genai import write_genai_files, write_tokenizer_config
 from .export.graph import (
     EXTERNAL_DATA_THRESHOLD,
@@ -198,7 +198,7 @@ class _Options:
     fused: bool
     fused_weights: str
     fused_rotary: str  # "gqa" or "graph", resolved from "auto"
-    fused_cache: str  # "float32" or "float16", resolved from "auto"
+    fused_cache: str  # "float32", "float16" or "int8", resolved from "auto"
 
 
 def fused_rotary_for(choice: str, dtype: str) -> str:
@@ -230,11 +230,8 @@ class _Graphs:
 
 
 def _check_options(options: _Options, dtype: str) -> None:
-    if options.fused and options.fused_cache == "int8" and (dtype != "float32" or options.fused_rotary != "gqa"):
-        raise ExportError(
-            "an int8 KV cache runs on ONNX Runtime's CPU provider over float32 weights with the rotary inside "
-            "GroupQueryAttention: export float32 with --fused-rotary gqa, or choose --kv-cache float16"
-        )
+    if options.fused and (reason := cache_support(options.fused_cache, dtype, options.fused_rotary)):
+        raise ExportError(reason)
     if options.fused_weights not in FUSED_WEIGHTS:
         raise ExportError(f"unknown weight format {options.fused_weights!r}: choose one of {', '.join(FUSED_WEIGHTS)}")
     if options.method not in METHODS:

@@ -136,12 +136,9 @@ def export_dtype(manifest: dict) -> str:
     return manifest.get("dtype") or "float32"
 
 
-def fused_entries(
-    config: ModelConfig, dtype: str, weights: str, rotary: str = "gqa", cache_dtype: str | None = None
-) -> dict:
+def fused_entries(config: ModelConfig, dtype: str, weights: str, rotary: str, cache_dtype: str) -> dict:
     """The manifest entries that describe a fused graph of a model in `dtype` ("float32" / "float16") whose KV
-    cache is `cache_dtype` (default: the model's)."""
-    cache_dtype = cache_dtype or ("float16" if dtype == "float16" else "float32")
+    cache is `cache_dtype` (export/fused.py: cache_dtype_for)."""
     spec_args = (config.n_layer, config.n_head, config.head_dim)
     return {
         "fused_graph_file": io_spec.FUSED_GRAPH_FILE,

@@ -76,11 +76,11 @@ def kv_cache_scales(model: CodeGen, calibration: np.ndarray) -> list[tuple[np.nd
         pair = keys[..., :r].unflatten(-1, (r // 2, 2)).norm(dim=-1).amax(dim=(0, 2))  # [H, R / 2]
         k_max[:, :r] = pair.repeat_interleave(2, dim=-1)  # [H, R]
         v_max = values.abs().amax(dim=(0, 2))  # [H, D]
-        pair_scales = [
+        k_scale, v_scale = (
             (np.maximum(m.reshape(-1).numpy(), np.finfo(np.float32).tiny) / KV_INT8_MAX).astype(np.float32)
             for m in (k_max, v_max)
-        ]
-        scales.append((pair_scales[0], pair_scales[1]))
+        )
+        scales.append((k_scale, v_scale))
     return scales
 
 
@@ -88,6 +88,18 @@ def random_calibration(config: ModelConfig) -> np.ndarray:
     """Random token ids [N, T] for kv_cache_scales when no text is at hand (a random model's tests)."""
     n, t = _RANDOM_CALIBRATION
     return np.random.default_rng(0).integers(0, config.vocab_size, (n, min(t, config.n_positions)))
+
+
+def cache_support(cache: str, dtype: str, rotary: str) -> str | None:
+    """None if a fused graph of a `dtype` model with its rotary `rotary` can hold a `cache` KV cache, else why
+    not and what to do (one line): GroupQueryAttention's int8 cache is exact on the CPU provider, whose kernel
+    takes it under float32 activations with the rotary inside the node."""
+    if cache == "int8" and (dtype != "float32" or rotary != "gqa"):
+        return (
+            "an int8 KV cache runs on ONNX Runtime's CPU provider over float32 weights with the rotary inside "
+            "GroupQueryAttention: export float32 with --fused-rotary gqa, or choose --kv-cache float16"
+        )
+    return None
 
 
 def cache_dtype_for(choice: str | None, dtype: str, weights: str) -> str:
@@ -196,8 +208,8 @@ def build_fused_graph(
     dtype = numpy_dtype(model.dtype)
     cache_dtype = np.dtype(cache_dtype_for(cache, dtype.name, weights))
     quantized_cache = cache_dtype == np.int8
-    if quantized_cache and (rotary != "gqa" or dtype != np.float32):
-        raise ExportError("an int8 KV cache runs on the CPU provider with float32 activations: drop --kv-cache int8")
+    if reason := cache_support(cache_dtype.name, dtype.name, rotary):
+        raise ExportError(reason)
     activations = dtype if quantized_cache else cache_dtype  # GQA's query, rotary tables and output
     if quantized_cache:
         kv_scales = kv_cache_scales(model, random_calibration(config) if calibration is None else calibration)
@@ -298,8 +310,8 @@ def write_fused_graph(
     `max_context` bounds the rotary tables (default: the model's n_positions); a session's cache buffer
     may not be longer. weights: "float" (the model's dtype), or "int8" / "int4" quantized weights for
     the projections and lm_head (quantize.py; not exact: check with codegen-parity). rotary: "gqa" or
-    "graph" (see build_fused_graph). cache: the KV cache's dtype ("auto" or None, "float32", "float16";
-    see cache_dtype_for; int8: scales measured on the token ids `calibration`). share_with: a
+    "graph" (see build_fused_graph). cache: the KV cache's dtype ("auto" or None, "float32", "float16",
+    "int8"; see cache_dtype_for; int8: scales measured on the token ids `calibration`). share_with: a
     graph in `folder` whose external data holds the same weights (the plain decoder): the fused graph
     points at them and writes only its own tensors, which halves the bytes an export writes. Files are
     written under temporary names and renamed when complete.

@@ -24,7 +24,7 @@ from ..artifacts import io_spec
 from ..atomic import write_text_atomic
 from ..config import ModelConfig
 from ..errors import ExportError
-from .genai_graph import GENAI_GRAPH_FILE, genai_max_context, write_genai_graph
+from .genai_graph import genai_max_context, write_genai_graph
 
 GENAI_MODEL_TYPE = "llama"
 GENAI_GRAPHS = ("plain", "fused")
@@ -64,7 +64,7 @@ def genai_config(
             "vocab_size": config.vocab_size,
             "context_length": context,
             "decoder": {
-                "filename": GENAI_GRAPH_FILE if fused else io_spec.GRAPH_FILE,
+                "filename": io_spec.GENAI_GRAPH_FILE if fused else io_spec.GRAPH_FILE,
                 "session_options": session_options,
                 "head_size": config.head_dim,
                 "hidden_size": config.n_embd,
@@ -107,8 +107,10 @@ def write_genai_config(folder: Path, config: ModelConfig, graph: str = "plain", 
     folder = Path(folder)
     max_context = None
     if graph == "fused":
-        if not (folder / GENAI_GRAPH_FILE).is_file():
-            raise ExportError(f"{folder} has no {GENAI_GRAPH_FILE}: write it first (genai_graph.write_genai_graph)")
+        if not (folder / io_spec.GENAI_GRAPH_FILE).is_file():
+            raise ExportError(
+                f"{folder} has no {io_spec.GENAI_GRAPH_FILE}: write it first (genai_graph.write_genai_graph)"
+            )
         max_context = genai_max_context(folder)
     body = genai_config(config, graph=graph, max_context=max_context, threads=threads)
     path = folder / io_spec.GENAI_CONFIG_FILE
@@ -124,7 +126,7 @@ def write_genai_files(folder: Path, config: ModelConfig, fused: bool) -> Path:
     if fused:
         write_genai_graph(folder)
     else:
-        (folder / GENAI_GRAPH_FILE).unlink(missing_ok=True)
+        (folder / io_spec.GENAI_GRAPH_FILE).unlink(missing_ok=True)
     return write_genai_config(folder, config, graph="fused" if fused else "plain")
 
 

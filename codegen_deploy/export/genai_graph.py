@@ -39,7 +39,6 @@ from ..artifacts import io_spec
 from ..atomic import replaced
 from ..errors import ExportError
 
-GENAI_GRAPH_FILE = io_spec.GENAI_GRAPH_FILE
 _PREFIX = "genai_wrapper/"
 
 
@@ -125,21 +124,21 @@ def build_genai_graph(fused: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def write_genai_graph(folder: Path, check: bool = True) -> list[str]:
-    """Write GENAI_GRAPH_FILE beside the fused graph in `folder` (under a temporary name, renamed when
+    """Write io_spec.GENAI_GRAPH_FILE beside the fused graph in `folder` (under a temporary name, renamed when
     complete); return the file names written. Its weights stay in the fused graph's data file(s)."""
     folder = Path(folder)
     source = folder / io_spec.FUSED_GRAPH_FILE
     if not source.is_file():
         raise ExportError(f"{folder} has no {io_spec.FUSED_GRAPH_FILE}: export with the fused graph first")
     proto = build_genai_graph(onnx.load(str(source), load_external_data=False))
-    target = folder / GENAI_GRAPH_FILE
+    target = folder / io_spec.GENAI_GRAPH_FILE
     with replaced(target) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         if check:
             # The checker resolves external data relative to the graph's folder: the temporary file sits
             # beside the fused data files, so this checks the references too.
             onnx.checker.check_model(str(tmp))
-    return [GENAI_GRAPH_FILE]
+    return [io_spec.GENAI_GRAPH_FILE]
 
 
 def genai_max_context(folder: Path) -> int | None:

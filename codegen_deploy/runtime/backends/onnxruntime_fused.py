@@ -40,6 +40,9 @@ from ..ort import session_options as _session_options
 from ..session import Session, piece_size
 from .onnxruntime import choose_providers, device_of
 
+# The fused graph's cache input types (ONNX Runtime's names) and the numpy dtype of the buffers bound to them.
+CACHE_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
 
 def cuda_unsupported_reason(cache_dtype: str, rotary: str) -> str | None:
     """Why a fused graph cannot run on ONNX Runtime's CUDA provider, or None if it can.
@@ -165,10 +168,9 @@ class FusedOrtSession(Session):
         # Graphs written before the rotary variant existed apply it inside GQA.
         self.rotary = meta.get(io_spec.FUSED_ROTARY_KEY, "gqa")
         cache_type = next(i.type for i in self._session.get_inputs() if i.name == io_spec.past_name(0, "key"))
-        cache_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-        if cache_type not in cache_dtypes:
+        if cache_type not in CACHE_NUMPY_DTYPES:
             raise ArtifactError(f"{graph} has a {cache_type} cache: the fused session runs float32, float16 and int8")
-        self.cache_dtype = cache_dtypes[cache_type]
+        self.cache_dtype = CACHE_NUMPY_DTYPES[cache_type]
         weights = meta.get(io_spec.FUSED_WEIGHTS_KEY, "float")
         dtype = meta.get(io_spec.FUSED_DTYPE_KEY, np.dtype(self.cache_dtype).name)  # older graphs: the cache's
         self.export_kind = weights if weights != "float" else dtype
